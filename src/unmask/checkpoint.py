@@ -1,0 +1,207 @@
+"""One save/load pair for run folders. No pickle anywhere: safetensors for tensors, JSON for the rest.
+
+Layout of a run folder (see README):
+
+    RUN/config.json                        resolved RunConfig (model + train + data provenance)
+    RUN/metrics.jsonl                      one JSON object per log line (train and val)
+    RUN/checkpoints/LATEST                 name of the newest complete checkpoint
+    RUN/checkpoints/step_000200/model.safetensors      weights; metadata: format + config
+    RUN/checkpoints/step_000200/optimizer.safetensors  AdamW moments + RNG states
+    RUN/checkpoints/step_000200/trainer.json           step, tokens, optimizer groups, data RNG
+    RUN/checkpoints/step_000200/tokenizer.json         copy of the tokenizer: the folder stands alone
+
+A checkpoint is written to a temporary sibling folder, flushed to disk and renamed into place;
+only then does LATEST (itself replaced atomically) point to it. A crash at any moment leaves the
+previous checkpoint intact and LATEST naming a complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from unmask.config import RunConfig
+from unmask.errors import UnmaskError
+
+FORMAT = "unmask"
+FORMAT_VERSION = 1
+LATEST = "LATEST"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open directories
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small file through a temporary file and rename, so readers never see half of it."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+@dataclass
+class TrainerState:
+    """Everything besides the weights needed to continue a run exactly."""
+
+    step: int
+    tokens: int
+    optimizer: dict[str, Any] | None = None  # torch optimizer state_dict
+    rng: dict[str, Any] | None = None  # {"data": [numpy bit-generator states per rank], "torch": [ByteTensor per rank]}
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for idx, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in tensors.items():
+        if name.startswith("state."):
+            _, idx, key = name.split(".", 2)
+            state.setdefault(int(idx), {})[key] = value
+    for name, value in meta["scalars"].items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    run_dir: Path, model: torch.nn.Module, config: RunConfig, trainer: TrainerState, tokenizer_json: str | None = None, keep: int = 2
+) -> Path:
+    """Atomically write ``checkpoints/step_XXXXXX`` for an UNWRAPPED model and update LATEST.
+
+    The tokenizer's JSON is stored beside the weights so that a checkpoint folder stands alone.
+    """
+    ckpt_root = Path(run_dir) / "checkpoints"
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{trainer.step:06d}"
+    tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": json.dumps(config.to_dict())}
+    save_file(weights, str(tmp / "model.safetensors"), metadata=metadata)
+
+    extra: dict[str, Any] = {}
+    opt_tensors: dict[str, torch.Tensor] = {}
+    if trainer.optimizer is not None:
+        opt_tensors, extra["optimizer"] = _flatten_optimizer(trainer.optimizer)
+    if trainer.rng is not None:
+        for rank, state in enumerate(trainer.rng["torch"]):
+            opt_tensors[f"rng.torch.{rank}"] = state
+        extra["data_rng"] = trainer.rng["data"]
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    info = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": trainer.step, "tokens": trainer.tokens, **extra}
+    with open(tmp / "trainer.json", "w", encoding="utf-8") as f:
+        json.dump(info, f)
+    if tokenizer_json is not None:
+        (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    for file in tmp.iterdir():
+        with open(file, "rb") as f:
+            os.fsync(f.fileno())
+    _fsync_dir(tmp)
+
+    final = ckpt_root / name
+    if final.exists():  # a re-run of the same step after a resume: replace it
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(ckpt_root)
+    write_text_atomic(ckpt_root / LATEST, name + "\n")
+
+    done = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
+    for old in done[: max(0, len(done) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run folder (its LATEST checkpoint) or a checkpoint folder -> the checkpoint folder."""
+    path = Path(path)
+    if not path.exists():
+        raise UnmaskError(f"checkpoint {str(path)!r} does not exist; pass a run folder made by `unmask train` or one of its checkpoints/step_* folders")
+    if (path / "model.safetensors").is_file():
+        return path
+    latest = path / "checkpoints" / LATEST
+    if latest.is_file():
+        ckpt = path / "checkpoints" / latest.read_text().strip()
+        if (ckpt / "model.safetensors").is_file():
+            return ckpt
+        raise UnmaskError(f"{latest} names {ckpt.name!r}, which has no model.safetensors; the run folder is damaged")
+    raise UnmaskError(f"{str(path)!r} holds no checkpoint (no model.safetensors and no checkpoints/LATEST); was training started there?")
+
+
+def _load_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            metadata = f.metadata() or {}
+        return load_file(str(file)), metadata
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UnmaskError(f"cannot read {file}: not a valid safetensors file ({exc}); re-save it or resume from an earlier checkpoint") from None
+
+
+def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], RunConfig, Path]:
+    """Weights and config of a run folder or checkpoint folder. Returns (state_dict, config, checkpoint dir)."""
+    ckpt = resolve_checkpoint(path)
+    weights, metadata = _load_safetensors(ckpt / "model.safetensors")
+    if metadata.get("format") != FORMAT:
+        raise UnmaskError(f"{ckpt / 'model.safetensors'} is not an unmask checkpoint (metadata format={metadata.get('format')!r})")
+    version = int(metadata.get("format_version", "0"))
+    if version > FORMAT_VERSION:
+        raise UnmaskError(f"{ckpt} has checkpoint format {version}, newer than this unmask ({FORMAT_VERSION}); upgrade unmask")
+    config = RunConfig.from_dict(json.loads(metadata["config"]))
+    return weights, config, ckpt
+
+
+def load_trainer_state(ckpt: Path) -> TrainerState:
+    """Optimizer, RNG and counters of a checkpoint folder (for --resume)."""
+    try:
+        info = json.loads((ckpt / "trainer.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UnmaskError(f"cannot read {ckpt / 'trainer.json'} ({exc}); resume from an earlier checkpoint") from None
+    tensors, _ = _load_safetensors(ckpt / "optimizer.safetensors")
+    optimizer = _unflatten_optimizer(tensors, info["optimizer"]) if "optimizer" in info else None
+    torch_states = [tensors[f"rng.torch.{r}"] for r in range(len(info.get("data_rng", [])))]
+    rng = {"data": info["data_rng"], "torch": torch_states} if "data_rng" in info else None
+    return TrainerState(step=info["step"], tokens=info["tokens"], optimizer=optimizer, rng=rng)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """Build the model of a run/checkpoint folder with its weights, in eval mode. Returns (model, RunConfig)."""
+    from unmask.model import Transformer
+
+    weights, config, ckpt = load_weights(path)
+    model = Transformer(config.model)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise UnmaskError(f"{ckpt / 'model.safetensors'} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    return model.to(device).eval(), config

@@ -1,0 +1,181 @@
+"""Typed configuration dataclasses and named model presets.
+
+Each component receives only its own config: the model a :class:`ModelConfig`, the training
+loop a :class:`TrainConfig`. Presets are looked up by name (``ModelConfig.from_name("tiny")``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from unmask.errors import UnmaskError
+
+Objective = Literal["mdm", "ar"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A LLaMA-style Transformer (RMSNorm, SwiGLU, rotary positions).
+
+    ``vocab_size`` is the number of real tokens the head predicts; an MDM's input vocabulary has
+    one more row, the MASK token, whose id is ``vocab_size``. ``causal=True`` gives the AR baseline.
+    """
+
+    name: str = "custom"
+    vocab_size: int = 4096
+    context_len: int = 256
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    intermediate: int = 0  # 0: SwiGLU width from the LLaMA rule (8/3 d rounded up to 64)
+    causal: bool = False
+    time_conditioning: bool = False  # False: time-agnostic network (RADD), the default
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.n_embd % self.n_head:
+            raise UnmaskError(f"model n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if (self.n_embd // self.n_head) % 2:
+            raise UnmaskError(f"model head dim {self.n_embd // self.n_head} must be even for rotary positions")
+        for key in ("vocab_size", "context_len", "n_layer", "n_head", "n_embd"):
+            if getattr(self, key) <= 0:
+                raise UnmaskError(f"model {key}={getattr(self, key)} must be positive")
+        if self.causal and self.time_conditioning:
+            raise UnmaskError("model time_conditioning is for MDMs; a causal (AR) model has no time input")
+
+    @property
+    def mask_id(self) -> int:
+        return self.vocab_size
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def ffn_dim(self) -> int:
+        if self.intermediate:
+            return self.intermediate
+        return 64 * -(-(8 * self.n_embd // 3) // 64)
+
+    def non_embedding_params(self) -> int:
+        """N in C = 6 N D: every weight except the input embedding and the output head."""
+        d, f = self.n_embd, self.ffn_dim
+        per_layer = 4 * d * d + 3 * d * f + 2 * d
+        time = (256 * d + d + d * d + d) if self.time_conditioning else 0
+        return self.n_layer * per_layer + d + time
+
+    def total_params(self) -> int:
+        return self.non_embedding_params() + (self.vocab_size + 1) * self.n_embd + self.vocab_size * self.n_embd
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
+        if name not in PRESETS:
+            raise UnmaskError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise UnmaskError(f"model config has unknown keys {sorted(unknown)}; known keys: {sorted(known)}")
+        return cls(**data)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # tests and the demo: trains in minutes on a laptop CPU
+    "tiny": ModelConfig(name="tiny", context_len=128, n_layer=4, n_head=4, n_embd=128),
+    "small": ModelConfig(name="small", context_len=256, n_layer=6, n_head=6, n_embd=384),
+    # GPU sizes, roughly following the SMDM/LLaMA width-depth ratios
+    "85m": ModelConfig(name="85m", context_len=1024, n_layer=12, n_head=12, n_embd=768),
+    "170m": ModelConfig(name="170m", context_len=1024, n_layer=14, n_head=16, n_embd=1024),
+    "350m": ModelConfig(name="350m", context_len=1024, n_layer=24, n_head=16, n_embd=1024),
+    "1b": ModelConfig(name="1b", context_len=2048, n_layer=22, n_head=32, n_embd=2048, intermediate=5632),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training loop's settings. Batches hold ``batch_size * grad_accum`` sequences per step."""
+
+    objective: Objective = "mdm"
+    loss: Literal["t-dce", "k-dce"] = "t-dce"  # MDM objective (reference section 2)
+    schedule: Literal["linear", "cosine"] = "linear"
+    low_discrepancy: bool = True
+    steps: int = 1000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    seed: int = 0
+    eval_every: int = 100
+    eval_windows: int = 32  # validation windows used during training
+    eval_draws: int = 4  # MC draws of t per validation window (MDM)
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("mdm", "ar"):
+            raise UnmaskError(f"--objective {self.objective!r} is not one of: mdm, ar")
+        if self.loss not in ("t-dce", "k-dce"):
+            raise UnmaskError(f"--loss {self.loss!r} is not one of: t-dce, k-dce")
+        if self.schedule not in ("linear", "cosine"):
+            raise UnmaskError(f"--schedule {self.schedule!r} is not one of: linear, cosine")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise UnmaskError(f"--precision {self.precision!r} is not one of: auto, bf16, fp32")
+        for key in ("steps", "batch_size", "grad_accum", "eval_every", "checkpoint_every", "log_every", "keep_checkpoints"):
+            if getattr(self, key) <= 0:
+                raise UnmaskError(f"--{key.replace('_', '-')}={getattr(self, key)} must be a positive integer")
+        if self.lr <= 0:
+            raise UnmaskError(f"--lr={self.lr} must be positive")
+        if self.warmup_steps < 0:
+            raise UnmaskError(f"--warmup-steps={self.warmup_steps} must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run folder's ``config.json`` records: model, training, and data provenance."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data_dir: str = ""
+    tokenizer_fingerprint: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.to_dict(),
+            "train": self.train.to_dict(),
+            "data_dir": self.data_dir,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        return cls(
+            model=ModelConfig.from_dict(data["model"]),
+            train=TrainConfig.from_dict(data.get("train", {})),
+            data_dir=data.get("data_dir", ""),
+            tokenizer_fingerprint=data.get("tokenizer_fingerprint", ""),
+        )

@@ -1,0 +1,105 @@
+"""Oracle models: enumerable toy distributions with exactly known conditionals.
+
+An :class:`OracleModel` holds a distribution p over all V^L sequences and answers like a network:
+``forward(tokens) -> logits`` with, at each position, the exact log p(x_i | unmasked part)
+(bidirectional, for MDM samplers and likelihoods) or log p(x_{i+1} | x_<=i) (causal, for AR).
+Samplers and likelihood estimators are tested against these exact answers, not against
+themselves.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import nn
+
+from unmask.config import ModelConfig
+
+_NEG = -1e30  # log of zero probability, finite so that softmax never sees all -inf
+
+
+class OracleModel(nn.Module):
+    """Exact conditionals of ``probs`` (V^L,) over the sequences ``itertools.product(range(V), repeat=L)``."""
+
+    def __init__(self, probs: torch.Tensor, vocab_size: int, length: int, causal: bool = False) -> None:
+        super().__init__()
+        if probs.numel() != vocab_size**length:
+            raise ValueError(f"probs has {probs.numel()} entries, expected V^L = {vocab_size ** length}")
+        self.config = ModelConfig(
+            name="oracle", vocab_size=vocab_size, context_len=length, n_layer=1, n_head=1, n_embd=2, causal=causal
+        )
+        seqs = torch.tensor(list(itertools.product(range(vocab_size), repeat=length)), dtype=torch.long)
+        self.register_buffer("seqs", seqs)  # (N, L)
+        self.register_buffer("probs", (probs / probs.sum()).double())  # (N,)
+        self.register_buffer("onehot", nn.functional.one_hot(seqs, vocab_size).double())  # (N, L, V)
+        self.calls = 0
+
+    @classmethod
+    def random(cls, vocab_size: int = 3, length: int = 4, concentration: float = 0.5, seed: int = 0, causal: bool = False):
+        """A Dirichlet(concentration) draw over all V^L sequences (full support)."""
+        gen = torch.Generator().manual_seed(seed)
+        gamma = torch._standard_gamma(torch.full((vocab_size**length,), concentration, dtype=torch.float64), generator=gen)
+        return cls(gamma.clamp_min(1e-12), vocab_size, length, causal)
+
+    @classmethod
+    def uniform(cls, vocab_size: int = 3, length: int = 4, causal: bool = False):
+        """Uniform conditionals: a deliberately wrong model for any non-uniform data."""
+        return cls(torch.ones(vocab_size**length, dtype=torch.float64), vocab_size, length, causal)
+
+    def entropy(self) -> float:
+        """H(p) in nats per sequence."""
+        p = self.probs
+        return -(p * p.log()).sum().item()
+
+    def index_of(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Enumeration index of each complete sequence in tokens (B, L) -> (B,)."""
+        v, l = self.config.vocab_size, self.config.context_len
+        powers = v ** torch.arange(l - 1, -1, -1, device=tokens.device)
+        return (tokens * powers).sum(dim=1)
+
+    def log_prob(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Exact log p(x) of complete sequences (B, L) -> (B,)."""
+        return self.probs[self.index_of(tokens)].log()
+
+    def _marginals(self, consistent: torch.Tensor) -> torch.Tensor:
+        """consistent (B, N) bool -> per-position marginals (B, L, V) of p restricted to those sequences."""
+        w = consistent.double() * self.probs
+        w = w / w.sum(dim=1, keepdim=True)
+        return torch.einsum("bn,nlv->blv", w, self.onehot)
+
+    def forward(self, tokens: torch.Tensor, **_: object) -> torch.Tensor:
+        self.calls += 1
+        b, l = tokens.shape
+        mask_id = self.config.mask_id
+        if not self.config.causal:
+            # a sequence is consistent if it agrees with every unmasked position
+            agree = (tokens[:, None, :] == self.seqs[None]) | (tokens[:, None, :] == mask_id)
+            marg = self._marginals(agree.all(dim=2))
+        else:
+            # AR layout: tokens = [prev, x_1, ..., x_{L-1}]; position i predicts x_{i+1} from x_1..x_i
+            # (position 0 holds the token before the sequence, which the toy distribution ignores)
+            marg = torch.empty((b, l, self.config.vocab_size), dtype=torch.float64)
+            for i in range(l):
+                agree = (tokens[:, None, 1 : i + 1] == self.seqs[None, :, :i]).all(dim=2)
+                marg[:, i] = self._marginals(agree)[:, i]
+        return torch.where(marg > 0, marg.log(), torch.full_like(marg, _NEG)).float()
+
+
+def exact_nats_per_token(oracle: OracleModel) -> float:
+    """The true entropy rate H(p)/L that a tight bound reaches."""
+    return oracle.entropy() / oracle.config.context_len
+
+
+def cross_entropy_per_token(data: OracleModel, model: OracleModel) -> float:
+    """E_{x~data}[-log q(x)] / L: what an exact likelihood of ``model`` on ``data`` equals."""
+    return -(data.probs * model.probs.log()).sum().item() / data.config.context_len
+
+
+def chi_square_counts(oracle: OracleModel, samples: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Observed counts and expected counts over all V^L sequences for samples (S, L)."""
+    idx = oracle.index_of(samples.cpu())
+    observed = torch.bincount(idx, minlength=oracle.probs.numel()).double()
+    expected = oracle.probs.cpu() * samples.shape[0]
+    return observed, expected
+

@@ -1,0 +1,79 @@
+"""Masking schedules alpha(t) and the forward (noising) process. Reference section 1.
+
+alpha(t) is the probability that a token is still clean at time t in [0, 1]:
+linear (log-linear) 1 - alpha(t) = (1 - eps) t with eps = 1e-3, or cosine 1 - alpha(t) = 1 - cos(pi t / 2).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from unmask.errors import UnmaskError
+
+LINEAR_EPS = 1e-3
+
+
+@dataclass(frozen=True)
+class Schedule:
+    kind: str = "linear"
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("linear", "cosine"):
+            raise UnmaskError(f"schedule {self.kind!r} is not one of: linear, cosine")
+
+    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
+        """1 - alpha(t): probability that a token is masked at time t."""
+        if self.kind == "linear":
+            return (1 - LINEAR_EPS) * t
+        return 2 * torch.sin(math.pi / 4 * t) ** 2  # = 1 - cos(pi t / 2), without cancellation at small t
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return 1 - self.mask_prob(t)
+
+    def weight(self, t: torch.Tensor) -> torch.Tensor:
+        """ELBO weight w(t) = -alpha'(t) / (1 - alpha(t)) (= 1/t for the linear schedule)."""
+        if self.kind == "linear":
+            return 1 / t
+        # (pi/2) sin(x) / (1 - cos x) with x = pi t / 2 equals (pi/2) / tan(x / 2): finite for small t
+        return (math.pi / 2) / torch.tan(math.pi / 4 * t.double()).to(t.dtype)
+
+    def time_for_mask_prob(self, m: torch.Tensor) -> torch.Tensor:
+        """Inverse of mask_prob: the t at which 1 - alpha(t) = m."""
+        if self.kind == "linear":
+            return m / (1 - LINEAR_EPS)
+        return torch.arccos(1 - m) * 2 / math.pi
+
+
+def sample_times(batch: int, generator: torch.Generator, low_discrepancy: bool = True, eps: float = 1e-5) -> torch.Tensor:
+    """t in (eps, 1], shape (batch,). Low-discrepancy: t_i = (u + i / B) mod 1 (one u per batch).
+
+    The lower clamp keeps w(t) = 1/t finite; its bias is O(eps) nats and far below the MC error.
+    """
+    if low_discrepancy:
+        u = torch.rand((), generator=generator)
+        t = (u + torch.arange(batch) / batch) % 1.0
+    else:
+        t = torch.rand(batch, generator=generator)
+    return t.clamp_min(eps)
+
+
+def add_noise(x0: torch.Tensor, mask_prob: torch.Tensor, mask_id: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask each token of x0 (B, L) independently with probability mask_prob (B,).
+
+    Returns (x_t, masked) with masked a (B, L) bool tensor. Random numbers come from ``generator``
+    on the CPU so that runs are reproducible across devices.
+    """
+    u = torch.rand(x0.shape, generator=generator).to(x0.device)
+    masked = u < mask_prob.to(x0.device)[:, None]
+    return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
+
+
+def mask_exactly(x0: torch.Tensor, k: torch.Tensor, mask_id: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask exactly k[b] uniformly chosen positions of row b of x0 (B, L) (k-DCE, reference section 2)."""
+    b, l = x0.shape
+    ranks = torch.rand((b, l), generator=generator).argsort(dim=1).argsort(dim=1).to(x0.device)
+    masked = ranks < k.to(x0.device)[:, None]
+    return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
