@@ -1,0 +1,38 @@
+"""``unmask data prepare``: the user's corpus -> packed token shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from unmask.cli.app import data_app
+from unmask.errors import UnmaskError
+
+
+@data_app.command("prepare")
+def prepare(
+    inputs: Optional[list[Path]] = typer.Argument(None, help="Text files, folders (*.txt, *.jsonl inside) or .jsonl files."),
+    out: Path = typer.Option(..., "--out", help="Folder to write the packed token shards to."),
+    tokenizer: str = typer.Option("default", help="'default' (shipped BPE), 'train' (new BPE on your corpus), or a tokenizer.json / folder."),
+    vocab_size: int = typer.Option(4096, help="Vocabulary size when --tokenizer train."),
+    val_input: Optional[list[Path]] = typer.Option(None, help="Validation documents; default: a --val-fraction of the inputs, by document."),
+    val_fraction: float = typer.Option(0.05, help="Fraction of documents held out when no --val-input is given."),
+    text_field: str = typer.Option("text", help="Field holding the text in .jsonl files / HF datasets."),
+    hf_dataset: Optional[str] = typer.Option(None, help="Name of an HF dataset (needs network and `pip install 'unmask[hf]'`)."),
+    hf_config: Optional[str] = typer.Option(None, help="HF dataset configuration."),
+    hf_split: str = typer.Option("train", help="HF dataset split."),
+) -> None:
+    """Tokenise a corpus into packed shards for `unmask train --data`."""
+    from unmask.data import hf_documents, load_tokenizer, prepare_dataset, read_documents, train_bpe
+
+    if not inputs and not hf_dataset:
+        raise UnmaskError("data prepare: give input files/folders or --hf-dataset NAME")
+    if not 0 < val_fraction < 1:
+        raise UnmaskError(f"--val-fraction={val_fraction} must be between 0 and 1")
+    docs = list(hf_documents(hf_dataset, hf_config, hf_split, text_field) if hf_dataset else read_documents(inputs, text_field))
+    val_docs = list(read_documents(val_input, text_field)) if val_input else None
+    tok = train_bpe(docs, vocab_size) if tokenizer == "train" else load_tokenizer(tokenizer)
+    path = prepare_dataset(out, tok, docs, val_docs, val_fraction=val_fraction)
+    typer.echo(f"wrote {path}")

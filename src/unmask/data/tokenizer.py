@@ -1,0 +1,135 @@
+"""Tokenizers: the shipped byte-level BPE, new BPEs trained on a corpus, or any local tokenizer.json.
+
+Id conventions the model relies on: ``<|mask|>`` is the LAST id, ``mask_id == vocab_size``, so the
+output head covers ids [0, vocab_size) and MASK is an input-only extra embedding row. ``<|eos|>``
+ends every document (a real target); ``<|pad|>`` pads batches (the EOS when a tokenizer has none).
+
+Rebuild the shipped tokenizer with ``python -m unmask.data.tokenizer``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import cached_property
+from importlib import resources
+from pathlib import Path
+from typing import Iterable
+
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from unmask.errors import UnmaskError
+
+MASK, EOS, PAD = "<|mask|>", "<|eos|>", "<|pad|>"
+EOS_NAMES = (EOS, "<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
+PAD_NAMES = (PAD, "<pad>", "[PAD]")
+DEFAULT_VOCAB = 4096
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` with the MASK/EOS/PAD conventions of this package."""
+
+    def __init__(self, hf: HFTokenizer, source: str = "<memory>") -> None:
+        if hf.token_to_id(MASK) is None:
+            hf.add_special_tokens([MASK])
+        total = hf.get_vocab_size(with_added_tokens=True)
+        if hf.token_to_id(MASK) != total - 1:
+            raise UnmaskError(f"tokenizer {source}: {MASK} must be the last id ({total - 1}) but is {hf.token_to_id(MASK)}")
+        self.hf = hf
+        self.source = source
+        eos = next((hf.token_to_id(n) for n in EOS_NAMES if hf.token_to_id(n) is not None), None)
+        if eos is None:
+            raise UnmaskError(f"tokenizer {source} has no end-of-text token; looked for {', '.join(EOS_NAMES)}")
+        self.eos_id: int = eos
+        self.pad_id: int = next((hf.token_to_id(n) for n in PAD_NAMES if hf.token_to_id(n) is not None), eos)
+
+    @property
+    def mask_id(self) -> int:
+        return self.hf.get_vocab_size(with_added_tokens=True) - 1
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of real (predictable) tokens; the model's output size."""
+        return self.mask_id
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], mask_text: str = "_", skip_special: bool = True) -> str:
+        """Text of ids; MASK shown as ``mask_text``, EOS/PAD dropped when ``skip_special``."""
+        out, run = [], []
+        for i in ids:
+            i = int(i)
+            if i == self.mask_id:
+                out.append(self.hf.decode(run, skip_special_tokens=skip_special))
+                out.append(mask_text)
+                run = []
+            else:
+                run.append(i)
+        out.append(self.hf.decode(run, skip_special_tokens=skip_special))
+        return "".join(out)
+
+    def to_json(self) -> str:
+        return self.hf.to_str()
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Short hash of the serialized tokenizer: ties prepared data and checkpoints to it."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()[:12]
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json(), encoding="utf-8")
+        return path
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Tokenizer":
+        """Load a local ``tokenizer.json`` (or a folder holding one), e.g. GPT-2's or LLaMA's."""
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise UnmaskError(f"tokenizer {str(path)!r} not found; pass 'default', a tokenizer.json file, or a folder holding one")
+        try:
+            hf = HFTokenizer.from_file(str(file))
+        except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
+            raise UnmaskError(f"cannot read tokenizer {file}: {exc}") from None
+        return cls(hf, str(file))
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB) -> Tokenizer:
+    """Byte-level BPE with ``vocab_size`` real tokens (EOS and PAD among them) plus MASK after them."""
+    if vocab_size < 300:
+        raise UnmaskError(f"--vocab-size={vocab_size} is too small for byte-level BPE (256 bytes + specials); use >= 300")
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[EOS, PAD], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    hf.train_from_iterator(texts, trainer)
+    return Tokenizer(hf, f"bpe-{vocab_size}")
+
+
+def default_tokenizer() -> Tokenizer:
+    """The shipped 4096-token BPE, trained on the training works of the embedded corpus."""
+    path = resources.files("unmask.data").joinpath("assets", "tokenizer.json")
+    return Tokenizer(HFTokenizer.from_str(path.read_text(encoding="utf-8")), "default")
+
+
+def load_tokenizer(spec: str | None) -> Tokenizer:
+    """``None``/"default" -> the shipped BPE; otherwise a tokenizer.json path or a folder with one."""
+    if spec is None or spec == "default":
+        return default_tokenizer()
+    return Tokenizer.from_file(spec)
+
+
+if __name__ == "__main__":  # rebuild the shipped tokenizer
+    from unmask.data.corpus import shakespeare_works
+
+    tok = train_bpe((text for _, text in shakespeare_works("train")), DEFAULT_VOCAB)
+    out = Path(__file__).parent / "assets"
+    print(tok.save(out), tok.vocab_size, tok.fingerprint)

@@ -1,0 +1,20 @@
+"""Device choice shared by every entry point."""
+
+from __future__ import annotations
+
+import torch
+
+from unmask.errors import UnmaskError
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """"auto" -> CUDA if available, else CPU; otherwise the named device ("cpu", "cuda", "cuda:1", "mps")."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UnmaskError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UnmaskError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+    return dev

@@ -1,0 +1,13 @@
+import pytest
+
+from unmask.data import prepare_dataset, shakespeare_works, train_bpe
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory):
+    """A small prepared dataset: a 512-token BPE on a few Shakespeare works (fast to train on)."""
+    works = shakespeare_works("train")[:6]
+    val = shakespeare_works("validation")[:1]
+    tok = train_bpe([text for _, text in works], vocab_size=512)
+    out = tmp_path_factory.mktemp("data") / "small"
+    return prepare_dataset(out, tok, [t for _, t in works], [t for _, t in val], progress=False)

@@ -1,0 +1,96 @@
+"""The command line: a tiny end-to-end run, and one clear error line for each kind of bad input."""
+
+import json
+
+import pytest
+
+from unmask.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, small_data):
+    """One tiny MDM and AR run made through the CLI."""
+    root = tmp_path_factory.mktemp("runs")
+    for objective in ("mdm", "ar"):
+        code = main([
+            "train", "--run-dir", str(root / objective), "--objective", objective, "--data", str(small_data),
+            "--steps", "4", "--batch-size", "4", "--context-len", "32", "--eval-every", "4", "--checkpoint-every", "4",
+        ])
+        assert code == 0
+    return root
+
+
+def test_eval_json_keys(capsys, trained):
+    code, out, _ = run(capsys, "eval", "--checkpoint", str(trained / "mdm"), "--windows", "3", "--draws", "4", "--json")
+    assert code == 0
+    res = json.loads(out)
+    assert res["kind"] == "elbo" and res["stderr"] > 0 and res["num_tokens"] == 3 * 32 and res["draws"] == 4
+    code, out, _ = run(capsys, "eval", "--checkpoint", str(trained / "ar"), "--windows", "3", "--json")
+    res_ar = json.loads(out)
+    assert res_ar["kind"] == "exact" and res_ar["num_tokens"] == res["num_tokens"]
+
+
+@pytest.mark.parametrize("objective", ["mdm", "ar"])
+def test_sample_json(capsys, trained, objective):
+    code, out, _ = run(capsys, "sample", "--checkpoint", str(trained / objective), "--prompt", "KING", "--length", "8",
+                       "--steps", "4", "--num-samples", "2", "--json")
+    assert code == 0
+    res = json.loads(out)
+    assert len(res["samples"]) == 2 and all(len(s["tokens"]) == 8 for s in res["samples"])
+    assert all(s["text"].startswith("KING") for s in res["samples"])
+    assert res["nfe"] == (4 if objective == "mdm" else 8)
+
+
+def test_presets_lists_counts(capsys):
+    code, out, _ = run(capsys, "presets")
+    assert code == 0 and "tiny" in out and "1b" in out
+
+
+def test_missing_checkpoint_folder(capsys, tmp_path):
+    code, _, err = run(capsys, "eval", "--checkpoint", str(tmp_path / "nope"))
+    assert code == 2 and err.count("\n") == 1 and "nope" in err and "does not exist" in err
+
+
+def test_corrupt_safetensors(capsys, trained, tmp_path):
+    import shutil
+
+    from unmask.checkpoint import resolve_checkpoint
+
+    bad = tmp_path / "bad"
+    shutil.copytree(resolve_checkpoint(trained / "mdm"), bad)
+    (bad / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    code, _, err = run(capsys, "sample", "--checkpoint", str(bad))
+    assert code == 2 and "model.safetensors" in err and "safetensors" in err
+
+
+def test_prompt_longer_than_context(capsys, trained):
+    code, _, err = run(capsys, "sample", "--checkpoint", str(trained / "mdm"), "--prompt", "word " * 100, "--length", "8")
+    assert code == 2 and "--prompt" in err and "context of 32" in err
+
+
+def test_unknown_preset(capsys, tmp_path, small_data):
+    code, _, err = run(capsys, "train", "--run-dir", str(tmp_path / "r"), "--preset", "giant", "--data", str(small_data))
+    assert code == 2 and "unknown preset 'giant'" in err and "tiny" in err
+
+
+def test_empty_corpus(capsys, tmp_path):
+    (tmp_path / "empty.txt").write_text("")
+    code, _, err = run(capsys, "data", "prepare", str(tmp_path / "empty.txt"), "--out", str(tmp_path / "out"))
+    assert code == 2 and "empty" in err.lower()
+
+
+def test_non_utf8_file(capsys, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    code, _, err = run(capsys, "data", "prepare", str(tmp_path / "latin1.txt"), "--out", str(tmp_path / "out"))
+    assert code == 2 and "latin1.txt" in err and "UTF-8" in err
+
+
+def test_bad_objective_names_flag(capsys, tmp_path, small_data):
+    code, _, err = run(capsys, "train", "--run-dir", str(tmp_path / "r"), "--objective", "gan", "--data", str(small_data))
+    assert code == 2 and "--objective 'gan'" in err

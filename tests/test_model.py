@@ -1,0 +1,63 @@
+"""The Transformer: shapes, causal vs bidirectional attention, KV cache, presets."""
+
+import pytest
+import torch
+
+from unmask.config import PRESETS, ModelConfig
+from unmask.errors import UnmaskError
+from unmask.model import KVCache, Transformer
+
+
+def tiny(**kw) -> ModelConfig:
+    return ModelConfig(vocab_size=50, context_len=16, n_layer=2, n_head=2, n_embd=32, **kw)
+
+
+def test_shapes_and_mask_row():
+    model = Transformer(tiny())
+    x = torch.randint(0, 51, (3, 16))  # id 50 is MASK, an input-only row
+    assert model(x).shape == (3, 16, 50)
+    assert model.embed.num_embeddings == 51 and model.head.out_features == 50
+
+
+def test_bidirectional_sees_the_future_and_causal_does_not():
+    torch.manual_seed(0)
+    x = torch.randint(0, 50, (1, 16))
+    y = x.clone()
+    y[0, -1] = (x[0, -1] + 1) % 50
+    bi, ar = Transformer(tiny()), Transformer(tiny(causal=True))
+    assert not torch.allclose(bi(x)[0, 0], bi(y)[0, 0])
+    assert torch.allclose(ar(x)[0, :-1], ar(y)[0, :-1], atol=1e-6)
+
+
+def test_kv_cache_matches_full_forward():
+    torch.manual_seed(0)
+    model = Transformer(tiny(causal=True)).eval()
+    x = torch.randint(0, 50, (2, 12))
+    full = model(x)
+    cache = KVCache.empty(model.config, 2, 16, x.device, torch.float32)
+    first = model(x[:, :7], kv_cache=cache)
+    rest = [model(x[:, i : i + 1], kv_cache=cache) for i in range(7, 12)]
+    assert torch.allclose(torch.cat([first, *rest], dim=1), full, atol=1e-5)
+
+
+def test_non_embedding_param_count_matches_module():
+    for cfg in (tiny(), tiny(time_conditioning=True), PRESETS["tiny"]):
+        model = Transformer(cfg)
+        embedding = model.embed.weight.numel() + model.head.weight.numel()
+        assert cfg.non_embedding_params() == model.num_params() - embedding
+        assert cfg.total_params() == model.num_params()
+
+
+def test_time_conditioned_model_needs_t():
+    model = Transformer(tiny(time_conditioning=True))
+    x = torch.randint(0, 51, (2, 16))
+    assert model(x, t=torch.rand(2)).shape == (2, 16, 50)
+    with pytest.raises(ValueError, match="pass t"):
+        model(x)
+
+
+def test_bad_configs_name_the_value():
+    with pytest.raises(UnmaskError, match="unknown preset 'huge'"):
+        ModelConfig.from_name("huge")
+    with pytest.raises(UnmaskError, match="divisible"):
+        ModelConfig(n_embd=100, n_head=3)
