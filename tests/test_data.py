@@ -20,7 +20,7 @@ def test_corpus_split_by_whole_work():
     names = [n for n, _ in train + val]
     assert len(set(names)) == 42 and not any(n.endswith("_f") for n in names)
     assert sorted(n for n, _ in val) == sorted(VALIDATION_WORKS)
-    assert all(len(text) > 10_000 for _, text in train + val)
+    assert all(len(text) > 2_000 for _, text in train + val)  # the shortest, The Phoenix and the Turtle, is a poem
     assert "To be, or not to be" in dict(val)["hamlet"]
     assert "Creative Commons Attribution" in shakespeare_notice() and "Gutenberg" in shakespeare_notice()
 
