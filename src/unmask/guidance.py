@@ -1,0 +1,35 @@
+"""Unsupervised classifier-free guidance (SMDM; reference section 5).
+
+The unconditional model is the SAME network with every prompt token replaced by MASK (the
+prompt's length is known, its content is not). Guided logits
+    l_u + (w + 1)(l_c - l_u) = (1 + w) l_c - w l_u,
+used for sampling and for likelihood scoring. Conditional and unconditional inputs go through
+one batched forward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from unmask.objectives import denoiser_logits
+
+
+def combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """(1 + w) l_c - w l_u; w = 0 returns ``cond`` itself."""
+    if scale == 0:
+        return cond
+    return (1 + scale) * cond - scale * uncond
+
+
+def guided_logits(model, x: torch.Tensor, prompt_mask: torch.Tensor, scale: float, t: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits (B, L, V) of x (B, L) guided away from the prompt-free prediction.
+
+    ``prompt_mask`` (B, L) bool marks the prompt (context) positions that the unconditional pass
+    replaces by MASK. With ``scale == 0`` this is a single plain forward.
+    """
+    if scale == 0:
+        return denoiser_logits(model, x, t)
+    uncond = torch.where(prompt_mask, torch.full_like(x, model.config.mask_id), x)
+    both = denoiser_logits(model, torch.cat([x, uncond]), None if t is None else torch.cat([t, t]))
+    cond_logits, uncond_logits = both.float().chunk(2)
+    return combine(cond_logits, uncond_logits, scale)
