@@ -1,20 +1,40 @@
-"""Held-out perplexity of a checkpoint: MDM ELBO bound with its Monte Carlo SE, AR exact.
+"""Held-out perplexity of a checkpoint: MDM ELBO bound with its Monte Carlo SE (or the exact
+left-to-right chain rule), AR exact. Both models are scored on the same tokens.
 
-Both models are scored on the same tokens: the consecutive context-length windows of a split.
+Sources: a prepared data folder's split (default: the run's own validation split), local text
+files, or a named zero-shot set. Packed: documents joined with EOS and cut into consecutive
+context-length windows (each AR window conditioned on the token before it). Unpacked: every
+document alone, in chunks of at most the context length.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
-from unmask.checkpoint import load_model
-from unmask.data import TokenDataset, default_dataset
+from unmask.checkpoint import load_model, resolve_checkpoint
+from unmask.data import TokenDataset, Tokenizer, default_dataset, read_documents
 from unmask.device import pick_device
 from unmask.errors import UnmaskError
-from unmask.likelihood import ar_nll, mc_elbo, previous_tokens
+from unmask.evaluation.corpora import ZERO_SHOT, detokenizer, packed_windows, unpacked_windows, zero_shot_documents
+from unmask.likelihood import LikelihoodResult, ar_nll, chain_rule_nll, mc_elbo, previous_tokens
 from unmask.schedule import Schedule
+
+ESTIMATORS = ("t-dce", "k-dce", "any-order", "chain-rule")
+
+
+def score(
+    model, config, windows, prev, estimator: str, draws: int, batch_size: int, seed: int, progress: bool
+) -> LikelihoodResult:
+    """Dispatch to the AR or MDM estimator; windows (N, L) or a list of groups, prev likewise."""
+    if config.model.causal:
+        return ar_nll(model, windows, prev, batch_size=batch_size, progress=progress)
+    if estimator == "chain-rule":
+        return chain_rule_nll(model, windows, batch_size=batch_size, progress=progress)
+    return mc_elbo(model, windows, draws=draws, estimator=estimator, schedule=Schedule(config.train.schedule),
+                   batch_size=batch_size, seed=seed, progress=progress)
 
 
 def evaluate_checkpoint(
@@ -28,36 +48,63 @@ def evaluate_checkpoint(
     seed: int = 0,
     device: str = "auto",
     progress: bool = True,
+    text: Sequence[str | Path] | None = None,
+    dataset: str | None = None,
+    detokenize: str = "none",
+    packed: bool | None = None,
+    limit_documents: int | None = None,
 ) -> dict:
-    """Likelihood of a run/checkpoint on ``split`` of a prepared data folder.
+    """Likelihood of a run/checkpoint; returns the JSON-ready dict documented in the README.
 
-    ``data`` defaults to the folder the run was trained on (else the embedded corpus). Returns
-    the JSON-ready dict documented in the README (``unmask eval --json``).
+    ``data``/``split``: a prepared folder (default: the run's own data, else the embedded corpus).
+    ``text``: local .txt/.jsonl files instead; ``dataset``: a named zero-shot set instead (online).
+    ``estimator`` (MDM): t-dce, k-dce, any-order (ELBO bounds) or chain-rule (exact, L calls).
     """
-    if split not in ("val", "train"):
-        raise UnmaskError(f"--split {split!r} is not one of: val, train")
+    if estimator is not None and estimator not in ESTIMATORS:
+        raise UnmaskError(f"--estimator {estimator!r} is not one of: {', '.join(ESTIMATORS)}")
+    if windows is not None and windows < 1:
+        raise UnmaskError(f"--windows={windows} must be a positive integer")
     model, cfg = load_model(checkpoint, pick_device(device))
-    if data is None:
-        data = cfg.data_dir if cfg.data_dir and Path(cfg.data_dir).exists() else default_dataset()
-    dataset = TokenDataset(data, split)
-    if cfg.tokenizer_fingerprint and dataset.tokenizer.fingerprint != cfg.tokenizer_fingerprint:
-        raise UnmaskError(f"--data {data} was tokenised with a different tokenizer than {checkpoint}; prepare it with the checkpoint's tokenizer.json")
-    w = torch.from_numpy(dataset.eval_windows(cfg.model.context_len, windows))
-    if cfg.model.causal:
-        result = ar_nll(model, w, previous_tokens(w, dataset.tokenizer.eos_id), batch_size=batch_size, progress=progress)
+    estimator = estimator or cfg.train.loss
+    length = cfg.model.context_len
+    if text or dataset:
+        tok = Tokenizer.from_file(resolve_checkpoint(checkpoint) / "tokenizer.json")
+        if dataset:
+            docs = list(zero_shot_documents(dataset, limit_documents))
+            packed = ZERO_SHOT[dataset].packed if packed is None else packed
+            source = f"zero-shot:{dataset}"
+        else:
+            detok = detokenizer(detokenize)
+            docs = [detok(d) for d in read_documents(text)][:limit_documents]
+            source = ",".join(str(t) for t in text)
+        packed = True if packed is None else packed
+        if packed:
+            arr, before = packed_windows(docs, tok, length)
+            w, prev = torch.from_numpy(arr[:windows]), torch.from_numpy(before[:windows])
+        else:
+            groups = [torch.from_numpy(g) for g in unpacked_windows(docs, tok, length)]
+            w, prev = groups, [torch.full((g.shape[0],), tok.eos_id) for g in groups]
     else:
-        result = mc_elbo(
-            model, w, draws=draws, estimator=estimator or cfg.train.loss, schedule=Schedule(cfg.train.schedule),
-            batch_size=batch_size, seed=seed, progress=progress,
-        )
-    return {"checkpoint": str(checkpoint), "objective": cfg.train.objective, "split": split, "data": str(data), **result.to_dict()}
+        if split not in ("val", "train"):
+            raise UnmaskError(f"--split {split!r} is not one of: val, train")
+        if data is None:
+            data = cfg.data_dir if cfg.data_dir and Path(cfg.data_dir).exists() else default_dataset()
+        ds = TokenDataset(data, split)
+        if cfg.tokenizer_fingerprint and ds.tokenizer.fingerprint != cfg.tokenizer_fingerprint:
+            raise UnmaskError(f"--data {data} was tokenised with a different tokenizer than {checkpoint}; prepare it with the checkpoint's tokenizer.json")
+        w = torch.from_numpy(ds.eval_windows(length, windows))
+        prev = previous_tokens(w, ds.tokenizer.eos_id)
+        source, packed = f"{data}:{split}", True
+    result = score(model, cfg, w, prev, estimator, draws, batch_size, seed, progress)
+    return {"checkpoint": str(checkpoint), "objective": cfg.train.objective, "source": source, "packed": packed, **result.to_dict()}
 
 
 def format_likelihood(res: dict) -> str:
     """One line for a result of :func:`evaluate_checkpoint`."""
+    who = "MDM" if res["objective"] == "mdm" else "AR "
     if res["kind"] == "elbo":
         return (
-            f"MDM  {res['nats_per_token']:.4f} +- {res['stderr']:.4f} nats/token   perplexity <= {res['perplexity']:.2f} +- {res['perplexity_stderr']:.2f}"
+            f"{who}  {res['nats_per_token']:.4f} +- {res['stderr']:.4f} nats/token   perplexity <= {res['perplexity']:.2f} +- {res['perplexity_stderr']:.2f}"
             f"   ({res['num_tokens']:,} tokens, {res['draws']} draws, {res['estimator']})"
         )
-    return f"AR   {res['nats_per_token']:.4f} nats/token             perplexity  = {res['perplexity']:.2f}           ({res['num_tokens']:,} tokens, exact)"
+    return f"{who}  {res['nats_per_token']:.4f} nats/token             perplexity  = {res['perplexity']:.2f}           ({res['num_tokens']:,} tokens, exact, {res['estimator']})"
