@@ -27,11 +27,11 @@ def trained(tmp_path_factory, small_data):
 
 
 def test_eval_json_keys(capsys, trained):
-    code, out, _ = run(capsys, "eval", "--checkpoint", str(trained / "mdm"), "--windows", "3", "--draws", "4", "--json")
+    code, out, _ = run(capsys, "eval", "ppl", "--checkpoint", str(trained / "mdm"), "--windows", "3", "--draws", "4", "--json")
     assert code == 0
     res = json.loads(out)
     assert res["kind"] == "elbo" and res["stderr"] > 0 and res["num_tokens"] == 3 * 32 and res["draws"] == 4
-    code, out, _ = run(capsys, "eval", "--checkpoint", str(trained / "ar"), "--windows", "3", "--json")
+    code, out, _ = run(capsys, "eval", "ppl", "--checkpoint", str(trained / "ar"), "--windows", "3", "--json")
     res_ar = json.loads(out)
     assert res_ar["kind"] == "exact" and res_ar["num_tokens"] == res["num_tokens"]
 
@@ -53,7 +53,7 @@ def test_presets_lists_counts(capsys):
 
 
 def test_missing_checkpoint_folder(capsys, tmp_path):
-    code, _, err = run(capsys, "eval", "--checkpoint", str(tmp_path / "nope"))
+    code, _, err = run(capsys, "eval", "ppl", "--checkpoint", str(tmp_path / "nope"))
     assert code == 2 and err.count("\n") == 1 and "nope" in err and "does not exist" in err
 
 

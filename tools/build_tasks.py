@@ -6,7 +6,7 @@ Both are made from the held-out (validation) works only, deterministically (seed
 * shakespeare_next_line (multiple choice): four preceding lines; pick the true next line among it
   and three lines drawn from the OTHER held-out works. Chance: 25%.
 * shakespeare_word_order (multiple choice): four preceding lines; pick the next line in its true
-  word order among it and three shuffles of its words. Chance: 25%; local word statistics suffice.
+  word order among it and three shuffles of its words after the first. Chance: 25%; local word statistics suffice.
 * shakespeare_complete (generate_until): four preceding lines and the first half of a line;
   generate the rest of the line (exact match, case and punctuation ignored).
 """
@@ -44,8 +44,11 @@ def main() -> None:
             words = lines[i].strip().split()
             shuffles: list[str] = []
             while len(shuffles) < 3:
-                perm = words[:]
-                rng.shuffle(perm)
+                # the first word stays: every choice then tokenises to the same tokens, so no choice
+                # wins by being shorter (a model with uniform predictions scores chance)
+                rest = words[1:]
+                rng.shuffle(rest)
+                perm = words[:1] + rest
                 if perm != words and " ".join(perm) not in shuffles:
                     shuffles.append(" ".join(perm))
             choices = [" ".join(words)] + shuffles
