@@ -109,3 +109,99 @@ def test_errors_name_the_input(tmp_path):
     with pytest.raises(UnmaskError, match="unsupported extension"):
         (tmp_path / "x.csv").write_text("a,b")
         list(read_documents([tmp_path / "x.csv"]))
+
+
+def test_more_read_errors_and_unicode_lines(tmp_path):
+    rec = tmp_path / "bad.jsonl"
+    rec.write_text('{"text": "fine"}\n{"text": oops}\n')
+    with pytest.raises(UnmaskError, match=r"bad.jsonl line 2 is not valid JSON"):
+        list(read_documents([rec]))
+    # U+2028 is legal unescaped inside a JSON string; it must not split the line
+    ok = tmp_path / "ok.jsonl"
+    ok.write_text(json.dumps({"body": "a\u2028b"}, ensure_ascii=False) + "\n\n", encoding="utf-8")
+    assert list(read_documents([ok], text_field="body")) == ["a\u2028b"]
+    (tmp_path / "empty_dir").mkdir()
+    with pytest.raises(UnmaskError, match="empty_dir"):
+        list(read_documents([tmp_path / "empty_dir"]))
+
+
+def test_hf_without_datasets_says_how_to_install(monkeypatch):
+    import sys
+
+    from unmask.data import hf_documents
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` raise ImportError
+    with pytest.raises(UnmaskError, match=r"unmask\[hf\]"):
+        next(hf_documents("wikitext", "wikitext-2-raw-v1", "train"))
+
+
+def test_mask_must_be_last(tmp_path):
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|mask|>", "<|endoftext|>"])
+    hf.train_from_iterator(["hello world"] * 10, trainer)
+    hf.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(UnmaskError, match=r"tokenizer\.json: <\|mask\|> must be the last id"):
+        Tokenizer.from_file(tmp_path / "tokenizer.json")
+
+
+def _tiny_tokenizer() -> Tokenizer:
+    return train_bpe(["the quick brown fox jumps over the lazy dog " * 20, "héllo wörld ✓ " * 20], vocab_size=300)
+
+
+def test_packing_is_documents_joined_by_eos_across_shards(tmp_path):
+    tok = _tiny_tokenizer()
+    train_docs = [f"document number {i}: " + "the lazy dog " * (i + 1) for i in range(20)]
+    val_docs = ["héllo wörld ✓ " * 30]
+    out = prepare_dataset(tmp_path / "d", tok, train_docs, val_docs, shard_tokens=64, progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    assert len(meta["splits"]["train"]["shards"]) > 1 and (out / "tokenizer.json").is_file()
+    train = TokenDataset(out, "train")
+    expected = np.array([t for d in train_docs for t in tok.encode(d) + [tok.eos_id]])
+    assert np.array_equal(np.concatenate(train.shards), expected) and train.num_tokens == len(expected)
+    w = train.eval_windows(16, max_windows=1000)
+    assert w.shape == (len(expected) // 16, 16) and np.array_equal(w.reshape(-1), expected[: w.size])
+    assert train.eval_windows(16, max_windows=3).shape == (3, 16)
+    # resuming = restoring the rng state replays the same batches; windows are real slices of the stream
+    rng = np.random.default_rng(0)
+    train.sample_windows(rng, 4, 8)
+    state = rng.bit_generator.state
+    a = train.sample_windows(rng, 32, 8)
+    rng.bit_generator.state = state
+    assert np.array_equal(a, train.sample_windows(rng, 32, 8))
+    assert a.min() >= 0 and a.max() < tok.vocab_size
+    stream = expected.tolist()
+    assert all(any(stream[i : i + 8] == row for i in range(len(stream) - 7)) for row in a.tolist())
+    val = TokenDataset(out, "val")
+    with pytest.raises(UnmaskError, match=rf"the val split of .* has {val.num_tokens} tokens, fewer than one window of 100000"):
+        val.eval_windows(100_000)
+
+
+def test_hash_split_never_duplicates_and_needs_two_documents(tmp_path):
+    tok = _tiny_tokenizer()
+    docs = ["the quick brown fox", "over the lazy dog"]
+    out = prepare_dataset(tmp_path / "d", tok, docs, val_fraction=0.01, progress=False)
+    got = sorted(tok.decode(TokenDataset(out, s).shards[0].tolist()) for s in ("train", "val"))
+    assert got == sorted(docs)  # one document on each side, none on both
+    with pytest.raises(UnmaskError, match="single document"):
+        prepare_dataset(tmp_path / "e", tok, ["only one", " "], progress=False)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(UnmaskError, match="mine exists and is not a prepared data folder"):
+        prepare_dataset(tmp_path / "mine", tok, docs, progress=False)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    # re-preparing replaces an earlier prepared folder
+    prepare_dataset(out, tok, docs * 3, ["a b c"], progress=False)
+    assert json.loads((out / "meta.json").read_text())["splits"]["train"]["num_documents"] == 6
+
+
+def test_concurrent_builder_keeps_the_first_folder(tmp_path):
+    from unmask.data.shards import _prepare
+
+    tok = _tiny_tokenizer()
+    first = _prepare(tmp_path / "cache", tok, ["a b c", "d e f"], ["g h"], 0.05, 2**26, False, replace=False)
+    before = (first / "meta.json").read_text()
+    # a second process that finishes later must keep the existing folder, not fail or clobber it
+    again = _prepare(tmp_path / "cache", tok, ["x y z"] * 5, ["g h"], 0.05, 2**26, False, replace=False)
+    assert again == first and (first / "meta.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # no temporary folders left behind

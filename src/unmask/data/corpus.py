@@ -63,13 +63,14 @@ def _read_utf8(path: Path) -> str:
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    for lineno, line in enumerate(_read_utf8(path).splitlines(), start=1):
+    # split on "\n" only: str.splitlines() also breaks on U+2028 etc., which JSON allows inside strings
+    for lineno, line in enumerate(_read_utf8(path).split("\n"), start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise UnmaskError(f"{path} line {lineno} is not valid JSON ({exc.msg})") from None
+            raise UnmaskError(f"{path} line {lineno} is not valid JSON ({exc.msg}); write one JSON object per line") from None
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise UnmaskError(f"{path} line {lineno} has no string field {text_field!r}; pass --text-field with the right name")
         yield record[text_field]

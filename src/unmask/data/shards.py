@@ -11,9 +11,10 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Iterable, Iterator, Literal, Sized
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -72,6 +73,32 @@ def _chunks(docs: Iterable[str], size: int) -> Iterator[list[str]]:
         yield chunk
 
 
+def _check_out_dir(out: Path) -> None:
+    # prepare_dataset replaces `out`; refuse to delete anything that is not a previous prepared folder
+    if out.exists() and not (out / "meta.json").is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise UnmaskError(f"--out {out} exists and is not a prepared data folder; give a new or empty folder")
+
+
+def _publish(tmp: Path, out: Path, replace: bool) -> None:
+    """Move the finished folder ``tmp`` to ``out`` by renames, so no reader sees a half-written folder."""
+    if out.exists() and replace:
+        trash = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.rename(out, trash / out.name)
+        os.rename(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+        return
+    try:
+        os.rename(tmp, out)  # fails on an existing non-empty folder: never clobbers another writer's result
+    except OSError:
+        if not (out / "meta.json").is_file():
+            raise
+        # lost a race against another process building the same folder: keep its (identical) result
+
+
+def _size(docs: Iterable[str] | None) -> int | None:
+    return len(docs) if isinstance(docs, Sized) else 0 if docs is None else None
+
+
 def prepare_dataset(
     out_dir: str | Path,
     tokenizer: Tokenizer,
@@ -81,42 +108,64 @@ def prepare_dataset(
     shard_tokens: int = 2**26,
     progress: bool = True,
 ) -> Path:
-    """Tokenise documents into a prepared data folder (written atomically). Returns its path.
+    """Tokenise documents into a prepared data folder and return its path.
 
-    Without ``val_docs``, a ``val_fraction`` of the documents (chosen by a hash of their text) is
-    held out; at least one document lands on each side.
+    Every non-blank document becomes its tokens followed by EOS, packed back to back into flat
+    shards ``{train,val}_NNN.bin`` (uint16 when the tokenizer has <= 65536 ids incl. MASK, else
+    uint32) of about ``shard_tokens`` tokens, plus ``meta.json`` and ``tokenizer.json``. Without
+    ``val_docs``, a ``val_fraction`` of the documents, chosen by a hash of their text, is held out,
+    with at least one document on each side. The folder is built next to ``out_dir`` and renamed
+    into place, replacing an earlier prepared folder there.
     """
-    out = Path(out_dir)
+    return _prepare(Path(out_dir), tokenizer, train_docs, val_docs, val_fraction, shard_tokens, progress, replace=True)
+
+
+def _prepare(
+    out: Path,
+    tokenizer: Tokenizer,
+    train_docs: Iterable[str],
+    val_docs: Iterable[str] | None,
+    val_fraction: float,
+    shard_tokens: int,
+    progress: bool,
+    replace: bool,
+) -> Path:
+    if val_docs is None and not 0 < val_fraction < 1:
+        raise UnmaskError(f"--val-fraction={val_fraction} must be between 0 and 1 (exclusive)")
+    if shard_tokens < 1:
+        raise UnmaskError(f"shard_tokens={shard_tokens} must be positive")
+    _check_out_dir(out)
     dtype = np.dtype(np.uint16 if tokenizer.mask_id < 2**16 else np.uint32)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))  # same file system: rename is atomic
     try:
         writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
-        bar = tqdm(desc="tokenising", unit="doc", disable=not progress)
-        held_back: list[int] | None = None  # the first document, in case the hash split leaves a side empty
-        for split_name, source in (("train", train_docs), ("val", val_docs or [])):
-            for chunk in _chunks(source, 256):
-                for doc, ids in zip(chunk, tokenizer.encode_batch(chunk)):
-                    side = split_name
-                    if val_docs is None:
-                        side = "val" if _is_val(doc, val_fraction) else "train"
-                    writers[side].add(ids, tokenizer.eos_id)
-                    if held_back is None:
-                        held_back = ids
-                bar.update(len(chunk))
-        bar.close()
-        total = writers["train"].num_documents + writers["val"].num_documents
-        if total == 0:
-            raise UnmaskError("the corpus is empty: no document has any text; check the input files and --text-field")
-        if val_docs is None and (writers["train"].num_documents == 0 or writers["val"].num_documents == 0):
-            if total < 2:
+        sizes = (_size(train_docs), _size(val_docs))
+        total = None if None in sizes else sum(sizes)  # known -> tqdm shows an ETA
+        # With a hash split, the first document waits until the end so that it can go to whichever
+        # side would otherwise be empty (a tiny corpus); no document is ever on both sides.
+        held: tuple[str, list[int]] | None = None
+        with tqdm(total=total, desc="tokenising", unit="doc", disable=not progress) as bar:
+            for split_name, source in (("train", train_docs), ("val", val_docs or ())):
+                for chunk in _chunks(source, 256):
+                    for doc, ids in zip(chunk, tokenizer.encode_batch(chunk)):
+                        if val_docs is not None:
+                            writers[split_name].add(ids, tokenizer.eos_id)
+                        elif held is None:
+                            held = (doc, ids)
+                        else:
+                            writers["val" if _is_val(doc, val_fraction) else "train"].add(ids, tokenizer.eos_id)
+                    bar.update(len(chunk))
+        if held is not None:
+            n_train, n_val = writers["train"].num_documents, writers["val"].num_documents
+            if n_train == n_val == 0:
                 raise UnmaskError("the corpus has a single document; give more documents or a separate --val-input")
-            side = "val" if writers["val"].num_documents == 0 else "train"
-            writers[side].add(held_back, tokenizer.eos_id)  # duplicate one document so neither side is empty
+            side = "val" if n_val == 0 else "train" if n_train == 0 else "val" if _is_val(held[0], val_fraction) else "train"
+            writers[side].add(held[1], tokenizer.eos_id)
+        if writers["train"].num_documents == 0:
+            raise UnmaskError("the corpus is empty: no document has any text; check the input files and --text-field")
         if writers["val"].num_documents == 0:
-            raise UnmaskError("the validation documents are empty; check --val-input")
+            raise UnmaskError("the validation documents are empty: none has any text; check --val-input and --text-field")
         for w in writers.values():
             w.flush()
         meta = {
@@ -124,82 +173,110 @@ def prepare_dataset(
             "eos_id": tokenizer.eos_id, "tokenizer_fingerprint": tokenizer.fingerprint,
             "splits": {s: w.meta() for s, w in writers.items()},
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
         tokenizer.save(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")  # last: marks the folder complete
+        _publish(tmp, out, replace)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
 class TokenDataset:
-    """One split of a prepared data folder, memory-mapped."""
+    """One split of a prepared data folder, memory-mapped read-only (opening is instant at any size)."""
 
     def __init__(self, data_dir: str | Path, split: Split) -> None:
         self.dir = Path(data_dir)
         meta_path = self.dir / "meta.json"
         if not meta_path.is_file():
             raise UnmaskError(f"{str(self.dir)!r} is not a prepared data folder (no meta.json); make one with `unmask data prepare`")
-        self.meta = json.loads(meta_path.read_text())
+        try:
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise UnmaskError(f"{meta_path} is corrupt ({exc}); prepare the folder again with `unmask data prepare`") from None
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise UnmaskError(
+                f"{meta_path} has format_version {self.meta.get('format_version')!r}, this unmask reads {FORMAT_VERSION}; "
+                "prepare the folder again with `unmask data prepare`"
+            )
         if split not in self.meta["splits"]:
             raise UnmaskError(f"split {split!r} is not in {self.dir}; splits: {', '.join(self.meta['splits'])}")
         self.split = split
         dtype = np.dtype(self.meta["dtype"])
-        self.shards = [np.memmap(self.dir / name, dtype=dtype, mode="r") for name in self.meta["splits"][split]["shards"]]
-        self.num_tokens = sum(len(s) for s in self.shards)
+        self.shards: list[np.memmap] = []
+        for name in self.meta["splits"][split]["shards"]:
+            if not (self.dir / name).is_file():
+                raise UnmaskError(f"shard {self.dir / name} listed in meta.json is missing; prepare the folder again")
+            self.shards.append(np.memmap(self.dir / name, dtype=dtype, mode="r"))
+        self.num_tokens: int = sum(len(s) for s in self.shards)
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
+        """The tokenizer the folder was prepared with (its own copy of ``tokenizer.json``)."""
         return Tokenizer.from_file(self.dir / "tokenizer.json")
 
     def _check(self, length: int) -> None:
+        if length < 1:
+            raise UnmaskError(f"window length {length} must be positive")
+        # windows never straddle shards, so one shard must hold a whole window
         if max((len(s) for s in self.shards), default=0) < length:
-            raise UnmaskError(f"the {self.split} split of {self.dir} has {self.num_tokens} tokens, fewer than one window of {length}")
+            raise UnmaskError(
+                f"the {self.split} split of {self.dir} has {self.num_tokens} tokens, fewer than one window of {length}; "
+                "use a shorter sequence length or more data"
+            )
 
     def sample_windows(self, rng: np.random.Generator, batch_size: int, length: int) -> np.ndarray:
-        """(batch_size, length) int64 windows at uniformly random positions; deterministic given rng."""
+        """(batch_size, length) int64 windows at uniformly random token positions.
+
+        A shard is drawn with probability proportional to its number of window starts, then a start
+        within it, so every start in the split is equally likely. Uses only ``rng``: restoring its
+        state (``rng.bit_generator.state``) replays exactly the same batches.
+        """
         self._check(length)
+        if batch_size < 1:
+            raise UnmaskError(f"batch size {batch_size} must be positive")
         usable = np.array([max(len(s) - length + 1, 0) for s in self.shards], dtype=np.float64)
         shard_ids = rng.choice(len(self.shards), size=batch_size, p=usable / usable.sum())
         starts = (rng.random(batch_size) * usable[shard_ids]).astype(np.int64)
         return np.stack([self.shards[s][o : o + length] for s, o in zip(shard_ids, starts)]).astype(np.int64)
 
     def eval_windows(self, length: int, max_windows: int | None = None) -> np.ndarray:
-        """(N, length) int64 consecutive non-overlapping windows from the start of the split (tail dropped)."""
+        """(N, length) int64 consecutive non-overlapping windows from the start of the split.
+
+        N = num_tokens // length (at most ``max_windows``); the tail is dropped. The windows are a
+        pure function of the folder, so every model is scored on the same tokens.
+        """
         self._check(length)
-        stream = np.concatenate(self.shards) if len(self.shards) > 1 else self.shards[0]
-        n = len(stream) // length
+        n = self.num_tokens // length
         if max_windows is not None:
             n = min(n, max_windows)
-        return np.asarray(stream[: n * length], dtype=np.int64).reshape(n, length)
+        need, parts = n * length, []
+        for shard in self.shards:  # read only the tokens needed, not the whole split
+            if need <= 0:
+                break
+            parts.append(np.asarray(shard[:need], dtype=np.int64))
+            need -= len(parts[-1])
+        return np.concatenate(parts).reshape(n, length) if parts else np.empty((0, length), dtype=np.int64)
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("UNMASK_CACHE", Path.home() / ".cache" / "unmask"))
+    """Where :func:`default_dataset` caches: ``$UNMASK_CACHE`` or ``~/.cache/unmask``."""
+    return Path(os.environ.get("UNMASK_CACHE") or Path.home() / ".cache" / "unmask")
 
 
 def default_dataset(cache_dir: str | Path | None = None) -> Path:
-    """The embedded corpus prepared with the shipped tokenizer, built once and cached.
+    """The embedded corpus prepared with the shipped tokenizer, built once (a few seconds) and cached.
 
-    Train works -> train split, the held-out works -> val split. Safe against concurrent callers:
-    each writes a private temporary folder and renames it into place.
+    Train works -> train split, the held-out works -> val split, in
+    ``(cache_dir or cache_root()) / shakespeare-<tokenizer fingerprint>``. Safe against concurrent
+    callers: each builds a private temporary folder and renames it into place; a loser of the race
+    keeps the winner's folder.
     """
     from unmask.data.corpus import shakespeare_works
 
     tok = default_tokenizer()
-    path = Path(cache_dir) if cache_dir is not None else cache_root()
-    target = path / f"shakespeare-{tok.fingerprint}"
+    target = (Path(cache_dir) if cache_dir is not None else cache_root()) / f"shakespeare-{tok.fingerprint}"
     if (target / "meta.json").is_file():
         return target
-    path.mkdir(parents=True, exist_ok=True)
     train = [text for _, text in shakespeare_works("train")]
     val = [text for _, text in shakespeare_works("validation")]
-    try:
-        prepare_dataset(target, tok, train, val, progress=False)
-    except OSError:
-        if not (target / "meta.json").is_file():  # lost a race: the other process's folder is complete
-            raise
-    return target
+    return _prepare(target, tok, train, val, 0.05, 2**26, progress=False, replace=False)

@@ -13,7 +13,7 @@ import hashlib
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -45,6 +45,7 @@ class Tokenizer:
 
     @property
     def mask_id(self) -> int:
+        """Id of ``<|mask|>``: the last id, equal to ``vocab_size`` (an input-only embedding row)."""
         return self.hf.get_vocab_size(with_added_tokens=True) - 1
 
     @property
@@ -53,10 +54,12 @@ class Tokenizer:
         return self.mask_id
 
     def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; no special tokens added (documents get their EOS when packed)."""
         return self.hf.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text (parallel in Rust); no special tokens added."""
+        return [e.ids for e in self.hf.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], mask_text: str = "_", skip_special: bool = True) -> str:
         """Text of ids; MASK shown as ``mask_text``, EOS/PAD dropped when ``skip_special``."""
@@ -73,6 +76,7 @@ class Tokenizer:
         return "".join(out)
 
     def to_json(self) -> str:
+        """The serialized tokenizer (the content of ``tokenizer.json``)."""
         return self.hf.to_str()
 
     @cached_property
@@ -81,6 +85,7 @@ class Tokenizer:
         return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()[:12]
 
     def save(self, directory: str | Path) -> Path:
+        """Write ``directory/tokenizer.json`` (MASK included) and return its path."""
         path = Path(directory) / "tokenizer.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_json(), encoding="utf-8")
@@ -101,7 +106,11 @@ class Tokenizer:
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB) -> Tokenizer:
-    """Byte-level BPE with ``vocab_size`` real tokens (EOS and PAD among them) plus MASK after them."""
+    """Byte-level BPE with ``vocab_size`` real tokens (EOS=0 and PAD=1 among them) plus MASK after them.
+
+    ``vocab_size`` is the trainer's target, so the model's output size is exactly that number
+    (or fewer, when the corpus is too small to learn that many merges).
+    """
     if vocab_size < 300:
         raise UnmaskError(f"--vocab-size={vocab_size} is too small for byte-level BPE (256 bytes + specials); use >= 300")
     hf = HFTokenizer(models.BPE())
@@ -127,9 +136,19 @@ def load_tokenizer(spec: str | None) -> Tokenizer:
     return Tokenizer.from_file(spec)
 
 
-if __name__ == "__main__":  # rebuild the shipped tokenizer
+def build_default_tokenizer(out_dir: str | Path | None = None) -> Path:
+    """Retrain the shipped BPE on the training works and write ``tokenizer.json`` (default: the package assets).
+
+    BPE training on a fixed corpus is deterministic, so this reproduces the shipped file byte for byte.
+    """
     from unmask.data.corpus import shakespeare_works
 
     tok = train_bpe((text for _, text in shakespeare_works("train")), DEFAULT_VOCAB)
-    out = Path(__file__).parent / "assets"
-    print(tok.save(out), tok.vocab_size, tok.fingerprint)
+    return tok.save(Path(out_dir) if out_dir is not None else Path(__file__).parent / "assets")
+
+
+if __name__ == "__main__":  # python -m unmask.data.tokenizer [OUT_DIR]
+    import sys
+
+    path = build_default_tokenizer(sys.argv[1] if len(sys.argv) > 1 else None)
+    print(f"wrote {path} (fingerprint {Tokenizer.from_file(path).fingerprint})")
