@@ -21,15 +21,17 @@ def combine(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Ten
     return (1 + scale) * cond - scale * uncond
 
 
-def guided_logits(model, x: torch.Tensor, prompt_mask: torch.Tensor, scale: float, t: torch.Tensor | None = None) -> torch.Tensor:
+def guided_logits(model, x: torch.Tensor, prompt_mask: torch.Tensor, scale: float, t: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """Logits (B, L, V) of x (B, L) guided away from the prompt-free prediction.
 
     ``prompt_mask`` (B, L) bool marks the prompt (context) positions that the unconditional pass
-    replaces by MASK. With ``scale == 0`` this is a single plain forward.
+    replaces by MASK. With ``scale == 0`` this is a single plain forward. ``kwargs`` (key_mask,
+    positions: (B, L) tensors) go to the network, duplicated for the batched unconditional half.
     """
     if scale == 0:
-        return denoiser_logits(model, x, t)
+        return denoiser_logits(model, x, t, **kwargs)
     uncond = torch.where(prompt_mask, torch.full_like(x, model.config.mask_id), x)
-    both = denoiser_logits(model, torch.cat([x, uncond]), None if t is None else torch.cat([t, t]))
+    doubled = {k: torch.cat([v, v]) for k, v in kwargs.items()}
+    both = denoiser_logits(model, torch.cat([x, uncond]), None if t is None else torch.cat([t, t]), **doubled)
     cond_logits, uncond_logits = both.float().chunk(2)
     return combine(cond_logits, uncond_logits, scale)

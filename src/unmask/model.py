@@ -188,7 +188,10 @@ class Transformer(nn.Module):
         elif cfg.causal:
             is_causal = True
         if key_mask is not None:
-            km = key_mask[:, None, None, :].bool()
+            q_pos = torch.arange(start, start + l, device=tokens.device)
+            own = torch.arange(key_mask.shape[1], device=tokens.device)[None, :] == q_pos[:, None]
+            # a padding query still sees itself: a row with no visible key would make NaNs that leak
+            km = key_mask[:, None, None, :].bool() | own[None, None]
             attn_mask = km if attn_mask is None else attn_mask & km
         for i, block in enumerate(self.blocks):
             cache = (kv_cache.k[i], kv_cache.v[i], start) if kv_cache is not None else None

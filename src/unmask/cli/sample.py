@@ -1,34 +1,79 @@
-"""``unmask sample``: text from a trained MDM or AR checkpoint."""
+"""``unmask sample``: text from a trained MDM or AR checkpoint, with every sampler."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+from typing import Optional
 
 import typer
 
 from unmask.cli.app import app, echo_json
 
 
+def _show_steps(tok, mask_text: str = "_"):
+    """A callback that redraws row 0 of the canvas in place after every step."""
+
+    def show(state) -> None:
+        text = tok.decode(state.tokens[0].tolist(), mask_text=mask_text).replace("\n", " ")
+        sys.stderr.write(f"\x1b[2K\rstep {state.step:4d} | {text[-150:]}")
+        sys.stderr.flush()
+
+    return show
+
+
 @app.command()
 def sample(
     checkpoint: Path = typer.Option(..., help="Run folder or checkpoints/step_* folder."),
     prompt: str = typer.Option("", help="Text the samples start with."),
+    prompts_file: Optional[Path] = typer.Option(None, "--prompts-file", help="One prompt per line (a batch of different lengths)."),
+    infill: Optional[str] = typer.Option(None, help="MDM: a template with [MASK] / [MASK:n] spans to fill, e.g. 'ROMEO. [MASK:12] love.'"),
     num_samples: int = typer.Option(2),
     length: int = typer.Option(64, help="Tokens to generate after the prompt."),
-    steps: int = typer.Option(64, help="MDM: sampling steps (network calls)."),
+    sampler: str = typer.Option("ancestral", help="MDM: ancestral, cached, first-hitting, confidence or threshold."),
+    steps: int = typer.Option(64, help="MDM: sampling steps (ancestral/cached/confidence; split over blocks)."),
+    block_len: int = typer.Option(0, help="MDM: decode semi-autoregressively in blocks of this many tokens (0: off)."),
+    k: int = typer.Option(1, help="first-hitting: positions per network call (1: exact)."),
+    score: str = typer.Option("low_confidence", help="confidence: low_confidence, margin, entropy or random."),
+    allocation: str = typer.Option("even", help="confidence: tokens per step, even or schedule."),
+    tau: float = typer.Option(0.9, help="threshold: commit positions with top-1 probability >= tau, in (0, 1]."),
+    cfg: float = typer.Option(0.0, "--cfg", help="MDM: unsupervised classifier-free guidance scale w (needs a prompt)."),
     temperature: float = typer.Option(1.0),
+    top_k: int = typer.Option(0, help="Keep the k most likely tokens (0: off)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1: off)."),
     precision: str = typer.Option("float64", help="Categorical sampling precision: float64 (exact) or float32 (ablation only; biased)."),
+    stop_at_eos: bool = typer.Option(False, help="Variable length: trim each sample at its first EOS (blocks stop early)."),
+    kv_cache: bool = typer.Option(True, help="AR: exact KV cache (--no-kv-cache recomputes the prefix)."),
+    show_steps: bool = typer.Option(False, help="Animate the unmasking of the first sample in the terminal."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
     as_json: bool = typer.Option(False, "--json", help="Print tokens, text and NFE as JSON."),
 ) -> None:
     """Generate text from a trained MDM or AR checkpoint."""
+    from unmask.checkpoint import resolve_checkpoint
+    from unmask.data import Tokenizer
+    from unmask.errors import UnmaskError
     from unmask.sampling.generate import generate
 
-    res = generate(checkpoint, prompt, num_samples, length, steps, temperature, precision, seed, device)
+    prompts = None
+    if prompts_file is not None:
+        if not prompts_file.is_file():
+            raise UnmaskError(f"--prompts-file {str(prompts_file)!r} does not exist")
+        prompts = [line for line in prompts_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not prompts:
+            raise UnmaskError(f"--prompts-file {prompts_file} has no non-empty line")
+        num_samples = len(prompts)
+    callback = _show_steps(Tokenizer.from_file(resolve_checkpoint(checkpoint) / "tokenizer.json")) if show_steps else None
+    res = generate(
+        checkpoint, prompt, num_samples, length, steps, temperature, precision, seed, device, sampler=sampler, prompts=prompts,
+        infill=infill, stop_at_eos=stop_at_eos, kv_cache=kv_cache, callback=callback, top_k=top_k, top_p=top_p, cfg_scale=cfg,
+        k=k, score=score, allocation=allocation, tau=tau, block_len=block_len,
+    )
+    if show_steps:
+        sys.stderr.write("\n")
     if as_json:
         echo_json(res)
         return
     for i, s in enumerate(res["samples"]):
         typer.echo(f"--- sample {i} ---\n{s['text']}")
-    typer.echo(f"({res['nfe']} network calls, {res['seconds']:.2f} s)", err=True)
+    typer.echo(f"({res['sampler']}: {res['nfe']} network calls, {res['seconds']:.2f} s)", err=True)

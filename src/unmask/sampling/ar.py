@@ -1,4 +1,8 @@
-"""Autoregressive sampling for the AR baseline (plain: one full forward per new token)."""
+"""Autoregressive sampling for the AR baseline: with an exact KV cache (default) or plain.
+
+Prompts of different lengths are left-padded; the key mask hides the padding and rotary positions
+start at 0 at each row's first real token, so a padded row decodes exactly like the row alone.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +10,20 @@ from dataclasses import dataclass
 
 import torch
 
-from unmask.sampling.base import Precision, SampleOutput, SamplerState, StepCallback, sample_tokens
+from unmask.errors import UnmaskError
+from unmask.model import KVCache
+from unmask.sampling.base import Conditioning, SampleOutput, SamplerConfig, SamplerState, StepCallback, sample_from
 
 
 @dataclass(frozen=True)
-class ARConfig:
+class ARConfig(SamplerConfig):
     max_new_tokens: int = 128
-    temperature: float = 1.0
-    precision: Precision = "float64"
+    kv_cache: bool = True
+
+
+def positions_from(key_mask: torch.Tensor) -> torch.Tensor:
+    """Rotary positions (B, S) counting real tokens only: 0 at each row's first real token."""
+    return (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)
 
 
 @torch.no_grad()
@@ -22,18 +32,38 @@ def ar_sample(
     prompt: torch.Tensor,
     generator: torch.Generator,
     config: ARConfig = ARConfig(),
+    cond: Conditioning | None = None,
     callback: StepCallback | None = None,
 ) -> SampleOutput:
     """Extend prompt (B, P), P >= 1 (start with EOS for unconditional text), by max_new_tokens tokens.
 
-    Without a KV cache each step recomputes the whole prefix, cropped to the context length.
+    ``cond.key_mask`` (B, P) marks real prompt tokens (False at left padding). With the KV cache:
+    one forward over the prompt, then one single-token forward per new token.
     """
+    if config.cfg_scale:
+        raise UnmaskError("--cfg is for MDMs; the AR baseline has no unconditional pass")
+    b, p = prompt.shape
+    total = p + config.max_new_tokens
+    if total - 1 > model.config.context_len:  # the last new token is never fed back
+        raise UnmaskError(f"prompt of {p} tokens + {config.max_new_tokens} new tokens exceeds the context of {model.config.context_len}")
+    key_mask = cond.key_mask if cond is not None and cond.key_mask is not None else torch.ones_like(prompt, dtype=torch.bool)
+    ones = torch.ones((b, 1), dtype=torch.bool, device=prompt.device)
     state = SamplerState(prompt.clone())
-    ctx = model.config.context_len
+    cache = None
+    if config.kv_cache:
+        dtype = next(iter(model.parameters()), torch.empty(0)).dtype
+        cache = KVCache.empty(model.config, b, total - 1, prompt.device, dtype)
+    step_input, step_mask = prompt, key_mask
     for _ in range(config.max_new_tokens):
-        logits = model(state.tokens[:, -ctx:])[:, -1]
-        nxt = sample_tokens(logits, generator, config.temperature, config.precision)
+        pos = positions_from(step_mask)
+        if cache is not None:
+            logits = model(step_input, key_mask=step_mask, positions=pos[:, -step_input.shape[1] :], kv_cache=cache)[:, -1]
+        else:
+            logits = model(state.tokens, key_mask=step_mask, positions=pos)[:, -1]
+        nxt = sample_from(logits.float(), generator, config)
         state = state.advance(torch.cat([state.tokens, nxt[:, None]], dim=1), calls=1)
+        step_mask = torch.cat([step_mask, ones], dim=1)
+        step_input = nxt[:, None] if cache is not None else state.tokens
         if callback is not None:
             callback(state)
     return SampleOutput(state.tokens, state.nfe, state.step)

@@ -1,0 +1,256 @@
+"""The sampler suite against exact answers: oracle distributions, expected NFE, float precision,
+per-row selection, guidance, KV cache, padding, blocks, infilling."""
+
+import math
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from unmask.config import ModelConfig
+from unmask.errors import UnmaskError
+from unmask.model import Transformer
+from unmask.oracle import OracleModel, chi_square_counts
+from unmask.sampling import (
+    AncestralConfig, ARConfig, Conditioning, ConfidenceConfig, FirstHittingConfig, ThresholdConfig, ancestral, ar_sample,
+    cached_ancestral, confidence, exponential_race, first_hitting, semi_autoregressive, threshold,
+)
+from unmask.sampling.confidence import confidence_scores
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    return OracleModel.random(vocab_size=3, length=4, concentration=1.0, seed=1)
+
+
+def pvalue(oracle, samples):
+    observed, expected = chi_square_counts(oracle, samples)
+    return chisquare(observed.numpy(), expected.numpy()).pvalue
+
+
+class FixedLogits(torch.nn.Module):
+    """A fake network returning given logits (B, L, V) whatever the input: exact, known outputs."""
+
+    def __init__(self, logits: torch.Tensor, time_conditioning: bool = False):
+        super().__init__()
+        b, l, v = logits.shape
+        self.config = ModelConfig(vocab_size=v, context_len=l, n_layer=1, n_head=1, n_embd=2, time_conditioning=time_conditioning)
+        self.register_buffer("logits", logits)
+        self.calls = 0
+
+    def forward(self, tokens, **_):
+        self.calls += 1
+        return self.logits[: tokens.shape[0]].expand(tokens.shape[0], -1, -1) if self.logits.shape[0] == 1 else self.logits[: tokens.shape[0]]
+
+
+def masks(oracle, n):
+    return torch.full((n, oracle.config.context_len), oracle.config.mask_id)
+
+
+@pytest.mark.parametrize("name", ["cached", "first-hitting", "first-hitting-k1-parallel"])
+def test_samplers_reproduce_the_distribution(oracle, name):
+    gen = torch.Generator().manual_seed(0)
+    x = masks(oracle, 8000)
+    if name == "cached":
+        out = cached_ancestral(oracle, x, gen, AncestralConfig(steps=256))
+    else:
+        out = first_hitting(oracle, x, gen, FirstHittingConfig(k=1))
+        assert out.nfe == 4  # exactly L network calls
+    assert (out.tokens != oracle.config.mask_id).all()
+    assert pvalue(oracle, out.tokens) > 1e-3
+
+
+def test_parallel_first_hitting_is_biased_with_k_equal_length(oracle):
+    """k = L unmasks everything at once from the marginals: the test must detect it."""
+    out = first_hitting(oracle, masks(oracle, 8000), torch.Generator().manual_seed(0), FirstHittingConfig(k=4))
+    assert out.nfe == 1 and pvalue(oracle, out.tokens) < 1e-6
+
+
+@pytest.mark.parametrize("n,l", [(64, 16), (128, 32), (32, 64)])
+def test_cached_expected_nfe(n, l):
+    """Mean calls per row within 2% of n (1 - (1 - 1/n)^l) (RADD)."""
+    fake = FixedLogits(torch.zeros(1, l, 5))
+    x = torch.full((3000, l), fake.config.mask_id)
+    out = cached_ancestral(fake, x, torch.Generator().manual_seed(n + l), AncestralConfig(steps=n))
+    expected = n * (1 - (1 - 1 / n) ** l)
+    assert abs(out.row_nfe.double().mean().item() - expected) < 0.02 * expected
+    assert out.nfe <= n
+
+
+def test_float32_undersamples_unmask_event_and_tail():
+    """Stay-masked mass 1 - 1e-3 against a 2000-token Zipf (the categorical of one many-step
+    ancestral update). float64 matches the exact unmask and tail rates within their standard
+    errors; float32 cannot: its noise -log E saturates at 16.6 (U <= 1 - 2^-24), so outcomes whose
+    log-weight is more than ~16.6 below the stay outcome are (nearly) never drawn, and the quantised
+    noise under-samples the whole region of weights below ~3e-7."""
+    v, n_chunks, chunk = 2000, 12, 16000
+    zipf = 1 / torch.arange(1, v + 1, dtype=torch.float64)
+    zipf /= zipf.sum()
+    weights = torch.cat([(1e-3 * zipf).log(), torch.tensor([math.log(1 - 1e-3)], dtype=torch.float64)])
+    tail = torch.zeros(v + 1, dtype=torch.bool)
+    tail[:v] = 1e-3 * zipf < 3e-7
+    p_tail = (1e-3 * zipf[tail[:v]]).sum().item()
+    rates = {}
+    for precision in ("float64", "float32"):
+        gen = torch.Generator().manual_seed(0)
+        unmask = in_tail = 0
+        for _ in range(n_chunks):
+            draw = exponential_race(weights.expand(chunk, -1), gen, precision)
+            unmask += (draw < v).sum().item()
+            in_tail += tail[draw].sum().item()
+        rates[precision] = (unmask, in_tail)
+    n = n_chunks * chunk
+    (u64, t64), (u32, t32) = rates["float64"], rates["float32"]
+    assert abs(u64 - 1e-3 * n) < 4 * math.sqrt(1e-3 * n)  # exact rates within their standard error
+    assert abs(t64 - p_tail * n) < 4 * math.sqrt(p_tail * n)
+    assert t32 < t64 and u32 <= u64  # fixed seeds: float32 draws fewer from the tail (the total deficit, ~1-3%, needs ~1e7 draws to see)
+    # the mechanism: the largest float32 noise is -log(-log(1 - 2^-24)) = 16.6; float64 goes far beyond
+    u32_max = torch.tensor(1 - 2**-24, dtype=torch.float32)
+    assert -torch.log(-torch.log(u32_max)).item() < 16.7 < -math.log(-math.log1p(-(2.0**-53)))
+
+
+def slow_confidence(model, x, steps, score):
+    """Reference: Python loops over rows and positions, one commit decision at a time."""
+    x = x.clone()
+    for step in range(steps):
+        logits = model(x).float()
+        p = logits.double().softmax(-1)
+        for b in range(x.shape[0]):
+            masked = [i for i in range(x.shape[1]) if x[b, i] == model.config.mask_id]
+            if not masked:
+                continue
+            k = -(-len(masked) // (steps - step))
+            x0 = logits[b].argmax(-1)
+            def s(i):
+                if score == "low_confidence":
+                    return p[b, i, x0[i]].item()
+                if score == "margin":
+                    top = p[b, i].topk(2).values
+                    return (top[0] - top[1]).item()
+                return (p[b, i] * p[b, i].log()).sum().item()
+            chosen = sorted(masked, key=lambda i: (-s(i), i))[:k]
+            for i in chosen:
+                x[b, i] = x0[i]
+    return x
+
+
+@pytest.mark.parametrize("score", ["low_confidence", "margin", "entropy"])
+def test_confidence_matches_slow_reference_and_is_deterministic(score):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=20, context_len=12, n_layer=1, n_head=2, n_embd=32)).eval()
+    x = torch.full((3, 12), 20)
+    x[0, :3] = torch.tensor([1, 2, 3])
+    x[2, 5] = 7
+    cfg = ConfidenceConfig(steps=4, score=score, temperature=0.0)
+    a = confidence(model, x, torch.Generator().manual_seed(0), cfg).tokens
+    b = confidence(model, x, torch.Generator().manual_seed(1), cfg).tokens
+    assert torch.equal(a, b)
+    assert torch.equal(a, slow_confidence(model, x, 4, score))
+
+
+def test_selection_is_per_row():
+    """Row 0 is confident everywhere, row 1 nowhere: each row still commits exactly k tokens."""
+    logits = torch.zeros(2, 8, 6)
+    logits[0, :, 0] = 10.0
+    fake = FixedLogits(logits)
+    x = torch.full((2, 8), 6)
+    out = confidence(fake, x, torch.Generator().manual_seed(0), ConfidenceConfig(steps=4, temperature=0.0), callback=None)
+    states = []
+    confidence(fake, x, torch.Generator().manual_seed(0), ConfidenceConfig(steps=4, temperature=0.0), callback=states.append)
+    for state in states:
+        unmasked = (state.tokens != 6).sum(dim=1)
+        assert unmasked[0] == unmasked[1]
+    assert (out.tokens != 6).all()
+
+
+def test_threshold_never_stalls():
+    """Adversarial: uniform logits, every top-1 probability below tau: one commit per step, no loop."""
+    fake = FixedLogits(torch.zeros(2, 10, 50))
+    out = threshold(fake, torch.full((2, 10), 50), torch.Generator().manual_seed(0), ThresholdConfig(tau=0.9))
+    assert (out.tokens != 50).all() and out.nfe == 10
+    confident = torch.full((1, 10, 50), -10.0)
+    confident[..., 3] = 10.0
+    out = threshold(FixedLogits(confident), torch.full((1, 10), 50), torch.Generator().manual_seed(0), ThresholdConfig(tau=0.9))
+    assert out.nfe == 1 and (out.tokens == 3).all()  # all above tau: one step
+
+
+def test_cfg_zero_is_bit_identical_and_guidance_changes_logits(oracle):
+    x = masks(oracle, 500)
+    x[:, 0] = 1
+    prompt = torch.zeros_like(x, dtype=torch.bool)
+    prompt[:, 0] = True
+    plain = ancestral(oracle, x, torch.Generator().manual_seed(3), AncestralConfig(steps=8))
+    zero = ancestral(oracle, x, torch.Generator().manual_seed(3), AncestralConfig(steps=8, cfg_scale=0.0), Conditioning(prompt_mask=prompt))
+    assert torch.equal(plain.tokens, zero.tokens)
+    guided = ancestral(oracle, x, torch.Generator().manual_seed(3), AncestralConfig(steps=8, cfg_scale=2.0), Conditioning(prompt_mask=prompt))
+    assert not torch.equal(plain.tokens, guided.tokens)
+    with pytest.raises(UnmaskError, match="--cfg needs a prompt"):
+        ancestral(oracle, x, torch.Generator(), AncestralConfig(steps=2, cfg_scale=1.0))
+
+
+def test_ar_kv_cache_equals_uncached_and_padding_is_exact():
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=30, context_len=24, n_layer=2, n_head=2, n_embd=32, causal=True)).eval()
+    prompt = torch.randint(0, 30, (3, 5))
+    cached = ar_sample(model, prompt, torch.Generator(), ARConfig(max_new_tokens=10, temperature=0.0))
+    plain = ar_sample(model, prompt, torch.Generator(), ARConfig(max_new_tokens=10, temperature=0.0, kv_cache=False))
+    assert torch.equal(cached.tokens, plain.tokens)
+    # a short prompt left-padded in a batch decodes exactly as alone
+    alone = ar_sample(model, prompt[:1, 2:], torch.Generator(), ARConfig(max_new_tokens=10, temperature=0.0))
+    padded = prompt.clone()
+    padded[0, :2] = 0
+    key_mask = torch.ones_like(padded, dtype=torch.bool)
+    key_mask[0, :2] = False
+    batch = ar_sample(model, padded, torch.Generator(), ARConfig(max_new_tokens=10, temperature=0.0), Conditioning(key_mask=key_mask))
+    assert torch.equal(batch.tokens[0, 2:], alone.tokens[0])
+
+
+def test_mdm_padding_is_exact():
+    from unmask.sampling.generate import make_canvas
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=30, context_len=24, n_layer=2, n_head=2, n_embd=32)).eval()
+    x, cond, width = make_canvas([[1, 2, 3, 4, 5], [7, 8]], 6, mask_id=30, pad_id=0)
+    assert width == 5 and cond.key_mask[1].tolist() == [False] * 3 + [True] * 8
+    batch = model(x, key_mask=cond.key_mask, positions=cond.positions)
+    alone = model(torch.tensor([[7, 8] + [30] * 6]))
+    assert torch.allclose(batch[1, 3:], alone[0], atol=1e-5)
+    out = confidence(model, x, torch.Generator(), ConfidenceConfig(steps=6, temperature=0.0), cond)
+    assert torch.equal(out.tokens[:, :5], x[:, :5])  # prompts and padding untouched
+
+
+def test_blocks_decode_left_to_right_and_validate(oracle):
+    model = FixedLogits(torch.randn(1, 12, 7, generator=torch.Generator().manual_seed(0)))
+    x = torch.full((2, 12), 7)
+    x[:, :4] = 1
+    seen = []
+    out = semi_autoregressive(model, x, torch.Generator(), confidence, ConfidenceConfig(steps=2, temperature=0.0), 4, 4, callback=seen.append)
+    assert (out.tokens != 7).all() and out.nfe == 4
+    for state in seen:  # never a token right of a block that is not finished
+        filled = (state.tokens[0] != 7).tolist()
+        first_masked = filled.index(False) if False in filled else 12
+        assert not any(filled[first_masked:][4 - (first_masked % 4) if first_masked % 4 else 4:])
+    with pytest.raises(UnmaskError, match="--block-len=5 must divide"):
+        semi_autoregressive(model, x, torch.Generator(), confidence, ConfidenceConfig(steps=2), 5, 4)
+
+
+def test_config_errors_name_the_flag():
+    with pytest.raises(UnmaskError, match="--tau"):
+        ThresholdConfig(tau=1.5)
+    with pytest.raises(UnmaskError, match="--score"):
+        ConfidenceConfig(score="vibes")
+    with pytest.raises(UnmaskError, match="--top-p"):
+        AncestralConfig(top_p=0)
+    fake = FixedLogits(torch.zeros(1, 4, 3), time_conditioning=True)
+    with pytest.raises(UnmaskError, match="time-agnostic"):
+        cached_ancestral(fake, torch.full((1, 4), 3), torch.Generator())
+
+
+def test_scores_by_hand():
+    logits = torch.log(torch.tensor([[[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]]]))
+    x0 = torch.tensor([[0, 1]])
+    g = torch.Generator()
+    assert torch.allclose(confidence_scores(logits, x0, "low_confidence", g), torch.tensor([[0.7, 0.35]], dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(confidence_scores(logits, x0, "margin", g), torch.tensor([[0.5, 0.05]], dtype=torch.float64), atol=1e-6)
+    h = -(torch.tensor([0.7, 0.2, 0.1]) * torch.tensor([0.7, 0.2, 0.1]).log()).sum()
+    assert confidence_scores(logits, x0, "entropy", g)[0, 0].item() == pytest.approx(-h.item(), abs=1e-6)
