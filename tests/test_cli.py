@@ -94,3 +94,47 @@ def test_non_utf8_file(capsys, tmp_path):
 def test_bad_objective_names_flag(capsys, tmp_path, small_data):
     code, _, err = run(capsys, "train", "--run-dir", str(tmp_path / "r"), "--objective", "gan", "--data", str(small_data))
     assert code == 2 and "--objective 'gan'" in err
+
+
+@pytest.mark.parametrize("flags,nfe", [
+    (["--sampler", "cached", "--steps", "16"], None),
+    (["--sampler", "first-hitting"], 8),
+    (["--sampler", "first-hitting", "--k", "4"], 2),
+    (["--sampler", "confidence", "--score", "margin", "--steps", "4", "--block-len", "4", "--temperature", "0"], 4),
+    (["--sampler", "threshold", "--tau", "0.5", "--block-len", "4"], None),
+    (["--sampler", "ancestral", "--steps", "4", "--cfg", "1.5", "--top-k", "50", "--top-p", "0.9"], 4),
+])
+def test_sample_every_family(capsys, trained, flags, nfe):
+    code, out, err = run(capsys, "sample", "--checkpoint", str(trained / "mdm"), "--prompt", "KING", "--length", "8", "--json", *flags)
+    assert code == 0, err
+    res = json.loads(out)
+    assert all(len(s["tokens"]) == 8 and s["text"].startswith("KING") for s in res["samples"])
+    assert nfe is None or res["nfe"] == nfe
+    assert all(4096 not in s["tokens"] for s in res["samples"])  # no MASK left
+
+
+def test_sample_infill_prompts_file_and_eos(capsys, trained, tmp_path):
+    code, out, err = run(capsys, "sample", "--checkpoint", str(trained / "mdm"), "--infill", "ROMEO. [MASK:5] love [MASK]", "--json",
+                         "--sampler", "first-hitting")
+    assert code == 0, err
+    assert all(s["text"].startswith("ROMEO.") and " love" in s["text"] for s in json.loads(out)["samples"])
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("KING\nO Romeo, Romeo, wherefore\n")
+    for ckpt in ("mdm", "ar"):
+        code, out, err = run(capsys, "sample", "--checkpoint", str(trained / ckpt), "--prompts-file", str(prompts), "--length", "6",
+                             "--stop-at-eos", "--json")
+        assert code == 0, err
+        texts = [s["text"] for s in json.loads(out)["samples"]]
+        assert texts[0].startswith("KING") and texts[1].startswith("O Romeo") and len(texts) == 2
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--block-len", "3"], "--block-len=3 must divide"),
+    (["--sampler", "threshold", "--tau", "0"], "--tau=0.0 must be in (0, 1]"),
+    (["--sampler", "magic"], "--sampler 'magic'"),
+    (["--cfg", "1.0", "--prompt", ""], "--cfg needs a prompt"),
+    (["--infill", "no spans here"], "no [MASK]"),
+])
+def test_sample_bad_combinations(capsys, trained, flags, message):
+    code, _, err = run(capsys, "sample", "--checkpoint", str(trained / "mdm"), "--length", "8", *flags)
+    assert code == 2 and message in err, err

@@ -46,7 +46,7 @@ def ancestral_step(
     mask_id = model.config.mask_id
     dtype = dtype_of(config.precision)
     logp = token_log_probs(network(model, x, cond, config.cfg_scale, torch.full((x.shape[0],), t)), config)
-    stay = torch.tensor(stay_probability(Schedule(config.schedule), t, s), dtype=dtype)
+    stay = torch.tensor(stay_probability(Schedule(config.schedule), t, s), dtype=dtype, device=logp.device)
     weights = torch.cat([logp + torch.log1p(-stay), torch.log(stay).expand(*logp.shape[:-1], 1)], dim=-1)  # (B, L, V+1)
     draw = exponential_race(weights, generator, config.precision)  # index V == stay masked
     can = x == mask_id

@@ -90,7 +90,8 @@ def network(model, x: torch.Tensor, cond: Conditioning | None, cfg_scale: float,
         kwargs["key_mask"] = cond.key_mask
     if cond.positions is not None:
         kwargs["positions"] = cond.positions
-    if cfg_scale and cond.prompt_mask is None:
+    t = None if t is None else t.to(x.device)
+    if cfg_scale and (cond.prompt_mask is None or not cond.prompt_mask.any()):
         raise UnmaskError("--cfg needs a prompt: guidance contrasts the prompt with the prompt replaced by MASK")
     prompt = cond.prompt_mask if cond.prompt_mask is not None else torch.zeros_like(x, dtype=torch.bool)
     return guided_logits(model, x, prompt, cfg_scale, t, **kwargs).float()

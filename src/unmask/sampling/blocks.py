@@ -7,6 +7,7 @@ right of the block not eligible (they stay MASK and are seen as MASK).
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -38,7 +39,9 @@ def semi_autoregressive(
     cols = torch.arange(x.shape[1], device=x.device)
     for b0 in range(start, x.shape[1], block_len):
         eligible = ((cols >= b0) & (cols < b0 + block_len))[None].expand_as(x)
-        out = inner(model, state.tokens, generator, inner_config, cond, callback, eligible)
+        done = state  # the callback counts steps and calls across blocks
+        inner_callback = None if callback is None else (lambda s, d=done: callback(replace(s, step=d.step + s.step, nfe=d.nfe + s.nfe)))
+        out = inner(model, state.tokens, generator, inner_config, cond, inner_callback, eligible)
         state = SamplerState(out.tokens, state.step + out.steps, state.nfe + out.nfe)
         if stop_token is not None and (state.tokens[:, start : b0 + block_len] == stop_token).any(dim=1).all():
             rest = state.tokens == model.config.mask_id

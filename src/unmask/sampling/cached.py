@@ -48,7 +48,7 @@ def cached_ancestral(
         can = tokens == mask_id
         if eligible is not None:
             can &= eligible
-        stay = torch.tensor(stay_probability(schedule, t, s), dtype=dtype)
+        stay = torch.tensor(stay_probability(schedule, t, s), dtype=dtype, device=tokens.device)
         two = torch.stack([torch.log1p(-stay), torch.log(stay)]).expand(*tokens.shape, 2)
         unmask = can & (exponential_race(two, generator, config.precision) == 0)
         need = unmask.any(dim=1) & ~fresh

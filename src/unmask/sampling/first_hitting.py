@@ -52,9 +52,9 @@ def first_hitting(
         if not n.any():
             break
         # next first-hitting time of the k-th event: for time-conditioned networks only
-        u = torch.rand(x.shape[0], generator=generator, dtype=torch.float64)
+        u = torch.rand(x.shape[0], generator=generator, dtype=torch.float64, device=x.device).cpu()
         m = schedule.mask_prob(t) * u ** (1.0 / n.clamp(min=1).double().cpu())
-        t = torch.where(n.cpu() > 0, schedule.time_for_mask_prob(m), t)
+        t = torch.where(n.cpu() > 0, schedule.time_for_mask_prob(m), t)  # (time of the first of the k events)
         logits = network(model, state.tokens, cond, config.cfg_scale, t.float())
         pick = random_subset(can, torch.full_like(n, config.k), generator)
         state = state.advance(fill(state.tokens, pick, logits, generator, config), calls=1)

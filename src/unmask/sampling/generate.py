@@ -145,6 +145,11 @@ def generate(
     """
     if num_samples < 1:
         raise UnmaskError(f"--num-samples={num_samples} must be a positive integer")
+    unknown = set(options) - {f.name for f in fields(SamplerSpec)}
+    if unknown:
+        raise UnmaskError(f"unknown sampler option(s) {sorted(unknown)}; known: {', '.join(f.name for f in fields(SamplerSpec))}")
+    if infill is not None and stop_at_eos:
+        raise UnmaskError("--stop-at-eos cannot be combined with --infill: an EOS inside a span would cut off the fixed text after it")
     if length < 1:
         raise UnmaskError(f"--length={length} must be a positive integer")
     dev = pick_device(device)
