@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from unmask.sampling.base import (
+    open_positions,
     Conditioning, SampleOutput, SamplerConfig, SamplerState, StepCallback, check_steps, dtype_of, exponential_race, network,
     token_log_probs,
 )
@@ -49,9 +50,7 @@ def ancestral_step(
     stay = torch.tensor(stay_probability(Schedule(config.schedule), t, s), dtype=dtype, device=logp.device)
     weights = torch.cat([logp + torch.log1p(-stay), torch.log(stay).expand(*logp.shape[:-1], 1)], dim=-1)  # (B, L, V+1)
     draw = exponential_race(weights, generator, config.precision)  # index V == stay masked
-    can = x == mask_id
-    if eligible is not None:
-        can &= eligible
+    can = open_positions(x, mask_id, eligible)
     new = torch.where(can & (draw < model.config.vocab_size), draw, x)
     return state.advance(new, calls=1)
 

@@ -195,3 +195,9 @@ def fill(tokens: torch.Tensor, where: torch.Tensor, logits: torch.Tensor, genera
     out = tokens.clone()
     out[rows, cols] = sample_from(logits[rows, cols], generator, config)
     return out
+
+
+def open_positions(tokens: torch.Tensor, mask_id: int, eligible: torch.Tensor | None) -> torch.Tensor:
+    """(B, L) bool: still-masked positions a sampler may fill now (all, or those in ``eligible``)."""
+    can = tokens == mask_id
+    return can if eligible is None else can & eligible

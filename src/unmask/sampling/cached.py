@@ -15,6 +15,7 @@ import torch
 from unmask.errors import UnmaskError
 from unmask.sampling.ancestral import AncestralConfig, stay_probability, time_grid
 from unmask.sampling.base import (
+    open_positions,
     Conditioning, SampleOutput, SamplerState, StepCallback, check_steps, dtype_of, exponential_race, fill, network, rows_of,
 )
 from unmask.schedule import Schedule
@@ -45,9 +46,7 @@ def cached_ancestral(
     times = time_grid(config.steps)
     for t, s in zip(times[:-1], times[1:]):
         tokens = state.tokens
-        can = tokens == mask_id
-        if eligible is not None:
-            can &= eligible
+        can = open_positions(tokens, mask_id, eligible)
         stay = torch.tensor(stay_probability(schedule, t, s), dtype=dtype, device=tokens.device)
         two = torch.stack([torch.log1p(-stay), torch.log(stay)]).expand(*tokens.shape, 2)
         unmask = can & (exponential_race(two, generator, config.precision) == 0)

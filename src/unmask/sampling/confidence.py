@@ -19,6 +19,7 @@ import torch
 
 from unmask.errors import UnmaskError
 from unmask.sampling.base import (
+    open_positions,
     Conditioning, SampleOutput, SamplerConfig, SamplerState, StepCallback, check_steps, filter_logits, network, sample_from, top_per_row,
 )
 
@@ -67,9 +68,7 @@ def confidence_step(
 ) -> SamplerState:
     """Commit the k[b] best-scoring masked (eligible) positions of each row b."""
     x = state.tokens
-    can = x == model.config.mask_id
-    if eligible is not None:
-        can &= eligible
+    can = open_positions(x, model.config.mask_id, eligible)
     logits = filter_logits(network(model, x, cond, config.cfg_scale), config.top_k, config.top_p)
     x0 = sample_from(logits, generator, config)
     commit = top_per_row(confidence_scores(logits, x0, score, generator), can, k)
@@ -90,9 +89,7 @@ def confidence(
     check_steps(config.steps)
     state = SamplerState(x.clone())
     for step in range(config.steps):
-        can = state.tokens == model.config.mask_id
-        if eligible is not None:
-            can &= eligible
+        can = open_positions(state.tokens, model.config.mask_id, eligible)
         n = can.sum(dim=1)
         if not n.any():
             break

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from unmask.errors import UnmaskError
-from unmask.sampling.base import Conditioning, SampleOutput, SamplerConfig, SamplerState, StepCallback, fill, network, random_subset
+from unmask.sampling.base import open_positions, Conditioning, SampleOutput, SamplerConfig, SamplerState, StepCallback, fill, network, random_subset
 from unmask.schedule import Schedule
 
 
@@ -45,9 +45,7 @@ def first_hitting(
     state = SamplerState(x.clone())
     t = torch.ones(x.shape[0], dtype=torch.float64)  # per-row current time
     while True:
-        can = state.tokens == mask_id
-        if eligible is not None:
-            can &= eligible
+        can = open_positions(state.tokens, mask_id, eligible)
         n = can.sum(dim=1)
         if not n.any():
             break

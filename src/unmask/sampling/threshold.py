@@ -13,6 +13,7 @@ import torch
 
 from unmask.errors import UnmaskError
 from unmask.sampling.base import (
+    open_positions,
     Conditioning, SampleOutput, SamplerConfig, SamplerState, StepCallback, filter_logits, network, sample_from, top_per_row,
 )
 
@@ -41,9 +42,7 @@ def threshold(
     """Fill the MASKs of x (B, L) (those in ``eligible``); at most one step per masked token."""
     state = SamplerState(x.clone())
     while True:
-        can = state.tokens == model.config.mask_id
-        if eligible is not None:
-            can &= eligible
+        can = open_positions(state.tokens, model.config.mask_id, eligible)
         if not can.any():
             break
         logits = filter_logits(network(model, state.tokens, cond, config.cfg_scale), config.top_k, config.top_p)
