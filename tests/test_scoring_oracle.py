@@ -1,6 +1,5 @@
 """Chain-rule and conditional scores against exact log-probabilities of an oracle."""
 
-import math
 
 import pytest
 import torch

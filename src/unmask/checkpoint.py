@@ -195,6 +195,13 @@ def load_trainer_state(ckpt: Path) -> TrainerState:
     return TrainerState(step=info["step"], tokens=info["tokens"], optimizer=optimizer, rng=rng)
 
 
+def checkpoint_tokenizer(path: str | Path):
+    """The tokenizer stored beside the weights of a run/checkpoint folder."""
+    from unmask.data import Tokenizer
+
+    return Tokenizer.from_file(resolve_checkpoint(path) / "tokenizer.json")
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Build the model of a run/checkpoint folder with its weights, in eval mode. Returns (model, RunConfig)."""
     from unmask.model import Transformer

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from unmask.checkpoint import TrainerState, load_trainer_state, load_weights, resolve_checkpoint, save_checkpoint, write_text_atomic
 from unmask.config import ModelConfig, RunConfig, TrainConfig
 from unmask.data import TokenDataset
-from unmask.distributed import World, all_gather_objects, all_reduce_mean, barrier, init_world, parallelize, shutdown
+from unmask.distributed import all_gather_objects, all_reduce_mean, barrier, init_world, parallelize, shutdown
 from unmask.errors import UnmaskError
 from unmask.likelihood import LikelihoodResult, ar_nll, mc_elbo, previous_tokens
 from unmask.model import Transformer

@@ -109,9 +109,7 @@ def genppl(
     """Generate samples and report generative perplexity with unigram entropy and distinct-n."""
     import torch
 
-    from unmask.checkpoint import load_model
-    from unmask.data import Tokenizer
-    from unmask.checkpoint import resolve_checkpoint
+    from unmask.checkpoint import checkpoint_tokenizer, load_model
     from unmask.device import pick_device
     from unmask.errors import UnmaskError
     from unmask.evaluation.genppl import HFJudge, judge_nll, quality_report
@@ -126,8 +124,8 @@ def genppl(
         model, cfg = load_model(judge, pick_device(device))
         if not cfg.model.causal:
             raise UnmaskError(f"--judge {judge} is an MDM; the judge must be an AR model")
-        judge_tok = Tokenizer.from_file(resolve_checkpoint(judge) / "tokenizer.json")
-        sample_tok = Tokenizer.from_file(resolve_checkpoint(checkpoint) / "tokenizer.json")
+        judge_tok = checkpoint_tokenizer(judge)
+        sample_tok = checkpoint_tokenizer(checkpoint)
         if judge_tok.fingerprint != sample_tok.fingerprint:
             raise UnmaskError(f"--judge {judge} uses a different tokenizer than {checkpoint}; use --judge-hf or a judge trained on the same data")
         nll = judge_nll(model, torch.tensor(tokens), judge_tok.eos_id)

@@ -50,8 +50,7 @@ def sample(
     as_json: bool = typer.Option(False, "--json", help="Print tokens, text and NFE as JSON."),
 ) -> None:
     """Generate text from a trained MDM or AR checkpoint."""
-    from unmask.checkpoint import resolve_checkpoint
-    from unmask.data import Tokenizer
+    from unmask.checkpoint import checkpoint_tokenizer
     from unmask.errors import UnmaskError
     from unmask.sampling.generate import generate
 
@@ -63,7 +62,7 @@ def sample(
         if not prompts:
             raise UnmaskError(f"--prompts-file {prompts_file} has no non-empty line")
         num_samples = len(prompts)
-    callback = _show_steps(Tokenizer.from_file(resolve_checkpoint(checkpoint) / "tokenizer.json")) if show_steps else None
+    callback = _show_steps(checkpoint_tokenizer(checkpoint)) if show_steps else None
     res = generate(
         checkpoint, prompt, num_samples, length, steps, temperature, precision, seed, device, sampler=sampler, prompts=prompts,
         infill=infill, stop_at_eos=stop_at_eos, kv_cache=kv_cache, callback=callback, top_k=top_k, top_p=top_p, cfg_scale=cfg,

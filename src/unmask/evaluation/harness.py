@@ -23,13 +23,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from unmask.checkpoint import load_model, resolve_checkpoint
+from unmask.checkpoint import checkpoint_tokenizer, load_model
 from unmask.data import Tokenizer
 from unmask.device import pick_device
 from unmask.errors import UnmaskError
 from unmask.likelihood import chain_rule, conditional_elbo
 from unmask.objectives import device_of, token_nll
 from unmask.sampling import ARConfig, AncestralConfig, ancestral, ar_sample
+from unmask.sampling.generate import trim_at_eos
 
 try:
     from lm_eval.api.model import LM
@@ -68,7 +69,7 @@ class UnmaskLM(LM):
         if model is None:
             self.model, self.config = load_model(checkpoint, pick_device(device))
             self.model_config = self.config.model
-            self.tok = Tokenizer.from_file(resolve_checkpoint(checkpoint) / "tokenizer.json")
+            self.tok = checkpoint_tokenizer(checkpoint)
         else:  # an in-memory model (tests): needs a tokenizer too
             self.model, self.model_config, self.tok = model, model.config, tokenizer
         self.method, self.draws, self.cfg_scale = method, draws, cfg_scale
@@ -183,10 +184,7 @@ class UnmaskLM(LM):
                 x = torch.tensor([ctx + [self.model_config.mask_id] * n], device=self._device)
                 cfg = AncestralConfig(steps=self.steps or n, temperature=temperature)
                 new = ancestral(self.model, x, self.generator, cfg).tokens[0, len(ctx):]
-            ids = new.tolist()
-            if self.tok.eos_id in ids:
-                ids = ids[: ids.index(self.tok.eos_id)]
-            text = self.tok.decode(ids)
+            text = self.tok.decode(trim_at_eos(new.tolist(), self.tok.eos_id))
             for stop in until:
                 if stop and stop in text:
                     text = text[: text.index(stop)]

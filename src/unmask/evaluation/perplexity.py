@@ -14,8 +14,8 @@ from typing import Sequence
 
 import torch
 
-from unmask.checkpoint import load_model, resolve_checkpoint
-from unmask.data import TokenDataset, Tokenizer, default_dataset, read_documents
+from unmask.checkpoint import checkpoint_tokenizer, load_model
+from unmask.data import TokenDataset, default_dataset, read_documents
 from unmask.device import pick_device
 from unmask.errors import UnmaskError
 from unmask.evaluation.corpora import ZERO_SHOT, detokenizer, packed_windows, unpacked_windows, zero_shot_documents
@@ -68,7 +68,7 @@ def evaluate_checkpoint(
     estimator = estimator or cfg.train.loss
     length = cfg.model.context_len
     if text or dataset:
-        tok = Tokenizer.from_file(resolve_checkpoint(checkpoint) / "tokenizer.json")
+        tok = checkpoint_tokenizer(checkpoint)
         if dataset:
             docs = list(zero_shot_documents(dataset, limit_documents))
             packed = ZERO_SHOT[dataset].packed if packed is None else packed

@@ -2,7 +2,7 @@
 
 from unmask.sampling.ancestral import AncestralConfig, ancestral
 from unmask.sampling.ar import ARConfig, ar_sample
-from unmask.sampling.base import Conditioning, SampleOutput, SamplerConfig, SamplerState, exponential_race, sample_tokens
+from unmask.sampling.base import Conditioning, SampleOutput, SamplerConfig, SamplerState, exponential_race
 from unmask.sampling.blocks import semi_autoregressive
 from unmask.sampling.cached import cached_ancestral
 from unmask.sampling.confidence import ConfidenceConfig, confidence
@@ -11,6 +11,6 @@ from unmask.sampling.threshold import ThresholdConfig, threshold
 
 __all__ = [
     "AncestralConfig", "ancestral", "ARConfig", "ar_sample", "Conditioning", "SampleOutput", "SamplerConfig", "SamplerState",
-    "exponential_race", "sample_tokens", "semi_autoregressive", "cached_ancestral", "ConfidenceConfig", "confidence",
+    "exponential_race", "semi_autoregressive", "cached_ancestral", "ConfidenceConfig", "confidence",
     "FirstHittingConfig", "first_hitting", "ThresholdConfig", "threshold",
 ]

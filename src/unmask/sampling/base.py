@@ -159,13 +159,6 @@ def sample_from(logits: torch.Tensor, generator: torch.Generator, config: Sample
     return exponential_race(token_log_probs(logits, config), generator, config.precision)
 
 
-def sample_tokens(
-    logits: torch.Tensor, generator: torch.Generator, temperature: float = 1.0, precision: Precision = "float64"
-) -> torch.Tensor:
-    """One token per row of logits (..., V) at the given temperature; temperature 0 is argmax."""
-    return sample_from(logits, generator, SamplerConfig(temperature=temperature, precision=precision))
-
-
 def check_steps(steps: int) -> None:
     if steps < 1:
         raise UnmaskError(f"--steps={steps} must be a positive integer")

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from unmask.checkpoint import load_model, resolve_checkpoint
+from unmask.checkpoint import checkpoint_tokenizer, load_model
 from unmask.data import Tokenizer
 from unmask.device import pick_device
 from unmask.errors import UnmaskError
@@ -72,14 +72,14 @@ class SamplerSpec:
     def run(self, model, x: torch.Tensor, generator: torch.Generator, cond: Conditioning | None = None,
             callback: StepCallback | None = None, start: int = 0, stop_token: int | None = None) -> SampleOutput:
         """Fill the MASKs of x (B, L); with block decoding, columns [start, L) are the generation region."""
-        fn = SAMPLERS[self.sampler][0] if self.sampler in SAMPLERS else None
-        if self.block_len:
-            gen_len = x.shape[1] - start
-            if gen_len % self.block_len:
-                raise UnmaskError(f"--block-len={self.block_len} must divide the generation length {gen_len}")
-            cfg = self.config(gen_len // self.block_len)
-            return semi_autoregressive(model, x, generator, fn, cfg, self.block_len, start, cond, callback, stop_token)
-        return fn(model, x, generator, self.config(), cond, callback)
+        if not self.block_len:
+            cfg = self.config()  # validates the sampler name first
+            return SAMPLERS[self.sampler][0](model, x, generator, cfg, cond, callback)
+        gen_len = x.shape[1] - start
+        if gen_len % self.block_len:
+            raise UnmaskError(f"--block-len={self.block_len} must divide the generation length {gen_len}")
+        cfg = self.config(gen_len // self.block_len)  # validates the sampler name first
+        return semi_autoregressive(model, x, generator, SAMPLERS[self.sampler][0], cfg, self.block_len, start, cond, callback, stop_token)
 
 
 def make_canvas(prompts: Sequence[Sequence[int]], length: int, mask_id: int, pad_id: int) -> tuple[torch.Tensor, Conditioning, int]:
@@ -154,7 +154,7 @@ def generate(
         raise UnmaskError(f"--length={length} must be a positive integer")
     dev = pick_device(device)
     model, cfg = load_model(checkpoint, dev)
-    tok = Tokenizer.from_file(resolve_checkpoint(checkpoint) / "tokenizer.json")
+    tok = checkpoint_tokenizer(checkpoint)
     texts = list(prompts) if prompts else [prompt] * num_samples
     ctx = cfg.model.context_len
     gen = torch.Generator(device=dev).manual_seed(seed)
