@@ -34,7 +34,7 @@ def test_conditional_chain_rule_equals_exact_conditional(oracle):
     res = chain_rule(oracle, x, score)
     assert res.nfe == 3 and torch.allclose(res.logprob, exact, atol=1e-4)
     mc, se = conditional_elbo(oracle, x, score, draws=256, generator=torch.Generator().manual_seed(0))
-    assert (mc - exact).abs().max() < 4 * se.max() + 1e-3  # the bound is tight for exact conditionals
+    assert ((mc - exact).abs() < 4 * se).all()  # the bound is tight for exact conditionals: Monte Carlo error only
 
 
 def test_greedy_flag(oracle):

@@ -59,8 +59,12 @@ class OracleModel(nn.Module):
         return (tokens * powers).sum(dim=1)
 
     def log_prob(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Exact log p(x) of complete sequences (B, L) -> (B,)."""
-        return self.probs[self.index_of(tokens)].log()
+        """Exact log p(x) of complete sequences (B, L) -> (B,); of prefixes (B, l < L): log p(x_1..x_l)."""
+        l = tokens.shape[1]
+        if l == self.config.context_len:
+            return self.probs[self.index_of(tokens)].log()
+        agree = (tokens[:, None, :] == self.seqs[None, :, :l]).all(dim=2)
+        return (agree.double() * self.probs).sum(dim=1).log()
 
     def _marginals(self, consistent: torch.Tensor) -> torch.Tensor:
         """consistent (B, N) bool -> per-position marginals (B, L, V) of p restricted to those sequences."""
@@ -73,9 +77,10 @@ class OracleModel(nn.Module):
         b, l = tokens.shape
         mask_id = self.config.mask_id
         if not self.config.causal:
-            # a sequence is consistent if it agrees with every unmasked position
-            agree = (tokens[:, None, :] == self.seqs[None]) | (tokens[:, None, :] == mask_id)
-            marg = self._marginals(agree.all(dim=2))
+            # a sequence is consistent if it agrees with every unmasked position; a shorter input
+            # (l < L) is the first l positions of p, the rest marginalised (windows of several lengths)
+            agree = (tokens[:, None, :] == self.seqs[None, :, :l]) | (tokens[:, None, :] == mask_id)
+            marg = self._marginals(agree.all(dim=2))[:, :l]
         else:
             # AR layout: tokens = [prev, x_1, ..., x_{L-1}]; position i predicts x_{i+1} from x_1..x_i
             # (position 0 holds the token before the sequence, which the toy distribution ignores)

@@ -1,7 +1,8 @@
 """Masking schedules alpha(t) and the forward (noising) process. Reference section 1.
 
 alpha(t) is the probability that a token is still clean at time t in [0, 1]:
-linear (log-linear) 1 - alpha(t) = (1 - eps) t with eps = 1e-3, or cosine 1 - alpha(t) = 1 - cos(pi t / 2).
+linear (log-linear) 1 - alpha(t) = (1 - eps) t, or cosine 1 - alpha(t) = 1 - cos(pi t / 2).
+Training uses eps = 1e-3; likelihood evaluation uses eps = 0 (see ``Schedule``).
 """
 
 from __future__ import annotations
@@ -18,16 +19,27 @@ LINEAR_EPS = 1e-3
 
 @dataclass(frozen=True)
 class Schedule:
+    """``kind`` "linear" or "cosine"; ``eps``: the linear schedule's 1 - alpha(1) gap (cosine has none).
+
+    eps = 1e-3 is a training convenience (MDLM's log-linear schedule). It is wrong for evaluation:
+    with the mask probability capped at 1 - eps the ELBO integral stops short of the fully masked
+    end and misses about eps x (the loss with every token masked), so the estimate falls below the
+    bound. The Monte Carlo ELBO therefore integrates with eps = 0 (reference section 2).
+    """
+
     kind: str = "linear"
+    eps: float = LINEAR_EPS
 
     def __post_init__(self) -> None:
         if self.kind not in ("linear", "cosine"):
             raise UnmaskError(f"schedule {self.kind!r} is not one of: linear, cosine")
+        if not 0 <= self.eps < 1:
+            raise UnmaskError(f"schedule eps={self.eps} must be in [0, 1)")
 
     def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
         """1 - alpha(t): probability that a token is masked at time t."""
         if self.kind == "linear":
-            return (1 - LINEAR_EPS) * t
+            return (1 - self.eps) * t
         return 2 * torch.sin(math.pi / 4 * t) ** 2  # = 1 - cos(pi t / 2), without cancellation at small t
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
@@ -43,7 +55,7 @@ class Schedule:
     def time_for_mask_prob(self, m: torch.Tensor) -> torch.Tensor:
         """Inverse of mask_prob: the t at which 1 - alpha(t) = m."""
         if self.kind == "linear":
-            return m / (1 - LINEAR_EPS)
+            return m / (1 - self.eps)
         return torch.arccos(1 - m) * 2 / math.pi
 
 
