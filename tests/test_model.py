@@ -52,7 +52,7 @@ def test_time_conditioned_model_needs_t():
     model = Transformer(tiny(time_conditioning=True))
     x = torch.randint(0, 51, (2, 16))
     assert model(x, t=torch.rand(2)).shape == (2, 16, 50)
-    with pytest.raises(ValueError, match="pass t"):
+    with pytest.raises(UnmaskError, match="time-conditioned.*pass t .*masked_fraction"):
         model(x)
 
 

@@ -31,10 +31,10 @@ def pvalue(oracle, samples):
 class FixedLogits(torch.nn.Module):
     """A fake network returning given logits (B, L, V) whatever the input: exact, known outputs."""
 
-    def __init__(self, logits: torch.Tensor, time_conditioning: bool = False):
+    def __init__(self, logits: torch.Tensor):
         super().__init__()
         b, l, v = logits.shape
-        self.config = ModelConfig(vocab_size=v, context_len=l, n_layer=1, n_head=1, n_embd=2, time_conditioning=time_conditioning)
+        self.config = ModelConfig(vocab_size=v, context_len=l, n_layer=1, n_head=1, n_embd=2)
         self.register_buffer("logits", logits)
         self.calls = 0
 
@@ -47,7 +47,7 @@ def masks(oracle, n):
     return torch.full((n, oracle.config.context_len), oracle.config.mask_id)
 
 
-@pytest.mark.parametrize("name", ["cached", "first-hitting", "first-hitting-k1-parallel"])
+@pytest.mark.parametrize("name", ["cached", "first-hitting"])
 def test_samplers_reproduce_the_distribution(oracle, name):
     gen = torch.Generator().manual_seed(0)
     x = masks(oracle, 8000)
@@ -58,6 +58,18 @@ def test_samplers_reproduce_the_distribution(oracle, name):
         assert out.nfe == 4  # exactly L network calls
     assert (out.tokens != oracle.config.mask_id).all()
     assert pvalue(oracle, out.tokens) > 1e-3
+
+
+def test_parallel_first_hitting_commits_k_per_call_and_is_exact_when_positions_are_independent():
+    """k = 2 of L = 4: two calls, each committing exactly 2 positions per row. When the distribution
+    factorises, the conditionals are the marginals and parallel unmasking loses nothing: the samples
+    follow it exactly (the k = L test below shows the same sampler is biased when it does not)."""
+    marginals = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.45, 0.1, 0.45], [0.05, 0.7, 0.25]])
+    indep = OracleModel.factorised(marginals)
+    states = []
+    out = first_hitting(indep, masks(indep, 8000), torch.Generator().manual_seed(0), FirstHittingConfig(k=2), callback=states.append)
+    assert out.nfe == 2 and [(s.tokens != indep.config.mask_id).sum(dim=1).unique().tolist() for s in states] == [[2], [4]]
+    assert pvalue(indep, out.tokens) > 1e-3
 
 
 def test_parallel_first_hitting_is_biased_with_k_equal_length(oracle):
@@ -135,7 +147,8 @@ def slow_confidence(model, x, steps, score):
 
 
 @pytest.mark.parametrize("score", ["low_confidence", "margin", "entropy"])
-def test_confidence_matches_slow_reference_and_is_deterministic(score):
+def test_confidence_at_temperature_zero_matches_the_slow_argmax_reference(score):
+    """Temperature 0 commits the argmax proposals (the slow reference), whatever the seed."""
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=20, context_len=12, n_layer=1, n_head=2, n_embd=32)).eval()
     x = torch.full((3, 12), 20)
@@ -154,12 +167,9 @@ def test_selection_is_per_row():
     logits[0, :, 0] = 10.0
     fake = FixedLogits(logits)
     x = torch.full((2, 8), 6)
-    out = confidence(fake, x, torch.Generator().manual_seed(0), ConfidenceConfig(steps=4, temperature=0.0), callback=None)
     states = []
-    confidence(fake, x, torch.Generator().manual_seed(0), ConfidenceConfig(steps=4, temperature=0.0), callback=states.append)
-    for state in states:
-        unmasked = (state.tokens != 6).sum(dim=1)
-        assert unmasked[0] == unmasked[1]
+    out = confidence(fake, x, torch.Generator().manual_seed(0), ConfidenceConfig(steps=4, temperature=0.0), callback=states.append)
+    assert [(s.tokens != 6).sum(dim=1).tolist() for s in states] == [[2, 2], [4, 4], [6, 6], [8, 8]]
     assert (out.tokens != 6).all()
 
 
@@ -174,7 +184,7 @@ def test_threshold_never_stalls():
     assert out.nfe == 1 and (out.tokens == 3).all()  # all above tau: one step
 
 
-def test_cfg_zero_is_bit_identical_and_guidance_changes_logits(oracle):
+def test_cfg_zero_is_bit_identical(oracle):
     x = masks(oracle, 500)
     x[:, 0] = 1
     prompt = torch.zeros_like(x, dtype=torch.bool)
@@ -182,10 +192,37 @@ def test_cfg_zero_is_bit_identical_and_guidance_changes_logits(oracle):
     plain = ancestral(oracle, x, torch.Generator().manual_seed(3), AncestralConfig(steps=8))
     zero = ancestral(oracle, x, torch.Generator().manual_seed(3), AncestralConfig(steps=8, cfg_scale=0.0), Conditioning(prompt_mask=prompt))
     assert torch.equal(plain.tokens, zero.tokens)
-    guided = ancestral(oracle, x, torch.Generator().manual_seed(3), AncestralConfig(steps=8, cfg_scale=2.0), Conditioning(prompt_mask=prompt))
-    assert not torch.equal(plain.tokens, guided.tokens)
     with pytest.raises(UnmaskError, match="--cfg needs a prompt"):
         ancestral(oracle, x, torch.Generator(), AncestralConfig(steps=2, cfg_scale=1.0))
+
+
+@pytest.mark.parametrize("sampler", ["ancestral", "first-hitting"])
+def test_cfg_samples_are_proportional_to_guided_conditionals(oracle, sampler):
+    """One masked position, prompt = position 0: guided sampling draws x_2 with probability exactly
+    proportional to p_c^(1+w) / p_u^w, p_c = p(x_2 | x_0, x_1, x_3) and p_u = p(x_2 | x_1, x_3)
+    (the prompt masked), both by enumeration. Unguided samples fail the same test."""
+    m, w = oracle.config.mask_id, 1.5
+    x = torch.tensor([[1, 2, m, 0]] * 8000)
+    prompt = torch.zeros_like(x, dtype=torch.bool)
+    prompt[:, 0] = True
+    seqs, probs = oracle.seqs, oracle.probs
+    p_c = torch.stack([probs[(seqs[:, 0] == 1) & (seqs[:, 1] == 2) & (seqs[:, 2] == v) & (seqs[:, 3] == 0)].sum() for v in range(3)])
+    p_u = torch.stack([probs[(seqs[:, 1] == 2) & (seqs[:, 2] == v) & (seqs[:, 3] == 0)].sum() for v in range(3)])
+    guided = p_c ** (1 + w) / p_u**w
+    guided = guided / guided.sum()
+
+    def draw(scale):
+        gen = torch.Generator().manual_seed(4)
+        if sampler == "ancestral":
+            return ancestral(oracle, x, gen, AncestralConfig(steps=1, cfg_scale=scale), Conditioning(prompt_mask=prompt)).tokens
+        return first_hitting(oracle, x, gen, FirstHittingConfig(cfg_scale=scale), Conditioning(prompt_mask=prompt)).tokens
+
+    def p_fit(tokens):
+        counts = torch.bincount(tokens[:, 2], minlength=3).double()
+        return chisquare(counts.numpy(), (guided * len(tokens)).numpy()).pvalue
+
+    assert p_fit(draw(w)) > 1e-3
+    assert p_fit(draw(0.0)) < 1e-6
 
 
 def test_ar_kv_cache_equals_uncached_and_padding_is_exact():
@@ -241,9 +278,8 @@ def test_config_errors_name_the_flag():
         ConfidenceConfig(score="vibes")
     with pytest.raises(UnmaskError, match="--top-p"):
         AncestralConfig(top_p=0)
-    fake = FixedLogits(torch.zeros(1, 4, 3), time_conditioning=True)
-    with pytest.raises(UnmaskError, match="time-agnostic"):
-        cached_ancestral(fake, torch.full((1, 4), 3), torch.Generator())
+    with pytest.raises(UnmaskError, match="--sampler cached needs a time-agnostic model"):
+        cached_ancestral(time_conditioned_transformer(), torch.full((1, 10), 7), torch.Generator())
 
 
 def test_scores_by_hand():
@@ -254,3 +290,57 @@ def test_scores_by_hand():
     assert torch.allclose(confidence_scores(logits, x0, "margin", g), torch.tensor([[0.5, 0.05]], dtype=torch.float64), atol=1e-6)
     h = -(torch.tensor([0.7, 0.2, 0.1]) * torch.tensor([0.7, 0.2, 0.1]).log()).sum()
     assert confidence_scores(logits, x0, "entropy", g)[0, 0].item() == pytest.approx(-h.item(), abs=1e-6)
+
+
+# -- time-conditioned networks: every sampler passes a t (stated in its docstring) or refuses --
+
+
+def time_conditioned_transformer():
+    """A tiny time-conditioned Transformer that records (tokens, t, key_mask) of every call."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=7, context_len=10, n_layer=1, n_head=2, n_embd=16, time_conditioning=True)).eval()
+    model.seen = []
+    model.register_forward_pre_hook(
+        lambda mod, args, kwargs: mod.seen.append((args[0].clone(), kwargs.get("t"), kwargs.get("key_mask"))), with_kwargs=True
+    )
+    return model
+
+
+@pytest.mark.parametrize("sampler", ["confidence", "threshold", "confidence-blocks"])
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_time_conditioned_step_samplers_use_the_masked_fraction(sampler, cfg_scale):
+    """Confidence and threshold steps have no chain time: t = masked / real (padding excluded)
+    positions of each input row, the unconditional CFG half included."""
+    from unmask.sampling.generate import make_canvas
+
+    model = time_conditioned_transformer()
+    x, cond, width = make_canvas([[1, 2, 3, 4], [5, 6]], 6, mask_id=7, pad_id=0)
+    gen = torch.Generator().manual_seed(0)
+    if sampler == "confidence":
+        out = confidence(model, x, gen, ConfidenceConfig(steps=3, cfg_scale=cfg_scale), cond)
+    elif sampler == "threshold":
+        out = threshold(model, x, gen, ThresholdConfig(tau=0.5, cfg_scale=cfg_scale), cond)
+    else:
+        out = semi_autoregressive(model, x, gen, confidence, ConfidenceConfig(steps=1, cfg_scale=cfg_scale), 3, width, cond)
+    assert (out.tokens[:, width:] != 7).all()
+    assert len(model.seen) == out.nfe
+    for tokens, t, key_mask in model.seen:
+        real = key_mask.sum(dim=1).float()
+        assert torch.equal(t, ((tokens == 7) & key_mask).sum(dim=1).float() / real)
+
+
+def test_time_conditioned_chain_samplers_use_their_chain_time():
+    """Ancestral: the grid time t of the step from t to s; first-hitting: the hitting times, strictly
+    decreasing in (0, 1) (their exact law is tested on a time-conditioned oracle)."""
+    model = time_conditioned_transformer()
+    x = torch.full((3, 10), 7)
+    x[:, 0] = 1
+    out = ancestral(model, x, torch.Generator().manual_seed(0), AncestralConfig(steps=4, cfg_scale=0.5), Conditioning(prompt_mask=x != 7))
+    assert (out.tokens != 7).all()
+    times = [t[0].item() for _, t, _ in model.seen]
+    assert times == pytest.approx([1.0, 0.75, 0.5, 0.25]) and all(torch.all(t == t[0]) for _, t, _ in model.seen)
+    model.seen.clear()
+    out = first_hitting(model, x, torch.Generator().manual_seed(0), FirstHittingConfig())
+    assert (out.tokens != 7).all() and out.nfe == 9 == len(model.seen)
+    times = torch.stack([t for _, t, _ in model.seen])  # (calls, B)
+    assert (times > 0).all() and (times < 1).all() and (times[1:] < times[:-1]).all()

@@ -2,10 +2,11 @@
 
 import pytest
 import torch
-from scipy.stats import chisquare
+from scipy.stats import beta, chisquare, kstest
 
 from unmask.oracle import OracleModel, chi_square_counts
-from unmask.sampling import ARConfig, AncestralConfig, ancestral, ar_sample, exponential_race
+from unmask.sampling import ARConfig, AncestralConfig, FirstHittingConfig, ancestral, ar_sample, exponential_race, first_hitting
+from unmask.schedule import Schedule
 
 
 def pvalue(oracle: OracleModel, samples: torch.Tensor) -> float:
@@ -53,12 +54,43 @@ def test_ancestral_keeps_prompt_and_samples_the_conditional(oracle):
     assert chisquare(counts.numpy(), (p * len(out.tokens)).numpy()).pvalue > 1e-3
 
 
-def test_ancestral_temperature_zero_is_deterministic(oracle):
+def test_ancestral_temperature_zero_commits_the_argmax(oracle):
+    """Temperature 0: every token that unmasks is the argmax of the exact conditional given the state
+    before its step (which positions unmask when stays random)."""
     m = oracle.config.mask_id
-    x = torch.full((4, 4), m)
-    a = ancestral(oracle, x, torch.Generator().manual_seed(0), AncestralConfig(steps=4, temperature=0.0)).tokens
-    b = ancestral(oracle, x, torch.Generator().manual_seed(0), AncestralConfig(steps=4, temperature=0.0)).tokens
-    assert torch.equal(a, b)
+    before = torch.full((64, 4), m)
+    states = []
+    out = ancestral(oracle, before, torch.Generator().manual_seed(0), AncestralConfig(steps=4, temperature=0.0), callback=states.append)
+    assert (out.tokens != m).all()
+    committed = 0
+    for state in states:
+        new = (before == m) & (state.tokens != m)
+        argmax = oracle(before).argmax(dim=-1)
+        assert torch.equal(state.tokens[new], argmax[new])
+        committed += new.sum().item()
+        before = state.tokens
+    assert committed == 64 * 4
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_first_hitting_calls_the_network_at_the_exact_hitting_times(kind):
+    """From n = L masked at t = 1, call j happens when the (j+1)-th of L independent unmask events
+    fires: 1 - alpha(t_j) = (1 - alpha(1)) U_(L-j) with U_(L-j) the (L-j)-th smallest of L uniforms,
+    a Beta(L - j, j + 1) variable (Zheng et al., Prop. 4.1). A time-conditioned oracle records the
+    times; a Kolmogorov-Smirnov test per call compares them with that law."""
+    oracle = OracleModel.random(vocab_size=3, length=4, concentration=1.0, seed=1, time_conditioning=True)
+    schedule, l = Schedule(kind), 4
+    out = first_hitting(oracle, masks_of(oracle, 4000), torch.Generator().manual_seed(0), FirstHittingConfig(schedule=kind))
+    assert out.nfe == l and len(oracle.times) == l
+    top = schedule.mask_prob(torch.tensor(1.0, dtype=torch.float64))
+    for j, t in enumerate(oracle.times):
+        fraction = (schedule.mask_prob(t) / top).numpy()
+        assert kstest(fraction, beta(l - j, j + 1).cdf).pvalue > 1e-3, j
+    assert pvalue(oracle, out.tokens) > 1e-3  # and the samples are still exact
+
+
+def masks_of(oracle: OracleModel, n: int) -> torch.Tensor:
+    return torch.full((n, oracle.config.context_len), oracle.config.mask_id)
 
 
 def test_ar_sampler_reproduces_the_distribution(oracle):

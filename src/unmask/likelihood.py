@@ -203,6 +203,7 @@ def chain_rule(
     masked; unscored positions are clean context. Pass j unmasks the position of rank j in each row
     after scoring log p(x_i | context, earlier positions). max_b(#scored) network calls.
     With ``cfg_scale`` w, logits are guided by the context-free pass (context replaced by MASK).
+    A time-conditioned network is given t = the fraction of masked positions of its input row.
     """
     from unmask.guidance import guided_logits
 
@@ -240,6 +241,8 @@ def conditional_elbo(
     k-DCE restricted to the scored positions (the context stays clean): k_b = ceil(u n_b) of the
     n_b scored tokens are masked, uniformly; the draw's value is (n_b / k_b) * sum of their
     log-probs. u is stratified over the K draws. Returns (mean (B,), stderr (B,)), float64.
+    A time-conditioned network is given t = the fraction of masked positions of the whole row
+    (context included), as k-DCE training gives it k / L.
     """
     from unmask.guidance import guided_logits
 

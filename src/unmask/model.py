@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unmask.config import ModelConfig
+from unmask.errors import UnmaskError
 
 
 @dataclass
@@ -177,7 +178,10 @@ class Transformer(nn.Module):
         x = self.embed(tokens)
         if self.time_embed is not None:
             if t is None:
-                raise ValueError("this model is time-conditioned: pass t (B,) to forward()")
+                raise UnmaskError(
+                    "this network is time-conditioned (ModelConfig.time_conditioning): pass t (B,) to forward(), "
+                    "e.g. the fraction of masked positions of each row (unmask.schedule.masked_fraction)"
+                )
             x = x + self.time_embed(t)[:, None, :].to(x.dtype)
 
         attn_mask, is_causal = None, False

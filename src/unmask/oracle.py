@@ -15,32 +15,52 @@ import torch
 from torch import nn
 
 from unmask.config import ModelConfig
+from unmask.errors import UnmaskError
 
 _NEG = -1e30  # log of zero probability, finite so that softmax never sees all -inf
 
 
 class OracleModel(nn.Module):
-    """Exact conditionals of ``probs`` (V^L,) over the sequences ``itertools.product(range(V), repeat=L)``."""
+    """Exact conditionals of ``probs`` (V^L,) over the sequences ``itertools.product(range(V), repeat=L)``.
 
-    def __init__(self, probs: torch.Tensor, vocab_size: int, length: int, causal: bool = False) -> None:
+    ``time_conditioning=True`` makes it a time-conditioned network: it must be called with t (B,)
+    and appends every t to ``times``. Its answers do not depend on t, as the exact conditionals of
+    a masked model do not (RADD), so a test can check both the samples and the times a sampler uses.
+    """
+
+    def __init__(self, probs: torch.Tensor, vocab_size: int, length: int, causal: bool = False, time_conditioning: bool = False) -> None:
         super().__init__()
         if probs.numel() != vocab_size**length:
             raise ValueError(f"probs has {probs.numel()} entries, expected V^L = {vocab_size ** length}")
         self.config = ModelConfig(
-            name="oracle", vocab_size=vocab_size, context_len=length, n_layer=1, n_head=1, n_embd=2, causal=causal
+            name="oracle", vocab_size=vocab_size, context_len=length, n_layer=1, n_head=1, n_embd=2, causal=causal,
+            time_conditioning=time_conditioning,
         )
         seqs = torch.tensor(list(itertools.product(range(vocab_size), repeat=length)), dtype=torch.long)
         self.register_buffer("seqs", seqs)  # (N, L)
         self.register_buffer("probs", (probs / probs.sum()).double())  # (N,)
         self.register_buffer("onehot", nn.functional.one_hot(seqs, vocab_size).double())  # (N, L, V)
         self.calls = 0
+        self.times: list[torch.Tensor] = []  # the t (B,) of every call, when time-conditioned
 
     @classmethod
-    def random(cls, vocab_size: int = 3, length: int = 4, concentration: float = 0.5, seed: int = 0, causal: bool = False):
+    def random(
+        cls, vocab_size: int = 3, length: int = 4, concentration: float = 0.5, seed: int = 0, causal: bool = False,
+        time_conditioning: bool = False,
+    ):
         """A Dirichlet(concentration) draw over all V^L sequences (full support)."""
         gen = torch.Generator().manual_seed(seed)
         gamma = torch._standard_gamma(torch.full((vocab_size**length,), concentration, dtype=torch.float64), generator=gen)
-        return cls(gamma.clamp_min(1e-12), vocab_size, length, causal)
+        return cls(gamma.clamp_min(1e-12), vocab_size, length, causal, time_conditioning)
+
+    @classmethod
+    def factorised(cls, marginals: torch.Tensor):
+        """Independent positions with the given per-position distributions (L, V): every
+        conditional is its marginal, so unmasking several positions at once is exact."""
+        length, vocab_size = marginals.shape
+        seqs = torch.tensor(list(itertools.product(range(vocab_size), repeat=length)), dtype=torch.long)
+        probs = marginals.double().gather(1, seqs.T).prod(dim=0)
+        return cls(probs, vocab_size, length)
 
     @classmethod
     def uniform(cls, vocab_size: int = 3, length: int = 4, causal: bool = False):
@@ -72,8 +92,12 @@ class OracleModel(nn.Module):
         w = w / w.sum(dim=1, keepdim=True)
         return torch.einsum("bn,nlv->blv", w, self.onehot)
 
-    def forward(self, tokens: torch.Tensor, **_: object) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, t: torch.Tensor | None = None, **_: object) -> torch.Tensor:
         self.calls += 1
+        if self.config.time_conditioning:
+            if t is None:
+                raise UnmaskError("this oracle is time-conditioned: pass t (B,)")
+            self.times.append(t.detach().double().cpu())
         b, l = tokens.shape
         mask_id = self.config.mask_id
         if not self.config.causal:

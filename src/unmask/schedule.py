@@ -59,6 +59,21 @@ class Schedule:
         return torch.arccos(1 - m) * 2 / math.pi
 
 
+def masked_fraction(tokens: torch.Tensor, mask_id: int, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Fraction of MASK among the real positions of each row: tokens (B, L) -> (B,) float32.
+
+    ``key_mask`` (B, L) False marks padding, which is not counted. This is the time a
+    time-conditioned network is given where no chain time exists (confidence and threshold steps,
+    chain-rule and conditional scoring): the t at which the linear schedule (eps = 0) masks that
+    fraction in expectation; k-DCE trains with exactly this t = k / L.
+    """
+    masked = tokens == mask_id
+    if key_mask is None:
+        return masked.float().mean(dim=1)
+    real = key_mask.bool()
+    return (masked & real).sum(dim=1).float() / real.sum(dim=1).clamp_min(1).float()
+
+
 def sample_times(batch: int, generator: torch.Generator, low_discrepancy: bool = True, eps: float = 1e-5) -> torch.Tensor:
     """t in (eps, 1], shape (batch,). Low-discrepancy: t_i = (u + i / B) mod 1 (one u per batch).
 

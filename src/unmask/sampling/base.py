@@ -83,7 +83,12 @@ class Conditioning:
 
 
 def network(model, x: torch.Tensor, cond: Conditioning | None, cfg_scale: float, t: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 logits (B, L, V) for x (B, L), with padding masks, positions and guidance applied."""
+    """float32 logits (B, L, V) for x (B, L), with padding masks, positions and guidance applied.
+
+    ``t`` (B,): the chain time a time-conditioned network is given (ancestral, first-hitting);
+    None: the masked fraction of each row's real positions (confidence, threshold; see
+    :func:`unmask.guidance.network_time`). A time-agnostic network ignores it.
+    """
     cond = cond or Conditioning()
     kwargs = {}
     if cond.key_mask is not None:

@@ -8,7 +8,8 @@ scores it, and commits the k best per row:
   random          uniform          (random-order decoding)
 k per step: "even" splits the remaining masked tokens evenly over the remaining steps; "schedule"
 commits n - floor(n s / t) of the n masked tokens from t to s (the linear schedule's expectation).
-Selection is per row (top_per_row), never over the whole batch.
+Selection is per row (top_per_row), never over the whole batch. A time-conditioned network is
+given t = the fraction of masked positions of the row (padding excluded): a step has no chain time.
 """
 
 from __future__ import annotations

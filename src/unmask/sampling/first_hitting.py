@@ -4,7 +4,10 @@ With n masked tokens at time t the next unmasking time solves 1 - alpha(tau) = (
 then ONE uniformly chosen masked position takes a token from p_theta. Exactly L network calls for
 L masked tokens, distributionally identical to the continuous-time chain (no factorisation error),
 and one categorical over V per event instead of L x (V + 1). With a time-agnostic network it is
-random-order AO-ARM decoding. The parallel variant unmasks k positions per call (k = 1 is exact).
+random-order AO-ARM decoding; the time law matters only to a time-conditioned network, which is
+called at the hitting time tau (the state is still x on (tau, t]). The parallel variant unmasks k
+positions per call (k = 1 is exact), all at the time of the first of the k events, and the next
+time is drawn from there.
 """
 
 from __future__ import annotations
@@ -49,10 +52,10 @@ def first_hitting(
         n = can.sum(dim=1)
         if not n.any():
             break
-        # next first-hitting time of the k-th event: for time-conditioned networks only
+        # next unmask time: the first of n exponential-race events, 1 - alpha(tau) = (1 - alpha(t)) u^(1/n)
         u = torch.rand(x.shape[0], generator=generator, dtype=torch.float64, device=x.device).cpu()
         m = schedule.mask_prob(t) * u ** (1.0 / n.clamp(min=1).double().cpu())
-        t = torch.where(n.cpu() > 0, schedule.time_for_mask_prob(m), t)  # (time of the first of the k events)
+        t = torch.where(n.cpu() > 0, schedule.time_for_mask_prob(m), t)
         logits = network(model, state.tokens, cond, config.cfg_scale, t.float())
         pick = random_subset(can, torch.full_like(n, config.k), generator)
         state = state.advance(fill(state.tokens, pick, logits, generator, config), calls=1)

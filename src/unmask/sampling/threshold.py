@@ -2,7 +2,8 @@
 
 Each step commits every masked (eligible) position whose top-1 probability is >= tau, and always
 at least the most confident one per row, so decoding never stalls; the number of steps adapts to
-the model's confidence.
+the model's confidence. A time-conditioned network is given t = the fraction of masked positions of
+the row (padding excluded).
 """
 
 from __future__ import annotations
