@@ -205,3 +205,31 @@ def test_concurrent_builder_keeps_the_first_folder(tmp_path):
     again = _prepare(tmp_path / "cache", tok, ["x y z"] * 5, ["g h"], 0.05, 2**26, False, replace=False)
     assert again == first and (first / "meta.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # no temporary folders left behind
+
+
+def test_eval_windows_spread_over_the_whole_split():
+    """Validation windows sample the whole split (every held-out work), not the opening of the first one."""
+    from unmask.data import default_dataset
+
+    val = TokenDataset(default_dataset(), "val")
+    stream = np.concatenate(val.shards).astype(np.int64)
+    length, n = 64, 32
+    total = len(stream) // length
+    w = val.eval_windows(length, n)
+    assert w.shape == (n, length) and np.array_equal(w, val.eval_windows(length, n))  # deterministic
+    # every window is a grid-aligned slice of the stream (so no two overlap), at the documented starts
+    starts = val.eval_starts(length, n)
+    assert np.array_equal(starts, ((np.arange(n) + 0.5) * total / n).astype(np.int64) * length)
+    assert all(np.array_equal(w[i], stream[s : s + length]) for i, s in enumerate(starts))
+    assert np.all(np.diff(starts) >= length)
+    assert starts[0] < len(stream) / n and starts[-1] >= len(stream) * (n - 1) / n - length  # first and last n-th
+    # the four held-out works: each contains at least one window
+    ends = np.flatnonzero(stream == val.tokenizer.eos_id)
+    bounds = np.concatenate([[0], ends + 1])
+    works = np.searchsorted(bounds, starts, side="right") - 1
+    assert len(ends) == len(VALIDATION_WORKS) and set(works.tolist()) == set(range(len(VALIDATION_WORKS)))
+    # the token before each window (the AR model's context): EOS before the split's first token
+    prev = val.eval_previous(length, n)
+    assert np.array_equal(prev, [val.tokenizer.eos_id if s == 0 else stream[s - 1] for s in starts])
+    # all windows: the whole stream in order, as before
+    assert np.array_equal(val.eval_windows(length).reshape(-1), stream[: total * length])

@@ -36,7 +36,7 @@ def ppl(
     dataset: Optional[str] = typer.Option(None, help="Score a named zero-shot set instead (online): wikitext103, wikitext2, ptb, lambada, lm1b, openwebtext."),
     detokenizer: str = typer.Option("none", help="For --text: none, wikitext, ptb, lm1b, lambada."),
     packed: Optional[bool] = typer.Option(None, "--packed/--unpacked", help="Concatenate documents (default for --text) or score each alone."),
-    windows: Optional[int] = typer.Option(None, help="Use only the first N windows (packed)."),
+    windows: Optional[int] = typer.Option(None, help="Use only N windows, spread evenly over the source (packed)."),
     limit_documents: Optional[int] = typer.Option(None, help="Use only the first N documents of --text/--dataset."),
     draws: int = typer.Option(32, help="MDM: Monte Carlo draws per window (stratified)."),
     estimator: Optional[str] = typer.Option(None, help="MDM: t-dce, k-dce, any-order (bounds) or chain-rule (exact, L calls); default: the training loss."),

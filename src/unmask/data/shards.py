@@ -1,8 +1,8 @@
 """Packed token shards: documents joined with EOS into flat uint16/uint32 arrays, memory-mapped.
 
 A prepared data folder holds ``meta.json``, ``tokenizer.json`` and ``{train,val}_NNN.bin`` raw
-numpy arrays. Training reads uniformly random windows; evaluation reads consecutive
-non-overlapping windows from the start of a split, so every model is scored on the same tokens.
+numpy arrays. Training reads uniformly random windows; evaluation reads non-overlapping windows
+spread evenly over a split, the same for every model, so every model is scored on the same tokens.
 """
 
 from __future__ import annotations
@@ -24,6 +24,15 @@ from unmask.errors import UnmaskError
 
 FORMAT_VERSION = 1
 Split = Literal["train", "val"]
+
+
+def spread(total: int, n: int | None) -> np.ndarray:
+    """(min(total, n),) int64 indices of n items spread evenly over range(total): item j is the one
+    at fraction (j + 1/2) / n, so they cover the whole range; all of range(total) when n >= total."""
+    n = total if n is None else min(total, n)
+    if n < 1:
+        raise UnmaskError(f"the number of evaluation windows (--windows, eval_windows) must be positive, not {n}")
+    return ((np.arange(n) + 0.5) * total / n).astype(np.int64)
 
 
 def _is_val(doc: str, fraction: float) -> bool:
@@ -239,24 +248,41 @@ class TokenDataset:
         starts = (rng.random(batch_size) * usable[shard_ids]).astype(np.int64)
         return np.stack([self.shards[s][o : o + length] for s, o in zip(shard_ids, starts)]).astype(np.int64)
 
-    def eval_windows(self, length: int, max_windows: int | None = None) -> np.ndarray:
-        """(N, length) int64 consecutive non-overlapping windows from the start of the split.
+    def eval_starts(self, length: int, max_windows: int | None = None) -> np.ndarray:
+        """(N,) int64 start offsets, in the split's token stream, of the evaluation windows.
 
-        N = num_tokens // length (at most ``max_windows``); the tail is dropped. The windows are a
-        pure function of the folder, so every model is scored on the same tokens.
+        The stream is cut into G = num_tokens // length consecutive windows (the tail is dropped);
+        N = min(G, max_windows) of them are taken by :func:`spread`, so they cover the whole split
+        (every work of a multi-work split, not the opening of the first), never overlap, and are
+        all G windows in order when N = G.
         """
         self._check(length)
-        n = self.num_tokens // length
-        if max_windows is not None:
-            n = min(n, max_windows)
-        need, parts = n * length, []
-        for shard in self.shards:  # read only the tokens needed, not the whole split
-            if need <= 0:
-                break
-            parts.append(np.asarray(shard[:need], dtype=np.int64))
-            need -= len(parts[-1])
-        return np.concatenate(parts).reshape(n, length) if parts else np.empty((0, length), dtype=np.int64)
+        return spread(self.num_tokens // length, max_windows) * length
 
+    def _read(self, start: int, count: int) -> np.ndarray:
+        """Tokens [start, start + count) of the split's stream, across shard boundaries, as int64."""
+        parts, offset = [], 0
+        for shard in self.shards:
+            lo, hi = max(start - offset, 0), min(start + count - offset, len(shard))
+            if lo < hi:
+                parts.append(np.asarray(shard[lo:hi], dtype=np.int64))
+            offset += len(shard)
+        return np.concatenate(parts)
+
+    def eval_windows(self, length: int, max_windows: int | None = None) -> np.ndarray:
+        """(N, length) int64 non-overlapping windows spread evenly over the split (see :meth:`eval_starts`).
+
+        The windows are a pure function of the folder, so every model (MDM and AR) is scored on the
+        same tokens; only the tokens needed are read.
+        """
+        starts = self.eval_starts(length, max_windows)
+        return np.stack([self._read(int(s), length) for s in starts])
+
+    def eval_previous(self, length: int, max_windows: int | None = None) -> np.ndarray:
+        """(N,) int64 token before each window of :meth:`eval_windows` (the AR model's context);
+        EOS before the split's first token, since every document follows an EOS in training."""
+        eos = int(self.meta["eos_id"])
+        return np.array([eos if s == 0 else self._read(int(s) - 1, 1)[0] for s in self.eval_starts(length, max_windows)], dtype=np.int64)
 
 def cache_root() -> Path:
     """Where :func:`default_dataset` caches: ``$UNMASK_CACHE`` or ``~/.cache/unmask``."""
