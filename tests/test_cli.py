@@ -85,6 +85,24 @@ def test_empty_corpus(capsys, tmp_path):
     assert code == 2 and "empty" in err.lower()
 
 
+def test_prepare_one_big_text_file(capsys, tmp_path):
+    (tmp_path / "my_corpus.txt").write_text("".join(f"Line {i:03d} of the only file, with some words in it.\n" for i in range(400)))
+    code, out, err = run(capsys, "data", "prepare", str(tmp_path / "my_corpus.txt"), "--out", str(tmp_path / "mine"))
+    assert code == 0, err
+    assert "validation: the last 5.0% of the text of the single document (from line 381)" in out
+    assert json.loads((tmp_path / "mine" / "meta.json").read_text())["splits"]["val"]["num_tokens"] > 0
+
+
+def test_help_shows_extras_as_typed(capsys):
+    """The help renderer must not eat the square brackets of an extra (`unmask[hf]`)."""
+    for group in (["data", "prepare"], ["eval", "ppl"], ["eval", "harness"], ["eval", "genppl"], ["sample"], ["train"], []):
+        code, out, _ = run(capsys, *group, "--help")
+        text = " ".join(out.split())  # undo the line wrapping
+        assert code == 0 and "Usage: unmask" in text and "'unmask'" not in text, group
+    code, out, _ = run(capsys, "data", "prepare", "--help")
+    assert "pip install 'unmask[hf]'" in " ".join(out.split())
+
+
 def test_non_utf8_file(capsys, tmp_path):
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     code, _, err = run(capsys, "data", "prepare", str(tmp_path / "latin1.txt"), "--out", str(tmp_path / "out"))

@@ -183,7 +183,7 @@ def test_hash_split_never_duplicates_and_needs_two_documents(tmp_path):
     out = prepare_dataset(tmp_path / "d", tok, docs, val_fraction=0.01, progress=False)
     got = sorted(tok.decode(TokenDataset(out, s).shards[0].tolist()) for s in ("train", "val"))
     assert got == sorted(docs)  # one document on each side, none on both
-    with pytest.raises(UnmaskError, match="single document"):
+    with pytest.raises(UnmaskError, match="single document of one line"):
         prepare_dataset(tmp_path / "e", tok, ["only one", " "], progress=False)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
@@ -233,3 +233,23 @@ def test_eval_windows_spread_over_the_whole_split():
     assert np.array_equal(prev, [val.tokenizer.eos_id if s == 0 else stream[s - 1] for s in starts])
     # all windows: the whole stream in order, as before
     assert np.array_equal(val.eval_windows(length).reshape(-1), stream[: total * length])
+
+
+def test_single_document_holds_out_the_last_fraction_of_its_text(tmp_path):
+    """One big text file: the validation split is the last val_fraction of its text, cut at a line start."""
+    tok = _tiny_tokenizer()
+    lines = [f"line {i:03d}: the quick brown fox jumps over the lazy dog\n" for i in range(200)]
+    text = "".join(lines)
+    out = prepare_dataset(tmp_path / "d", tok, [text], val_fraction=0.1, progress=False)
+    train, val = TokenDataset(out, "train"), TokenDataset(out, "val")
+    train_text, val_text = (tok.decode(np.concatenate(ds.shards)[:-1].tolist()) for ds in (train, val))
+    assert train_text + val_text == text  # every character once, in order
+    assert val_text == "".join(lines[180:])  # lines of equal length: exactly the last 10% of them
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["splits"]["train"]["num_documents"] == meta["splits"]["val"]["num_documents"] == 1
+    assert "last 10.0%" in meta["validation"] and "line 181" in meta["validation"]
+    # the cut is the line start nearest the target fraction, so no line is split
+    uneven = "short\n" * 30 + "a much longer line of text at the end of the file\n"
+    out = prepare_dataset(tmp_path / "u", tok, [uneven], val_fraction=0.05, progress=False)
+    val = TokenDataset(out, "val")
+    assert tok.decode(np.concatenate(val.shards)[:-1].tolist()) == "a much longer line of text at the end of the file\n"

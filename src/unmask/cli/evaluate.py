@@ -8,9 +8,9 @@ from typing import Optional
 
 import typer
 
-from unmask.cli.app import app, echo_json
+from unmask.cli.app import app, command_group, echo_json
 
-eval_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Likelihood, lm-eval tasks, generation quality.")
+eval_app = command_group("Likelihood, lm-eval tasks, generation quality.")
 app.add_typer(eval_app, name="eval")
 
 CHECKPOINT = typer.Option(..., help="Run folder or checkpoints/step_* folder.")
