@@ -97,7 +97,7 @@ def genppl(
     judge_hf: Optional[Path] = typer.Option(None, help="Or a local HF causal-LM folder (e.g. GPT-2); needs transformers."),
     num_samples: int = typer.Option(16),
     length: int = typer.Option(128, help="Generated tokens per sample."),
-    steps: int = typer.Option(128, help="MDM sampling steps."),
+    steps: Optional[int] = typer.Option(None, help="MDM sampling steps (default: --length; an AR model takes one per token)."),
     temperature: float = typer.Option(1.0),
     precision: str = typer.Option("float64"),
     label: str = typer.Option("", help="Name of this configuration in reports."),
@@ -132,7 +132,7 @@ def genppl(
     else:
         nll = HFJudge(judge_hf, str(pick_device(device))).nll([s["text"] for s in out["samples"]])
     record = {
-        "checkpoint": str(checkpoint), "label": label or f"{out['objective']}-steps{steps}-T{temperature}-{precision}",
+        "checkpoint": str(checkpoint), "label": label or f"{out['objective']}-steps{out['steps']}-T{temperature}-{precision}",
         "tokens_per_s": num_samples * length / out["seconds"], "nfe": out["nfe"], "seconds": out["seconds"],
         **quality_report(tokens, nll), "judge": str(judge or judge_hf),
     }
