@@ -183,7 +183,7 @@ def test_hash_split_never_duplicates_and_needs_two_documents(tmp_path):
     out = prepare_dataset(tmp_path / "d", tok, docs, val_fraction=0.01, progress=False)
     got = sorted(tok.decode(TokenDataset(out, s).shards[0].tolist()) for s in ("train", "val"))
     assert got == sorted(docs)  # one document on each side, none on both
-    with pytest.raises(UnmaskError, match="single document"):
+    with pytest.raises(UnmaskError, match="single document of one line"):
         prepare_dataset(tmp_path / "e", tok, ["only one", " "], progress=False)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
@@ -205,3 +205,51 @@ def test_concurrent_builder_keeps_the_first_folder(tmp_path):
     again = _prepare(tmp_path / "cache", tok, ["x y z"] * 5, ["g h"], 0.05, 2**26, False, replace=False)
     assert again == first and (first / "meta.json").read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["cache"]  # no temporary folders left behind
+
+
+def test_eval_windows_spread_over_the_whole_split():
+    """Validation windows sample the whole split (every held-out work), not the opening of the first one."""
+    from unmask.data import default_dataset
+
+    val = TokenDataset(default_dataset(), "val")
+    stream = np.concatenate(val.shards).astype(np.int64)
+    length, n = 64, 32
+    total = len(stream) // length
+    w = val.eval_windows(length, n)
+    assert w.shape == (n, length) and np.array_equal(w, val.eval_windows(length, n))  # deterministic
+    # every window is a grid-aligned slice of the stream (so no two overlap), at the documented starts
+    starts = val.eval_starts(length, n)
+    assert np.array_equal(starts, ((np.arange(n) + 0.5) * total / n).astype(np.int64) * length)
+    assert all(np.array_equal(w[i], stream[s : s + length]) for i, s in enumerate(starts))
+    assert np.all(np.diff(starts) >= length)
+    assert starts[0] < len(stream) / n and starts[-1] >= len(stream) * (n - 1) / n - length  # first and last n-th
+    # the four held-out works: each contains at least one window
+    ends = np.flatnonzero(stream == val.tokenizer.eos_id)
+    bounds = np.concatenate([[0], ends + 1])
+    works = np.searchsorted(bounds, starts, side="right") - 1
+    assert len(ends) == len(VALIDATION_WORKS) and set(works.tolist()) == set(range(len(VALIDATION_WORKS)))
+    # the token before each window (the AR model's context): EOS before the split's first token
+    prev = val.eval_previous(length, n)
+    assert np.array_equal(prev, [val.tokenizer.eos_id if s == 0 else stream[s - 1] for s in starts])
+    # all windows: the whole stream in order, as before
+    assert np.array_equal(val.eval_windows(length).reshape(-1), stream[: total * length])
+
+
+def test_single_document_holds_out_the_last_fraction_of_its_text(tmp_path):
+    """One big text file: the validation split is the last val_fraction of its text, cut at a line start."""
+    tok = _tiny_tokenizer()
+    lines = [f"line {i:03d}: the quick brown fox jumps over the lazy dog\n" for i in range(200)]
+    text = "".join(lines)
+    out = prepare_dataset(tmp_path / "d", tok, [text], val_fraction=0.1, progress=False)
+    train, val = TokenDataset(out, "train"), TokenDataset(out, "val")
+    train_text, val_text = (tok.decode(np.concatenate(ds.shards)[:-1].tolist()) for ds in (train, val))
+    assert train_text + val_text == text  # every character once, in order
+    assert val_text == "".join(lines[180:])  # lines of equal length: exactly the last 10% of them
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["splits"]["train"]["num_documents"] == meta["splits"]["val"]["num_documents"] == 1
+    assert "last 10.0%" in meta["validation"] and "line 181" in meta["validation"]
+    # the cut is the line start nearest the target fraction, so no line is split
+    uneven = "short\n" * 30 + "a much longer line of text at the end of the file\n"
+    out = prepare_dataset(tmp_path / "u", tok, [uneven], val_fraction=0.05, progress=False)
+    val = TokenDataset(out, "val")
+    assert tok.decode(np.concatenate(val.shards)[:-1].tolist()) == "a much longer line of text at the end of the file\n"

@@ -75,8 +75,53 @@ def test_harness_trained_models_beat_chance_and_random_init_does_not(runs):
     assert random_init < 0.33, random_init
     assert mdm >= 0.35, mdm  # the small MDM has learnt some word order (chain-rule scoring)
     assert ar > 0.8, ar  # the AR model of the same size and data much more (MDMs need more compute)
-    guided = run_harness(UnmaskLM(runs / "mdm", batch_size=32, cfg_scale=1.0), ["shakespeare_word_order"], limit=20)
-    assert 0 <= guided["tasks"]["shakespeare_word_order"]["acc"] <= 1
+
+
+@torch.no_grad()
+def _guided_chain_rule_reference(model, tok, context: str, continuation: str, w: float) -> float:
+    """log p(continuation | EOS + context) by the left-to-right chain rule with unsupervised CFG, one
+    position per forward: guided logits (1 + w) l_c - w l_u, the unconditional input having the
+    context replaced by MASK. Long contexts are cut on the left to fit the window."""
+    stripped = context.rstrip()  # trailing whitespace of the context belongs to the continuation
+    cont = tok.encode(context[len(stripped):] + continuation)
+    ctx = ([tok.eos_id] + tok.encode(stripped))[-(model.config.context_len - len(cont)):]
+    mask = model.config.mask_id
+    x = torch.tensor([ctx + [mask] * len(cont)])
+    total = 0.0
+    for j, token in enumerate(cont):
+        uncond = x.clone()
+        uncond[0, : len(ctx)] = mask
+        l_c, l_u = model(torch.cat([x, uncond])).double()[:, len(ctx) + j]
+        total += torch.log_softmax((1 + w) * l_c - w * l_u, dim=-1)[token].item()
+        x[0, len(ctx) + j] = token
+    return total
+
+
+def test_harness_guided_accuracy_equals_a_reference_loop(runs):
+    """Guided (CFG) multiple-choice accuracy through lm-eval equals the accuracy of a slow reference
+    scorer on the same questions, and the guided scores are the reference's."""
+    from importlib import resources
+
+    from unmask.evaluation.harness import UnmaskLM, run_harness
+
+    lm = UnmaskLM(runs / "mdm", batch_size=32, cfg_scale=1.0)
+    guided = run_harness(lm, ["shakespeare_word_order"], limit=10)["tasks"]["shakespeare_word_order"]["acc"]
+    lines = resources.files("unmask.evaluation").joinpath("tasks", "shakespeare_word_order.jsonl").read_text().splitlines()
+    docs = [json.loads(line) for line in lines[:10]]
+    correct = 0
+    for i, doc in enumerate(docs):
+        ref = [_guided_chain_rule_reference(lm.model, lm.tok, doc["context"], "\n" + c, 1.0) for c in doc["choices"]]
+        correct += max(range(len(ref)), key=ref.__getitem__) == doc["label"]
+        if i < 2:  # the adapter's scores themselves (lm-eval's requests: context, delimiter + choice)
+            class Req:
+                def __init__(self, *args):
+                    self.args = args
+
+            ours = [v for v, _ in lm.loglikelihood([Req(doc["context"], "\n" + c) for c in doc["choices"]])]
+            assert ours == pytest.approx(ref, abs=1e-4)
+            unguided = [v for v, _ in UnmaskLM(runs / "mdm").loglikelihood([Req(doc["context"], "\n" + c) for c in doc["choices"]])]
+            assert max(abs(a - b) for a, b in zip(unguided, ref)) > 1e-2  # guidance changes the scores
+    assert guided == correct / len(docs)
 
 
 @pytest.mark.parametrize("objective", ["mdm", "ar"])
@@ -97,8 +142,9 @@ def test_harness_generate_until_and_rolling(runs, objective):
     text = line * 2  # fits one window
     rolling = lm.loglikelihood_rolling([Req(text)])[0]
     [(whole, _)] = lm.loglikelihood([Req("", text)])
-    if objective == "ar":  # for an AR model both are the exact log-likelihood of the same text
-        assert rolling == pytest.approx(whole, rel=1e-4)
+    # both are the exact log-likelihood of the same text after EOS: the AR model's, and the MDM's
+    # left-to-right chain-rule score (deterministic), computed on the same tokens
+    assert rolling == pytest.approx(whole, abs=1e-9)
 
 
 def test_genppl_and_report(runs, tmp_path, capsys):
@@ -119,3 +165,35 @@ def test_genppl_and_report(runs, tmp_path, capsys):
 def test_harness_unknown_task_is_named(runs, capsys):
     assert main(["eval", "harness", "--checkpoint", str(runs / "ar"), "--tasks", "no_such_task"]) == 2
     assert "no_such_task" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_harness_generator_lives_on_the_model_device(monkeypatch, causal):
+    """generate_until samples on the model's device, so its generator must be made there (a CPU
+    generator fails on CUDA). No GPU here: the model is made to report another device, and the
+    generator handed to the sampler must have been created for that device."""
+    import unmask.evaluation.harness as harness
+    import unmask.sampling.generate as gen_mod
+
+    real, made = torch.Generator, {}
+
+    def recording_generator(device="cpu"):
+        g = real()
+        made[id(g)] = torch.device(device).type
+        return g
+
+    monkeypatch.setattr(torch, "Generator", recording_generator)
+    monkeypatch.setattr(gen_mod, "device_of", lambda model: torch.device("cuda"), raising=False)
+    used = []
+    for name in ("ancestral", "ar_sample"):
+        sampler = getattr(harness, name)
+        monkeypatch.setattr(harness, name, lambda model, x, generator, *a, _f=sampler, **k: used.append(made.get(id(generator))) or _f(model, x, generator, *a, **k))
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.from_name("tiny", context_len=32, causal=causal)).eval()
+    lm = harness.UnmaskLM(None, model=model, tokenizer=default_tokenizer(), steps=4)
+
+    class Req:
+        args = ("KING", {"until": [], "max_gen_toks": 4})
+
+    lm.generate_until([Req()])
+    assert used == ["cuda"]

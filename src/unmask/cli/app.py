@@ -6,8 +6,18 @@ import json
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Masked diffusion language models: train, evaluate, sample.")
-data_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Corpus preparation.")
+
+def command_group(help: str) -> typer.Typer:
+    """A Typer app with the settings every ``unmask`` command group shares.
+
+    Help text is plain text: with rich markup on, ``pip install 'unmask[hf]'`` would print as
+    ``'unmask'`` (``[hf]`` read as a style tag), so rich markup is switched off.
+    """
+    return typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None, help=help)
+
+
+app = command_group("Masked diffusion language models: train, evaluate, sample.")
+data_app = command_group("Corpus preparation.")
 app.add_typer(data_app, name="data")
 
 

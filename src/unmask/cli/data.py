@@ -17,15 +17,15 @@ def prepare(
     out: Path = typer.Option(..., "--out", help="Folder to write the packed token shards to."),
     tokenizer: str = typer.Option("default", help="'default' (shipped BPE), 'train' (new BPE on your corpus), or a tokenizer.json / folder."),
     vocab_size: int = typer.Option(4096, help="Vocabulary size when --tokenizer train."),
-    val_input: Optional[list[Path]] = typer.Option(None, help="Validation documents; default: a --val-fraction of the inputs, by document."),
-    val_fraction: float = typer.Option(0.05, help="Fraction of documents held out when no --val-input is given."),
+    val_input: Optional[list[Path]] = typer.Option(None, help="Validation documents; default: a --val-fraction of the inputs, by document (of a single document: the last --val-fraction of its text)."),
+    val_fraction: float = typer.Option(0.05, help="Fraction of documents (of a single document's text) held out when no --val-input is given."),
     text_field: str = typer.Option("text", help="Field holding the text in .jsonl files / HF datasets."),
     hf_dataset: Optional[str] = typer.Option(None, help="Name of an HF dataset (needs network and `pip install 'unmask[hf]'`)."),
     hf_config: Optional[str] = typer.Option(None, help="HF dataset configuration."),
     hf_split: str = typer.Option("train", help="HF dataset split."),
 ) -> None:
     """Tokenise a corpus into packed shards for `unmask train --data`."""
-    from unmask.data import hf_documents, load_tokenizer, prepare_dataset, read_documents, train_bpe
+    from unmask.data import TokenDataset, hf_documents, load_tokenizer, prepare_dataset, read_documents, train_bpe
 
     if not inputs and not hf_dataset:
         raise UnmaskError("data prepare: give input files/folders or --hf-dataset NAME")
@@ -35,4 +35,9 @@ def prepare(
     val_docs = list(read_documents(val_input, text_field)) if val_input else None
     tok = train_bpe(docs, vocab_size) if tokenizer == "train" else load_tokenizer(tokenizer)
     path = prepare_dataset(out, tok, docs, val_docs, val_fraction=val_fraction)
-    typer.echo(f"wrote {path}")
+    meta = TokenDataset(path, "train").meta
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    typer.echo(
+        f"wrote {path}: {train['num_documents']:,} train / {val['num_documents']:,} validation documents "
+        f"({train['num_tokens']:,} / {val['num_tokens']:,} tokens); validation: {meta['validation']}"
+    )

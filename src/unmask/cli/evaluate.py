@@ -8,9 +8,9 @@ from typing import Optional
 
 import typer
 
-from unmask.cli.app import app, echo_json
+from unmask.cli.app import app, command_group, echo_json
 
-eval_app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Likelihood, lm-eval tasks, generation quality.")
+eval_app = command_group("Likelihood, lm-eval tasks, generation quality.")
 app.add_typer(eval_app, name="eval")
 
 CHECKPOINT = typer.Option(..., help="Run folder or checkpoints/step_* folder.")
@@ -36,7 +36,7 @@ def ppl(
     dataset: Optional[str] = typer.Option(None, help="Score a named zero-shot set instead (online): wikitext103, wikitext2, ptb, lambada, lm1b, openwebtext."),
     detokenizer: str = typer.Option("none", help="For --text: none, wikitext, ptb, lm1b, lambada."),
     packed: Optional[bool] = typer.Option(None, "--packed/--unpacked", help="Concatenate documents (default for --text) or score each alone."),
-    windows: Optional[int] = typer.Option(None, help="Use only the first N windows (packed)."),
+    windows: Optional[int] = typer.Option(None, help="Use only N windows, spread evenly over the source (packed)."),
     limit_documents: Optional[int] = typer.Option(None, help="Use only the first N documents of --text/--dataset."),
     draws: int = typer.Option(32, help="MDM: Monte Carlo draws per window (stratified)."),
     estimator: Optional[str] = typer.Option(None, help="MDM: t-dce, k-dce, any-order (bounds) or chain-rule (exact, L calls); default: the training loss."),
@@ -97,7 +97,7 @@ def genppl(
     judge_hf: Optional[Path] = typer.Option(None, help="Or a local HF causal-LM folder (e.g. GPT-2); needs transformers."),
     num_samples: int = typer.Option(16),
     length: int = typer.Option(128, help="Generated tokens per sample."),
-    steps: int = typer.Option(128, help="MDM sampling steps."),
+    steps: Optional[int] = typer.Option(None, help="MDM sampling steps (default: --length; an AR model takes one per token)."),
     temperature: float = typer.Option(1.0),
     precision: str = typer.Option("float64"),
     label: str = typer.Option("", help="Name of this configuration in reports."),
@@ -132,7 +132,7 @@ def genppl(
     else:
         nll = HFJudge(judge_hf, str(pick_device(device))).nll([s["text"] for s in out["samples"]])
     record = {
-        "checkpoint": str(checkpoint), "label": label or f"{out['objective']}-steps{steps}-T{temperature}-{precision}",
+        "checkpoint": str(checkpoint), "label": label or f"{out['objective']}-steps{out['steps']}-T{temperature}-{precision}",
         "tokens_per_s": num_samples * length / out["seconds"], "nfe": out["nfe"], "seconds": out["seconds"],
         **quality_report(tokens, nll), "judge": str(judge or judge_hf),
     }

@@ -1,15 +1,17 @@
 """Packed token shards: documents joined with EOS into flat uint16/uint32 arrays, memory-mapped.
 
 A prepared data folder holds ``meta.json``, ``tokenizer.json`` and ``{train,val}_NNN.bin`` raw
-numpy arrays. Training reads uniformly random windows; evaluation reads consecutive
-non-overlapping windows from the start of a split, so every model is scored on the same tokens.
+numpy arrays. Training reads uniformly random windows; evaluation reads non-overlapping windows
+spread evenly over a split, the same for every model, so every model is scored on the same tokens.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from functools import cached_property
@@ -24,6 +26,37 @@ from unmask.errors import UnmaskError
 
 FORMAT_VERSION = 1
 Split = Literal["train", "val"]
+
+
+def spread(total: int, n: int | None) -> np.ndarray:
+    """(min(total, n),) int64 indices of n items spread evenly over range(total): item j is the one
+    at fraction (j + 1/2) / n, so they cover the whole range; all of range(total) when n >= total."""
+    n = total if n is None else min(total, n)
+    if n < 1:
+        raise UnmaskError(f"the number of evaluation windows (--windows, eval_windows) must be positive, not {n}")
+    return ((np.arange(n) + 0.5) * total / n).astype(np.int64)
+
+
+def _hold_out_tail(text: str, fraction: float) -> tuple[str, str, str]:
+    """Split one document into (train text, validation text, description of the split).
+
+    The validation text is the last ``fraction`` of the characters, cut at the line start nearest
+    that point, so that no line is split and both sides hold text. A single big file is usually one
+    work or one stream; holding out its end (not scattered pieces) keeps validation text unseen.
+    """
+    first, last = len(text) - len(text.lstrip()), len(text.rstrip())  # the text lies in [first, last)
+    cuts = [m.end() for m in re.finditer("\n", text) if first < m.end() < last]
+    if not cuts:
+        raise UnmaskError(
+            "the corpus is a single document of one line, so no validation text can be held out; "
+            "give more documents, a file with several lines, or a separate --val-input"
+        )
+    target = len(text) * (1 - fraction)
+    i = bisect.bisect_left(cuts, target)
+    cut = min(cuts[max(i - 1, 0) : i + 1], key=lambda c: abs(c - target))
+    line = text.count("\n", 0, cut) + 1
+    share = 100 * (len(text) - cut) / len(text)
+    return text[:cut], text[cut:], f"the last {share:.1f}% of the text of the single document (from line {line})"
 
 
 def _is_val(doc: str, fraction: float) -> bool:
@@ -114,8 +147,10 @@ def prepare_dataset(
     shards ``{train,val}_NNN.bin`` (uint16 when the tokenizer has <= 65536 ids incl. MASK, else
     uint32) of about ``shard_tokens`` tokens, plus ``meta.json`` and ``tokenizer.json``. Without
     ``val_docs``, a ``val_fraction`` of the documents, chosen by a hash of their text, is held out,
-    with at least one document on each side. The folder is built next to ``out_dir`` and renamed
-    into place, replacing an earlier prepared folder there.
+    with at least one document on each side; a corpus of one document (one big text file) instead
+    holds out the last ``val_fraction`` of its text, cut at a line start. ``meta.json`` says which
+    was done under "validation". The folder is built next to ``out_dir`` and renamed into place,
+    replacing an earlier prepared folder there.
     """
     return _prepare(Path(out_dir), tokenizer, train_docs, val_docs, val_fraction, shard_tokens, progress, replace=True)
 
@@ -156,12 +191,19 @@ def _prepare(
                         else:
                             writers["val" if _is_val(doc, val_fraction) else "train"].add(ids, tokenizer.eos_id)
                     bar.update(len(chunk))
+        if val_docs is not None:
+            how = "the given validation documents (--val-input)"
+        else:
+            how = f"{100 * val_fraction:g}% of the documents, chosen by a hash of their text"
         if held is not None:
             n_train, n_val = writers["train"].num_documents, writers["val"].num_documents
-            if n_train == n_val == 0:
-                raise UnmaskError("the corpus has a single document; give more documents or a separate --val-input")
-            side = "val" if n_val == 0 else "train" if n_train == 0 else "val" if _is_val(held[0], val_fraction) else "train"
-            writers[side].add(held[1], tokenizer.eos_id)
+            if n_train == n_val == 0:  # one document (one big text file): hold out the end of its text
+                train_text, val_text, how = _hold_out_tail(held[0], val_fraction)
+                for side, ids in zip(("train", "val"), tokenizer.encode_batch([train_text, val_text])):
+                    writers[side].add(ids, tokenizer.eos_id)
+            else:
+                side = "val" if n_val == 0 else "train" if n_train == 0 else "val" if _is_val(held[0], val_fraction) else "train"
+                writers[side].add(held[1], tokenizer.eos_id)
         if writers["train"].num_documents == 0:
             raise UnmaskError("the corpus is empty: no document has any text; check the input files and --text-field")
         if writers["val"].num_documents == 0:
@@ -171,7 +213,7 @@ def _prepare(
         meta = {
             "format_version": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "mask_id": tokenizer.mask_id,
             "eos_id": tokenizer.eos_id, "tokenizer_fingerprint": tokenizer.fingerprint,
-            "splits": {s: w.meta() for s, w in writers.items()},
+            "splits": {s: w.meta() for s, w in writers.items()}, "validation": how,
         }
         tokenizer.save(tmp)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")  # last: marks the folder complete
@@ -239,24 +281,41 @@ class TokenDataset:
         starts = (rng.random(batch_size) * usable[shard_ids]).astype(np.int64)
         return np.stack([self.shards[s][o : o + length] for s, o in zip(shard_ids, starts)]).astype(np.int64)
 
-    def eval_windows(self, length: int, max_windows: int | None = None) -> np.ndarray:
-        """(N, length) int64 consecutive non-overlapping windows from the start of the split.
+    def eval_starts(self, length: int, max_windows: int | None = None) -> np.ndarray:
+        """(N,) int64 start offsets, in the split's token stream, of the evaluation windows.
 
-        N = num_tokens // length (at most ``max_windows``); the tail is dropped. The windows are a
-        pure function of the folder, so every model is scored on the same tokens.
+        The stream is cut into G = num_tokens // length consecutive windows (the tail is dropped);
+        N = min(G, max_windows) of them are taken by :func:`spread`, so they cover the whole split
+        (every work of a multi-work split, not the opening of the first), never overlap, and are
+        all G windows in order when N = G.
         """
         self._check(length)
-        n = self.num_tokens // length
-        if max_windows is not None:
-            n = min(n, max_windows)
-        need, parts = n * length, []
-        for shard in self.shards:  # read only the tokens needed, not the whole split
-            if need <= 0:
-                break
-            parts.append(np.asarray(shard[:need], dtype=np.int64))
-            need -= len(parts[-1])
-        return np.concatenate(parts).reshape(n, length) if parts else np.empty((0, length), dtype=np.int64)
+        return spread(self.num_tokens // length, max_windows) * length
 
+    def _read(self, start: int, count: int) -> np.ndarray:
+        """Tokens [start, start + count) of the split's stream, across shard boundaries, as int64."""
+        parts, offset = [], 0
+        for shard in self.shards:
+            lo, hi = max(start - offset, 0), min(start + count - offset, len(shard))
+            if lo < hi:
+                parts.append(np.asarray(shard[lo:hi], dtype=np.int64))
+            offset += len(shard)
+        return np.concatenate(parts)
+
+    def eval_windows(self, length: int, max_windows: int | None = None) -> np.ndarray:
+        """(N, length) int64 non-overlapping windows spread evenly over the split (see :meth:`eval_starts`).
+
+        The windows are a pure function of the folder, so every model (MDM and AR) is scored on the
+        same tokens; only the tokens needed are read.
+        """
+        starts = self.eval_starts(length, max_windows)
+        return np.stack([self._read(int(s), length) for s in starts])
+
+    def eval_previous(self, length: int, max_windows: int | None = None) -> np.ndarray:
+        """(N,) int64 token before each window of :meth:`eval_windows` (the AR model's context);
+        EOS before the split's first token, since every document follows an EOS in training."""
+        eos = int(self.meta["eos_id"])
+        return np.array([eos if s == 0 else self._read(int(s) - 1, 1)[0] for s in self.eval_starts(length, max_windows)], dtype=np.int64)
 
 def cache_root() -> Path:
     """Where :func:`default_dataset` caches: ``$UNMASK_CACHE`` or ``~/.cache/unmask``."""

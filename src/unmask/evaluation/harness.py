@@ -30,7 +30,7 @@ from unmask.errors import UnmaskError
 from unmask.likelihood import chain_rule, conditional_elbo
 from unmask.objectives import device_of, token_nll
 from unmask.sampling import ARConfig, AncestralConfig, ancestral, ar_sample
-from unmask.sampling.generate import trim_at_eos
+from unmask.sampling.generate import sampling_generator, trim_at_eos
 
 try:
     from lm_eval.api.model import LM
@@ -74,7 +74,8 @@ class UnmaskLM(LM):
             self.model, self.model_config, self.tok = model, model.config, tokenizer
         self.method, self.draws, self.cfg_scale = method, draws, cfg_scale
         self.steps, self.temperature, self.batch_size = steps, temperature, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator().manual_seed(seed)  # Monte Carlo scoring: the estimators draw on the CPU
+        self.sample_generator = sampling_generator(self.model, seed)  # generate_until: samplers draw on the model's device
         self._device = device_of(self.model)
         if self.model_config.causal and cfg_scale:
             raise UnmaskError("--cfg applies to MDMs; this checkpoint is an AR model")
@@ -178,12 +179,12 @@ class UnmaskLM(LM):
             ctx = ctx[max(0, len(ctx) - room):]
             if self.model_config.causal:
                 x = torch.tensor([ctx], device=self._device)
-                out = ar_sample(self.model, x, self.generator, ARConfig(max_new_tokens=n, temperature=temperature))
+                out = ar_sample(self.model, x, self.sample_generator, ARConfig(max_new_tokens=n, temperature=temperature))
                 new = out.tokens[0, x.shape[1]:]
             else:
                 x = torch.tensor([ctx + [self.model_config.mask_id] * n], device=self._device)
                 cfg = AncestralConfig(steps=self.steps or n, temperature=temperature)
-                new = ancestral(self.model, x, self.generator, cfg).tokens[0, len(ctx):]
+                new = ancestral(self.model, x, self.sample_generator, cfg).tokens[0, len(ctx):]
             text = self.tok.decode(trim_at_eos(new.tolist(), self.tok.eos_id))
             for stop in until:
                 if stop and stop in text:

@@ -3,8 +3,9 @@ left-to-right chain rule), AR exact. Both models are scored on the same tokens.
 
 Sources: a prepared data folder's split (default: the run's own validation split), local text
 files, or a named zero-shot set. Packed: documents joined with EOS and cut into consecutive
-context-length windows (each AR window conditioned on the token before it). Unpacked: every
-document alone, in chunks of at most the context length.
+context-length windows (each AR window conditioned on the token before it), of which ``windows``
+are taken spread evenly over the source. Unpacked: every document alone, in chunks of at most the
+context length.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ import torch
 
 from unmask.checkpoint import checkpoint_tokenizer, load_model
 from unmask.data import TokenDataset, default_dataset, read_documents
+from unmask.data.shards import spread
 from unmask.device import pick_device
 from unmask.errors import UnmaskError
 from unmask.evaluation.corpora import ZERO_SHOT, detokenizer, packed_windows, unpacked_windows, zero_shot_documents
-from unmask.likelihood import LikelihoodResult, ar_nll, chain_rule_nll, mc_elbo, previous_tokens
+from unmask.likelihood import LikelihoodResult, ar_nll, chain_rule_nll, mc_elbo
 from unmask.schedule import Schedule
 
 ESTIMATORS = ("t-dce", "k-dce", "any-order", "chain-rule")
@@ -80,7 +82,8 @@ def evaluate_checkpoint(
         packed = True if packed is None else packed
         if packed:
             arr, before = packed_windows(docs, tok, length)
-            w, prev = torch.from_numpy(arr[:windows]), torch.from_numpy(before[:windows])
+            keep = spread(len(arr), windows)  # --windows N: spread over the text like a split's
+            w, prev = torch.from_numpy(arr[keep]), torch.from_numpy(before[keep])
         else:
             groups = [torch.from_numpy(g) for g in unpacked_windows(docs, tok, length)]
             w, prev = groups, [torch.full((g.shape[0],), tok.eos_id) for g in groups]
@@ -93,7 +96,7 @@ def evaluate_checkpoint(
         if cfg.tokenizer_fingerprint and ds.tokenizer.fingerprint != cfg.tokenizer_fingerprint:
             raise UnmaskError(f"--data {data} was tokenised with a different tokenizer than {checkpoint}; prepare it with the checkpoint's tokenizer.json")
         w = torch.from_numpy(ds.eval_windows(length, windows))
-        prev = previous_tokens(w, ds.tokenizer.eos_id)
+        prev = torch.from_numpy(ds.eval_previous(length, windows))
         source, packed = f"{data}:{split}", True
     result = score(model, cfg, w, prev, estimator, draws, batch_size, seed, progress)
     return {"checkpoint": str(checkpoint), "objective": cfg.train.objective, "source": source, "packed": packed, **result.to_dict()}

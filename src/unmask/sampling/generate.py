@@ -19,6 +19,7 @@ from unmask.checkpoint import checkpoint_tokenizer, load_model
 from unmask.data import Tokenizer
 from unmask.device import pick_device
 from unmask.errors import UnmaskError
+from unmask.objectives import device_of
 from unmask.sampling.ancestral import AncestralConfig, ancestral
 from unmask.sampling.ar import ARConfig, ar_sample, positions_from
 from unmask.sampling.base import Conditioning, SampleOutput, StepCallback
@@ -82,25 +83,35 @@ class SamplerSpec:
         return semi_autoregressive(model, x, generator, SAMPLERS[self.sampler][0], cfg, self.block_len, start, cond, callback, stop_token)
 
 
-def make_canvas(prompts: Sequence[Sequence[int]], length: int, mask_id: int, pad_id: int) -> tuple[torch.Tensor, Conditioning, int]:
-    """[left padding ; prompt ; MASK x length] per row. Returns (x (B, P+length), cond, P)."""
-    width = max((len(p) for p in prompts), default=0)
-    rows, real = [], []
+def make_canvas(
+    prompts: Sequence[Sequence[int]], length: int, mask_id: int, pad_id: int, separator: int | None = None
+) -> tuple[torch.Tensor, Conditioning, int]:
+    """[left padding ; separator ; prompt ; MASK x length] per row. Returns (x (B, P+length), cond, P).
+
+    ``separator`` (the EOS that precedes every document in training) is a real token but not part
+    of the prompt: the unconditional pass of CFG keeps it and replaces only the prompt by MASK.
+    """
+    lead = [] if separator is None else [separator]
+    width = max((len(p) for p in prompts), default=0) + len(lead)
+    rows, real, given = [], [], []
     for p in prompts:
-        pad = width - len(p)
-        rows.append([pad_id] * pad + list(p) + [mask_id] * length)
-        real.append([False] * pad + [True] * (len(p) + length))
+        pad = width - len(lead) - len(p)
+        rows.append([pad_id] * pad + lead + list(p) + [mask_id] * length)
+        real.append([False] * pad + [True] * (len(lead) + len(p) + length))
+        given.append([False] * (pad + len(lead)) + [True] * len(p) + [False] * length)
     x = torch.tensor(rows)
     key_mask = torch.tensor(real)
-    cols = torch.arange(x.shape[1])
-    prompt_mask = key_mask & (cols < width)[None]
+    prompt_mask = torch.tensor(given, dtype=torch.bool)
     if key_mask.all():  # no padding: the plain (faster) attention path
         return x, Conditioning(prompt_mask=prompt_mask), width
     return x, Conditioning(key_mask=key_mask, positions=positions_from(key_mask), prompt_mask=prompt_mask), width
 
 
 def infill_canvas(template: str, tok: Tokenizer) -> tuple[torch.Tensor, Conditioning]:
-    """A template with ``[MASK]`` (one token) or ``[MASK:n]`` (n tokens) between fixed text -> (1, L)."""
+    """[EOS ; template] with ``[MASK]`` (one token) or ``[MASK:n]`` (n tokens) between fixed text -> (1, L).
+
+    The template starts a document, after the EOS separator, like a prompt (see :func:`make_canvas`).
+    """
     ids: list[int] = []
     pos = 0
     for m in INFILL.finditer(template):
@@ -110,8 +121,45 @@ def infill_canvas(template: str, tok: Tokenizer) -> tuple[torch.Tensor, Conditio
     ids += tok.encode(template[pos:]) if pos < len(template) else []
     if tok.mask_id not in ids:
         raise UnmaskError("--infill template has no [MASK] or [MASK:n] span to fill")
-    x = torch.tensor([ids])
-    return x, Conditioning(prompt_mask=x != tok.mask_id)
+    x = torch.tensor([[tok.eos_id] + ids])
+    prompt_mask = x != tok.mask_id
+    prompt_mask[:, 0] = False  # the separator is not part of the prompt (CFG keeps it)
+    return x, Conditioning(prompt_mask=prompt_mask)
+
+
+def sampling_generator(model, seed: int) -> torch.Generator:
+    """A seeded generator on the model's device.
+
+    Samplers draw their random numbers on the device of the logits, and torch refuses a generator
+    of another device type (a CPU generator cannot draw on CUDA), so every entry point that samples
+    makes its generator here. (The likelihood estimators draw on the CPU and need a CPU one.)
+    """
+    return torch.Generator(device=device_of(model)).manual_seed(seed)
+
+
+# options of MDM sampling only, with the flag that sets each; on an AR checkpoint they are refused
+MDM_ONLY = {
+    "sampler": "--sampler", "infill": "--infill", "cfg_scale": "--cfg", "k": "--k", "score": "--score",
+    "allocation": "--allocation", "tau": "--tau", "block_len": "--block-len", "schedule": "schedule",
+}
+
+
+def _check_options(causal: bool, steps: int | None, length: int, kv_cache: bool | None, given: dict) -> None:
+    """Refuse options that the model kind would otherwise silently ignore, naming them."""
+    if causal:
+        flags = [MDM_ONLY[name] for name, value in given.items() if name in MDM_ONLY and value is not None]
+        if steps is not None and steps != length:  # an AR model takes exactly one step per token
+            flags.append(f"--steps={steps} (an AR model takes exactly one step per token, --length {length})")
+        if flags:
+            raise UnmaskError(
+                f"{', '.join(flags)}: MDM sampling only, but this checkpoint is an AR model, which decodes left to right, "
+                "one token per network call; drop them (--temperature, --top-k, --top-p, --precision and --stop-at-eos apply to both)"
+            )
+    elif kv_cache is not None:
+        raise UnmaskError(
+            f"--{'' if kv_cache else 'no-'}kv-cache applies to AR models; this checkpoint is an MDM "
+            "(use --sampler cached for the MDM's caching sampler)"
+        )
 
 
 def trim_at_eos(ids: list[int], eos: int) -> list[int]:
@@ -123,22 +171,29 @@ def generate(
     prompt: str = "",
     num_samples: int = 2,
     length: int = 64,
-    steps: int = 64,
+    steps: int | None = None,
     temperature: float = 1.0,
     precision: str = "float64",
     seed: int = 0,
     device: str = "auto",
-    sampler: str = "ancestral",
+    sampler: str | None = None,
     prompts: Sequence[str] | None = None,
     infill: str | None = None,
     stop_at_eos: bool = False,
-    kv_cache: bool = True,
+    kv_cache: bool | None = None,
     callback: StepCallback | None = None,
     **options,
 ) -> dict:
-    """Samples from a checkpoint. MDM: any sampler of SAMPLERS over [prompt ; MASK x length] (or an
-    ``infill`` template), ``options`` = the other SamplerSpec fields (top_k, top_p, cfg_scale, k,
-    score, allocation, tau, block_len, schedule). AR: token by token after [EOS ; prompt].
+    """Samples from a checkpoint, each canvas starting with EOS (the document separator every
+    document follows in training, also used by the lm-eval adapter), then the prompt; the
+    generated tokens and text exclude it.
+
+    MDM: any sampler of SAMPLERS (default ancestral) over [EOS ; prompt ; MASK x length] (or
+    [EOS ; ``infill`` template]) in ``steps`` steps (default: ``length``), ``options`` = the other
+    SamplerSpec fields (top_k, top_p, cfg_scale, k, score, allocation, tau, block_len, schedule).
+    AR: token by token after [EOS ; prompt], with an exact KV cache unless ``kv_cache=False``;
+    temperature, top_k, top_p, precision and stop_at_eos apply, MDM-only options are refused (an
+    error names them) and ``steps``, if given, must equal ``length``.
 
     ``prompts`` gives one prompt per sample (different lengths allowed); otherwise ``prompt`` is
     repeated ``num_samples`` times. Returns {"samples": [{"tokens", "text"}], "nfe", "steps", "seconds", ...}.
@@ -154,44 +209,45 @@ def generate(
         raise UnmaskError(f"--length={length} must be a positive integer")
     dev = pick_device(device)
     model, cfg = load_model(checkpoint, dev)
+    _check_options(cfg.model.causal, steps, length, kv_cache, {"sampler": sampler, "infill": infill, **options})
     tok = checkpoint_tokenizer(checkpoint)
     texts = list(prompts) if prompts else [prompt] * num_samples
     ctx = cfg.model.context_len
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    spec = SamplerSpec(sampler=sampler, steps=steps, temperature=temperature, precision=precision, schedule=cfg.train.schedule, **options)
+    gen = sampling_generator(model, seed)
     start_time = time.perf_counter()
-    if cfg.model.causal:
-        if infill is not None:
-            raise UnmaskError("--infill needs an MDM; an AR model only continues text")
-        encoded = [[tok.eos_id] + tok.encode(t) for t in texts]
-        if max(map(len, encoded)) - 1 + length > ctx:
-            raise UnmaskError(f"--prompt of {max(map(len, encoded)) - 1} tokens + --length {length} exceeds the model's context of {ctx} tokens; shorten one of them")
-        x, cond, width = make_canvas(encoded, 0, tok.mask_id, tok.pad_id)
-        ar_cfg = ARConfig(max_new_tokens=length, temperature=temperature, precision=precision, top_k=spec.top_k, top_p=spec.top_p,
-                          cfg_scale=spec.cfg_scale, kv_cache=kv_cache)
-        out = ar_sample(model, x.to(dev), gen, ar_cfg, Conditioning(key_mask=cond.key_mask.to(dev)) if cond.key_mask is not None else None, callback)
-        generated = out.tokens[:, width:]
-    elif infill is not None:
+    if infill is not None:
         x, cond = infill_canvas(infill, tok)
         if x.shape[1] > ctx:
-            raise UnmaskError(f"--infill template of {x.shape[1]} tokens exceeds the model's context of {ctx} tokens")
-        x, cond = x.expand(num_samples, -1).to(dev), Conditioning(prompt_mask=cond.prompt_mask.expand(num_samples, -1).to(dev))
-        out = spec.run(model, x, gen, cond, callback)
-        generated, width = out.tokens, 0
+            raise UnmaskError(f"--infill template of {x.shape[1] - 1} tokens (+ the EOS before it) exceeds the model's context of {ctx} tokens")
+        x, cond, width = x.expand(num_samples, -1), Conditioning(prompt_mask=cond.prompt_mask.expand(num_samples, -1)), 1
     else:
         encoded = [tok.encode(t) if t else [] for t in texts]
-        if max(map(len, encoded)) + length > ctx:
-            raise UnmaskError(f"--prompt of {max(map(len, encoded))} tokens + --length {length} exceeds the model's context of {ctx} tokens; shorten one of them")
-        x, cond, width = make_canvas(encoded, length, tok.mask_id, tok.pad_id)
-        cond = Conditioning(*(None if v is None else v.to(dev) for v in (cond.key_mask, cond.positions, cond.prompt_mask)))
-        out = spec.run(model, x.to(dev), gen, cond, callback, start=width, stop_token=tok.eos_id if stop_at_eos else None)
-        generated = out.tokens[:, width:]
+        # the AR model never reads its last new token back, so its canvas may hold one token more
+        room = ctx + int(cfg.model.causal) - 1
+        if max(map(len, encoded)) + length > room:
+            raise UnmaskError(
+                f"--prompt of {max(map(len, encoded))} tokens + --length {length} (+ the EOS before the prompt) exceeds "
+                f"the model's context of {ctx} tokens; shorten one of them"
+            )
+        x, cond, width = make_canvas(encoded, 0 if cfg.model.causal else length, tok.mask_id, tok.pad_id, separator=tok.eos_id)
+    cond = Conditioning(*(None if v is None else v.to(dev) for v in (cond.key_mask, cond.positions, cond.prompt_mask)))
+    x = x.to(dev)
+    if cfg.model.causal:
+        ar_cfg = ARConfig(max_new_tokens=length, temperature=temperature, precision=precision, top_k=options.get("top_k", 0),
+                          top_p=options.get("top_p", 1.0), kv_cache=kv_cache is not False)
+        out = ar_sample(model, x, gen, ar_cfg, Conditioning(key_mask=cond.key_mask) if cond.key_mask is not None else None, callback)
+    else:
+        options.setdefault("schedule", cfg.train.schedule)
+        spec = SamplerSpec(sampler=sampler or "ancestral", steps=length if steps is None else steps, temperature=temperature,
+                           precision=precision, **options)
+        out = spec.run(model, x, gen, cond, callback, start=width, stop_token=tok.eos_id if stop_at_eos else None)
+    generated = out.tokens[:, width:]
     seconds = time.perf_counter() - start_time
     samples = []
     for text, row in zip(texts if infill is None else [""] * num_samples, generated.cpu().tolist()):
         ids = trim_at_eos(row, tok.eos_id) if stop_at_eos else row
-        samples.append({"tokens": ids, "text": (text if infill is None else "") + tok.decode(ids)})
+        samples.append({"tokens": ids, "text": text + tok.decode(ids)})
     return {
-        "checkpoint": str(checkpoint), "objective": cfg.train.objective, "sampler": "ar" if cfg.model.causal else sampler,
+        "checkpoint": str(checkpoint), "objective": cfg.train.objective, "sampler": "ar" if cfg.model.causal else sampler or "ancestral",
         "nfe": out.nfe, "steps": out.steps, "seconds": seconds, "generated_tokens": num_samples * length, "samples": samples,
     }
