@@ -65,7 +65,9 @@ class TrainerState:
     step: int
     tokens: int
     optimizer: dict[str, Any] | None = None  # torch optimizer state_dict
-    rng: dict[str, Any] | None = None  # {"data": [numpy bit-generator states per rank], "torch": [ByteTensor per rank]}
+    # {"data": numpy bit-generator state, "torch": ByteTensor generator state, "world_size": int}; the
+    # streams are shared by all ranks, so one state describes the whole run
+    rng: dict[str, Any] | None = None
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -115,9 +117,9 @@ def save_checkpoint(
     if trainer.optimizer is not None:
         opt_tensors, extra["optimizer"] = _flatten_optimizer(trainer.optimizer)
     if trainer.rng is not None:
-        for rank, state in enumerate(trainer.rng["torch"]):
-            opt_tensors[f"rng.torch.{rank}"] = state
+        opt_tensors["rng.torch"] = trainer.rng["torch"]
         extra["data_rng"] = trainer.rng["data"]
+        extra["world_size"] = trainer.rng["world_size"]
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": trainer.step, "tokens": trainer.tokens, **extra}
     with open(tmp / "trainer.json", "w", encoding="utf-8") as f:
@@ -190,8 +192,13 @@ def load_trainer_state(ckpt: Path) -> TrainerState:
         raise UnmaskError(f"cannot read {ckpt / 'trainer.json'} ({exc}); resume from an earlier checkpoint") from None
     tensors, _ = _load_safetensors(ckpt / "optimizer.safetensors")
     optimizer = _unflatten_optimizer(tensors, info["optimizer"]) if "optimizer" in info else None
-    torch_states = [tensors[f"rng.torch.{r}"] for r in range(len(info.get("data_rng", [])))]
-    rng = {"data": info["data_rng"], "torch": torch_states} if "data_rng" in info else None
+    rng = None
+    if isinstance(info.get("data_rng"), list):  # earlier layout: one stream per rank
+        if len(info["data_rng"]) != 1:
+            raise UnmaskError(f"{ckpt} has one random stream per process (an earlier unmask); it resumes exactly on one process only")
+        rng = {"data": info["data_rng"][0], "torch": tensors["rng.torch.0"], "world_size": 1}
+    elif "data_rng" in info:
+        rng = {"data": info["data_rng"], "torch": tensors["rng.torch"], "world_size": info["world_size"]}
     return TrainerState(step=info["step"], tokens=info["tokens"], optimizer=optimizer, rng=rng)
 
 
