@@ -111,6 +111,14 @@ def batch_loss(model, window: torch.Tensor, noise: Corruption | None) -> torch.T
 OPERATIONAL = ("eval_every", "checkpoint_every", "log_every", "keep_checkpoints")
 
 
+def changed_settings_error(refused: list[str]) -> UnmaskError:
+    """The error for settings that differ from a resumed run's, each given as "--flag (saved X, given Y)"."""
+    return UnmaskError(
+        f"--resume: {', '.join(refused)} differ from the run's saved settings; leave them out to continue the run as it "
+        "was configured, or start a new --run-dir"
+    )
+
+
 def resume_config(saved: RunConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, step: int, data_dir: Path, fingerprint: str) -> tuple[TrainConfig, list[str]]:
     """The training config a resumed run continues with, and the notices to print.
 
@@ -145,10 +153,7 @@ def resume_config(saved: RunConfig, model_cfg: ModelConfig, train_cfg: TrainConf
         else:
             refused.append(f"{flag} (saved {before!r}, given {given!r})")
     if refused:
-        raise UnmaskError(
-            f"--resume: {', '.join(refused)} differ from the run's saved settings; leave them out to continue the run as it "
-            "was configured, or start a new --run-dir"
-        )
+        raise changed_settings_error(refused)
     if train_cfg.steps != saved.train.steps:
         if train_cfg.steps <= step:
             raise UnmaskError(f"--steps {train_cfg.steps}: the run is already at step {step}; give more steps to continue it")
