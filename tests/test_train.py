@@ -91,3 +91,56 @@ def test_bf16_and_fp32_loss_curves_agree(tmp_path, small_data):
     fp = train(tmp_path / "fp", model, dataclasses.replace(cfg, precision="fp32"), small_data, progress=False)
     tail_bf, tail_fp = sum(bf.losses[-10:]) / 10, sum(fp.losses[-10:]) / 10
     assert abs(tail_bf - tail_fp) < 0.05 * tail_fp, (tail_bf, tail_fp)
+
+
+def saved_run(tmp_path, steps: list[int], keep: int = 2):
+    """Save checkpoints of a tiny untrained model at ``steps`` (no training needed)."""
+    from unmask.checkpoint import TrainerState, save_checkpoint
+    from unmask.config import RunConfig
+    from unmask.model import Transformer
+
+    model_cfg, train_cfg = cfgs()
+    model = Transformer(model_cfg)
+    for step in steps:
+        save_checkpoint(tmp_path, model, RunConfig(model_cfg, train_cfg), TrainerState(step, 0), keep=keep)
+    return tmp_path / "checkpoints"
+
+
+def test_checkpoints_are_pruned_by_step_number_past_a_million(tmp_path):
+    root = saved_run(tmp_path, [999_998, 999_999, 1_000_000])
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_1000000", "step_999999"]
+    assert (root / "LATEST").read_text().strip() == "step_1000000"
+    assert resolve_checkpoint(tmp_path).name == "step_1000000"
+
+
+def test_a_save_removes_temporary_folders_left_by_a_crash(tmp_path):
+    root = saved_run(tmp_path, [4])
+    stale = root / ".tmp-step_000008-12345"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half a file")
+    saved_run(tmp_path, [8])
+    assert not stale.exists()
+    assert (root / "LATEST").read_text().strip() == "step_000008"
+    load_model(tmp_path)  # the newest checkpoint is complete
+    load_model(root / "step_000004")  # and the one before it is intact
+
+
+def test_a_save_never_prunes_the_checkpoint_latest_names(tmp_path):
+    # a crash between renaming step 20 into place and naming it in LATEST leaves an orphan newer
+    # than LATEST; the resumed run saves step 8 next, which must survive the pruning
+    root = saved_run(tmp_path, [4])
+    (root / "step_000020").mkdir()
+    saved_run(tmp_path, [8], keep=1)
+    assert (root / "LATEST").read_text().strip() == "step_000008"
+    load_model(tmp_path)
+
+
+@pytest.mark.parametrize("config_cls", ["ModelConfig", "TrainConfig"])
+def test_config_from_dict_refuses_unknown_keys(config_cls):
+    import unmask.config as config
+
+    cls = getattr(config, config_cls)
+    data = cls().to_dict() | {"lr_typo": 1e-3}
+    with pytest.raises(UnmaskError, match=r"unknown keys \['lr_typo'\]; known keys: \[.*'n_layer'|unknown keys \['lr_typo'\]; known keys: \[.*'warmup_steps'"):
+        cls.from_dict(data)
+    assert cls.from_dict(cls().to_dict()) == cls()
