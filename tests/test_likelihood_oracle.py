@@ -85,8 +85,8 @@ def test_single_draw_losses_are_unbiased(oracle):
     """Each training-loss draw is an unbiased estimate of the same bound (no stratification needed)."""
     data = draw_data(oracle, 20000, seed=10)
     gen = torch.Generator().manual_seed(0)
-    t_loss = t_dce(oracle, data, Schedule(), gen, low_discrepancy=False)
-    k_loss = k_dce(oracle, data, gen, low_discrepancy=False)
+    t_loss = t_dce(oracle, data, Schedule(), gen, mask_id=oracle.config.mask_id, low_discrepancy=False)
+    k_loss = k_dce(oracle, data, gen, mask_id=oracle.config.mask_id, low_discrepancy=False)
     target = -oracle.log_prob(data).mean().item() / 5
     for loss in (t_loss, k_loss):
         se = loss.std().item() / math.sqrt(len(loss))
