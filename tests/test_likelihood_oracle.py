@@ -145,8 +145,8 @@ def test_single_draw_losses_are_unbiased(oracle):
     training's eps = 1e-3 moves t-DCE's target ~1e-3 nats below it (see the quadrature test)."""
     data = draw_data(oracle, 20000, seed=10)
     gen = torch.Generator().manual_seed(0)
-    t_loss = t_dce(oracle, data, Schedule(eps=0.0), gen, low_discrepancy=False)
-    k_loss = k_dce(oracle, data, gen, low_discrepancy=False)
+    t_loss = t_dce(oracle, data, Schedule(eps=0.0), gen, mask_id=oracle.config.mask_id, low_discrepancy=False)
+    k_loss = k_dce(oracle, data, gen, mask_id=oracle.config.mask_id, low_discrepancy=False)
     target = -oracle.log_prob(data).mean().item() / 5
     for loss in (t_loss, k_loss):
         se = loss.std().item() / math.sqrt(len(loss))

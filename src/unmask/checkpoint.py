@@ -11,8 +11,9 @@ Layout of a run folder (see README):
     RUN/checkpoints/step_000200/tokenizer.json         copy of the tokenizer: the folder stands alone
 
 A checkpoint is written to a temporary sibling folder, flushed to disk and renamed into place;
-only then does LATEST (itself replaced atomically) point to it. A crash at any moment leaves the
-previous checkpoint intact and LATEST naming a complete one.
+only then does LATEST (itself replaced atomically) point to it, and only then are older
+checkpoints pruned (by step number). A crash at any moment leaves the previous checkpoint intact
+and LATEST naming a complete one; the next save removes the temporary folder a crash left.
 """
 
 from __future__ import annotations
@@ -65,7 +66,9 @@ class TrainerState:
     step: int
     tokens: int
     optimizer: dict[str, Any] | None = None  # torch optimizer state_dict
-    rng: dict[str, Any] | None = None  # {"data": [numpy bit-generator states per rank], "torch": [ByteTensor per rank]}
+    # {"data": numpy bit-generator state, "torch": ByteTensor generator state, "world_size": int}; the
+    # streams are shared by all ranks, so one state describes the whole run
+    rng: dict[str, Any] | None = None
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -100,10 +103,10 @@ def save_checkpoint(
     """
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_root.glob(".tmp-*"):  # left by a save that crashed; one process saves a run
+        shutil.rmtree(stale, ignore_errors=True)
     name = f"step_{trainer.step:06d}"
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
     tmp.mkdir()
 
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -115,9 +118,9 @@ def save_checkpoint(
     if trainer.optimizer is not None:
         opt_tensors, extra["optimizer"] = _flatten_optimizer(trainer.optimizer)
     if trainer.rng is not None:
-        for rank, state in enumerate(trainer.rng["torch"]):
-            opt_tensors[f"rng.torch.{rank}"] = state
+        opt_tensors["rng.torch"] = trainer.rng["torch"]
         extra["data_rng"] = trainer.rng["data"]
+        extra["world_size"] = trainer.rng["world_size"]
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
     info = {"format": FORMAT, "format_version": FORMAT_VERSION, "step": trainer.step, "tokens": trainer.tokens, **extra}
     with open(tmp / "trainer.json", "w", encoding="utf-8") as f:
@@ -136,10 +139,19 @@ def save_checkpoint(
     _fsync_dir(ckpt_root)
     write_text_atomic(ckpt_root / LATEST, name + "\n")
 
-    done = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir())
-    for old in done[: max(0, len(done) - keep)]:
+    # Prune by step number (names stop sorting at step 10**6). Folders past this step are orphans of
+    # a crash before LATEST named them: the resumed run recomputes those steps.
+    done = sorted((s, p) for p in ckpt_root.glob("step_*") if p.is_dir() and (s := _step_of(p)) is not None)
+    older = [p for s, p in done if s < trainer.step]
+    for old in older[: max(0, len(older) - (keep - 1))] + [p for s, p in done if s > trainer.step]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _step_of(path: Path) -> int | None:
+    """The step of a ``step_N`` checkpoint folder, or None for any other name."""
+    digits = path.name.removeprefix("step_")
+    return int(digits) if digits.isdigit() else None
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -190,8 +202,13 @@ def load_trainer_state(ckpt: Path) -> TrainerState:
         raise UnmaskError(f"cannot read {ckpt / 'trainer.json'} ({exc}); resume from an earlier checkpoint") from None
     tensors, _ = _load_safetensors(ckpt / "optimizer.safetensors")
     optimizer = _unflatten_optimizer(tensors, info["optimizer"]) if "optimizer" in info else None
-    torch_states = [tensors[f"rng.torch.{r}"] for r in range(len(info.get("data_rng", [])))]
-    rng = {"data": info["data_rng"], "torch": torch_states} if "data_rng" in info else None
+    rng = None
+    if isinstance(info.get("data_rng"), list):  # earlier layout: one stream per rank
+        if len(info["data_rng"]) != 1:
+            raise UnmaskError(f"{ckpt} has one random stream per process (written by an earlier unmask); it cannot be resumed exactly, start a new run")
+        rng = {"data": info["data_rng"][0], "torch": tensors["rng.torch.0"], "world_size": 1}
+    elif "data_rng" in info:
+        rng = {"data": info["data_rng"], "torch": tensors["rng.torch"], "world_size": info["world_size"]}
     return TrainerState(step=info["step"], tokens=info["tokens"], optimizer=optimizer, rng=rng)
 
 

@@ -15,6 +15,21 @@ from unmask.errors import UnmaskError
 Objective = Literal["mdm", "ar"]
 
 
+def _known_fields(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
+    """``data`` if every key is a field of the dataclass ``cls``; else an error naming the unknown keys.
+
+    One policy for every saved config: a key this version does not know is refused rather than
+    dropped, because silently ignoring a setting would change what a resumed run computes.
+    """
+    if not isinstance(data, dict):
+        raise UnmaskError(f"{what} config must be a JSON object, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise UnmaskError(f"{what} config has unknown keys {sorted(unknown)}; known keys: {sorted(known)}")
+    return data
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """A LLaMA-style Transformer (RMSNorm, SwiGLU, rotary positions).
@@ -82,11 +97,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise UnmaskError(f"model config has unknown keys {sorted(unknown)}; known keys: {sorted(known)}")
-        return cls(**data)
+        return cls(**_known_fields(cls, data, "model"))
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -127,6 +138,9 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     log_every: int = 10
+    # (step, steps before) for every resume that changed ``steps``: from that step the cosine runs
+    # from the LR reached there to the new end. Recorded so that the LR stays a function of the config.
+    steps_changes: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.objective not in ("mdm", "ar"):
@@ -144,14 +158,19 @@ class TrainConfig:
             raise UnmaskError(f"--lr={self.lr} must be positive")
         if self.warmup_steps < 0:
             raise UnmaskError(f"--warmup-steps={self.warmup_steps} must be >= 0")
+        for at, before in self.steps_changes:
+            if not 0 <= at <= min(before, self.steps):
+                raise UnmaskError(f"steps_changes entry ({at}, {before}) must change the length at a step within both runs")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        data = dict(_known_fields(cls, data, "training"))
+        if "steps_changes" in data:  # JSON has lists; the frozen dataclass compares tuples
+            data["steps_changes"] = tuple(tuple(change) for change in data["steps_changes"])
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -173,6 +192,9 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "RunConfig":
+        _known_fields(cls, data, "run")
+        if "model" not in data:
+            raise UnmaskError("run config has no 'model' entry; it was not written by `unmask train`")
         return cls(
             model=ModelConfig.from_dict(data["model"]),
             train=TrainConfig.from_dict(data.get("train", {})),

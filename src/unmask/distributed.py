@@ -54,13 +54,9 @@ def parallelize(model: nn.Module, world: World, device: torch.device) -> nn.Modu
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def all_gather_objects(obj, world: World) -> list:
-    """Every rank's ``obj`` in rank order (a one-element list without a process group)."""
-    if world.world_size == 1:
-        return [obj]
-    out = [None] * world.world_size
-    dist.all_gather_object(out, obj)
-    return out
+def local_rows(world: World, batch_size: int) -> slice:
+    """This rank's rows of a global batch of ``world_size * batch_size`` rows."""
+    return slice(world.rank * batch_size, (world.rank + 1) * batch_size)
 
 
 def all_reduce_mean(value: torch.Tensor, world: World) -> torch.Tensor:

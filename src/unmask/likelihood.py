@@ -101,9 +101,9 @@ def mc_elbo(
             for j in range(draws):
                 t = ((u0 + j / draws) % 1.0).clamp_min(1e-5)
                 if estimator == "t-dce":
-                    nats = t_dce(model, x0, schedule, gen, t=t) * l
+                    nats = t_dce(model, x0, schedule, gen, mask_id=model.config.mask_id, t=t) * l
                 elif estimator == "k-dce":
-                    nats = k_dce(model, x0, gen, u=t) * l
+                    nats = k_dce(model, x0, gen, mask_id=model.config.mask_id, u=t) * l
                 else:
                     nats = -chain_rule(model, x0, order="random", generator=gen).logprob
                 per_draw[j] += nats.double().sum().cpu()

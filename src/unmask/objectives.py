@@ -1,12 +1,20 @@
 """Training objectives: MDM t-DCE and k-DCE, AR next-token cross-entropy. Reference section 2.
 
-Every function returns per-sequence losses in nats per token, shape (B,); their mean is the
-training loss. The MDM values are unbiased estimates of the negative ELBO (an upper bound on the
-NLL); the AR values are exact NLLs. Both normalise by the same L tokens per sequence so the two
-are directly comparable.
+Every loss returns per-sequence losses in nats per token, shape (B,); their mean is the training
+loss. The MDM values are unbiased estimates of the negative ELBO (an upper bound on the NLL); the
+AR values are exact NLLs. Both normalise by the same L tokens per sequence so the two are directly
+comparable.
+
+The MDM losses come in two halves: drawing the forward-process noise (:func:`corrupt_t_dce`,
+:func:`corrupt_k_dce`) and scoring the network on given noise (:func:`dce_loss`). The training
+loop draws the noise of the global batch once and gives each process its rows, so any number of
+processes computes the same loss. Nothing here reads attributes of the network it is given: it is
+called only as ``model(tokens, t=t)``, so DDP, FSDP or ``torch.compile`` wrappers work unchanged.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +30,8 @@ def device_of(model) -> torch.device:
 
 
 def denoiser_logits(model, tokens: torch.Tensor, t: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
-    """Call an MDM network; t is passed only to time-conditioned models (RADD: the default needs none)."""
-    if getattr(model.config, "time_conditioning", False):
-        if t is None:
-            raise ValueError("time-conditioned model needs t")
-        return model(tokens, t=t.to(tokens.device), **kwargs)
-    return model(tokens, **kwargs)
+    """Call an MDM network with its time t (B,); a time-agnostic network ignores t (RADD)."""
+    return model(tokens, t=None if t is None else t.to(tokens.device), **kwargs)
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -35,46 +39,83 @@ def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view(targets.shape)
 
 
-def t_dce(
-    model,
+@dataclass(frozen=True)
+class Corruption:
+    """One draw of the MDM forward process for a batch of clean sequences x0 (B, L).
+
+    The loss of row b is ``weight[b] / L * sum of -log p(x0 | xt) over its masked positions``.
+    """
+
+    xt: torch.Tensor  # (B, L) x0 with the masked positions set to MASK
+    masked: torch.Tensor  # (B, L) bool
+    t: torch.Tensor  # (B,) the time a time-conditioned network sees
+    weight: torch.Tensor  # (B,) ELBO weight: w(t) for t-DCE, L / k for k-DCE
+
+    def rows(self, index: slice) -> "Corruption":
+        """The rows ``index`` of every field (this process's share of a global batch)."""
+        return Corruption(self.xt[index], self.masked[index], self.t[index], self.weight[index])
+
+    def to(self, device: torch.device) -> "Corruption":
+        return Corruption(self.xt.to(device), self.masked.to(device), self.t.to(device), self.weight.to(device))
+
+
+def corrupt_t_dce(
     x0: torch.Tensor,
     schedule: Schedule,
+    mask_id: int,
     generator: torch.Generator,
     t: torch.Tensor | None = None,
     low_discrepancy: bool = True,
-) -> torch.Tensor:
-    """lambda/t-DCE: t ~ U(0,1), mask with p = 1 - alpha(t), weight w(t) on masked NLL. x0 (B, L) -> (B,).
-
-    ``t`` (B,) may be given (stratified MC evaluation); otherwise drawn from ``generator``.
-    """
-    b, l = x0.shape
+) -> Corruption:
+    """lambda/t-DCE noise: t ~ U(0,1) (or the given t (B,)), each token masked with p = 1 - alpha(t)."""
     if t is None:
-        t = sample_times(b, generator, low_discrepancy)
-    xt, masked = add_noise(x0, schedule.mask_prob(t), model.config.mask_id, generator)
-    nll = token_nll(denoiser_logits(model, xt, t), x0)
-    weight = schedule.weight(t).to(x0.device)
-    return (nll * masked).sum(dim=1) * weight / l
+        t = sample_times(x0.shape[0], generator, low_discrepancy)
+    xt, masked = add_noise(x0, schedule.mask_prob(t), mask_id, generator)
+    return Corruption(xt, masked, t.to(x0.device), schedule.weight(t).to(x0.device))
 
 
-def k_dce(
-    model,
-    x0: torch.Tensor,
-    generator: torch.Generator,
-    u: torch.Tensor | None = None,
-    low_discrepancy: bool = True,
-) -> torch.Tensor:
-    """k-DCE / any-order AR: k ~ U{1..L}, mask exactly k positions, loss (L/k) * masked NLL. -> (B,).
+def corrupt_k_dce(
+    x0: torch.Tensor, mask_id: int, generator: torch.Generator, u: torch.Tensor | None = None, low_discrepancy: bool = True
+) -> Corruption:
+    """k-DCE / any-order AR noise: k = ceil(u L) ~ U{1..L} positions masked uniformly, weight L/k.
 
-    k = ceil(u L) for u in (0, 1], so stratified u gives stratified k. The model sees the mask
-    fraction k/L as its time when it is time-conditioned.
+    u in (0, 1] (B,) may be given; stratified u gives stratified k. A time-conditioned network sees
+    the mask fraction k/L as its time.
     """
     b, l = x0.shape
     if u is None:
         u = sample_times(b, generator, low_discrepancy)
     k = torch.ceil(u * l).clamp(1, l).long()
-    xt, masked = mask_exactly(x0, k, model.config.mask_id, generator)
-    nll = token_nll(denoiser_logits(model, xt, k.float() / l), x0)
-    return (nll * masked).sum(dim=1) / k.to(x0.device)
+    xt, masked = mask_exactly(x0, k, mask_id, generator)
+    k = k.to(x0.device)
+    return Corruption(xt, masked, k.float() / l, l / k.float())
+
+
+def dce_loss(model, x0: torch.Tensor, noise: Corruption) -> torch.Tensor:
+    """The MDM loss of given noise: x0 (B, L) -> (B,) nats/token (an unbiased negative-ELBO estimate)."""
+    nll = token_nll(denoiser_logits(model, noise.xt, noise.t), x0)
+    return (nll * noise.masked).sum(dim=1) * noise.weight / x0.shape[1]
+
+
+def t_dce(
+    model,
+    x0: torch.Tensor,
+    schedule: Schedule,
+    generator: torch.Generator,
+    *,
+    mask_id: int,
+    t: torch.Tensor | None = None,
+    low_discrepancy: bool = True,
+) -> torch.Tensor:
+    """t-DCE loss x0 (B, L) -> (B,); ``t`` (B,) may be given (stratified MC evaluation)."""
+    return dce_loss(model, x0, corrupt_t_dce(x0, schedule, mask_id, generator, t, low_discrepancy))
+
+
+def k_dce(
+    model, x0: torch.Tensor, generator: torch.Generator, *, mask_id: int, u: torch.Tensor | None = None, low_discrepancy: bool = True
+) -> torch.Tensor:
+    """k-DCE loss (L/k) * masked NLL / L, x0 (B, L) -> (B,); ``u`` (B,) in (0, 1] may be given."""
+    return dce_loss(model, x0, corrupt_k_dce(x0, mask_id, generator, u, low_discrepancy))
 
 
 def ar_loss(model, window: torch.Tensor) -> torch.Tensor:

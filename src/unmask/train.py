@@ -8,8 +8,10 @@ windows, metrics appended to ``metrics.jsonl``, atomic checkpoints and exact res
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,11 +23,11 @@ from tqdm.auto import tqdm
 from unmask.checkpoint import TrainerState, load_trainer_state, load_weights, resolve_checkpoint, save_checkpoint, write_text_atomic
 from unmask.config import ModelConfig, RunConfig, TrainConfig
 from unmask.data import TokenDataset
-from unmask.distributed import all_gather_objects, all_reduce_mean, barrier, init_world, parallelize, shutdown
+from unmask.distributed import all_reduce_mean, barrier, init_world, local_rows, parallelize, shutdown
 from unmask.errors import UnmaskError
-from unmask.likelihood import LikelihoodResult, ar_nll, mc_elbo, previous_tokens
+from unmask.likelihood import LikelihoodResult, ar_nll, mc_elbo
 from unmask.model import Transformer
-from unmask.objectives import ar_loss, k_dce, t_dce
+from unmask.objectives import Corruption, ar_loss, corrupt_k_dce, corrupt_t_dce, dce_loss
 from unmask.schedule import Schedule
 
 
@@ -51,11 +53,25 @@ def autocast(dtype: torch.dtype | None, device: torch.device):
 
 
 def learning_rate(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at cfg.steps."""
+    """Linear warmup to cfg.lr, then cosine decay to cfg.lr * cfg.min_lr_ratio at cfg.steps.
+
+    When ``steps`` was changed on resume at step s (``cfg.steps_changes``), steps before s follow
+    the schedule of the old length, and from s the cosine runs from the LR reached at s down to
+    the floor at the new end: the LR never jumps. A function of (step, cfg) only.
+    """
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    start, peak = cfg.warmup_steps, cfg.lr
+    if cfg.steps_changes:
+        at, before = cfg.steps_changes[-1]
+        earlier = dataclasses.replace(cfg, steps=before, steps_changes=cfg.steps_changes[:-1])
+        if step < at:
+            return learning_rate(step, earlier)
+        if at > start:  # a change during warmup leaves the plain schedule of the new length
+            start, peak = at, learning_rate(at, earlier)
+    floor = cfg.lr * cfg.min_lr_ratio
+    progress = min(1.0, (step - start) / max(1, cfg.steps - start))
+    return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -65,14 +81,88 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False)
 
 
-def batch_loss(model, window: torch.Tensor, cfg: TrainConfig, schedule: Schedule, gen: torch.Generator) -> torch.Tensor:
-    """Mean loss in nats/token of a batch of windows (B, L+1); the MDM uses the last L tokens."""
-    if cfg.objective == "ar":
-        return ar_loss(model, window).mean()
-    x0 = window[:, 1:]
+def stream_seed(seed: int, stream: int) -> int:
+    """A 63-bit seed for random stream ``stream`` of a run, mixed from (seed, stream) by SeedSequence.
+
+    Distinct streams (data order, masking noise) never share or overlap their seeds, whatever the
+    run seed, unlike arithmetic such as ``seed * 1000 + stream``.
+    """
+    return int(np.random.SeedSequence(seed, spawn_key=(stream,)).generate_state(1, np.uint64)[0] >> 1)
+
+
+DATA_STREAM, NOISE_STREAM = 0, 1
+
+
+def draw_noise(x0: torch.Tensor, cfg: TrainConfig, schedule: Schedule, mask_id: int, gen: torch.Generator) -> Corruption:
+    """The MDM forward-process noise of a whole (global) batch x0 (B, L), drawn on the CPU from ``gen``."""
     if cfg.loss == "k-dce":
-        return k_dce(model, x0, gen, low_discrepancy=cfg.low_discrepancy).mean()
-    return t_dce(model, x0, schedule, gen, low_discrepancy=cfg.low_discrepancy).mean()
+        return corrupt_k_dce(x0, mask_id, gen, low_discrepancy=cfg.low_discrepancy)
+    return corrupt_t_dce(x0, schedule, mask_id, gen, low_discrepancy=cfg.low_discrepancy)
+
+
+def batch_loss(model, window: torch.Tensor, noise: Corruption | None) -> torch.Tensor:
+    """Mean loss in nats/token of windows (B, L+1): AR without ``noise``; else the MDM on the last L tokens."""
+    if noise is None:
+        return ar_loss(model, window).mean()
+    return dce_loss(model, window[:, 1:], noise).mean()
+
+
+# Settings that change no number a run computes: they may differ on resume (with a notice).
+OPERATIONAL = ("eval_every", "checkpoint_every", "log_every", "keep_checkpoints")
+
+
+def changed_settings_error(refused: list[str]) -> UnmaskError:
+    """The error for settings that differ from a resumed run's, each given as "--flag (saved X, given Y)"."""
+    return UnmaskError(
+        f"--resume: {', '.join(refused)} differ from the run's saved settings; leave them out to continue the run as it "
+        "was configured, or start a new --run-dir"
+    )
+
+
+def resume_config(saved: RunConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, step: int, data_dir: Path, fingerprint: str) -> tuple[TrainConfig, list[str]]:
+    """The training config a resumed run continues with, and the notices to print.
+
+    ``saved`` is the config of the checkpoint at ``step``. The model, the data and every training
+    setting must equal the saved ones, except OPERATIONAL settings and ``steps``: a new length
+    keeps the LR continuous (see :func:`learning_rate`). Anything else raises UnmaskError naming it.
+    """
+    if model_cfg != saved.model:
+        diffs = [f"{f.name} (saved {getattr(saved.model, f.name)!r}, given {getattr(model_cfg, f.name)!r})"
+                 for f in dataclasses.fields(ModelConfig) if getattr(saved.model, f.name) != getattr(model_cfg, f.name)]
+        raise UnmaskError(f"--resume: the model differs from the saved one in {', '.join(diffs)}; resume with the saved model or start a new --run-dir")
+    if fingerprint != saved.tokenizer_fingerprint:
+        raise UnmaskError(
+            f"--resume: the data folder {data_dir} was made with another tokenizer than the run's data {saved.data_dir} "
+            f"(fingerprint {fingerprint}, saved {saved.tokenizer_fingerprint}); pass --data with the run's prepared data"
+        )
+    notices = []
+    if str(data_dir) != saved.data_dir:
+        if Path(saved.data_dir).exists():
+            raise UnmaskError(f"--resume: --data {data_dir} is not the run's data folder {saved.data_dir}; leave --data out to use it")
+        notices.append(f"the run's data folder {saved.data_dir} is gone; continuing with {data_dir} (same tokenizer)")
+    new = saved.train
+    refused = []
+    for f in dataclasses.fields(TrainConfig):
+        before, given = getattr(saved.train, f.name), getattr(train_cfg, f.name)
+        if f.name in ("steps", "steps_changes") or before == given:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name in OPERATIONAL:
+            notices.append(f"{flag} changed from {before} to {given}")
+            new = dataclasses.replace(new, **{f.name: given})
+        else:
+            refused.append(f"{flag} (saved {before!r}, given {given!r})")
+    if refused:
+        raise changed_settings_error(refused)
+    if train_cfg.steps != saved.train.steps:
+        if train_cfg.steps <= step:
+            raise UnmaskError(f"--steps {train_cfg.steps}: the run is already at step {step}; give more steps to continue it")
+        new = dataclasses.replace(new, steps=train_cfg.steps, steps_changes=(*saved.train.steps_changes, (step, saved.train.steps)))
+        notices.append(
+            f"--steps changed from {saved.train.steps} to {train_cfg.steps} at step {step}: the learning rate continues from "
+            f"{learning_rate(step, saved.train):.4g} (its value there) along a cosine to {new.lr * new.min_lr_ratio:.4g} at step {new.steps}"
+        )
+    return new, notices
 
 
 def validate(model, windows: torch.Tensor, prev: torch.Tensor, cfg: TrainConfig, batch_size: int) -> LikelihoodResult:
@@ -119,12 +209,26 @@ def train(
 
     With ``resume`` the run continues exactly from RUN's LATEST checkpoint: same weights,
     optimizer moments, data order and masking noise, so the losses equal an uninterrupted run's.
+    The model, data and settings must be the saved ones; only ``steps`` and the OPERATIONAL
+    settings may differ, with a printed notice (see :func:`resume_config`).
     """
     run_dir = Path(run_dir)
     world, dev = init_world(device)
     train_data = TokenDataset(data_dir, "train")
     val_data = TokenDataset(data_dir, "val")
     tokenizer = train_data.tokenizer
+    data_dir = Path(data_dir).resolve()
+    state = None
+    if resume:
+        ckpt = resolve_checkpoint(run_dir)
+        weights, saved, _ = load_weights(ckpt)
+        state = load_trainer_state(ckpt)
+        train_cfg, notices = resume_config(saved, model_cfg, train_cfg, state.step, data_dir, tokenizer.fingerprint)
+        if world.is_main:
+            for notice in notices:
+                print(f"note: {notice}", file=sys.stderr)
+    elif (run_dir / "checkpoints").exists():
+        raise UnmaskError(f"--run-dir {run_dir} already holds a run; pass --resume to continue it or choose a new folder")
     if model_cfg.vocab_size != tokenizer.vocab_size:
         raise UnmaskError(
             f"model vocab_size={model_cfg.vocab_size} but the data in {data_dir} was made with a {tokenizer.vocab_size}-token tokenizer"
@@ -132,33 +236,29 @@ def train(
     if model_cfg.causal != (train_cfg.objective == "ar"):
         raise UnmaskError(f"--objective {train_cfg.objective} needs causal={train_cfg.objective == 'ar'} in the model config")
     length = model_cfg.context_len
-    config = RunConfig(model=model_cfg, train=train_cfg, data_dir=str(Path(data_dir).resolve()), tokenizer_fingerprint=tokenizer.fingerprint)
+    config = RunConfig(model=model_cfg, train=train_cfg, data_dir=str(data_dir), tokenizer_fingerprint=tokenizer.fingerprint)
 
     torch.manual_seed(train_cfg.seed)
     model = Transformer(model_cfg)
     optimizer = make_optimizer(model, train_cfg)
-    data_rng = np.random.default_rng([train_cfg.seed, world.rank])
-    noise_gen = torch.Generator().manual_seed(train_cfg.seed * 1000 + world.rank)
+    # Every rank draws the GLOBAL batch and its masking noise from the same streams and keeps its
+    # own rows, so n ranks x micro-batch b compute exactly what 1 process x micro-batch n b does.
+    data_rng = np.random.default_rng(stream_seed(train_cfg.seed, DATA_STREAM))
+    noise_gen = torch.Generator().manual_seed(stream_seed(train_cfg.seed, NOISE_STREAM))
     step, tokens = 0, 0
     metrics_path = run_dir / "metrics.jsonl"
 
-    if resume:
-        ckpt = resolve_checkpoint(run_dir)
-        weights, saved, _ = load_weights(ckpt)
-        if saved.model != model_cfg or saved.train.objective != train_cfg.objective:
-            raise UnmaskError(f"--resume: {run_dir} was trained with a different model/objective; start a new --run-dir")
+    if state is not None:
         model.load_state_dict(weights)
-        state = load_trainer_state(ckpt)
         step, tokens = state.step, state.tokens
         optimizer.load_state_dict(state.optimizer)
-        if state.rng is None or len(state.rng["data"]) != world.world_size:
-            raise UnmaskError(f"--resume: {ckpt} was written by a different number of processes; resume with the same world size")
-        data_rng.bit_generator.state = state.rng["data"][world.rank]
-        noise_gen.set_state(state.rng["torch"][world.rank])
+        if state.rng is None or state.rng["world_size"] != world.world_size:
+            saved_size = "an unknown number of" if state.rng is None else state.rng["world_size"]
+            raise UnmaskError(f"--resume: {ckpt} was written by {saved_size} processes, this run has {world.world_size}; resume with the same number")
+        data_rng.bit_generator.state = state.rng["data"]
+        noise_gen.set_state(state.rng["torch"])
         if world.is_main:
             _truncate_metrics(metrics_path, step)
-    elif (run_dir / "checkpoints").exists():
-        raise UnmaskError(f"--run-dir {run_dir} already holds a run; pass --resume to continue it or choose a new folder")
 
     if world.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -173,8 +273,10 @@ def train(
     schedule = Schedule(train_cfg.schedule)
 
     val_windows = torch.from_numpy(val_data.eval_windows(length, train_cfg.eval_windows))
-    val_prev = previous_tokens(val_windows, tokenizer.eos_id)
-    tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum * length * world.world_size
+    val_prev = torch.from_numpy(val_data.eval_previous(length, train_cfg.eval_windows))
+    rows = local_rows(world, train_cfg.batch_size)
+    global_batch = train_cfg.batch_size * world.world_size
+    tokens_per_step = global_batch * train_cfg.grad_accum * length
     n_params = model_cfg.non_embedding_params()
     end = train_cfg.steps if stop_after is None else min(train_cfg.steps, step + stop_after)
 
@@ -189,11 +291,14 @@ def train(
         net.train()
         total = torch.zeros((), device=dev)
         for micro in range(train_cfg.grad_accum):
-            window = torch.from_numpy(train_data.sample_windows(data_rng, train_cfg.batch_size, length + 1)).to(dev)
+            windows = torch.from_numpy(train_data.sample_windows(data_rng, global_batch, length + 1))
+            window, noise = windows[rows].to(dev), None
+            if train_cfg.objective == "mdm":
+                noise = draw_noise(windows[:, 1:], train_cfg, schedule, model_cfg.mask_id, noise_gen).rows(rows).to(dev)
             sync = micro == train_cfg.grad_accum - 1 or world.world_size == 1
             ctx = contextlib.nullcontext() if sync else net.no_sync()
             with ctx, autocast(amp, dev):
-                loss = batch_loss(net, window, train_cfg, schedule, noise_gen) / train_cfg.grad_accum
+                loss = batch_loss(net, window, noise) / train_cfg.grad_accum
                 loss.backward()
             total += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
@@ -228,11 +333,8 @@ def train(
                     "val_nats_per_token": result.nats_per_token, "val_stderr": result.stderr, "val_ppl": result.perplexity,
                 })
         if step % train_cfg.checkpoint_every == 0 or step == end:
-            rng = {
-                "data": all_gather_objects(data_rng.bit_generator.state, world),
-                "torch": all_gather_objects(noise_gen.get_state(), world),
-            }
-            if world.is_main:
+            if world.is_main:  # the random streams are the same on every rank
+                rng = {"data": data_rng.bit_generator.state, "torch": noise_gen.get_state(), "world_size": world.world_size}
                 trainer = TrainerState(step, tokens, optimizer.state_dict(), rng)
                 save_checkpoint(run_dir, model, config, trainer, tokenizer.to_json(), keep=train_cfg.keep_checkpoints)
             barrier(world)

@@ -1,0 +1,103 @@
+"""`unmask train --resume` through the command line continues the run exactly as it was configured.
+
+A run started with non-default flags is killed with SIGKILL after its first checkpoint and resumed
+with ``--run-dir R --resume`` only: its per-step losses must equal an uninterrupted run's. A flag
+that differs from the saved run is refused by name; ``--steps`` extends the run with a notice and
+a learning rate that continues smoothly from where the run was.
+"""
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+STEPS = 24
+FLAGS = ["--preset", "tiny", "--context-len", "32", "--batch-size", "4", "--steps", str(STEPS), "--checkpoint-every", "4",
+         "--precision", "fp32", "--eval-every", "1000", "--log-every", "1", "--lr", "1e-3", "--loss", "k-dce",
+         "--warmup-steps", "3", "--seed", "3"]
+WARMUP = 3  # before the first checkpoint (step 4), so the resume step lies on the cosine
+ENV = os.environ | {"OMP_NUM_THREADS": "1"}  # one thread: no spinning workers on a shared CPU
+
+
+def unmask(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "unmask", "train", *args], env=ENV, capture_output=True, text=True, timeout=300)
+
+
+def records(run_dir, kind="train") -> list[dict]:
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def start_and_kill(run_dir, data) -> int:
+    """Start the run, SIGKILL it as soon as its first checkpoint exists; the step it can resume from."""
+    proc = subprocess.Popen([sys.executable, "-m", "unmask", "train", "--run-dir", str(run_dir), "--data", str(data), *FLAGS],
+                            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = run_dir / "checkpoints" / "LATEST"
+    try:
+        deadline = time.monotonic() + 240
+        while not latest.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    step = int(latest.read_text().strip().removeprefix("step_"))
+    assert 0 < step < STEPS, "the run was not killed mid-run"
+    return step
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, small_data):
+    root = tmp_path_factory.mktemp("resume")
+    full = unmask("--run-dir", str(root / "full"), "--data", str(small_data), *FLAGS)
+    assert full.returncode == 0, full.stderr[-2000:]
+    killed_at = start_and_kill(root / "split", small_data)
+    shutil.copytree(root / "split", root / "extended")
+    return root, killed_at
+
+
+def test_resume_with_only_run_dir_continues_exactly(runs):
+    root, killed_at = runs
+    resumed = unmask("--run-dir", str(root / "split"), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    full, split = records(root / "full"), records(root / "split")
+    assert [r["step"] for r in split] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in split] == [r["loss"] for r in full]
+    assert [r["lr"] for r in split] == [r["lr"] for r in full]
+    assert full[0]["lr"] == pytest.approx(1e-3 / WARMUP)  # the run really used --lr 1e-3 and --warmup-steps
+    config = json.loads((root / "split" / "config.json").read_text())["train"]
+    assert (config["loss"], config["lr"], config["seed"]) == ("k-dce", 1e-3, 3)
+
+
+def test_resume_refuses_a_differing_flag(runs):
+    root, _ = runs
+    out = unmask("--run-dir", str(root / "extended"), "--resume", "--lr", "3e-3")
+    assert out.returncode == 2
+    assert "--lr" in out.stderr and "0.001" in out.stderr and "0.003" in out.stderr, out.stderr
+    out = unmask("--run-dir", str(root / "extended"), "--resume", "--loss", "t-dce")
+    assert out.returncode == 2 and "--loss" in out.stderr and "k-dce" in out.stderr, out.stderr
+
+
+def test_resume_with_more_steps_keeps_the_learning_rate_continuous(runs):
+    root, killed_at = runs
+    new_steps = STEPS + 8
+    out = unmask("--run-dir", str(root / "extended"), "--resume", "--steps", str(new_steps))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert f"--steps changed from {STEPS} to {new_steps} at step {killed_at}" in out.stderr
+    full, extended = records(root / "full"), records(root / "extended")
+    assert [r["step"] for r in extended] == list(range(1, new_steps + 1))
+    # up to the resume step: the old run; the first update after it uses the old schedule's LR there
+    assert [r["lr"] for r in extended[: killed_at + 1]] == [r["lr"] for r in full[: killed_at + 1]]
+    # from there (or the end of warmup) a cosine from that LR down to the floor (lr * min_lr_ratio) at the new end
+    anchor = max(killed_at, WARMUP)
+    start, floor = full[anchor]["lr"], 1e-3 * 0.1
+    for r in extended[anchor:]:
+        progress = (r["step"] - 1 - anchor) / (new_steps - anchor)
+        assert r["lr"] == pytest.approx(floor + (start - floor) * 0.5 * (1 + math.cos(math.pi * progress)), rel=1e-12)
+    saved = json.loads((root / "extended" / "config.json").read_text())["train"]
+    assert saved["steps"] == new_steps and saved["steps_changes"] == [[killed_at, STEPS]]
