@@ -10,10 +10,11 @@ validation split (not just its first work):
 * AR: exact NLL on the same tokens.
 
 The sweep is two stages. Stage 1 varies the learning rate of each objective. Stage 2 changes one
-factor at a time around the MDM's best stage-1 learning rate: warmup, k-DCE instead of t-DCE,
+factor at a time around the MDM's best stage-1 learning rate: warmup (50 -> 150 steps, at most half the run), k-DCE instead of t-DCE,
 low-discrepancy t off, and batch 32 at half the steps. A row's train-loss columns are the mean of
 the last 10% of steps ("final") and the largest single-step loss after warmup ("max"), the spikes.
-Outputs in --out: one JSON per run in runs/ (finished runs are skipped when the sweep is
+Runs go to worker processes (``--workers``, ``--threads`` torch threads each; on a shared CPU
+single-threaded workers waste less time waiting for each other). Outputs in --out: one JSON per run in runs/ (finished runs are skipped when the sweep is
 re-run, an interrupted one resumes from its checkpoint), sweep.json, sweep.md and sweep.png
 (if matplotlib is installed).
 
@@ -26,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -71,10 +74,11 @@ def stage_one(quick: bool) -> list[Run]:
     return [Run(f"mdm lr={lr:g}", "mdm", lr) for lr in mdm] + [Run(f"ar lr={lr:g}", "ar", lr) for lr in ar]
 
 
-def stage_two(best_lr: float, quick: bool) -> list[Run]:
+def stage_two(best_lr: float, steps: int, quick: bool) -> list[Run]:
     base = Run("", "mdm", best_lr)
+    long_warmup = min(150, steps // 2)
     runs = [
-        replace(base, name=f"mdm lr={best_lr:g} warmup=150", warmup=150),
+        replace(base, name=f"mdm lr={best_lr:g} warmup={long_warmup}", warmup=long_warmup),
         replace(base, name=f"mdm lr={best_lr:g} k-dce", loss="k-dce"),
         replace(base, name=f"mdm lr={best_lr:g} low-discrepancy off", low_discrepancy=False),
         replace(base, name=f"mdm lr={best_lr:g} batch=32 (half steps)", batch_size=32),
@@ -137,9 +141,16 @@ def execute(run: Run, args: argparse.Namespace, data: Path, windows: torch.Tenso
     return record
 
 
-def report(r: dict) -> dict:
-    print(f"{r['name']:40} {r['val_nats_per_token']:.4f} +- {r['val_stderr']:.4f}  max loss {r['max_train_loss']:.2f}  {r['train_s']:.0f} s", flush=True)
-    return r
+def run_all(runs: list[Run], args: argparse.Namespace, data: Path, windows: torch.Tensor, prev: torch.Tensor) -> list[dict]:
+    """Each run in a worker process with ``args.threads`` torch threads (``args.workers`` at a time); results in order."""
+    with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads, initargs=(args.threads,)) as pool:
+        futures = [pool.submit(execute, run, args, data, windows, prev) for run in runs]
+        records = []
+        for future in futures:
+            r = future.result()
+            print(f"{r['name']:40} {r['val_nats_per_token']:.4f} +- {r['val_stderr']:.4f}  max loss {r['max_train_loss']:.2f}  {r['train_s']:.0f} s", flush=True)
+            records.append(r)
+    return records
 
 
 def slug(name: str) -> str:
@@ -199,6 +210,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=256, help="Validation windows, evenly spread over the split.")
     parser.add_argument("--draws", type=int, default=16, help="Monte Carlo draws of the MDM bound.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=1, help="Runs trained at the same time, each in its own process.")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per worker (1 on a busy machine).")
     parser.add_argument("--quick", action="store_true", help="Smoke test: 60 steps, a few runs, 16 windows, 4 draws.")
     args = parser.parse_args()
     if args.quick:
@@ -209,12 +222,9 @@ def main() -> None:
     length = ModelConfig.from_name(args.preset).context_len
     windows, prev = validation_windows(data, length, args.windows)
     unigram = unigram_nats(data, windows)
-    records = []
-    for run in stage_one(args.quick):
-        records.append(report(execute(run, args, data, windows, prev)))
+    records = run_all(stage_one(args.quick), args, data, windows, prev)
     best_lr = min((r for r in records if r["objective"] == "mdm"), key=lambda r: r["val_nats_per_token"])["lr"]
-    for run in stage_two(best_lr, args.quick):
-        records.append(report(execute(run, args, data, windows, prev)))
+    records += run_all(stage_two(best_lr, args.steps, args.quick), args, data, windows, prev)
 
     text = table(records, unigram, args)
     print("\n" + text)

@@ -1,8 +1,7 @@
-"""``unmask train``, ``unmask presets`` and ``unmask demo``."""
+"""``unmask train`` and ``unmask presets``."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Optional
 
@@ -75,39 +74,3 @@ def train(
     )
     result = run_training(run_dir, model_cfg, train_cfg, data_dir, resume=resume, device=device)
     typer.echo(f"done: {result.steps} steps, {result.tokens:,} tokens, last loss {result.final_loss:.4f}, {result.tokens_per_s:,.0f} tokens/s -> {run_dir}", err=True)
-
-
-@app.command()
-def demo(
-    run_root: Path = typer.Option(Path("runs/demo"), help="Where the two runs are written (re-running resumes them)."),
-    preset: str = typer.Option("tiny"),
-    steps: int = typer.Option(600, help="Training steps for each model."),
-    draws: int = typer.Option(16, help="MC draws for the MDM bound."),
-    seed: int = typer.Option(0),
-) -> None:
-    """Train a tiny MDM and AR model on the embedded corpus, report both perplexities, print samples."""
-    from unmask.data import TokenDataset
-    from unmask.evaluation import evaluate_checkpoint, format_likelihood
-    from unmask.sampling.generate import generate
-    from unmask.train import train as run_training
-
-    data_dir = _data_dir(None)
-    vocab = TokenDataset(data_dir, "train").tokenizer.vocab_size
-    results = {}
-    for objective in ("mdm", "ar"):
-        run_dir = run_root / objective
-        model_cfg = ModelConfig.from_name(preset, vocab_size=vocab, causal=objective == "ar")
-        every = max(steps // 4, 1)
-        train_cfg = dataclasses.replace(_T, objective=objective, steps=steps, seed=seed, eval_every=every, checkpoint_every=every)
-        typer.echo(f"== training {objective.upper()} ({preset}: {model_cfg.non_embedding_params() / 1e6:.2f}M non-embedding params) -> {run_dir}", err=True)
-        resume = (run_dir / "checkpoints" / "LATEST").exists()
-        run_training(run_dir, model_cfg, train_cfg, data_dir, resume=resume)
-        results[objective] = evaluate_checkpoint(run_dir, data_dir, draws=draws, batch_size=32, seed=seed)
-    typer.echo("\n== validation likelihood (held-out works, the same tokens for both models)")
-    for objective in ("mdm", "ar"):
-        typer.echo(format_likelihood(results[objective]))
-    for objective in ("mdm", "ar"):
-        res = generate(run_root / objective, num_samples=2, length=64, steps=64, seed=seed)
-        typer.echo(f"\n== {objective.upper()} samples ({res['nfe']} network calls for 2 x 64 tokens, {res['seconds']:.1f} s)")
-        for i, s in enumerate(res["samples"]):
-            typer.echo(f"--- sample {i} ---\n{s['text'].strip()}")
