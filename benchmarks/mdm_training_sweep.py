@@ -68,9 +68,8 @@ class Run:
         )
 
 
-def stage_one(quick: bool) -> list[Run]:
-    mdm = MDM_LRS[1::2] if quick else MDM_LRS
-    ar = AR_LRS[:1] if quick else AR_LRS
+def stage_one(mdm: list[float], ar: list[float], quick: bool) -> list[Run]:
+    mdm, ar = (mdm[1::2], ar[:1]) if quick else (mdm, ar)
     return [Run(f"mdm lr={lr:g}", "mdm", lr) for lr in mdm] + [Run(f"ar lr={lr:g}", "ar", lr) for lr in ar]
 
 
@@ -202,6 +201,10 @@ def plot(records: list[dict], unigram: float, path: Path) -> bool:
     return True
 
 
+def lrs(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/mdm_training_sweep"))
@@ -210,6 +213,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=256, help="Validation windows, evenly spread over the split.")
     parser.add_argument("--draws", type=int, default=16, help="Monte Carlo draws of the MDM bound.")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mdm-lrs", type=lrs, default=list(MDM_LRS), help="Stage-1 MDM learning rates, comma-separated.")
+    parser.add_argument("--ar-lrs", type=lrs, default=list(AR_LRS), help="Stage-1 AR learning rates, comma-separated.")
     parser.add_argument("--workers", type=int, default=1, help="Runs trained at the same time, each in its own process.")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per worker (1 on a busy machine).")
     parser.add_argument("--quick", action="store_true", help="Smoke test: 60 steps, a few runs, 16 windows, 4 draws.")
@@ -222,7 +227,7 @@ def main() -> None:
     length = ModelConfig.from_name(args.preset).context_len
     windows, prev = validation_windows(data, length, args.windows)
     unigram = unigram_nats(data, windows)
-    records = run_all(stage_one(args.quick), args, data, windows, prev)
+    records = run_all(stage_one(args.mdm_lrs, args.ar_lrs, args.quick), args, data, windows, prev)
     best_lr = min((r for r in records if r["objective"] == "mdm"), key=lambda r: r["val_nats_per_token"])["lr"]
     records += run_all(stage_two(best_lr, args.steps, args.quick), args, data, windows, prev)
 

@@ -16,7 +16,7 @@ DEMO_TRAIN = {
     "mdm": dict(lr=1e-3, warmup_steps=50, loss="t-dce", low_discrepancy=True, batch_size=16),
     "ar": dict(lr=3e-3, warmup_steps=50, batch_size=16),
 }
-SPAN_WINDOW, SPAN_LEN = 48, 4  # a 4-token span in the middle of 48-token held-out windows
+SPAN_WINDOW, SPAN_LEN = 48, 4  # gaps of 1 and 4 tokens in the middle of 48-token held-out windows
 
 
 def demo_train_config(objective: str, steps: int, seed: int) -> TrainConfig:
@@ -26,7 +26,9 @@ def demo_train_config(objective: str, steps: int, seed: int) -> TrainConfig:
 
 
 def print_infilling(mdm_dir: Path, ar_dir: Path, data_dir: Path, spans: int, examples: int) -> None:
-    """Span scores of both models on the same held-out spans, and a few greedy fills."""
+    """Blank and span scores of both models on the same held-out windows, and a few greedy fills."""
+    import torch
+
     from unmask.checkpoint import checkpoint_tokenizer, load_model
     from unmask.evaluation.infill import infill_examples, span_line, span_scores, spread_windows
 
@@ -34,21 +36,31 @@ def print_infilling(mdm_dir: Path, ar_dir: Path, data_dir: Path, spans: int, exa
     ar, _ = load_model(ar_dir)
     tok = checkpoint_tokenizer(mdm_dir)
     width = min(SPAN_WINDOW, cfg.model.context_len)
-    start, stop = width // 2, width // 2 + SPAN_LEN
+    start = width // 2
     windows, prev = spread_windows(data_dir, "val", width, spans)
-    typer.echo(f"\n== infilling: {SPAN_LEN} masked tokens inside {windows.shape[0]} held-out windows "
-               f"({start} tokens of text before the span, {width - stop} after)")
-    typer.echo("The MDM reads both sides of the span; the AR model can only read the left side.")
-    for s in span_scores(mdm, ar, windows, prev, start, stop):
-        typer.echo(f"{s.setting:16} {s.nats_per_token:.3f} nats/token of the span   all {SPAN_LEN} tokens top-1: {100 * s.greedy_exact:4.1f}%")
+    prev = torch.full_like(prev, tok.eos_id)  # the AR model reads exactly the text left of the gap, as the MDM does
+    typer.echo(f"\n== infilling: gaps in the middle of {windows.shape[0]} held-out windows of {width} tokens ({start} tokens before the gap)")
+    typer.echo("The MDM reads the text on both sides of a gap; the AR model can only read the text before it.")
+    blank = span_scores(mdm, ar, windows, prev, start, start + 1)
+    span = span_scores(mdm, ar, windows, prev, start, start + SPAN_LEN)
+    typer.echo(f"{'':17}{'1-token gap':>24}{f'{SPAN_LEN}-token gap':>16}")
+    typer.echo(f"{'':17}{'nats/token':>12}{'top-1':>12}{'nats/token':>16}")
+    for b, s in zip(blank, span):
+        typer.echo(f"{b.setting:17}{b.nats_per_token:>12.3f}{100 * b.greedy_exact:>11.1f}%{s.nats_per_token:>16.3f}")
     if examples <= 0:
         return
-    pick = slice(0, windows.shape[0], max(windows.shape[0] // examples, 1))
-    fills = infill_examples(mdm, ar, windows[pick][:examples], prev[pick][:examples], start, stop)
-    typer.echo("\nGreedy fills of the [span] (MDM: from both sides; AR: from the left, the right side pasted after it):")
-    for i, row in enumerate(windows[pick][:examples].tolist()):
+    stop = start + SPAN_LEN
+    # readable examples: gaps inside a line of verse or prose (chosen from the true text only), evenly spread
+    rows = windows.tolist()
+    lines = [i for i, r in enumerate(rows) if "\n" not in tok.decode(r[start - 1 : stop + 1]) and len(span_line(tok, r, start, stop, r[start:stop])) > 40]
+    pick = lines[:: max(len(lines) // examples, 1)][:examples]
+    if not pick:
+        return
+    fills = infill_examples(mdm, ar, windows[pick], prev[pick], start, stop)
+    typer.echo(f"\nGreedy fills of a {SPAN_LEN}-token [gap] (MDM: from both sides; AR: from the left, the text after it pasted unchanged):")
+    for i, row in enumerate(pick):
         for who in ("true", "mdm", "ar"):
-            typer.echo(f"{who.upper():>4}: {span_line(tok, row, start, stop, fills[who][i].tolist())}")
+            typer.echo(f"{who.upper():>4}: {span_line(tok, rows[row], start, stop, fills[who][i].tolist())}")
         typer.echo("")
 
 
@@ -58,7 +70,7 @@ def demo(
     preset: str = typer.Option("tiny"),
     steps: int = typer.Option(600, help="Training steps for each model."),
     draws: int = typer.Option(16, help="MC draws for the MDM bound."),
-    spans: int = typer.Option(256, help="Held-out spans for the infilling comparison."),
+    spans: int = typer.Option(256, help="Held-out windows for the infilling comparison."),
     examples: int = typer.Option(3, help="Infilled lines to print."),
     seed: int = typer.Option(0),
 ) -> None:
