@@ -39,7 +39,8 @@ import torch
 from unmask.checkpoint import load_model
 from unmask.config import ModelConfig, TrainConfig
 from unmask.data import TokenDataset, default_dataset
-from unmask.likelihood import ar_nll, mc_elbo, previous_tokens
+from unmask.evaluation.infill import spread_windows
+from unmask.likelihood import ar_nll, mc_elbo
 from unmask.train import train
 
 MDM_LRS = (5e-4, 1e-3, 2e-3, 3e-3)
@@ -83,15 +84,6 @@ def stage_two(best_lr: float, steps: int, quick: bool) -> list[Run]:
         replace(base, name=f"mdm lr={best_lr:g} batch=32 (half steps)", batch_size=32),
     ]
     return runs[1:3] if quick else runs
-
-
-def validation_windows(data: Path, length: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` windows (count, L) at an even stride over the whole validation split, and the token before each."""
-    ds = TokenDataset(data, "val")
-    every = torch.from_numpy(ds.eval_windows(length))
-    prev_all = previous_tokens(every, ds.tokenizer.eos_id)
-    pick = torch.linspace(0, every.shape[0] - 1, min(count, every.shape[0])).round().long()
-    return every[pick], prev_all[pick]
 
 
 def unigram_nats(data: Path, windows: torch.Tensor) -> float:
@@ -225,7 +217,7 @@ def main() -> None:
 
     data = default_dataset()
     length = ModelConfig.from_name(args.preset).context_len
-    windows, prev = validation_windows(data, length, args.windows)
+    windows, prev = spread_windows(data, "val", length, args.windows)
     unigram = unigram_nats(data, windows)
     records = run_all(stage_one(args.mdm_lrs, args.ar_lrs, args.quick), args, data, windows, prev)
     best_lr = min((r for r in records if r["objective"] == "mdm"), key=lambda r: r["val_nats_per_token"])["lr"]
