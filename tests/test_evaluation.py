@@ -26,7 +26,7 @@ def runs(tmp_path_factory):
     data = default_dataset()
     for objective in ("mdm", "ar"):
         model = ModelConfig.from_name("tiny", context_len=64, causal=objective == "ar")
-        cfg = TrainConfig(objective=objective, steps=300, batch_size=32, eval_every=300, checkpoint_every=300, eval_windows=8, eval_draws=2)
+        cfg = TrainConfig(objective=objective, steps=300, batch_size=32, lr=3e-3, loss="t-dce", eval_every=300, checkpoint_every=300, eval_windows=8, eval_draws=2)
         train(root / objective, model, cfg, data, progress=False)
     return root
 

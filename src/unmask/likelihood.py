@@ -200,7 +200,7 @@ def chain_rule(
     """Exact log-likelihood of an MDM under a fixed decoding order (SMDM "chain_rule", RADD "ar_forward").
 
     tokens (B, L); ``score_mask`` (B, L) bool marks the positions to score (default: all). They start
-    masked; unscored positions are clean context. Pass j unmasks the position of rank j in each row
+    masked; unscored positions are context (clean tokens, or MASK to hide them). Pass j unmasks the position of rank j in each row
     after scoring log p(x_i | context, earlier positions). max_b(#scored) network calls.
     With ``cfg_scale`` w, logits are guided by the context-free pass (context replaced by MASK).
     A time-conditioned network is given t = the fraction of masked positions of its input row.
@@ -216,12 +216,13 @@ def chain_rule(
     greedy = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     steps = int(score_mask.sum(dim=1).max().item()) if tokens.numel() else 0
     context = ~score_mask
+    scored = torch.where(score_mask, tokens, 0)  # context may hold MASK (hidden context), which has no logit
     for j in range(steps):
         logits = guided_logits(model, x, context, cfg_scale).double()
         now = ranks == j  # (B, L): at most one position per row
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, scored[..., None]).squeeze(-1)
         logprob += (logp * now).sum(dim=1)
-        hit = logits.argmax(dim=-1) == tokens
+        hit = logits.argmax(dim=-1) == scored
         greedy &= (hit | ~now).all(dim=1)
         x = torch.where(now, tokens, x)
     return ChainRuleScore(logprob, greedy, steps)
@@ -250,6 +251,7 @@ def conditional_elbo(
         raise UnmaskError(f"--draws={draws}: the Monte Carlo estimate needs at least 2 draws for a standard error")
     score_mask = score_mask.bool()
     n = score_mask.sum(dim=1)
+    scored = torch.where(score_mask, tokens, 0)  # context may hold MASK, which has no logit
     u0 = torch.rand(tokens.shape[0], generator=generator)
     values = []
     for j in range(draws):
@@ -259,7 +261,7 @@ def conditional_elbo(
         masked = score_mask & (ranks < k[:, None])
         x = torch.where(masked, torch.full_like(tokens, model.config.mask_id), tokens)
         logits = guided_logits(model, x, ~score_mask, cfg_scale).double()
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, tokens[..., None]).squeeze(-1)
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, scored[..., None]).squeeze(-1)
         values.append((logp * masked).sum(dim=1) * n / k)
     stacked = torch.stack(values)  # (K, B)
     return stacked.mean(dim=0), stacked.std(dim=0) / math.sqrt(draws)

@@ -22,6 +22,7 @@ from unmask.errors import UnmaskError
 
 # registering the subcommands
 from unmask.cli import data as _data  # noqa: F401,E402
+from unmask.cli import demo as _demo  # noqa: F401,E402
 from unmask.cli import evaluate as _evaluate  # noqa: F401,E402
 from unmask.cli import sample as _sample  # noqa: F401,E402
 from unmask.cli import train as _train  # noqa: F401,E402

@@ -1,4 +1,4 @@
-"""``unmask train``, ``unmask presets`` and ``unmask demo``."""
+"""``unmask train`` and ``unmask presets``."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from unmask.cli.app import app
-from unmask.config import PRESETS, ModelConfig, RunConfig, TrainConfig
+from unmask.config import OBJECTIVE_DEFAULTS, PRESETS, ModelConfig, RunConfig, TrainConfig
 from unmask.errors import UnmaskError
 
 _T = TrainConfig()
@@ -72,10 +72,10 @@ def train(
     ),
     batch_size: Optional[int] = typer.Option(None, help=f"Sequences per micro-batch, per process (default {_T.batch_size})."),
     grad_accum: Optional[int] = typer.Option(None, help=f"Micro-batches per optimizer step (default {_T.grad_accum})."),
-    lr: Optional[float] = typer.Option(None, help=f"Peak learning rate (default {_T.lr})."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default per objective: " + ", ".join(f"{o} {d['lr']:g}" for o, d in OBJECTIVE_DEFAULTS.items()) + ")."),
     warmup_steps: Optional[int] = typer.Option(None, help=f"Linear warmup steps (default {_T.warmup_steps})."),
     weight_decay: Optional[float] = typer.Option(None, help=f"AdamW weight decay (default {_T.weight_decay})."),
-    loss: Optional[str] = typer.Option(None, help=f"MDM objective: t-dce or k-dce (default {_T.loss})."),
+    loss: Optional[str] = typer.Option(None, help=f"MDM objective: t-dce or k-dce (default {OBJECTIVE_DEFAULTS['mdm']['loss']})."),
     schedule: Optional[str] = typer.Option(None, help=f"MDM masking schedule: linear or cosine (default {_T.schedule})."),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 autocast where supported), bf16 or fp32 (default auto)."),
     context_len: Optional[int] = typer.Option(None, help="Override the preset's context length."),
@@ -124,39 +124,3 @@ def train(
     )
     result = run_training(run_dir, model_cfg, train_cfg, data_dir, resume=resume, device=device)
     typer.echo(f"done: {result.steps} steps, {result.tokens:,} tokens, last loss {result.final_loss:.4f}, {result.tokens_per_s:,.0f} tokens/s -> {run_dir}", err=True)
-
-
-@app.command()
-def demo(
-    run_root: Path = typer.Option(Path("runs/demo"), help="Where the two runs are written (re-running resumes them)."),
-    preset: str = typer.Option("tiny"),
-    steps: int = typer.Option(600, help="Training steps for each model."),
-    draws: int = typer.Option(16, help="MC draws for the MDM bound."),
-    seed: int = typer.Option(0),
-) -> None:
-    """Train a tiny MDM and AR model on the embedded corpus, report both perplexities, print samples."""
-    from unmask.data import TokenDataset
-    from unmask.evaluation import evaluate_checkpoint, format_likelihood
-    from unmask.sampling.generate import generate
-    from unmask.train import train as run_training
-
-    data_dir = _data_dir(None)
-    vocab = TokenDataset(data_dir, "train").tokenizer.vocab_size
-    results = {}
-    for objective in ("mdm", "ar"):
-        run_dir = run_root / objective
-        model_cfg = ModelConfig.from_name(preset, vocab_size=vocab, causal=objective == "ar")
-        every = max(steps // 4, 1)
-        train_cfg = dataclasses.replace(_T, objective=objective, steps=steps, seed=seed, eval_every=every, checkpoint_every=every)
-        typer.echo(f"== training {objective.upper()} ({preset}: {model_cfg.non_embedding_params() / 1e6:.2f}M non-embedding params) -> {run_dir}", err=True)
-        resume = (run_dir / "checkpoints" / "LATEST").exists()
-        run_training(run_dir, model_cfg, train_cfg, data_dir, resume=resume)
-        results[objective] = evaluate_checkpoint(run_dir, data_dir, draws=draws, batch_size=32, seed=seed)
-    typer.echo("\n== validation likelihood (held-out works, the same tokens for both models)")
-    for objective in ("mdm", "ar"):
-        typer.echo(format_likelihood(results[objective]))
-    for objective in ("mdm", "ar"):
-        res = generate(run_root / objective, num_samples=2, length=64, steps=64, seed=seed)
-        typer.echo(f"\n== {objective.upper()} samples ({res['nfe']} network calls for 2 x 64 tokens, {res['seconds']:.1f} s)")
-        for i, s in enumerate(res["samples"]):
-            typer.echo(f"--- sample {i} ---\n{s['text'].strip()}")
