@@ -11,3 +11,22 @@ def small_data(tmp_path_factory):
     tok = train_bpe([text for _, text in works], vocab_size=512)
     out = tmp_path_factory.mktemp("data") / "small"
     return prepare_dataset(out, tok, [t for _, t in works], [t for _, t in val], progress=False)
+
+
+@pytest.fixture
+def generator_devices(monkeypatch):
+    """Records the device every torch.Generator is created for: {id(generator): device type}.
+
+    No GPU here: tests make a model report another device and check that each generator handed to
+    a sampler was created for it (a CPU generator fails when the sampler draws on CUDA)."""
+    import torch
+
+    real, made = torch.Generator, {}
+
+    def recording_generator(device="cpu"):
+        g = real()
+        made[id(g)] = torch.device(device).type
+        return g
+
+    monkeypatch.setattr(torch, "Generator", recording_generator)
+    return made

@@ -243,7 +243,7 @@ def test_options_with_an_ar_meaning_are_applied(capsys, trained):
     assert code == 2 and "--no-kv-cache" in err and "MDM" in err, err
 
 
-def test_generators_live_on_the_model_device(monkeypatch, trained):
+def test_generators_live_on_the_model_device(monkeypatch, trained, generator_devices):
     """Samplers draw on the model's device, so their generator must be made there (a CPU generator
     fails on CUDA). No GPU here: the model is made to report another device, and every generator
     handed to a sampler must have been created for that device."""
@@ -252,14 +252,7 @@ def test_generators_live_on_the_model_device(monkeypatch, trained):
     import unmask.sampling.generate as gen_mod
     from unmask.sampling.generate import generate
 
-    real, made = torch.Generator, {}
-
-    def recording_generator(device="cpu"):
-        g = real()
-        made[id(g)] = torch.device(device).type
-        return g
-
-    monkeypatch.setattr(torch, "Generator", recording_generator)
+    made = generator_devices
     monkeypatch.setattr(gen_mod, "device_of", lambda model: torch.device("cuda"))
     used = []
     for name in ("ancestral", "first-hitting"):

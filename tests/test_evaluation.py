@@ -168,21 +168,14 @@ def test_harness_unknown_task_is_named(runs, capsys):
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_harness_generator_lives_on_the_model_device(monkeypatch, causal):
+def test_harness_generator_lives_on_the_model_device(monkeypatch, causal, generator_devices):
     """generate_until samples on the model's device, so its generator must be made there (a CPU
     generator fails on CUDA). No GPU here: the model is made to report another device, and the
     generator handed to the sampler must have been created for that device."""
     import unmask.evaluation.harness as harness
     import unmask.sampling.generate as gen_mod
 
-    real, made = torch.Generator, {}
-
-    def recording_generator(device="cpu"):
-        g = real()
-        made[id(g)] = torch.device(device).type
-        return g
-
-    monkeypatch.setattr(torch, "Generator", recording_generator)
+    made = generator_devices
     monkeypatch.setattr(gen_mod, "device_of", lambda model: torch.device("cuda"), raising=False)
     used = []
     for name in ("ancestral", "ar_sample"):

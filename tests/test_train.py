@@ -151,7 +151,7 @@ def test_resume_refuses_a_differing_train_config(tmp_path, small_data, capsys):
 
     model, cfg = cfgs(steps=4)
     train(tmp_path / "run", model, cfg, small_data, progress=False, stop_after=2)
-    for change, message in [({"lr": 1e-3}, r"--lr \(saved 0.003, given 0.001\)"), ({"loss": "k-dce"}, r"--loss \(saved 't-dce', given 'k-dce'\)"),
+    for change, message in [({"lr": 1e-3}, r"--lr \(saved 0.003, given 0.001\)"), ({"loss": "t-dce"}, r"--loss \(saved 'k-dce', given 't-dce'\)"),
                             ({"seed": 1, "batch_size": 4}, r"--batch-size \(saved 8, given 4\), --seed \(saved 0, given 1\)")]:
         with pytest.raises(UnmaskError, match=message):
             train(tmp_path / "run", model, dataclasses.replace(cfg, **change), small_data, resume=True, progress=False)
