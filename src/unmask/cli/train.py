@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -118,9 +119,12 @@ def train(
             overrides["context_len"] = context_len
         model_cfg = ModelConfig.from_name(preset or "tiny", **overrides)
         train_cfg = TrainConfig(**given)
-    typer.echo(
-        f"{train_cfg.objective.upper()} {model_cfg.name}: {model_cfg.non_embedding_params() / 1e6:.2f}M non-embedding params, "
-        f"{model_cfg.total_params() / 1e6:.2f}M total", err=True,
-    )
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
+    if main_process:
+        typer.echo(
+            f"{train_cfg.objective.upper()} {model_cfg.name}: {model_cfg.non_embedding_params() / 1e6:.2f}M non-embedding params, "
+            f"{model_cfg.total_params() / 1e6:.2f}M total", err=True,
+        )
     result = run_training(run_dir, model_cfg, train_cfg, data_dir, resume=resume, device=device)
-    typer.echo(f"done: {result.steps} steps, {result.tokens:,} tokens, last loss {result.final_loss:.4f}, {result.tokens_per_s:,.0f} tokens/s -> {run_dir}", err=True)
+    if main_process:
+        typer.echo(f"done: {result.steps} steps, {result.tokens:,} tokens, last loss {result.final_loss:.4f}, {result.tokens_per_s:,.0f} tokens/s -> {run_dir}", err=True)
