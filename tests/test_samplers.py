@@ -38,9 +38,10 @@ class FixedLogits(torch.nn.Module):
         self.register_buffer("logits", logits)
         self.calls = 0
 
-    def forward(self, tokens, **_):
+    def forward(self, tokens, logits_at=None, **_):
         self.calls += 1
-        return self.logits[: tokens.shape[0]].expand(tokens.shape[0], -1, -1) if self.logits.shape[0] == 1 else self.logits[: tokens.shape[0]]
+        out = self.logits[: tokens.shape[0]].expand(tokens.shape[0], -1, -1) if self.logits.shape[0] == 1 else self.logits[: tokens.shape[0]]
+        return out if logits_at is None else out[logits_at]
 
 
 def masks(oracle, n):

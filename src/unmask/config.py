@@ -47,6 +47,7 @@ class ModelConfig:
     intermediate: int = 0  # 0: SwiGLU width from the LLaMA rule (8/3 d rounded up to 64)
     causal: bool = False
     time_conditioning: bool = False  # False: time-agnostic network (RADD), the default
+    block_causal: int = 0  # > 0: a position attends only to its own block of this many positions and earlier ones
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -59,6 +60,8 @@ class ModelConfig:
         for key in ("vocab_size", "context_len", "n_layer", "n_head", "n_embd"):
             if getattr(self, key) <= 0:
                 raise UnmaskError(f"model {key}={getattr(self, key)} must be positive")
+        if self.block_causal < 0:
+            raise UnmaskError(f"model block_causal={self.block_causal} must be >= 0 (0: off)")
         if self.causal and self.time_conditioning:
             raise UnmaskError("model time_conditioning is for MDMs; a causal (AR) model has no time input")
 

@@ -21,9 +21,14 @@ from unmask.errors import UnmaskError
 
 @dataclass
 class KVCache:
-    """Keys/values of earlier positions, per layer: ``k[i], v[i]`` are (B, H, max_len, Dh).
+    """Keys/values per layer: ``k[i], v[i]`` are (B, H, slots, Dh); the caller owns the object.
 
-    ``length`` positions are filled. Used by exact AR decoding; the caller owns the object.
+    Two ways to use it, one attention code path:
+    * AR decoding appends: each forward writes its tokens at slots [length, length + L) and
+      attends causally to the slots before; ``length`` counts the filled slots.
+    * MDM decoding over a canvas of ``slots`` positions: a forward with ``cache_index`` (B, Q)
+      writes the fed tokens' keys/values at those slots and attends to every slot (the others
+      keep what an earlier forward wrote there).
     """
 
     k: list[torch.Tensor]
@@ -37,6 +42,15 @@ class KVCache:
             k=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
             v=[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)],
         )
+
+    def rows(self, index: torch.Tensor) -> "KVCache":
+        """A copy holding the rows ``index`` (R,) of every layer."""
+        return KVCache([k[index] for k in self.k], [v[index] for v in self.v], self.length)
+
+    def put_rows(self, index: torch.Tensor, part: "KVCache") -> None:
+        """Write ``part`` (from :meth:`rows`) back into the rows ``index``."""
+        for mine, theirs in zip(self.k + self.v, part.k + part.v):
+            mine[index] = theirs
 
 
 def rotary_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,16 +81,22 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         attn_mask: torch.Tensor | None,
         is_causal: bool,
-        cache: tuple[torch.Tensor, torch.Tensor, int] | None,
+        cache: tuple[torch.Tensor, torch.Tensor, int | torch.Tensor] | None,
     ) -> torch.Tensor:
         b, l, d = x.shape
         q, k, v = self.qkv(x).view(b, l, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k_cache, v_cache, start = cache
-            k_cache[:, :, start : start + l] = k.to(k_cache.dtype)
-            v_cache[:, :, start : start + l] = v.to(v_cache.dtype)
-            k, v = k_cache[:, :, : start + l].to(q.dtype), v_cache[:, :, : start + l].to(q.dtype)
+            k_cache, v_cache, where = cache
+            if isinstance(where, int):  # append at slots [where, where + l), attend to the filled ones
+                k_cache[:, :, where : where + l] = k.to(k_cache.dtype)
+                v_cache[:, :, where : where + l] = v.to(v_cache.dtype)
+                k, v = k_cache[:, :, : where + l].to(q.dtype), v_cache[:, :, : where + l].to(q.dtype)
+            else:  # write at the slots where (B, L), attend to every slot
+                index = where[:, None, :, None].expand(-1, self.n_head, -1, self.head_dim)
+                k_cache.scatter_(2, index, k.to(k_cache.dtype))
+                v_cache.scatter_(2, index, v.to(v_cache.dtype))
+                k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.proj(y.transpose(1, 2).reshape(b, l, d))
 
@@ -156,24 +176,36 @@ class Transformer(nn.Module):
         key_mask: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
+        cache_index: torch.Tensor | None = None,
+        logits_at: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits for every position.
+        """Logits for every position (or for the ``logits_at`` ones).
 
         Args:
             tokens: (B, L) ids; ``vocab_size`` is MASK.
             t: (B,) diffusion time, required iff ``config.time_conditioning``.
             key_mask: (B, S) bool, False for padding keys that no query may attend to; S = L, or
-                the cache length + L when decoding with ``kv_cache``.
-            positions: (B, L) rotary positions; default 0..L-1 (offset by the cache length).
-            kv_cache: AR only: keys/values of earlier positions, extended in place.
+                the cache's slots (AR: the cache length + L) when decoding with ``kv_cache``.
+            positions: (B, L) rotary positions; default: the slots (0..L-1, offset by the AR
+                cache length, or ``cache_index``).
+            kv_cache: keys/values of other positions (see :class:`KVCache`); AR: appended to.
+            cache_index: (B, L) the canvas slots of ``tokens`` in ``kv_cache`` (MDM decoding):
+                their keys/values are written there and every slot is attended to.
+            logits_at: (B, L) bool: apply the head only at these positions.
         Returns:
-            (B, L, vocab_size) logits (in the autocast dtype when autocast is on).
+            (B, L, vocab_size) logits, or (N, vocab_size) for the N ``logits_at`` positions in
+            row-major order (in the autocast dtype when autocast is on).
         """
         b, l = tokens.shape
         cfg = self.config
-        start = kv_cache.length if kv_cache is not None else 0
+        if cache_index is not None and kv_cache is None:
+            raise UnmaskError("cache_index needs a kv_cache to write the keys/values into")
+        start = kv_cache.length if kv_cache is not None and cache_index is None else 0
+        # slot of every query and of every key: the causal and block-causal masks are over slots
+        q_slot = cache_index if cache_index is not None else torch.arange(start, start + l, device=tokens.device).expand(b, l)
+        num_keys = kv_cache.k[0].shape[2] if cache_index is not None else start + l
         if positions is None:
-            positions = torch.arange(start, start + l, device=tokens.device).expand(b, l)
+            positions = q_slot
         cos, sin = rotary_tables(cfg.head_dim, positions, cfg.rope_theta)
         x = self.embed(tokens)
         if self.time_embed is not None:
@@ -185,23 +217,28 @@ class Transformer(nn.Module):
             x = x + self.time_embed(t)[:, None, :].to(x.dtype)
 
         attn_mask, is_causal = None, False
-        if cfg.causal and (key_mask is not None or start > 0):
-            q_pos = torch.arange(start, start + l, device=tokens.device)
-            k_pos = torch.arange(start + l, device=tokens.device)
-            attn_mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # (1, 1, L, S)
+        k_slot = torch.arange(num_keys, device=tokens.device)
+        if cfg.causal and key_mask is None and start == 0 and cache_index is None:
+            is_causal = True  # the fused kernel
         elif cfg.causal:
-            is_causal = True
+            attn_mask = (k_slot[None, None, :] <= q_slot[:, :, None])[:, None]  # (B, 1, L, S)
+        if cfg.block_causal:
+            blocks = (k_slot[None, None, :] // cfg.block_causal <= q_slot[:, :, None] // cfg.block_causal)[:, None]
+            attn_mask = blocks if attn_mask is None else attn_mask & blocks
         if key_mask is not None:
-            q_pos = torch.arange(start, start + l, device=tokens.device)
-            own = torch.arange(key_mask.shape[1], device=tokens.device)[None, :] == q_pos[:, None]
             # a padding query still sees itself: a row with no visible key would make NaNs that leak
-            km = key_mask[:, None, None, :].bool() | own[None, None]
+            own = k_slot[None, None, :] == q_slot[:, :, None]
+            km = key_mask[:, None, None, :].bool() | own[:, None]
             attn_mask = km if attn_mask is None else attn_mask & km
         for i, block in enumerate(self.blocks):
-            cache = (kv_cache.k[i], kv_cache.v[i], start) if kv_cache is not None else None
+            cache = None
+            if kv_cache is not None:
+                cache = (kv_cache.k[i], kv_cache.v[i], start if cache_index is None else cache_index)
             x = block(x, cos, sin, attn_mask, is_causal, cache)
-        if kv_cache is not None:
+        if kv_cache is not None and cache_index is None:
             kv_cache.length = start + l
+        if logits_at is not None:
+            x = x[logits_at]
         return self.head(self.norm(x))
 
     def num_params(self) -> int:

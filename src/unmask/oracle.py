@@ -92,7 +92,8 @@ class OracleModel(nn.Module):
         w = w / w.sum(dim=1, keepdim=True)
         return torch.einsum("bn,nlv->blv", w, self.onehot)
 
-    def forward(self, tokens: torch.Tensor, t: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, t: torch.Tensor | None = None, logits_at: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+        """Log-probabilities (B, L, V), or (N, V) at the ``logits_at`` positions (as the Transformer)."""
         self.calls += 1
         if self.config.time_conditioning:
             if t is None:
@@ -112,7 +113,8 @@ class OracleModel(nn.Module):
             for i in range(l):
                 agree = (tokens[:, None, 1 : i + 1] == self.seqs[None, :, :i]).all(dim=2)
                 marg[:, i] = self._marginals(agree)[:, i]
-        return torch.where(marg > 0, marg.log(), torch.full_like(marg, _NEG)).float()
+        logits = torch.where(marg > 0, marg.log(), torch.full_like(marg, _NEG)).float()
+        return logits if logits_at is None else logits[logits_at]
 
 
 def exact_nats_per_token(oracle: OracleModel) -> float:

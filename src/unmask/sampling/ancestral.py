@@ -2,9 +2,12 @@
 
 Steps t_0 = 1 > t_1 > ... > t_n = 0 uniform in t. From t to s each still-masked position stays
 masked with probability (1 - alpha(s)) / (1 - alpha(t)) and otherwise takes a token from
-p_theta(. | x_t). Both events are drawn as ONE categorical over V + 1 outcomes (the MDLM form),
-in float64 by default, so the small unmask probabilities of many-step sampling are not lost.
-Exact only as steps >> L: tokens unmasked in the same step are drawn from factorised marginals.
+p_theta(. | x_t). Drawn in two stages with the same distribution as one categorical over V + 1
+outcomes (the MDLM form): first which masked positions unmask (float64 by default, so the small
+unmask probabilities of many-step sampling are not lost), then a token at those positions only.
+The network is called only on rows where something unmasks (its output elsewhere would be unused),
+so NFE <= steps. Exact only as steps >> L: tokens unmasked in the same step are drawn from
+factorised marginals.
 """
 
 from __future__ import annotations
@@ -14,9 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from unmask.sampling.base import (
-    open_positions,
-    Conditioning, SampleOutput, SamplerConfig, SamplerState, StepCallback, check_steps, dtype_of, exponential_race, network,
-    token_log_probs,
+    Conditioning, Sampler, SamplerConfig, SamplerState, check_steps, dtype_of, fill, open_positions, predict, start_state,
 )
 from unmask.schedule import Schedule
 
@@ -26,6 +27,20 @@ class AncestralConfig(SamplerConfig):
     steps: int = 128
     schedule: str = "linear"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_steps(self.steps)
+        Schedule(self.schedule)  # validates the name
+
+
+@dataclass(frozen=True)
+class AncestralState(SamplerState):
+    """``logits`` (B, L, V): the cached sampler's last network output per row at its masked
+    positions; ``fresh`` (B,): the row has not changed since that output."""
+
+    logits: torch.Tensor | None = None
+    fresh: torch.Tensor | None = None
+
 
 def stay_probability(schedule: Schedule, t: float, s: float) -> float:
     """(1 - alpha(s)) / (1 - alpha(t)): a masked token at time t is still masked at s < t."""
@@ -34,43 +49,35 @@ def stay_probability(schedule: Schedule, t: float, s: float) -> float:
     return (m_s / m_t).clamp(0, 1).item()
 
 
-def time_grid(steps: int) -> list[float]:
-    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).tolist()
+def start(model, x: torch.Tensor, config: AncestralConfig, eligible=None, cache=None) -> AncestralState:
+    return start_state(model, x, eligible, cache, cls=AncestralState, fresh=torch.zeros(x.shape[0], dtype=torch.bool, device=x.device))
 
 
-def ancestral_step(
-    model, state: SamplerState, t: float, s: float, generator: torch.Generator, config: AncestralConfig,
-    cond: Conditioning | None = None, eligible: torch.Tensor | None = None,
-) -> SamplerState:
-    """One step from time t to s < t. Only masked ``eligible`` positions (default: all) may unmask."""
+def step(
+    model, state: AncestralState, generator: torch.Generator, config: AncestralConfig, cond: Conditioning | None = None,
+    reuse: bool = False,
+) -> AncestralState:
+    """From t = 1 - step/steps to s = t - 1/steps. ``reuse``: the cached sampler (see :mod:`cached`)."""
     x = state.tokens
-    mask_id = model.config.mask_id
-    dtype = dtype_of(config.precision)
-    logp = token_log_probs(network(model, x, cond, config.cfg_scale, torch.full((x.shape[0],), t)), config)
-    stay = torch.tensor(stay_probability(Schedule(config.schedule), t, s), dtype=dtype, device=logp.device)
-    weights = torch.cat([logp + torch.log1p(-stay), torch.log(stay).expand(*logp.shape[:-1], 1)], dim=-1)  # (B, L, V+1)
-    draw = exponential_race(weights, generator, config.precision)  # index V == stay masked
-    can = open_positions(x, mask_id, eligible)
-    new = torch.where(can & (draw < model.config.vocab_size), draw, x)
-    return state.advance(new, calls=1)
+    t, s = (config.steps - state.step) / config.steps, (config.steps - state.step - 1) / config.steps
+    can = open_positions(x, model.config.mask_id, state.eligible)
+    stay = stay_probability(Schedule(config.schedule), t, s)
+    unmask = torch.zeros_like(can)
+    unmask[can] = torch.rand(int(can.sum()), generator=generator, dtype=dtype_of(config.precision), device=x.device) >= stay
+    moving = unmask.any(dim=1)
+    time = torch.full((x.shape[0],), t, dtype=torch.float64)
+    buffer, fresh = state.logits, state.fresh
+    if reuse:  # predict every masked position of the rows whose cached output is stale, keep it
+        logits, called, cache = predict(model, state, (moving & ~fresh)[:, None] & can, cond, config.cfg_scale, time)
+        if buffer is None:
+            buffer = torch.zeros((*x.shape, logits.shape[-1]), dtype=logits.dtype, device=x.device)
+        buffer[(moving & ~fresh)[:, None] & can] = logits
+        logits, fresh = buffer[unmask], (fresh | called) & ~moving
+    else:
+        logits, called, cache = predict(model, state, unmask, cond, config.cfg_scale, time)
+    new = fill(x, unmask, logits, generator, config)
+    done = state.step + 1 == config.steps or not bool(open_positions(new, model.config.mask_id, state.eligible).any())
+    return state.advance(new, called, cache, done=done, logits=buffer, fresh=fresh)
 
 
-@torch.no_grad()
-def ancestral(
-    model,
-    x: torch.Tensor,
-    generator: torch.Generator,
-    config: AncestralConfig = AncestralConfig(),
-    cond: Conditioning | None = None,
-    callback: StepCallback | None = None,
-    eligible: torch.Tensor | None = None,
-) -> SampleOutput:
-    """Fill the MASKs of x (B, L) (those in ``eligible``) in ``config.steps`` steps; NFE = steps."""
-    check_steps(config.steps)
-    state = SamplerState(x.clone())
-    times = time_grid(config.steps)
-    for t, s in zip(times[:-1], times[1:]):
-        state = ancestral_step(model, state, t, s, generator, config, cond, eligible)
-        if callback is not None:
-            callback(state)
-    return SampleOutput(state.tokens, state.nfe, state.step)
+ancestral = Sampler("ancestral", AncestralConfig, start, step)

@@ -48,7 +48,8 @@ def ar_sample(
         raise UnmaskError(f"prompt of {p} tokens + {config.max_new_tokens} new tokens exceeds the context of {model.config.context_len}")
     key_mask = cond.key_mask if cond is not None and cond.key_mask is not None else torch.ones_like(prompt, dtype=torch.bool)
     ones = torch.ones((b, 1), dtype=torch.bool, device=prompt.device)
-    state = SamplerState(prompt.clone())
+    every = torch.ones(b, dtype=torch.bool, device=prompt.device)
+    state = SamplerState(prompt.clone(), row_nfe=torch.zeros(b, dtype=torch.long, device=prompt.device))
     cache = None
     if config.kv_cache:
         dtype = next(iter(model.parameters()), torch.empty(0)).dtype
@@ -61,9 +62,9 @@ def ar_sample(
         else:
             logits = model(state.tokens, key_mask=step_mask, positions=pos)[:, -1]
         nxt = sample_from(logits.float(), generator, config)
-        state = state.advance(torch.cat([state.tokens, nxt[:, None]], dim=1), calls=1)
+        state = state.advance(torch.cat([state.tokens, nxt[:, None]], dim=1), every, None)
         step_mask = torch.cat([step_mask, ones], dim=1)
         step_input = nxt[:, None] if cache is not None else state.tokens
         if callback is not None:
             callback(state)
-    return SampleOutput(state.tokens, state.nfe, state.step)
+    return SampleOutput(state.tokens, state.nfe, state.step, state.row_nfe)

@@ -1,11 +1,18 @@
 """What every sampler shares: the explicit state, the conditioning, the network call, and float64
 categorical sampling.
 
-A sampler is a function ``sampler(model, x, generator, config, cond=None, callback=None) ->
-SampleOutput``: x (B, L) holds MASK where tokens are to be generated (anywhere: prompts, infilling
-templates); the state is an explicit :class:`SamplerState` returned anew each step; everything is
-deterministic under a seeded generator; every network call is counted (NFE = forward calls, each
-over the rows that needed it).
+A sampler is a :class:`Sampler`: ``start(model, x, config, eligible, cache) -> state`` and
+``step(model, state, generator, config, cond) -> state``, pure functions of an explicit state
+dataclass (tokens, the positions being decoded, counters, per-row times, caches) returned anew each
+step, so a step can be inspected, streamed or resumed. Calling a :class:`Sampler` runs it to the end:
+``sampler(model, x, generator, config, cond=None, callback=None, eligible=None) -> SampleOutput``,
+where x (B, L) holds MASK where tokens are to be generated (anywhere: prompts, infilling templates).
+Everything is deterministic under a seeded generator.
+
+NFE, everywhere: network forward calls. A call covers the rows that need it (rows with nothing to
+predict this step are left out of the forward), so ``nfe`` counts calls and ``row_nfe`` (B,) counts
+the calls each row took part in. Bookkeeping is proportional to the positions that can change: the
+network's head, softmaxes and float64 draws run only at the positions a step needs.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from typing import Callable, Literal
 import torch
 
 from unmask.errors import UnmaskError
-from unmask.guidance import guided_logits
+from unmask.guidance import combine, network_time
+from unmask.sampling.cache import CanvasCache, fed_index
 
 Precision = Literal["float64", "float32"]
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -24,14 +32,22 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 @dataclass(frozen=True)
 class SamplerState:
-    """tokens (B, L) with MASK where still undecided; ``step`` steps done; ``nfe`` network calls so far."""
+    """tokens (B, L) with MASK where still undecided; ``eligible`` (B, L): the positions this phase
+    may fill (None: every MASK); ``step`` steps done; ``nfe`` network calls so far, ``row_nfe`` (B,)
+    per row; ``cache``: the KV cache of the canvas (None: no cache); ``done``: nothing left to do."""
 
     tokens: torch.Tensor
+    eligible: torch.Tensor | None = None
     step: int = 0
     nfe: int = 0
+    row_nfe: torch.Tensor | None = None
+    cache: CanvasCache | None = None
+    done: bool = False
 
-    def advance(self, tokens: torch.Tensor, calls: int) -> "SamplerState":
-        return replace(self, tokens=tokens, step=self.step + 1, nfe=self.nfe + calls)
+    def advance(self, tokens: torch.Tensor, called: torch.Tensor, cache: CanvasCache | None, **changes) -> "SamplerState":
+        """The state after a step that wrote ``tokens`` and called the network on the ``called`` (B,) rows."""
+        return replace(self, tokens=tokens, step=self.step + 1, nfe=self.nfe + int(bool(called.any())),
+                       row_nfe=self.row_nfe + called, cache=cache, **changes)
 
 
 StepCallback = Callable[[SamplerState], None]
@@ -42,7 +58,7 @@ class SampleOutput:
     tokens: torch.Tensor  # (B, L) final sequences, prompt included
     nfe: int  # network forward calls
     steps: int
-    row_nfe: torch.Tensor | None = None  # (B,) calls each row took part in (cached sampler)
+    row_nfe: torch.Tensor | None = None  # (B,) calls each row took part in
 
 
 @dataclass(frozen=True)
@@ -81,33 +97,71 @@ class Conditioning:
     prompt_mask: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
 
+    def rows(self, index: torch.Tensor) -> "Conditioning":
+        """The conditioning of a subset of rows."""
+        pick = lambda v: None if v is None else v[index]  # noqa: E731
+        return Conditioning(pick(self.key_mask), pick(self.positions), pick(self.prompt_mask), self.extra)
 
-def network(model, x: torch.Tensor, cond: Conditioning | None, cfg_scale: float, t: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 logits (B, L, V) for x (B, L), with padding masks, positions and guidance applied.
 
-    ``t`` (B,): the chain time a time-conditioned network is given (ancestral, first-hitting);
-    None: the masked fraction of each row's real positions (confidence, threshold; see
-    :func:`unmask.guidance.network_time`). A time-agnostic network ignores it.
+def start_state(model, x: torch.Tensor, eligible: torch.Tensor | None = None, cache: CanvasCache | None = None, **extra) -> SamplerState:
+    """The state before the first step (``extra``: fields of a sampler's own state subclass)."""
+    cls = extra.pop("cls", SamplerState)
+    done = not bool(open_positions(x, model.config.mask_id, eligible).any())
+    return cls(x.clone(), eligible, row_nfe=torch.zeros(x.shape[0], dtype=torch.long, device=x.device), cache=cache, done=done, **extra)
+
+
+def predict(
+    model, state: SamplerState, want: torch.Tensor, cond: Conditioning | None, cfg_scale: float, t: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, CanvasCache | None]:
+    """float32 logits (N, V) at the N ``want`` (B, L) positions of ``state.tokens`` (row-major order),
+    with padding masks, positions, guidance and the state's KV cache applied.
+
+    One forward over the rows with a wanted position; returns (logits, called (B,) bool, cache after).
+    ``t`` (B,): the chain time a time-conditioned network is given (ancestral, first-hitting); None:
+    the masked fraction of each row's real positions (:func:`unmask.guidance.network_time`).
     """
+    x, mask_id = state.tokens, model.config.mask_id
     cond = cond or Conditioning()
-    kwargs = {}
-    if cond.key_mask is not None:
-        kwargs["key_mask"] = cond.key_mask
-    if cond.positions is not None:
-        kwargs["positions"] = cond.positions
-    t = None if t is None else t.to(x.device)
-    if cfg_scale and (cond.prompt_mask is None or not cond.prompt_mask.any()):
-        raise UnmaskError("--cfg needs a prompt: guidance contrasts the prompt with the prompt replaced by MASK")
-    prompt = cond.prompt_mask if cond.prompt_mask is not None else torch.zeros_like(x, dtype=torch.bool)
-    return guided_logits(model, x, prompt, cfg_scale, t, **kwargs).float()
-
-
-def rows_of(cond: Conditioning | None, rows: torch.Tensor) -> Conditioning | None:
-    """The conditioning of a subset of rows (for samplers that call the network on some rows only)."""
-    if cond is None:
-        return None
-    pick = lambda v: None if v is None else v[rows]  # noqa: E731
-    return Conditioning(pick(cond.key_mask), pick(cond.positions), pick(cond.prompt_mask), cond.extra)
+    called = want.any(dim=1)
+    if not bool(called.any()):
+        return torch.empty((0, model.config.vocab_size), device=x.device), called, state.cache
+    rows = called.nonzero().squeeze(1)
+    everyone = rows.numel() == x.shape[0]
+    pick = (lambda v: v) if everyone else (lambda v: None if v is None else v[rows])  # noqa: E731
+    tokens, key_mask, positions, wanted = pick(x), pick(cond.key_mask), pick(cond.positions), pick(want)
+    t = None if t is None else pick(t.to(x.device))
+    guided = bool(cfg_scale)
+    if guided:
+        if cond.prompt_mask is None or not cond.prompt_mask.any():
+            raise UnmaskError("--cfg needs a prompt: guidance contrasts the prompt with the prompt replaced by MASK")
+        # the unconditional half: the same rows with the prompt replaced by MASK (reference section 5)
+        tokens = torch.cat([tokens, torch.where(pick(cond.prompt_mask), mask_id, tokens)])
+        key_mask, positions, wanted = (None if v is None else torch.cat([v, v]) for v in (key_mask, positions, wanted))
+        t = None if t is None else torch.cat([t, t])
+    time = network_time(model, tokens, t, key_mask)
+    cache = state.cache
+    if cache is None:
+        logits = model(tokens, t=time, key_mask=key_mask, positions=positions, logits_at=wanted)
+    else:
+        length = x.shape[1]
+        region = pick(state.eligible) if state.eligible is not None else x[rows] == mask_id
+        fed, cache = cache.feed(rows, x[rows], region, mask_id)
+        index, real = fed_index(torch.cat([fed, fed]) if guided else fed)
+        at = index.clamp(max=length - 1)  # the scratch slot L reads any real slot; its outputs are discarded
+        visible = torch.ones_like(tokens, dtype=torch.bool) if key_mask is None else key_mask
+        visible = torch.cat([visible, torch.zeros_like(visible[:, :1])], dim=1)  # nobody attends to the scratch slot
+        kv_rows = torch.cat([rows, rows + x.shape[0]]) if guided else rows
+        kv = cache.kv if everyone else cache.kv.rows(kv_rows)
+        logits = model(
+            tokens.gather(1, at), t=time, key_mask=visible, positions=(at if positions is None else positions.gather(1, at)),
+            kv_cache=kv, cache_index=index, logits_at=wanted.gather(1, at) & real,
+        )
+        if not everyone:
+            cache.kv.put_rows(kv_rows, kv)
+    logits = logits.float()
+    if guided:
+        logits = combine(*logits.chunk(2), cfg_scale)
+    return logits, called, cache
 
 
 def dtype_of(precision: str) -> torch.dtype:
@@ -146,22 +200,38 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 
 
 def token_log_probs(logits: torch.Tensor, config: SamplerConfig) -> torch.Tensor:
-    """log p_T(x) (..., V) in the sampling precision: temperature, top-k and top-p applied.
+    """log p_T(x) (..., V) in the sampling precision: temperature first, then top-k and top-p (the
+    order of HF transformers and vLLM: the nucleus is taken of the tempered distribution).
 
     Temperature 0 puts all the mass on the argmax (ties share it).
     """
-    logits = filter_logits(logits.to(dtype_of(config.precision)), config.top_k, config.top_p)
+    logits = logits.to(dtype_of(config.precision))
     if config.temperature == 0:
         logits = torch.where(logits == logits.max(dim=-1, keepdim=True).values, 0.0, -torch.inf).to(logits.dtype)
         return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
-    return torch.log_softmax(logits / config.temperature, dim=-1)
+    return torch.log_softmax(filter_logits(logits / config.temperature, config.top_k, config.top_p), dim=-1)
 
 
 def sample_from(logits: torch.Tensor, generator: torch.Generator, config: SamplerConfig) -> torch.Tensor:
     """One token per row of logits (..., V) under the config (temperature 0: argmax)."""
     if config.temperature == 0:
-        return filter_logits(logits, config.top_k, config.top_p).argmax(dim=-1)
+        return logits.argmax(dim=-1)
     return exponential_race(token_log_probs(logits, config), generator, config.precision)
+
+
+def model_probability(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """p_theta(token) (...,) float64 under the network's own distribution softmax(logits) (..., V): no
+    temperature, no top-k/top-p renormalisation (which would inflate it). What confidence and
+    threshold decoding compare."""
+    logits = logits.double()
+    return (logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(dim=-1)).exp()
+
+
+def scatter_rows(values: torch.Tensor, where: torch.Tensor, fill_value: float) -> torch.Tensor:
+    """(B, L) tensor holding ``values`` (N,) at the N True positions of ``where`` (row-major), ``fill_value`` elsewhere."""
+    out = torch.full(where.shape, fill_value, dtype=values.dtype, device=values.device)
+    out[where] = values
+    return out
 
 
 def check_steps(steps: int) -> None:
@@ -185,13 +255,12 @@ def top_per_row(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor)
 
 
 def fill(tokens: torch.Tensor, where: torch.Tensor, logits: torch.Tensor, generator: torch.Generator, config: SamplerConfig) -> torch.Tensor:
-    """tokens (B, L) with a fresh draw from logits (B, L, V) at the ``where`` positions only
-    (one categorical over V per chosen position, not B x L of them)."""
-    rows, cols = where.nonzero(as_tuple=True)
-    if rows.numel() == 0:
+    """tokens (B, L) with a fresh draw at the N ``where`` positions from their logits (N, V) (one
+    categorical over V per chosen position, not B x L of them)."""
+    if logits.shape[0] == 0:
         return tokens
     out = tokens.clone()
-    out[rows, cols] = sample_from(logits[rows, cols], generator, config)
+    out[where] = sample_from(logits, generator, config)
     return out
 
 
@@ -199,3 +268,33 @@ def open_positions(tokens: torch.Tensor, mask_id: int, eligible: torch.Tensor | 
     """(B, L) bool: still-masked positions a sampler may fill now (all, or those in ``eligible``)."""
     can = tokens == mask_id
     return can if eligible is None else can & eligible
+
+
+@dataclass(frozen=True)
+class Sampler:
+    """A sampler: its config type and its two pure functions. Calling it runs ``step`` until done."""
+
+    name: str
+    config: type
+    start: Callable[..., SamplerState]
+    step: Callable[..., SamplerState]
+
+    @torch.no_grad()
+    def __call__(
+        self, model, x: torch.Tensor, generator: torch.Generator, config=None, cond: Conditioning | None = None,
+        callback: StepCallback | None = None, eligible: torch.Tensor | None = None, cache: CanvasCache | None = None,
+    ) -> SampleOutput:
+        """Fill the MASKs of x (B, L) (those in ``eligible``, default all)."""
+        state = self.run(model, x, generator, config, cond, callback, eligible, cache)
+        return SampleOutput(state.tokens, state.nfe, state.step, state.row_nfe)
+
+    @torch.no_grad()
+    def run(self, model, x, generator, config=None, cond=None, callback=None, eligible=None, cache=None) -> SamplerState:
+        """Like calling it, but returns the final state (with its cache)."""
+        config = self.config() if config is None else config
+        state = self.start(model, x, config, eligible, cache)
+        while not state.done:
+            state = self.step(model, state, generator, config, cond)
+            if callback is not None:
+                callback(state)
+        return state

@@ -1,19 +1,20 @@
-"""Semi-autoregressive block decoding (LLaDA, SMDM). Reference section 4.
+"""Semi-autoregressive block decoding (LLaDA, SMDM) and the decoding driver. Reference section 4.
 
 The generation region [start, L) of the canvas [prompt ; MASK x gen_len] is split into blocks of
 ``block_len`` columns, decoded left to right; inside a block any sampler runs with the positions
-right of the block not eligible (they stay MASK and are seen as MASK).
+right of the block not eligible (they stay MASK and are seen as MASK). A KV cache of the canvas
+(:mod:`unmask.sampling.cache`) lives across blocks and is refreshed at each block start. With a
+stop token (EOS), a row that has produced it in a completed block leaves the working batch (its
+remaining MASKs become the stop token), so a batch does not wait for its slowest row.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-from typing import Callable
-
 import torch
 
 from unmask.errors import UnmaskError
-from unmask.sampling.base import Conditioning, SampleOutput, SamplerState, StepCallback
+from unmask.sampling.base import Conditioning, SampleOutput, Sampler, SamplerState, StepCallback
+from unmask.sampling.cache import CacheConfig, CanvasCache
 
 
 @torch.no_grad()
@@ -21,30 +22,51 @@ def semi_autoregressive(
     model,
     x: torch.Tensor,
     generator: torch.Generator,
-    inner: Callable[..., SampleOutput],
-    inner_config,
+    sampler: Sampler,
+    config,
     block_len: int,
     start: int,
     cond: Conditioning | None = None,
     callback: StepCallback | None = None,
     stop_token: int | None = None,
+    cache: CacheConfig = CacheConfig(),
 ) -> SampleOutput:
-    """Decode columns [start, L) of x (B, L) block by block with ``inner(model, x, generator,
-    inner_config, cond, callback, eligible)``. With ``stop_token`` (EOS), decoding stops after the
-    first block in which every row has produced it; the remaining MASKs become ``stop_token``."""
-    gen_len = x.shape[1] - start
+    """Decode columns [start, L) of x (B, L) block by block with ``sampler`` and its per-block
+    ``config``. ``block_len`` = L - start decodes the region as one block. The callback sees the
+    whole batch, with steps and calls counted across blocks."""
+    b, length = x.shape
+    gen_len = length - start
     if block_len < 1 or gen_len % block_len:
         raise UnmaskError(f"--block-len={block_len} must divide the generation length {gen_len}")
-    state = SamplerState(x.clone())
-    cols = torch.arange(x.shape[1], device=x.device)
-    for b0 in range(start, x.shape[1], block_len):
-        eligible = ((cols >= b0) & (cols < b0 + block_len))[None].expand_as(x)
-        done = state  # the callback counts steps and calls across blocks
-        inner_callback = None if callback is None else (lambda s, d=done: callback(replace(s, step=d.step + s.step, nfe=d.nfe + s.nfe)))
-        out = inner(model, state.tokens, generator, inner_config, cond, inner_callback, eligible)
-        state = SamplerState(out.tokens, state.step + out.steps, state.nfe + out.nfe)
-        if stop_token is not None and (state.tokens[:, start : b0 + block_len] == stop_token).any(dim=1).all():
-            rest = state.tokens == model.config.mask_id
-            state = SamplerState(torch.where(rest, stop_token, state.tokens), state.step, state.nfe)
-            break
-    return SampleOutput(state.tokens, state.nfe, state.step)
+    tokens = x.clone()
+    active = torch.arange(b, device=x.device)  # rows still decoding
+    kv = None if cache.kind == "none" else CanvasCache.create(model, x, cache, guided=bool(config.cfg_scale))
+    work_cond, steps, nfe = cond, 0, 0
+    row_nfe = torch.zeros(b, dtype=torch.long, device=x.device)
+    cols = torch.arange(length, device=x.device)
+    for b0 in range(start, length, block_len):
+        eligible = ((cols >= b0) & (cols < b0 + block_len))[None].expand(active.numel(), length)
+
+        def whole(s: SamplerState, done=(steps, nfe), rows=active) -> None:
+            full = tokens.clone()
+            full[rows] = s.tokens
+            callback(SamplerState(full, step=done[0] + s.step, nfe=done[1] + s.nfe))
+
+        state = sampler.run(model, tokens[active], generator, config, work_cond, whole if callback else None, eligible,
+                            None if kv is None else kv.new_block())
+        tokens[active] = state.tokens
+        steps, nfe, kv = steps + state.step, nfe + state.nfe, state.cache
+        row_nfe[active] += state.row_nfe
+        if stop_token is None:
+            continue
+        stopped = (state.tokens[:, start : b0 + block_len] == stop_token).any(dim=1)
+        if bool(stopped.any()):
+            done = active[stopped]
+            tokens[done] = torch.where(tokens[done] == model.config.mask_id, stop_token, tokens[done])
+            keep = (~stopped).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                break
+            active = active[keep]
+            work_cond = None if work_cond is None else work_cond.rows(keep)
+            kv = None if kv is None else kv.rows(keep)
+    return SampleOutput(tokens, nfe, steps, row_nfe)

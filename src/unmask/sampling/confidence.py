@@ -1,7 +1,8 @@
 """Confidence-ordered decoding (MaskGIT, LLaDA, Dream). Reference section 4.
 
-Each step predicts every masked position (x0 drawn at the sampling temperature; argmax at 0),
-scores it, and commits the k best per row:
+Each step predicts every masked position (x0 drawn at the sampling temperature, top-k/top-p applied;
+argmax at 0), scores it under the network's own distribution p = softmax(logits) (no temperature,
+no top-k/top-p renormalisation, as LLaDA), and commits the k best per row:
   low_confidence  p(x0)            (LLaDA's "low_confidence" remasking keeps the confident ones)
   margin          p1 - p2          (top-1 minus top-2 probability)
   entropy         -H(p)
@@ -20,8 +21,8 @@ import torch
 
 from unmask.errors import UnmaskError
 from unmask.sampling.base import (
-    open_positions,
-    Conditioning, SampleOutput, SamplerConfig, SamplerState, StepCallback, check_steps, filter_logits, network, sample_from, top_per_row,
+    Conditioning, Sampler, SamplerConfig, SamplerState, check_steps, model_probability, open_positions, predict, scatter_rows,
+    sample_from, start_state, top_per_row,
 )
 
 SCORES = ("low_confidence", "margin", "entropy", "random")
@@ -35,6 +36,7 @@ class ConfidenceConfig(SamplerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_steps(self.steps)
         if self.score not in SCORES:
             raise UnmaskError(f"--score {self.score!r} is not one of: {', '.join(SCORES)}")
         if self.allocation not in ("even", "schedule"):
@@ -42,16 +44,16 @@ class ConfidenceConfig(SamplerConfig):
 
 
 def confidence_scores(logits: torch.Tensor, x0: torch.Tensor, score: str, generator: torch.Generator) -> torch.Tensor:
-    """Score (B, L) of the proposal x0 (B, L) under the model's distribution (top-k/top-p applied)."""
+    """Score (N,) of the proposals x0 (N,) under the network's distribution softmax(logits (N, V))."""
     if score == "random":
         return torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
-    p = logits.double().softmax(dim=-1)
     if score == "low_confidence":
-        return p.gather(-1, x0[..., None]).squeeze(-1)
+        return model_probability(logits, x0)
+    logp = logits.double().log_softmax(dim=-1)
     if score == "margin":
-        top2 = p.topk(2, dim=-1).values
+        top2 = logp.topk(2, dim=-1).values.exp()
         return top2[..., 0] - top2[..., 1]
-    return (p * p.clamp_min(1e-300).log()).sum(dim=-1)  # -entropy
+    return (logp.exp() * logp).sum(dim=-1)  # -entropy
 
 
 def tokens_per_step(n: torch.Tensor, step: int, steps: int, allocation: str) -> torch.Tensor:
@@ -63,39 +65,21 @@ def tokens_per_step(n: torch.Tensor, step: int, steps: int, allocation: str) -> 
     return n - torch.floor(n.double() * s / t).long()
 
 
-def confidence_step(
-    model, state: SamplerState, k: torch.Tensor, generator: torch.Generator, config: SamplerConfig, score: str,
-    cond: Conditioning | None = None, eligible: torch.Tensor | None = None,
-) -> SamplerState:
-    """Commit the k[b] best-scoring masked (eligible) positions of each row b."""
-    x = state.tokens
-    can = open_positions(x, model.config.mask_id, eligible)
-    logits = filter_logits(network(model, x, cond, config.cfg_scale), config.top_k, config.top_p)
+def start(model, x: torch.Tensor, config: ConfidenceConfig, eligible=None, cache=None) -> SamplerState:
+    return start_state(model, x, eligible, cache)
+
+
+def step(model, state: SamplerState, generator: torch.Generator, config: ConfidenceConfig, cond: Conditioning | None = None) -> SamplerState:
+    """Commit the k best-scoring masked (eligible) positions of each row, k from the allocation."""
+    x, mask_id = state.tokens, model.config.mask_id
+    can = open_positions(x, mask_id, state.eligible)
+    k = tokens_per_step(can.sum(dim=1), state.step, config.steps, config.allocation)
+    logits, called, cache = predict(model, state, can, cond, config.cfg_scale)
     x0 = sample_from(logits, generator, config)
-    commit = top_per_row(confidence_scores(logits, x0, score, generator), can, k)
-    return state.advance(torch.where(commit, x0, x), calls=1)
+    commit = top_per_row(scatter_rows(confidence_scores(logits, x0, config.score, generator), can, -torch.inf), can, k)
+    new = torch.where(commit, scatter_rows(x0, can, mask_id), x)
+    done = state.step + 1 == config.steps or not bool(open_positions(new, mask_id, state.eligible).any())
+    return state.advance(new, called, cache, done=done)
 
 
-@torch.no_grad()
-def confidence(
-    model,
-    x: torch.Tensor,
-    generator: torch.Generator,
-    config: ConfidenceConfig = ConfidenceConfig(),
-    cond: Conditioning | None = None,
-    callback: StepCallback | None = None,
-    eligible: torch.Tensor | None = None,
-) -> SampleOutput:
-    """Fill the MASKs of x (B, L) (those in ``eligible``) in ``config.steps`` steps."""
-    check_steps(config.steps)
-    state = SamplerState(x.clone())
-    for step in range(config.steps):
-        can = open_positions(state.tokens, model.config.mask_id, eligible)
-        n = can.sum(dim=1)
-        if not n.any():
-            break
-        k = tokens_per_step(n, step, config.steps, config.allocation)
-        state = confidence_step(model, state, k, generator, config, config.score, cond, eligible)
-        if callback is not None:
-            callback(state)
-    return SampleOutput(state.tokens, state.nfe, state.step)
+confidence = Sampler("confidence", ConfidenceConfig, start, step)

@@ -7,7 +7,7 @@ and one categorical over V per event instead of L x (V + 1). With a time-agnosti
 random-order AO-ARM decoding; the time law matters only to a time-conditioned network, which is
 called at the hitting time tau (the state is still x on (tau, t]). The parallel variant unmasks k
 positions per call (k = 1 is exact), all at the time of the first of the k events, and the next
-time is drawn from there.
+time is drawn from there. The per-row times are part of the state.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 
 from unmask.errors import UnmaskError
-from unmask.sampling.base import open_positions, Conditioning, SampleOutput, SamplerConfig, SamplerState, StepCallback, fill, network, random_subset
+from unmask.sampling.base import (
+    Conditioning, Sampler, SamplerConfig, SamplerState, fill, open_positions, predict, random_subset, start_state,
+)
 from unmask.schedule import Schedule
 
 
@@ -30,35 +32,31 @@ class FirstHittingConfig(SamplerConfig):
         super().__post_init__()
         if self.k < 1:
             raise UnmaskError(f"--k={self.k} must be a positive integer")
+        Schedule(self.schedule)  # validates the name
 
 
-@torch.no_grad()
-def first_hitting(
-    model,
-    x: torch.Tensor,
-    generator: torch.Generator,
-    config: FirstHittingConfig = FirstHittingConfig(),
-    cond: Conditioning | None = None,
-    callback: StepCallback | None = None,
-    eligible: torch.Tensor | None = None,
-) -> SampleOutput:
-    """Fill the MASKs of x (B, L) (those in ``eligible``); ceil(max masked / k) network calls."""
-    schedule = Schedule(config.schedule)
-    mask_id = model.config.mask_id
-    state = SamplerState(x.clone())
-    t = torch.ones(x.shape[0], dtype=torch.float64)  # per-row current time
-    while True:
-        can = open_positions(state.tokens, mask_id, eligible)
-        n = can.sum(dim=1)
-        if not n.any():
-            break
-        # next unmask time: the first of n exponential-race events, 1 - alpha(tau) = (1 - alpha(t)) u^(1/n)
-        u = torch.rand(x.shape[0], generator=generator, dtype=torch.float64, device=x.device).cpu()
-        m = schedule.mask_prob(t) * u ** (1.0 / n.clamp(min=1).double().cpu())
-        t = torch.where(n.cpu() > 0, schedule.time_for_mask_prob(m), t)
-        logits = network(model, state.tokens, cond, config.cfg_scale, t.float())
-        pick = random_subset(can, torch.full_like(n, config.k), generator)
-        state = state.advance(fill(state.tokens, pick, logits, generator, config), calls=1)
-        if callback is not None:
-            callback(state)
-    return SampleOutput(state.tokens, state.nfe, state.step)
+@dataclass(frozen=True)
+class FirstHittingState(SamplerState):
+    t: torch.Tensor | None = None  # (B,) float64: each row's current time
+
+
+def start(model, x: torch.Tensor, config: FirstHittingConfig, eligible=None, cache=None) -> FirstHittingState:
+    return start_state(model, x, eligible, cache, cls=FirstHittingState, t=torch.ones(x.shape[0], dtype=torch.float64, device=x.device))
+
+
+def step(model, state: FirstHittingState, generator: torch.Generator, config: FirstHittingConfig, cond: Conditioning | None = None) -> FirstHittingState:
+    schedule, x = Schedule(config.schedule), state.tokens
+    can = open_positions(x, model.config.mask_id, state.eligible)
+    n = can.sum(dim=1)
+    # next unmask time: the first of n exponential-race events, 1 - alpha(tau) = (1 - alpha(t)) u^(1/n)
+    u = torch.rand(x.shape[0], generator=generator, dtype=torch.float64, device=x.device)
+    m = schedule.mask_prob(state.t) * u ** (1.0 / n.clamp(min=1).double())
+    t = torch.where(n > 0, schedule.time_for_mask_prob(m), state.t)
+    pick = random_subset(can, torch.full_like(n, config.k), generator)
+    logits, called, cache = predict(model, state, pick, cond, config.cfg_scale, t.float())
+    new = fill(x, pick, logits, generator, config)
+    done = not bool(open_positions(new, model.config.mask_id, state.eligible).any())
+    return state.advance(new, called, cache, done=done, t=t)
+
+
+first_hitting = Sampler("first-hitting", FirstHittingConfig, start, step)

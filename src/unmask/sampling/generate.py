@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -20,67 +20,88 @@ from unmask.data import Tokenizer
 from unmask.device import pick_device
 from unmask.errors import UnmaskError
 from unmask.objectives import device_of
-from unmask.sampling.ancestral import AncestralConfig, ancestral
+from unmask.sampling.ancestral import ancestral
 from unmask.sampling.ar import ARConfig, ar_sample, positions_from
-from unmask.sampling.base import Conditioning, SampleOutput, StepCallback
+from unmask.sampling.base import Conditioning, SampleOutput, Sampler, SamplerConfig, StepCallback
 from unmask.sampling.blocks import semi_autoregressive
+from unmask.sampling.cache import CacheConfig
 from unmask.sampling.cached import cached_ancestral
-from unmask.sampling.confidence import ConfidenceConfig, confidence
-from unmask.sampling.first_hitting import FirstHittingConfig, first_hitting
-from unmask.sampling.threshold import ThresholdConfig, threshold
+from unmask.sampling.confidence import confidence
+from unmask.sampling.first_hitting import first_hitting
+from unmask.sampling.threshold import threshold
 
-SAMPLERS = {
-    "ancestral": (ancestral, AncestralConfig),
-    "cached": (cached_ancestral, AncestralConfig),
-    "first-hitting": (first_hitting, FirstHittingConfig),
-    "confidence": (confidence, ConfidenceConfig),
-    "threshold": (threshold, ThresholdConfig),
-}
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (ancestral, cached_ancestral, first_hitting, confidence, threshold)}
 INFILL = re.compile(r"\[MASK(?::(\d+))?\]")
+# the command-line flag of every sampler option, for error messages
+FLAGS = {
+    "steps": "--steps", "temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "precision": "--precision",
+    "cfg_scale": "--cfg", "schedule": "schedule", "k": "--k", "score": "--score", "allocation": "--allocation", "tau": "--tau",
+}
 
 
 @dataclass(frozen=True)
 class SamplerSpec:
-    """A sampler by name with all its options; ``block_len`` > 0 decodes semi-autoregressively."""
+    """A sampler by name with its own typed config (``None``: the sampler's defaults);
+    ``block_len`` > 0 decodes semi-autoregressively; ``cache``: the KV cache of the canvas.
+
+    With blocks, ``config.steps`` (samplers that take steps) is the total, split evenly over blocks.
+    """
 
     sampler: str = "ancestral"
-    steps: int = 64
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    precision: str = "float64"
-    cfg_scale: float = 0.0
-    schedule: str = "linear"
-    k: int = 1
-    score: str = "low_confidence"
-    allocation: str = "even"
-    tau: float = 0.9
+    config: SamplerConfig | None = None
     block_len: int = 0
+    cache: CacheConfig = CacheConfig()
 
-    def config(self, num_blocks: int = 1):
-        """The sampler's own config; steps are split evenly over the blocks."""
+    def __post_init__(self) -> None:
         if self.sampler not in SAMPLERS:
             raise UnmaskError(f"--sampler {self.sampler!r} is not one of: {', '.join(SAMPLERS)}")
-        if num_blocks > 1 and self.steps % num_blocks:
-            raise UnmaskError(f"--steps={self.steps} must be a multiple of the number of blocks ({num_blocks}) so each block gets the same steps")
-        cls = SAMPLERS[self.sampler][1]
-        wanted = {f.name for f in fields(cls)}
-        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name in wanted}
-        if "steps" in wanted:
-            values["steps"] = self.steps // num_blocks
-        return cls(**values)
+        if self.config is not None and not isinstance(self.config, SAMPLERS[self.sampler].config):
+            raise UnmaskError(f"--sampler {self.sampler} takes a {SAMPLERS[self.sampler].config.__name__}, not a {type(self.config).__name__}")
+        if self.block_len < 0:
+            raise UnmaskError(f"--block-len={self.block_len} must be >= 0 (0: no blocks)")
+
+    @classmethod
+    def from_options(cls, sampler: str | None = None, block_len: int | None = None, cache: str | None = None,
+                     cache_refresh: int | None = None, **options) -> "SamplerSpec":
+        """The spec from command-line style options; None means "not given" (the sampler's default).
+        A given option that the sampler does not take is refused, naming its flag."""
+        sampler = sampler or "ancestral"
+        if sampler not in SAMPLERS:
+            raise UnmaskError(f"--sampler {sampler!r} is not one of: {', '.join(SAMPLERS)}")
+        given = {name: value for name, value in options.items() if value is not None}
+        unknown = sorted(set(given) - set(FLAGS))
+        if unknown:
+            raise UnmaskError(f"unknown sampler option(s) {unknown}; known: {', '.join(FLAGS)}")
+        takes = {f.name for f in fields(SAMPLERS[sampler].config)}
+        foreign = [FLAGS[name] for name in given if name not in takes]
+        if foreign:
+            raise UnmaskError(
+                f"{', '.join(foreign)}: not an option of --sampler {sampler}, which takes "
+                f"{', '.join(FLAGS[name] for name in FLAGS if name in takes)}"
+            )
+        return cls(sampler, SAMPLERS[sampler].config(**given), block_len or 0, CacheConfig(cache or "none", cache_refresh or 0))
+
+    def sampler_config(self, num_blocks: int = 1) -> SamplerConfig:
+        """The sampler's config for one block: its steps split evenly over ``num_blocks``."""
+        config = self.config if self.config is not None else SAMPLERS[self.sampler].config()
+        steps = getattr(config, "steps", None)
+        if steps is None or num_blocks == 1:
+            return config
+        if steps % num_blocks:
+            raise UnmaskError(f"--steps={steps} must be a multiple of the number of blocks ({num_blocks}) so each block gets the same steps")
+        return replace(config, steps=steps // num_blocks)
 
     def run(self, model, x: torch.Tensor, generator: torch.Generator, cond: Conditioning | None = None,
             callback: StepCallback | None = None, start: int = 0, stop_token: int | None = None) -> SampleOutput:
-        """Fill the MASKs of x (B, L); with block decoding, columns [start, L) are the generation region."""
-        if not self.block_len:
-            cfg = self.config()  # validates the sampler name first
-            return SAMPLERS[self.sampler][0](model, x, generator, cfg, cond, callback)
+        """Fill the MASKs of x (B, L); columns [start, L) are the generation region (blocks, EOS stops)."""
         gen_len = x.shape[1] - start
-        if gen_len % self.block_len:
+        if self.block_len and gen_len % self.block_len:
             raise UnmaskError(f"--block-len={self.block_len} must divide the generation length {gen_len}")
-        cfg = self.config(gen_len // self.block_len)  # validates the sampler name first
-        return semi_autoregressive(model, x, generator, SAMPLERS[self.sampler][0], cfg, self.block_len, start, cond, callback, stop_token)
+        block_len = self.block_len or gen_len
+        if gen_len == 0 or (block_len == gen_len and self.cache.kind == "none" and stop_token is None):
+            return SAMPLERS[self.sampler](model, x, generator, self.sampler_config(), cond, callback)
+        return semi_autoregressive(model, x, generator, SAMPLERS[self.sampler], self.sampler_config(gen_len // block_len),
+                                   block_len, start, cond, callback, stop_token, self.cache)
 
 
 def make_canvas(
@@ -140,7 +161,8 @@ def sampling_generator(model, seed: int) -> torch.Generator:
 # options of MDM sampling only, with the flag that sets each; on an AR checkpoint they are refused
 MDM_ONLY = {
     "sampler": "--sampler", "infill": "--infill", "cfg_scale": "--cfg", "k": "--k", "score": "--score",
-    "allocation": "--allocation", "tau": "--tau", "block_len": "--block-len", "schedule": "schedule",
+    "allocation": "--allocation", "tau": "--tau", "block_len": "--block-len", "schedule": "schedule", "cache": "--cache",
+    "cache_refresh": "--cache-refresh",
 }
 
 
@@ -172,8 +194,8 @@ def generate(
     num_samples: int = 2,
     length: int = 64,
     steps: int | None = None,
-    temperature: float = 1.0,
-    precision: str = "float64",
+    temperature: float | None = None,
+    precision: str | None = None,
     seed: int = 0,
     device: str = "auto",
     sampler: str | None = None,
@@ -189,8 +211,10 @@ def generate(
     generated tokens and text exclude it.
 
     MDM: any sampler of SAMPLERS (default ancestral) over [EOS ; prompt ; MASK x length] (or
-    [EOS ; ``infill`` template]) in ``steps`` steps (default: ``length``), ``options`` = the other
-    SamplerSpec fields (top_k, top_p, cfg_scale, k, score, allocation, tau, block_len, schedule).
+    [EOS ; ``infill`` template]); ``steps`` (samplers that take steps; default ``length``),
+    ``temperature``, ``precision`` and ``options`` (top_k, top_p, cfg_scale, k, score, allocation,
+    tau, schedule, block_len, cache, cache_refresh) as in :meth:`SamplerSpec.from_options`: None
+    or absent means the sampler's own default (threshold decodes at temperature 0).
     AR: token by token after [EOS ; prompt], with an exact KV cache unless ``kv_cache=False``;
     temperature, top_k, top_p, precision and stop_at_eos apply, MDM-only options are refused (an
     error names them) and ``steps``, if given, must equal ``length``.
@@ -200,9 +224,10 @@ def generate(
     """
     if num_samples < 1:
         raise UnmaskError(f"--num-samples={num_samples} must be a positive integer")
-    unknown = set(options) - {f.name for f in fields(SamplerSpec)}
+    known = {*FLAGS, "block_len", "cache", "cache_refresh"}
+    unknown = set(options) - known
     if unknown:
-        raise UnmaskError(f"unknown sampler option(s) {sorted(unknown)}; known: {', '.join(f.name for f in fields(SamplerSpec))}")
+        raise UnmaskError(f"unknown sampler option(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
     if infill is not None and stop_at_eos:
         raise UnmaskError("--stop-at-eos cannot be combined with --infill: an EOS inside a span would cut off the fixed text after it")
     if length < 1:
@@ -233,13 +258,17 @@ def generate(
     cond = Conditioning(*(None if v is None else v.to(dev) for v in (cond.key_mask, cond.positions, cond.prompt_mask)))
     x = x.to(dev)
     if cfg.model.causal:
-        ar_cfg = ARConfig(max_new_tokens=length, temperature=temperature, precision=precision, top_k=options.get("top_k", 0),
-                          top_p=options.get("top_p", 1.0), kv_cache=kv_cache is not False)
+        given = {"temperature": temperature, "precision": precision, "top_k": options.get("top_k"), "top_p": options.get("top_p")}
+        ar_cfg = ARConfig(max_new_tokens=length, kv_cache=kv_cache is not False, **{k: v for k, v in given.items() if v is not None})
         out = ar_sample(model, x, gen, ar_cfg, Conditioning(key_mask=cond.key_mask) if cond.key_mask is not None else None, callback)
     else:
-        options.setdefault("schedule", cfg.train.schedule)
-        spec = SamplerSpec(sampler=sampler or "ancestral", steps=length if steps is None else steps, temperature=temperature,
-                           precision=precision, **options)
+        name = sampler or "ancestral"
+        takes = {f.name for f in fields(SAMPLERS[name].config)} if name in SAMPLERS else set()
+        if "schedule" in takes:
+            options.setdefault("schedule", cfg.train.schedule)
+        if "steps" in takes and steps is None:
+            steps = length
+        spec = SamplerSpec.from_options(name, steps=steps, temperature=temperature, precision=precision, **options)
         out = spec.run(model, x, gen, cond, callback, start=width, stop_token=tok.eos_id if stop_at_eos else None)
     generated = out.tokens[:, width:]
     seconds = time.perf_counter() - start_time

@@ -1,9 +1,11 @@
 """Threshold parallel decoding (Fast-dLLM). Reference section 4.
 
-Each step commits every masked (eligible) position whose top-1 probability is >= tau, and always
-at least the most confident one per row, so decoding never stalls; the number of steps adapts to
-the model's confidence. A time-conditioned network is given t = the fraction of masked positions of
-the row (padding excluded).
+Each step draws a token x0 at every masked (eligible) position (temperature, top-k, top-p; argmax at
+temperature 0, the default) and commits those whose probability p(x0) under the network's own
+distribution softmax(logits) is >= tau: computed before any top-k/top-p renormalisation, which would
+inflate it. At least the most probable proposal per row is always committed, so decoding never
+stalls; the number of steps adapts to the model's confidence. A time-conditioned network is given
+t = the fraction of masked positions of the row (padding excluded).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import torch
 
 from unmask.errors import UnmaskError
 from unmask.sampling.base import (
-    open_positions,
-    Conditioning, SampleOutput, SamplerConfig, SamplerState, StepCallback, filter_logits, network, sample_from, top_per_row,
+    Conditioning, Sampler, SamplerConfig, SamplerState, model_probability, open_positions, predict, sample_from, scatter_rows,
+    start_state, top_per_row,
 )
 
 
@@ -30,27 +32,20 @@ class ThresholdConfig(SamplerConfig):
             raise UnmaskError(f"--tau={self.tau} must be in (0, 1]")
 
 
-@torch.no_grad()
-def threshold(
-    model,
-    x: torch.Tensor,
-    generator: torch.Generator,
-    config: ThresholdConfig = ThresholdConfig(),
-    cond: Conditioning | None = None,
-    callback: StepCallback | None = None,
-    eligible: torch.Tensor | None = None,
-) -> SampleOutput:
-    """Fill the MASKs of x (B, L) (those in ``eligible``); at most one step per masked token."""
-    state = SamplerState(x.clone())
-    while True:
-        can = open_positions(state.tokens, model.config.mask_id, eligible)
-        if not can.any():
-            break
-        logits = filter_logits(network(model, state.tokens, cond, config.cfg_scale), config.top_k, config.top_p)
-        x0 = sample_from(logits, generator, config)
-        top1 = logits.double().softmax(dim=-1).max(dim=-1).values
-        commit = (can & (top1 >= config.tau)) | top_per_row(top1, can, can.any(dim=1).long())
-        state = state.advance(torch.where(commit, x0, state.tokens), calls=1)
-        if callback is not None:
-            callback(state)
-    return SampleOutput(state.tokens, state.nfe, state.step)
+def start(model, x: torch.Tensor, config: ThresholdConfig, eligible=None, cache=None) -> SamplerState:
+    return start_state(model, x, eligible, cache)
+
+
+def step(model, state: SamplerState, generator: torch.Generator, config: ThresholdConfig, cond: Conditioning | None = None) -> SamplerState:
+    x, mask_id = state.tokens, model.config.mask_id
+    can = open_positions(x, mask_id, state.eligible)
+    logits, called, cache = predict(model, state, can, cond, config.cfg_scale)
+    x0 = sample_from(logits, generator, config)
+    p = scatter_rows(model_probability(logits, x0), can, -torch.inf)
+    commit = (can & (p >= config.tau)) | top_per_row(p, can, can.any(dim=1).long())
+    new = torch.where(commit, scatter_rows(x0, can, mask_id), x)
+    done = not bool(open_positions(new, mask_id, state.eligible).any())
+    return state.advance(new, called, cache, done=done)
+
+
+threshold = Sampler("threshold", ThresholdConfig, start, step)

@@ -1,0 +1,114 @@
+"""KV caches for MDM decoding. Reference section 4.
+
+An MDM attends bidirectionally, so a position's keys/values change whenever any token changes: every
+cache below is an approximation (report quality next to speed), except where the model's attention
+makes it exact (a block-causal model with the prefix cache). All three keep the canvas's keys/values
+per layer in one :class:`~unmask.model.KVCache` with a slot per canvas position plus one scratch slot,
+and feed the network only some positions (a forward with ``cache_index``); the other positions'
+keys/values come from the cache.
+
+* prefix (Fast-dLLM): at each block start (and every ``refresh`` calls) one full forward refreshes
+  every slot; the other steps feed the block and everything right of it and reuse the slots left of
+  the block.
+* dual (Fast-dLLM): the same, but the other steps feed the block only and also reuse the suffix.
+* delayed (dKV-Cache): masked positions are fed at every step; a decoded token's keys/values are
+  computed once more, at the step after it was decoded (now as the token, not MASK), and then reused;
+  a full forward every ``refresh`` calls.
+
+With ``refresh=1`` every call is a full forward and every cache gives exactly the uncached tokens.
+Rows decode independently: each row has its own refresh count, and a forward over rows that feed
+different numbers of positions pads with the scratch slot (never attended to). With classifier-free
+guidance the unconditional rows have their own keys/values (rows B..2B-1 of the cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from unmask.errors import UnmaskError
+from unmask.model import KVCache
+
+CACHES = ("none", "prefix", "dual", "delayed")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    kind: str = "none"  # none, prefix, dual or delayed
+    refresh: int = 0  # a full forward every N calls of a row (0: prefix/dual at block starts only, delayed never again)
+
+    def __post_init__(self) -> None:
+        if self.kind not in CACHES:
+            raise UnmaskError(f"--cache {self.kind!r} is not one of: {', '.join(CACHES)}")
+        if self.refresh < 0:
+            raise UnmaskError(f"--cache-refresh={self.refresh} must be >= 0 (0: only at block starts)")
+
+
+@dataclass(frozen=True)
+class CanvasCache:
+    """The state of a canvas cache; the keys/values in ``kv`` are updated in place by the network.
+
+    valid (B, L): slots whose keys/values may be reused; span (B, L): prefix/dual, the slots fed
+    between refreshes; since (B,): calls since each row's last full refresh (-1: refresh due).
+    """
+
+    config: CacheConfig
+    kv: KVCache  # (B or 2B rows, H, L + 1 slots, Dh); slot L is scratch
+    valid: torch.Tensor
+    span: torch.Tensor
+    since: torch.Tensor
+
+    @classmethod
+    def create(cls, model, x: torch.Tensor, config: CacheConfig, guided: bool) -> "CanvasCache":
+        b, length = x.shape
+        param = next(iter(model.parameters()))
+        kv = KVCache.empty(model.config, 2 * b if guided else b, length + 1, x.device, param.dtype)
+        none = torch.zeros_like(x, dtype=torch.bool)
+        return cls(config, kv, none, none, torch.full((b,), -1, dtype=torch.long, device=x.device))
+
+    def new_block(self) -> "CanvasCache":
+        """A full refresh is due in every row (called at each block start)."""
+        return replace(self, since=torch.full_like(self.since, -1))
+
+    def rows(self, index: torch.Tensor) -> "CanvasCache":
+        """The cache of a subset of rows (rows that leave the working batch are dropped)."""
+        b = self.since.shape[0]
+        kv_rows = index if self.kv.k[0].shape[0] == b else torch.cat([index, index + b])
+        return CanvasCache(self.config, self.kv.rows(kv_rows), self.valid[index], self.span[index], self.since[index])
+
+    def feed(self, rows: torch.Tensor, tokens: torch.Tensor, region: torch.Tensor, mask_id: int) -> tuple[torch.Tensor, "CanvasCache"]:
+        """The slots (R, L) bool that a forward over ``rows`` (R,) of the canvas must feed, and the
+        cache after that forward. ``tokens`` (R, L) is what is fed; ``region`` (R, L) the positions
+        being decoded (the block), which the prefix/dual span is made from at a refresh."""
+        cfg = self.config
+        since = self.since[rows]
+        refresh = (since < 0) | ((since >= cfg.refresh) if cfg.refresh else torch.zeros_like(since, dtype=torch.bool))
+        cols = torch.arange(tokens.shape[1], device=tokens.device)
+        first = torch.where(region.any(dim=1), region.float().argmax(dim=1), tokens.shape[1])
+        last = tokens.shape[1] - 1 - region.flip(1).float().argmax(dim=1)
+        span = cols[None] >= first[:, None]
+        if cfg.kind == "dual":
+            span &= cols[None] <= last[:, None]
+        decoded = tokens != mask_id
+        if cfg.kind == "delayed":
+            fed = ~self.valid[rows] | refresh[:, None]
+            valid = self.valid[rows] | (fed & decoded)
+        else:
+            span = torch.where(refresh[:, None], span, self.span[rows])
+            fed = span | refresh[:, None]
+            valid = self.valid[rows]
+        since = torch.where(refresh, 1, since + 1)
+        out = replace(self, valid=self.valid.index_put((rows,), valid), span=self.span.index_put((rows,), span),
+                      since=self.since.index_put((rows,), since))
+        return fed, out
+
+
+def fed_index(fed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R, L) bool -> (index (R, Q) of the fed slots in ascending order, padded with the scratch
+    slot L; real (R, Q) bool, False at padding), Q = the most slots any row feeds."""
+    length = fed.shape[1]
+    q = int(fed.sum(dim=1).max())
+    order = fed.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :q]
+    real = fed.gather(1, order)
+    return torch.where(real, order, length), real
