@@ -25,7 +25,7 @@ from unmask.likelihood import chain_rule
 from unmask.objectives import device_of
 from unmask.sampling.ar import ARConfig, ar_sample
 from unmask.sampling.base import Conditioning
-from unmask.sampling.generate import SamplerSpec
+from unmask.sampling.confidence import ConfidenceConfig, confidence
 
 
 @dataclass
@@ -114,8 +114,8 @@ def infill_examples(mdm, ar, windows: torch.Tensor, prev: torch.Tensor, start: i
     x[:, start:stop] = mdm.config.mask_id
     x = x.to(device_of(mdm))
     keep = ~_span_mask(x, start, stop)
-    spec = SamplerSpec(sampler="confidence", steps=span, temperature=0.0)
-    mdm_out = spec.run(mdm, x, torch.Generator(device=x.device).manual_seed(0), Conditioning(prompt_mask=keep))
+    mdm_out = confidence(mdm, x, torch.Generator(device=x.device).manual_seed(0), ConfidenceConfig(steps=span, temperature=0.0),
+                         Conditioning(prompt_mask=keep))
     left = torch.cat([prev[:, None], windows[:, :start]], dim=1).to(device_of(ar))
     ar_out = ar_sample(ar, left, torch.Generator(device=left.device).manual_seed(0), ARConfig(max_new_tokens=span, temperature=0.0, kv_cache=False))
     return {"true": windows[:, start:stop], "mdm": mdm_out.tokens[:, start:stop].cpu(), "ar": ar_out.tokens[:, -span:].cpu()}
