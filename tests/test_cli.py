@@ -1,5 +1,6 @@
 """The command line: a tiny end-to-end run, and one clear error line for each kind of bad input."""
 
+import dataclasses
 import json
 
 import pytest
@@ -256,15 +257,16 @@ def test_generators_live_on_the_model_device(monkeypatch, trained, generator_dev
     monkeypatch.setattr(gen_mod, "device_of", lambda model: torch.device("cuda"))
     used = []
     for name in ("ancestral", "first-hitting"):
-        sampler, config = gen_mod.SAMPLERS[name]
+        sampler = gen_mod.SAMPLERS[name]
 
-        def spy(model, x, generator, *args, _sampler=sampler, **kwargs):
-            used.append(made.get(id(generator)))
-            return _sampler(model, x, generator, *args, **kwargs)
+        def spy(model, state, generator, *args, _step=sampler.step, _name=name, **kwargs):
+            used.append((_name, made.get(id(generator))))
+            return _step(model, state, generator, *args, **kwargs)
 
-        monkeypatch.setitem(gen_mod.SAMPLERS, name, (spy, config))
-    monkeypatch.setattr(gen_mod, "ar_sample", lambda model, x, generator, *a, _f=gen_mod.ar_sample, **k: used.append(made.get(id(generator))) or _f(model, x, generator, *a, **k))
+        monkeypatch.setitem(gen_mod.SAMPLERS, name, dataclasses.replace(sampler, step=spy))
+    monkeypatch.setattr(gen_mod, "ar_sample", lambda model, x, generator, *a, _f=gen_mod.ar_sample, **k: used.append(("ar", made.get(id(generator)))) or _f(model, x, generator, *a, **k))
     generate(trained / "mdm", "KING", length=8)
     generate(trained / "mdm", "KING", length=8, sampler="first-hitting")
     generate(trained / "ar", "KING", length=8)
-    assert used == ["cuda"] * 3
+    assert {name for name, _ in used} == {"ancestral", "first-hitting", "ar"}
+    assert all(device == "cuda" for _, device in used)
