@@ -6,7 +6,7 @@ comparing decoding speed "at equal quality" needs an MDM trained for longer. Eac
 repository's own `unmask train` command; a finished run is skipped and an interrupted one resumes.
 
     python benchmarks/train_sampling_pair.py                        # small preset, C = 300 steps of 8 x 256 tokens, MDM at 1x and 4x
-    python benchmarks/train_sampling_pair.py --steps 2000 --multiples 1,4,16 --batch-size 32   # a GPU budget
+    python benchmarks/train_sampling_pair.py --preset 85m --steps 500 --batch-size 16 --multiples 1,4 --device cuda   # GPU
 """
 
 from __future__ import annotations
@@ -28,9 +28,9 @@ def train(run: Path, objective: str, steps: int, args: argparse.Namespace) -> No
         return
     cmd = [sys.executable, "-m", "unmask", "train", "--run-dir", str(run), "--preset", args.preset, "--objective", objective,
            "--steps", str(steps), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
-           "--eval-every", str(max(steps // 4, 1)), "--checkpoint-every", str(max(steps // 4, 1))]
+           "--eval-every", str(max(steps // 4, 1)), "--checkpoint-every", str(max(steps // 4, 1)), "--device", args.device]
     if (run / "config.json").exists():
-        cmd = [sys.executable, "-m", "unmask", "train", "--run-dir", str(run), "--resume", "--steps", str(steps)]
+        cmd = [sys.executable, "-m", "unmask", "train", "--run-dir", str(run), "--resume", "--steps", str(steps), "--device", args.device]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
 
@@ -43,6 +43,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--multiples", default="1,4", help="MDM budgets as multiples of C")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
     args = parser.parse_args()
     out = Path(args.out)
     train(out / f"ar-{args.preset}", "ar", args.steps, args)

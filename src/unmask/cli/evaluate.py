@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from unmask.cli.app import app, command_group, echo_json
+from unmask.cli.sampler_options import with_sampler_options
 
 eval_app = command_group("Likelihood, lm-eval tasks, generation quality.")
 app.add_typer(eval_app, name="eval")
@@ -59,13 +60,12 @@ def ppl(
 
 
 @eval_app.command("harness")
+@with_sampler_options
 def harness(
     checkpoint: Path = CHECKPOINT,
     tasks: str = typer.Option("shakespeare_word_order,shakespeare_next_line", help="Comma-separated lm-eval task names (the shipped offline ones work without network)."),
     method: str = typer.Option("chain-rule", help="MDM loglikelihood: chain-rule (exact, deterministic) or mc (Monte Carlo bound)."),
     draws: int = typer.Option(32, help="MDM, --method mc: draws per request."),
-    cfg: float = typer.Option(0.0, "--cfg", help="MDM: unsupervised classifier-free guidance scale w (0: off)."),
-    steps: Optional[int] = typer.Option(None, help="MDM generate_until: sampling steps (default: max_gen_toks)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N documents of each task."),
     num_fewshot: Optional[int] = typer.Option(None),
     include_path: Optional[str] = typer.Option(None, help="Folder with more task YAMLs."),
@@ -74,13 +74,17 @@ def harness(
     device: str = typer.Option("auto"),
     save: bool = SAVE,
     as_json: bool = JSON,
+    sampling: dict = None,
 ) -> None:
-    """lm-eval-harness tasks in-process through the unmask model adapter."""
+    """lm-eval-harness tasks in-process through the unmask model adapter.
+
+    --cfg guides scoring and generation; the other sampler options apply to generate_until
+    (default: the ancestral sampler, greedy, one step per generated token)."""
     from unmask.evaluation.harness import UnmaskLM, run_harness
 
-    lm = UnmaskLM(checkpoint, method=method, draws=draws, cfg_scale=cfg, steps=steps, batch_size=batch_size, seed=seed, device=device)
+    lm = UnmaskLM(checkpoint, method=method, draws=draws, batch_size=batch_size, seed=seed, device=device, **sampling)
     res = run_harness(lm, [t.strip() for t in tasks.split(",") if t.strip()], limit=limit, num_fewshot=num_fewshot, include_path=include_path, seed=seed)
-    record = {"checkpoint": str(checkpoint), "tasks": res["tasks"], "settings": f"method={method} cfg={cfg} limit={limit}"}
+    record = {"checkpoint": str(checkpoint), "tasks": res["tasks"], "settings": f"method={method} limit={limit} " + " ".join(f"{k}={v}" for k, v in sampling.items())}
     if save:
         _save(checkpoint, "harness", record)
     if as_json:
@@ -91,22 +95,21 @@ def harness(
 
 
 @eval_app.command("genppl")
+@with_sampler_options
 def genppl(
     checkpoint: Path = CHECKPOINT,
     judge: Optional[Path] = typer.Option(None, help="AR run/checkpoint trained with the same tokenizer (the usual judge)."),
     judge_hf: Optional[Path] = typer.Option(None, help="Or a local HF causal-LM folder (e.g. GPT-2); needs transformers."),
     num_samples: int = typer.Option(16),
     length: int = typer.Option(128, help="Generated tokens per sample."),
-    steps: Optional[int] = typer.Option(None, help="MDM sampling steps (default: --length; an AR model takes one per token)."),
-    temperature: float = typer.Option(1.0),
-    precision: str = typer.Option("float64"),
     label: str = typer.Option("", help="Name of this configuration in reports."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
     save: bool = SAVE,
     as_json: bool = JSON,
+    sampling: dict = None,
 ) -> None:
-    """Generate samples and report generative perplexity with unigram entropy and distinct-n."""
+    """Generate samples (any sampler, cache and guidance) and report generative perplexity with unigram entropy and distinct-n."""
     import torch
 
     from unmask.checkpoint import checkpoint_tokenizer, load_model
@@ -118,7 +121,7 @@ def genppl(
     if (judge is None) == (judge_hf is None):
         raise UnmaskError("genppl: give exactly one of --judge RUN or --judge-hf FOLDER")
     start = time.perf_counter()
-    out = generate(checkpoint, "", num_samples, length, steps, temperature, precision, seed, device)
+    out = generate(checkpoint, "", num_samples, length, seed=seed, device=device, **sampling)
     tokens = [s["tokens"] for s in out["samples"]]
     if judge is not None:
         model, cfg = load_model(judge, pick_device(device))
@@ -132,7 +135,8 @@ def genppl(
     else:
         nll = HFJudge(judge_hf, str(pick_device(device))).nll([s["text"] for s in out["samples"]])
     record = {
-        "checkpoint": str(checkpoint), "label": label or f"{out['objective']}-steps{out['steps']}-T{temperature}-{precision}",
+        "checkpoint": str(checkpoint), "label": label or " ".join([out["sampler"], *(f"{k}={v}" for k, v in sampling.items() if k != "sampler")]),
+        "sampling": sampling, "generated_tokens": num_samples * length,
         "tokens_per_s": num_samples * length / out["seconds"], "nfe": out["nfe"], "seconds": out["seconds"],
         **quality_report(tokens, nll), "judge": str(judge or judge_hf),
     }

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from unmask.cli.app import app, echo_json
+from unmask.cli.sampler_options import with_sampler_options
 
 
 def _show_steps(tok, mask_text: str = "_"):
@@ -23,6 +24,7 @@ def _show_steps(tok, mask_text: str = "_"):
 
 
 @app.command()
+@with_sampler_options
 def sample(
     checkpoint: Path = typer.Option(..., help="Run folder or checkpoints/step_* folder."),
     prompt: str = typer.Option("", help="Text the samples start with."),
@@ -30,24 +32,13 @@ def sample(
     infill: Optional[str] = typer.Option(None, help="MDM: a template with [MASK] / [MASK:n] spans to fill, e.g. 'ROMEO. [MASK:12] love.'"),
     num_samples: int = typer.Option(2),
     length: int = typer.Option(64, help="Tokens to generate after the prompt."),
-    sampler: Optional[str] = typer.Option(None, help="MDM: ancestral (default), cached, first-hitting, confidence or threshold."),
-    steps: Optional[int] = typer.Option(None, help="MDM: sampling steps (ancestral/cached/confidence; split over blocks). Default: --length."),
-    block_len: Optional[int] = typer.Option(None, help="MDM: decode semi-autoregressively in blocks of this many tokens (default: off)."),
-    k: Optional[int] = typer.Option(None, help="MDM first-hitting: positions per network call (default 1: exact)."),
-    score: Optional[str] = typer.Option(None, help="MDM confidence: low_confidence (default), margin, entropy or random."),
-    allocation: Optional[str] = typer.Option(None, help="MDM confidence: tokens per step, even (default) or schedule."),
-    tau: Optional[float] = typer.Option(None, help="MDM threshold: commit positions with top-1 probability >= tau, in (0, 1] (default 0.9)."),
-    cfg: Optional[float] = typer.Option(None, "--cfg", help="MDM: unsupervised classifier-free guidance scale w (needs a prompt; default 0: off)."),
-    temperature: float = typer.Option(1.0),
-    top_k: int = typer.Option(0, help="Keep the k most likely tokens (0: off)."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling mass (1: off)."),
-    precision: str = typer.Option("float64", help="Categorical sampling precision: float64 (exact) or float32 (ablation only; biased)."),
     stop_at_eos: bool = typer.Option(False, help="Variable length: trim each sample at its first EOS (blocks stop early)."),
     kv_cache: Optional[bool] = typer.Option(None, "--kv-cache/--no-kv-cache", help="AR: exact KV cache (default) or recompute the prefix."),
     show_steps: bool = typer.Option(False, help="Animate the unmasking of the first sample in the terminal."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
     as_json: bool = typer.Option(False, "--json", help="Print tokens, text and NFE as JSON."),
+    sampling: dict = None,
 ) -> None:
     """Generate text from a trained MDM or AR checkpoint."""
     from unmask.checkpoint import checkpoint_tokenizer
@@ -63,12 +54,10 @@ def sample(
             raise UnmaskError(f"--prompts-file {prompts_file} has no non-empty line")
         num_samples = len(prompts)
     callback = _show_steps(checkpoint_tokenizer(checkpoint)) if show_steps else None
-    # MDM-only options go on only when given, so that generate() can refuse them on an AR checkpoint
-    given = {"cfg_scale": cfg, "k": k, "score": score, "allocation": allocation, "tau": tau, "block_len": block_len}
+    # only the options given go on, so that generate() can refuse MDM-only ones on an AR checkpoint
     res = generate(
-        checkpoint, prompt, num_samples, length, steps, temperature, precision, seed, device, sampler=sampler, prompts=prompts,
-        infill=infill, stop_at_eos=stop_at_eos, kv_cache=kv_cache, callback=callback, top_k=top_k, top_p=top_p,
-        **{name: value for name, value in given.items() if value is not None},
+        checkpoint, prompt, num_samples, length, seed=seed, device=device, prompts=prompts, infill=infill, stop_at_eos=stop_at_eos,
+        kv_cache=kv_cache, callback=callback, **sampling,
     )
     if show_steps:
         sys.stderr.write("\n")

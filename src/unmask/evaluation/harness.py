@@ -6,8 +6,10 @@
   context stays clean; with ``cfg_scale`` w > 0 the logits are guided by the same network with the
   context replaced by MASK (unsupervised CFG, SMDM).
 * ``loglikelihood_rolling``: lm-eval's disjoint rolling windows, each scored as above.
-* ``generate_until``: MDM canvas [context ; MASK x max_gen_toks] filled by the ancestral sampler
-  (``steps`` steps; greedy at temperature 0 by default), AR token by token; cut at the until strings.
+* ``generate_until``: MDM canvas [EOS ; context ; MASK x max_gen_toks] filled by any sampler with
+  the sampler options of every sampling entry point (:func:`unmask.sampling.generate.spec_for`;
+  default the ancestral sampler, one step per token, greedy: temperature 0 unless the options or
+  the request say otherwise), AR token by token; cut at the until strings.
 
 Contexts longer than the model's context window are truncated on the left.
 """
@@ -29,8 +31,9 @@ from unmask.device import pick_device
 from unmask.errors import UnmaskError
 from unmask.likelihood import chain_rule, conditional_elbo
 from unmask.objectives import device_of, token_nll
-from unmask.sampling import ARConfig, AncestralConfig, ancestral, ar_sample
-from unmask.sampling.generate import sampling_generator, trim_at_eos
+from unmask.config import TrainConfig
+from unmask.sampling import Conditioning, ar_sample
+from unmask.sampling.generate import ar_config, check_options, sampling_generator, spec_for, trim_at_eos
 
 try:
     from lm_eval.api.model import LM
@@ -51,34 +54,37 @@ class UnmaskLM(LM):
         checkpoint: str | Path,
         method: str = "chain-rule",
         draws: int = 32,
-        cfg_scale: float = 0.0,
-        steps: int | None = None,
-        temperature: float = 0.0,
         batch_size: int = 16,
         seed: int = 0,
         device: str = "auto",
         model=None,
         tokenizer: Tokenizer | None = None,
+        train_config=None,
+        **sampling,
     ) -> None:
+        """``sampling``: the sampler options (see :func:`unmask.sampling.generate.generate`) for
+        generate_until; ``cfg_scale`` also guides the scores."""
         _require_lm_eval()
         super().__init__()
         if method not in ("chain-rule", "mc"):
             raise UnmaskError(f"--method {method!r} is not one of: chain-rule, mc")
+        cfg_scale = sampling.get("cfg_scale") or 0.0
         if cfg_scale < 0:
             raise UnmaskError(f"--cfg={cfg_scale} must be >= 0")
         if model is None:
-            self.model, self.config = load_model(checkpoint, pick_device(device))
-            self.model_config = self.config.model
+            self.model, config = load_model(checkpoint, pick_device(device))
+            self.model_config, train_config = config.model, config.train
             self.tok = checkpoint_tokenizer(checkpoint)
         else:  # an in-memory model (tests): needs a tokenizer too
             self.model, self.model_config, self.tok = model, model.config, tokenizer
-        self.method, self.draws, self.cfg_scale = method, draws, cfg_scale
-        self.steps, self.temperature, self.batch_size = steps, temperature, batch_size
+        self.train_config = train_config or TrainConfig()
+        self.method, self.draws, self.cfg_scale, self.batch_size = method, draws, cfg_scale, batch_size
+        self.sampling = sampling
+        if self.model_config.causal:
+            check_options(True, None, None, sampling)
         self.generator = torch.Generator().manual_seed(seed)  # Monte Carlo scoring: the estimators draw on the CPU
         self.sample_generator = sampling_generator(self.model, seed)  # generate_until: samplers draw on the model's device
         self._device = device_of(self.model)
-        if self.model_config.causal and cfg_scale:
-            raise UnmaskError("--cfg applies to MDMs; this checkpoint is an AR model")
 
     # -- scoring -----------------------------------------------------------------------------
 
@@ -171,7 +177,9 @@ class UnmaskLM(LM):
             until = kwargs.get("until", [])
             until = [until] if isinstance(until, str) else list(until)
             n = int(kwargs.get("max_gen_toks", 32))
-            temperature = float(kwargs.get("temperature", self.temperature))
+            options = {"temperature": 0.0, **self.sampling}
+            if "temperature" in kwargs:  # the task's own setting wins
+                options["temperature"] = float(kwargs["temperature"])
             ctx = [self.tok.eos_id] + self.tok.encode(context)
             room = self.model_config.context_len - n
             if room < 0:
@@ -179,12 +187,14 @@ class UnmaskLM(LM):
             ctx = ctx[max(0, len(ctx) - room):]
             if self.model_config.causal:
                 x = torch.tensor([ctx], device=self._device)
-                out = ar_sample(self.model, x, self.sample_generator, ARConfig(max_new_tokens=n, temperature=temperature))
+                out = ar_sample(self.model, x, self.sample_generator, ar_config(n, **options))
                 new = out.tokens[0, x.shape[1]:]
             else:
                 x = torch.tensor([ctx + [self.model_config.mask_id] * n], device=self._device)
-                cfg = AncestralConfig(steps=self.steps or n, temperature=temperature)
-                new = ancestral(self.model, x, self.sample_generator, cfg).tokens[0, len(ctx):]
+                prompt = torch.zeros_like(x, dtype=torch.bool)
+                prompt[0, 1 : len(ctx)] = True  # the EOS separator is not part of the prompt (CFG keeps it)
+                spec = spec_for(self.model_config, self.train_config, n, **options)
+                new = spec.run(self.model, x, self.sample_generator, Conditioning(prompt_mask=prompt), start=len(ctx)).tokens[0, len(ctx):]
             text = self.tok.decode(trim_at_eos(new.tolist(), self.tok.eos_id))
             for stop in until:
                 if stop and stop in text:

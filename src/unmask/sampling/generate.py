@@ -79,6 +79,8 @@ class SamplerSpec:
                 f"{', '.join(foreign)}: not an option of --sampler {sampler}, which takes "
                 f"{', '.join(FLAGS[name] for name in FLAGS if name in takes)}"
             )
+        if cache_refresh is not None and (cache or "none") == "none":
+            raise UnmaskError(f"--cache-refresh={cache_refresh} needs a cache: add --cache prefix, dual or delayed")
         return cls(sampler, SAMPLERS[sampler].config(**given), block_len or 0, CacheConfig(cache or "none", cache_refresh or 0))
 
     def sampler_config(self, num_blocks: int = 1) -> SamplerConfig:
@@ -166,11 +168,12 @@ MDM_ONLY = {
 }
 
 
-def _check_options(causal: bool, steps: int | None, length: int, kv_cache: bool | None, given: dict) -> None:
+def check_options(causal: bool, length: int | None, kv_cache: bool | None, given: dict) -> None:
     """Refuse options that the model kind would otherwise silently ignore, naming them."""
     if causal:
         flags = [MDM_ONLY[name] for name, value in given.items() if name in MDM_ONLY and value is not None]
-        if steps is not None and steps != length:  # an AR model takes exactly one step per token
+        steps = given.get("steps")
+        if steps is not None and length is not None and steps != length:  # an AR model takes exactly one step per token
             flags.append(f"--steps={steps} (an AR model takes exactly one step per token, --length {length})")
         if flags:
             raise UnmaskError(
@@ -180,7 +183,7 @@ def _check_options(causal: bool, steps: int | None, length: int, kv_cache: bool 
     elif kv_cache is not None:
         raise UnmaskError(
             f"--{'' if kv_cache else 'no-'}kv-cache applies to AR models; this checkpoint is an MDM "
-            "(use --sampler cached for the MDM's caching sampler)"
+            "(use --cache prefix|dual|delayed, or --sampler cached, for the MDM's caches)"
         )
 
 
@@ -188,17 +191,33 @@ def trim_at_eos(ids: list[int], eos: int) -> list[int]:
     return ids[: ids.index(eos)] if eos in ids else ids
 
 
+def spec_for(model_config, train_config, length: int, **options) -> SamplerSpec:
+    """The MDM sampler spec of ``options`` (as :meth:`SamplerSpec.from_options`) with the defaults
+    that depend on the checkpoint: ``steps`` = the generation ``length`` (samplers that take steps)
+    and the schedule the model was trained with (samplers that take one)."""
+    name = options.get("sampler") or "ancestral"
+    takes = {f.name for f in fields(SAMPLERS[name].config)} if name in SAMPLERS else set()
+    if "schedule" in takes:
+        options.setdefault("schedule", train_config.schedule)
+    if "steps" in takes and options.get("steps") is None:
+        options["steps"] = length
+    return SamplerSpec.from_options(**options)
+
+
+def ar_config(length: int, kv_cache: bool | None = None, **options) -> ARConfig:
+    """The AR sampler's config from the shared sampler options (temperature, top_k, top_p, precision)."""
+    given = {name: options[name] for name in ("temperature", "top_k", "top_p", "precision") if options.get(name) is not None}
+    return ARConfig(max_new_tokens=length, kv_cache=kv_cache is not False, **given)
+
+
 def generate(
     checkpoint: str | Path,
     prompt: str = "",
     num_samples: int = 2,
     length: int = 64,
-    steps: int | None = None,
-    temperature: float | None = None,
-    precision: str | None = None,
+    *,
     seed: int = 0,
     device: str = "auto",
-    sampler: str | None = None,
     prompts: Sequence[str] | None = None,
     infill: str | None = None,
     stop_at_eos: bool = False,
@@ -210,11 +229,12 @@ def generate(
     document follows in training, also used by the lm-eval adapter), then the prompt; the
     generated tokens and text exclude it.
 
+    ``options`` are the sampler options of every sampling entry point (the command-line flags of
+    :mod:`unmask.cli.sampler_options`): sampler, steps, block_len, cache, cache_refresh, k, score,
+    allocation, tau, cfg_scale, temperature, top_k, top_p, precision (and schedule). None or absent
+    means the sampler's own default (threshold decodes at temperature 0, the others at 1).
     MDM: any sampler of SAMPLERS (default ancestral) over [EOS ; prompt ; MASK x length] (or
-    [EOS ; ``infill`` template]); ``steps`` (samplers that take steps; default ``length``),
-    ``temperature``, ``precision`` and ``options`` (top_k, top_p, cfg_scale, k, score, allocation,
-    tau, schedule, block_len, cache, cache_refresh) as in :meth:`SamplerSpec.from_options`: None
-    or absent means the sampler's own default (threshold decodes at temperature 0).
+    [EOS ; ``infill`` template]); ``steps`` defaults to ``length``.
     AR: token by token after [EOS ; prompt], with an exact KV cache unless ``kv_cache=False``;
     temperature, top_k, top_p, precision and stop_at_eos apply, MDM-only options are refused (an
     error names them) and ``steps``, if given, must equal ``length``.
@@ -224,7 +244,7 @@ def generate(
     """
     if num_samples < 1:
         raise UnmaskError(f"--num-samples={num_samples} must be a positive integer")
-    known = {*FLAGS, "block_len", "cache", "cache_refresh"}
+    known = {*FLAGS, "sampler", "block_len", "cache", "cache_refresh"}
     unknown = set(options) - known
     if unknown:
         raise UnmaskError(f"unknown sampler option(s) {sorted(unknown)}; known: {', '.join(sorted(known))}")
@@ -234,7 +254,7 @@ def generate(
         raise UnmaskError(f"--length={length} must be a positive integer")
     dev = pick_device(device)
     model, cfg = load_model(checkpoint, dev)
-    _check_options(cfg.model.causal, steps, length, kv_cache, {"sampler": sampler, "infill": infill, **options})
+    check_options(cfg.model.causal, length, kv_cache, {"infill": infill, **options})
     tok = checkpoint_tokenizer(checkpoint)
     texts = list(prompts) if prompts else [prompt] * num_samples
     ctx = cfg.model.context_len
@@ -258,17 +278,10 @@ def generate(
     cond = Conditioning(*(None if v is None else v.to(dev) for v in (cond.key_mask, cond.positions, cond.prompt_mask)))
     x = x.to(dev)
     if cfg.model.causal:
-        given = {"temperature": temperature, "precision": precision, "top_k": options.get("top_k"), "top_p": options.get("top_p")}
-        ar_cfg = ARConfig(max_new_tokens=length, kv_cache=kv_cache is not False, **{k: v for k, v in given.items() if v is not None})
+        ar_cfg = ar_config(length, kv_cache, **options)
         out = ar_sample(model, x, gen, ar_cfg, Conditioning(key_mask=cond.key_mask) if cond.key_mask is not None else None, callback)
     else:
-        name = sampler or "ancestral"
-        takes = {f.name for f in fields(SAMPLERS[name].config)} if name in SAMPLERS else set()
-        if "schedule" in takes:
-            options.setdefault("schedule", cfg.train.schedule)
-        if "steps" in takes and steps is None:
-            steps = length
-        spec = SamplerSpec.from_options(name, steps=steps, temperature=temperature, precision=precision, **options)
+        spec = spec_for(cfg.model, cfg.train, length, **options)
         out = spec.run(model, x, gen, cond, callback, start=width, stop_token=tok.eos_id if stop_at_eos else None)
     generated = out.tokens[:, width:]
     seconds = time.perf_counter() - start_time
@@ -277,6 +290,6 @@ def generate(
         ids = trim_at_eos(row, tok.eos_id) if stop_at_eos else row
         samples.append({"tokens": ids, "text": text + tok.decode(ids)})
     return {
-        "checkpoint": str(checkpoint), "objective": cfg.train.objective, "sampler": "ar" if cfg.model.causal else sampler or "ancestral",
+        "checkpoint": str(checkpoint), "objective": cfg.train.objective, "sampler": "ar" if cfg.model.causal else spec.sampler,
         "nfe": out.nfe, "steps": out.steps, "seconds": seconds, "generated_tokens": num_samples * length, "samples": samples,
     }
