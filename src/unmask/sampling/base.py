@@ -171,17 +171,39 @@ def dtype_of(precision: str) -> torch.dtype:
 
 
 def exponential_race(log_weights: torch.Tensor, generator: torch.Generator, precision: Precision = "float64") -> torch.Tensor:
-    """Index of a categorical draw over the last dim, proportional to exp(log_weights).
+    """Index of a categorical draw over the last dim, proportional to exp(log_weights), by the
+    exponential race: argmax_i log w_i - log E_i with E_i ~ Exp(1) (equivalently Gumbel-max).
 
-    argmax_i log w_i - log E_i with E_i ~ Exp(1) (equivalently Gumbel-max), computed in
-    ``precision``. float64 is the default: in float32 the noise saturates near 16.6 and rare events
-    are under-sampled (Zheng et al., reference section 4). float32 exists for that ablation only.
+    In float32 the noise saturates near 16.6 and rare events are under-sampled (Zheng et al.,
+    reference section 4): that is the ``precision="float32"`` ablation. The samplers' exact float64
+    draw is :func:`categorical` (the same distribution at a third of the cost).
     """
     dtype = dtype_of(precision)
     u = torch.rand(log_weights.shape, generator=generator, dtype=dtype, device=log_weights.device)
     # E = -log(U); U = 0 has probability 2^-53 (float64) but would give E = 0, log E = -inf: keep it finite
     e = -torch.log(u.clamp_min(torch.finfo(dtype).tiny))
     return (log_weights.to(dtype) - torch.log(e)).argmax(dim=-1)
+
+
+def categorical(log_weights: torch.Tensor, generator: torch.Generator, precision: Precision = "float64") -> tuple[torch.Tensor, torch.Tensor]:
+    """A categorical draw over the last dim of log_weights (..., V), proportional to their exp,
+    and the drawn outcome's normalised probability: (index (...,), probability (...,) float64).
+
+    float64 (the default): inverse CDF, one uniform per row against the float64 cumulative sum
+    of the weights: exact up to float64 rounding (outcomes below about 2^-53 of the total mass are
+    never drawn), one exp and one cumsum per entry instead of V uniforms and two logs.
+    float32: the float32 exponential race of the ablation (:func:`exponential_race`).
+    """
+    weights = (log_weights.double() - log_weights.amax(dim=-1, keepdim=True).double()).exp()
+    if precision == "float64":
+        cdf = weights.cumsum(dim=-1)
+        total = cdf[..., -1]
+        u = torch.rand((*cdf.shape[:-1], 1), generator=generator, dtype=torch.float64, device=cdf.device)
+        # u in [0, 1) times the total; searchsorted(right) never lands on a zero-weight outcome
+        index = torch.searchsorted(cdf, u * total[..., None], right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+    else:
+        index, total = exponential_race(log_weights, generator, precision), weights.sum(dim=-1)
+    return index, weights.gather(-1, index[..., None]).squeeze(-1) / total
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -212,17 +234,33 @@ def token_log_probs(logits: torch.Tensor, config: SamplerConfig) -> torch.Tensor
     return torch.log_softmax(filter_logits(logits / config.temperature, config.top_k, config.top_p), dim=-1)
 
 
+def _untouched(config: SamplerConfig) -> bool:
+    """The sampling distribution is the network's own: temperature 1, no top-k/top-p."""
+    return config.temperature == 1 and not (config.top_k and config.top_k > 0) and config.top_p >= 1
+
+
 def sample_from(logits: torch.Tensor, generator: torch.Generator, config: SamplerConfig) -> torch.Tensor:
     """One token per row of logits (..., V) under the config (temperature 0: argmax)."""
     if config.temperature == 0:
         return logits.argmax(dim=-1)
-    return exponential_race(token_log_probs(logits, config), generator, config.precision)
+    if _untouched(config):
+        return categorical(logits, generator, config.precision)[0]
+    return categorical(token_log_probs(logits, config), generator, config.precision)[0]
+
+
+def propose(logits: torch.Tensor, generator: torch.Generator, config: SamplerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """A proposal x0 per row of logits (N, V) drawn under the config, and its probability
+    p_theta(x0) (N,) float64 under the network's own distribution softmax(logits): no temperature,
+    no top-k/top-p renormalisation (which would inflate it). What confidence and threshold decoding
+    compare. At temperature 1 without top-k/top-p, one pass over V gives both."""
+    if config.temperature != 0 and _untouched(config):
+        return categorical(logits, generator, config.precision)
+    x0 = sample_from(logits, generator, config)
+    return x0, model_probability(logits, x0)
 
 
 def model_probability(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """p_theta(token) (...,) float64 under the network's own distribution softmax(logits) (..., V): no
-    temperature, no top-k/top-p renormalisation (which would inflate it). What confidence and
-    threshold decoding compare."""
+    """p_theta(token) (...,) float64 under the network's own distribution softmax(logits) (..., V)."""
     logits = logits.double()
     return (logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(dim=-1)).exp()
 

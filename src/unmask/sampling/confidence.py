@@ -21,8 +21,8 @@ import torch
 
 from unmask.errors import UnmaskError
 from unmask.sampling.base import (
-    Conditioning, Sampler, SamplerConfig, SamplerState, check_steps, model_probability, open_positions, predict, scatter_rows,
-    sample_from, start_state, top_per_row,
+    Conditioning, Sampler, SamplerConfig, SamplerState, check_steps, model_probability, open_positions, predict, propose,
+    scatter_rows, sample_from, start_state, top_per_row,
 )
 
 SCORES = ("low_confidence", "margin", "entropy", "random")
@@ -75,8 +75,12 @@ def step(model, state: SamplerState, generator: torch.Generator, config: Confide
     can = open_positions(x, mask_id, state.eligible)
     k = tokens_per_step(can.sum(dim=1), state.step, config.steps, config.allocation)
     logits, called, cache = predict(model, state, can, cond, config.cfg_scale)
-    x0 = sample_from(logits, generator, config)
-    commit = top_per_row(scatter_rows(confidence_scores(logits, x0, config.score, generator), can, -torch.inf), can, k)
+    if config.score == "low_confidence":  # the draw and its probability in one pass
+        x0, scores = propose(logits, generator, config)
+    else:
+        x0 = sample_from(logits, generator, config)
+        scores = confidence_scores(logits, x0, config.score, generator)
+    commit = top_per_row(scatter_rows(scores, can, -torch.inf), can, k)
     new = torch.where(commit, scatter_rows(x0, can, mask_id), x)
     done = state.step + 1 == config.steps or not bool(open_positions(new, mask_id, state.eligible).any())
     return state.advance(new, called, cache, done=done)

@@ -16,7 +16,7 @@ import torch
 
 from unmask.errors import UnmaskError
 from unmask.sampling.base import (
-    Conditioning, Sampler, SamplerConfig, SamplerState, model_probability, open_positions, predict, sample_from, scatter_rows,
+    Conditioning, Sampler, SamplerConfig, SamplerState, open_positions, predict, propose, scatter_rows,
     start_state, top_per_row,
 )
 
@@ -40,8 +40,8 @@ def step(model, state: SamplerState, generator: torch.Generator, config: Thresho
     x, mask_id = state.tokens, model.config.mask_id
     can = open_positions(x, mask_id, state.eligible)
     logits, called, cache = predict(model, state, can, cond, config.cfg_scale)
-    x0 = sample_from(logits, generator, config)
-    p = scatter_rows(model_probability(logits, x0), can, -torch.inf)
+    x0, p = propose(logits, generator, config)
+    p = scatter_rows(p, can, -torch.inf)
     commit = (can & (p >= config.tau)) | top_per_row(p, can, can.any(dim=1).long())
     new = torch.where(commit, scatter_rows(x0, can, mask_id), x)
     done = not bool(open_positions(new, mask_id, state.eligible).any())
