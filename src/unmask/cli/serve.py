@@ -3,7 +3,6 @@ trained MDM or AR checkpoint. Needs the ``[serve]`` extra."""
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Optional
 
@@ -30,24 +29,18 @@ def serve(
     from unmask.errors import UnmaskError
 
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
 
         from unmask.serve.app import create_app
     except ImportError as exc:
         raise UnmaskError(f"unmask serve needs the [serve] extra ({exc.name} is missing): pip install 'unmask[serve]'") from None
     from unmask.serve.engine import Engine, Limits
+    from unmask.serve.run import bind, serve_forever, url_of
 
     limits = Limits(max_tokens, max_n, 8, max_steps, max_active, max_queue, timeout)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        raise UnmaskError(f"--host {host} --port {port}: cannot listen there ({exc.strerror}); pick another --port") from None
+    sock = bind(host, port)
     engine = Engine(checkpoint, device, limits, name)
-    port = sock.getsockname()[1]
-    shown = f"[{host}]" if ":" in host else host
-    typer.echo(f"serving {engine.name!r} ({engine.config.train.objective}, {engine.device}) at http://{shown}:{port}/ "
-               f"(OpenAI base URL http://{shown}:{port}/v1; API docs at /docs)")
-    server = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
-    server.run(sockets=[sock])
+    url = url_of(sock)
+    typer.echo(f"serving {engine.name!r} ({engine.config.train.objective}, {engine.device}) at {url}/ "
+               f"(OpenAI base URL {url}/v1; API docs at {url}/docs)")
+    serve_forever(create_app(engine), sock)
