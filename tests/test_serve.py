@@ -295,3 +295,91 @@ def test_load_200_requests_from_8_clients(mdm):
     print("\n" + summary(res))
     assert res["answered"] == 200 and res["statuses"] == {200: 200} and not res["errors"]
     assert res["healthy_after"] and res["requests_per_forward"] > 1
+
+
+
+@pytest.fixture(scope="module")
+def small_mdm(runs):
+    """A server with tight limits: generated requests are refused or decoded quickly."""
+    engine = Engine(runs / "mdm", "cpu", Limits(max_tokens=8, max_n=2, max_prompts=2, max_steps=8, max_active=4, max_queue=8, timeout=60))
+    with serve_in_background(create_app(engine)) as url:
+        yield url
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+def test_openapi_schema_property_based_no_5xx(small_mdm, mode):
+    """Requests generated from the OpenAPI schema (fitting it, and violating it) never get a 5xx."""
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.generation.modes import GenerationMode
+
+    schema = schemathesis.openapi.from_url(small_mdm + "/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"}
+    for operation in operations:
+        if mode == "negative" and operation.method.lower() != "post":
+            continue  # nothing to violate in a GET without parameters
+        strategy = operation.as_strategy(GenerationMode(mode))
+
+        @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+        @given(data=st.data())
+        def check(data):
+            data.draw(strategy).call_and_validate(checks=[not_a_server_error])
+
+        check()
+
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                  "--disable-sync", "--no-first-run"]
+
+
+def drive_page(url, screenshot, prompt, **fields):
+    """Open the page in headless Chromium, fill the form, generate; returns the masked count of every
+    frame drawn and the masked positions left on the page."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (in the [dev] extra)")
+    import os
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"no Chromium at {CHROMIUM}: `make test` installs Debian's chromium package when run as root "
+                    "(apt-get install -y chromium); browser downloads are not used")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 620})
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('model').textContent.includes('context')")
+            if fields.pop("infill", False):
+                page.check("input[value=infill]")
+            page.fill("#prompt", prompt)
+            for name, value in fields.items():
+                if name == "sampler":
+                    page.select_option("#sampler", value)
+                else:
+                    page.fill(f"#{name}", str(value))
+            page.click("#generate")
+            page.wait_for_selector("#status[data-state=done]", timeout=60000)
+            frames = page.evaluate("window.unmaskFrames")
+            left = page.locator("#canvas .mask").count()
+            text = page.inner_text("#canvas")
+            page.screenshot(path=str(screenshot))
+        finally:
+            browser.close()
+    return frames, left, text
+
+
+def test_page_in_headless_chromium(mdm, tmp_path):
+    frames, left, text = drive_page(mdm, tmp_path / "mdm.png", "KING RICHARD.", sampler="confidence", max_tokens=16, steps=8,
+                                    temperature=0.5, seed=3)
+    assert frames == [14, 12, 10, 8, 6, 4, 2, 0] and left == 0  # every intermediate canvas was drawn, the last fully unmasked
+    assert text.startswith("KING RICHARD.") and (tmp_path / "mdm.png").stat().st_size > 1000
+
+
+def test_page_fills_blanks_and_works_for_ar(mdm, ar, tmp_path):
+    frames, left, text = drive_page(mdm, tmp_path / "infill.png", "To be, [MASK:3] not to be: [MASK:2] the question.", infill=True,
+                                    sampler="confidence", steps=5, seed=1)
+    assert frames == [4, 3, 2, 1, 0] and left == 0 and text.startswith("To be, ") and text.endswith(" the question.")
+    frames, left, _ = drive_page(ar, tmp_path / "ar.png", "ROMEO.", max_tokens=8, seed=1)
+    assert frames == [7, 6, 5, 4, 3, 2, 1, 0] and left == 0  # left to right, one token per step
