@@ -383,3 +383,22 @@ def test_page_fills_blanks_and_works_for_ar(mdm, ar, tmp_path):
     assert frames == [4, 3, 2, 1, 0] and left == 0 and text.startswith("To be, ") and text.endswith(" the question.")
     frames, left, _ = drive_page(ar, tmp_path / "ar.png", "ROMEO.", max_tokens=8, seed=1)
     assert frames == [7, 6, 5, 4, 3, 2, 1, 0] and left == 0  # left to right, one token per step
+
+
+def test_serve_command_errors(capsys, runs, tmp_path):
+    import socket
+
+    from unmask.cli import main
+
+    assert main(["serve", "--checkpoint", str(tmp_path / "nothing"), "--port", "0"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        assert main(["serve", "--checkpoint", str(runs / "mdm"), "--port", str(taken.getsockname()[1])]) == 2
+        assert "--port" in capsys.readouterr().err
+    finally:
+        taken.close()
+    assert main(["serve", "--checkpoint", str(runs / "mdm"), "--max-n", "0"]) == 2
+    assert "--max-n=0" in capsys.readouterr().err

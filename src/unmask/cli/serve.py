@@ -38,8 +38,8 @@ def serve(
     from unmask.serve.run import bind, serve_forever, url_of
 
     limits = Limits(max_tokens, max_n, 8, max_steps, max_active, max_queue, timeout)
-    sock = bind(host, port)
     engine = Engine(checkpoint, device, limits, name)
+    sock = bind(host, port)
     url = url_of(sock)
     typer.echo(f"serving {engine.name!r} ({engine.config.train.objective}, {engine.device}) at {url}/ "
                f"(OpenAI base URL {url}/v1; API docs at {url}/docs)")

@@ -190,10 +190,7 @@ class Engine:
         self._check_room(longest + 1, p.max_tokens, room)
         x, cond, start = self._canvas(ids, p.n, None, 0, room - p.max_tokens)
         options = {k: v for k, v in {"temperature": p.temperature, "top_p": p.top_p}.items() if v is not None}
-        try:
-            ar = ARConfig(max_new_tokens=p.max_tokens, kv_cache=True, **options)
-        except UnmaskError as exc:
-            raise RequestError(str(exc).lstrip("-").replace("top-p", "top_p"), "top_p" if "top" in str(exc) else "temperature") from None
+        ar = ARConfig(max_new_tokens=p.max_tokens, kv_cache=True, **options)  # the HTTP schema keeps both in range
         job = Job(p, x, Conditioning(key_mask=cond.key_mask), start, p.max_tokens, seed, None, ar, sum(map(len, ids)) * p.n)
         job.committed_at = [[-1] * p.max_tokens for _ in range(x.shape[0])]
         return job

@@ -39,9 +39,10 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def load_test(base_url: str, body: dict, requests: int = 200, clients: int = 8) -> dict:
-    """Send ``requests`` POST /v1/completions of ``body`` (request i gets seed i) from ``clients``
-    threads. Returns counts, requests/s, latency percentiles (s), batching figures and health after."""
+def load_test(base_url: str, body: dict, requests: int = 200, clients: int = 8, vary: list[dict] | None = None) -> dict:
+    """Send ``requests`` POST /v1/completions of ``body`` (request i gets seed i and the fields of
+    ``vary[i % len(vary)]``) from ``clients`` threads. Returns counts, requests/s, latency
+    percentiles (s), batching figures and the health after."""
     before = get_json(base_url, "/health")["batching"]
     latencies: list[float] = []
     statuses: dict[int, int] = {}
@@ -56,7 +57,7 @@ def load_test(base_url: str, body: dict, requests: int = 200, clients: int = 8) 
                 i = next(counter, None)
             if i is None:
                 break
-            payload = json.dumps({**body, "seed": i})
+            payload = json.dumps({**body, **(vary[i % len(vary)] if vary else {}), "seed": i})
             t0 = time.perf_counter()
             try:
                 conn.request("POST", "/v1/completions", payload, {"Content-Type": "application/json"})
