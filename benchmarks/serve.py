@@ -31,16 +31,17 @@ def screenshot(url: str, out: Path) -> None:
              "--disable-sync", "--no-first-run"]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=flags)
-        page = browser.new_page(viewport={"width": 1000, "height": 560})
+        page = browser.new_page(viewport={"width": 1000, "height": 480})
         page.goto(url + "/")
         page.wait_for_function("document.getElementById('model').textContent.includes('context')")
         page.fill("#prompt", "KING RICHARD. A horse! a horse!")
-        page.select_option("#sampler", "confidence")
-        for name, value in {"max_tokens": 64, "steps": 32, "block_length": 16, "temperature": 0.7, "seed": 4}.items():
+        page.select_option("#sampler", "ancestral")
+        for name, value in {"max_tokens": 64, "steps": 32, "block_length": 0, "temperature": 1.0, "seed": 4}.items():
             page.fill(f"#{name}", str(value))
         page.click("#generate")
-        page.wait_for_selector("#status[data-state=done]", timeout=120000)
+        page.wait_for_function("window.unmaskFrames.length >= 20", timeout=120000)  # mid-way: blanks and coloured tokens
         page.screenshot(path=str(out))
+        page.wait_for_selector("#status[data-state=done]", timeout=120000)
         browser.close()
 
 
@@ -51,7 +52,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--screenshot", action="store_true", help="also save docs/serve.png (needs /usr/bin/chromium and playwright)")
+    parser.add_argument("--screenshot-only", action="store_true", help="only save docs/serve.png")
     args = parser.parse_args()
+    if args.screenshot_only:
+        engine = Engine(args.checkpoint, "cpu")
+        with serve_in_background(create_app(engine)) as url:
+            screenshot(url, ROOT / "docs" / "serve.png")
+        return
     body = {"max_tokens": args.max_tokens, "temperature": 1.0}
     runs = {}
     for label, active in (("batched", args.clients), ("one at a time", 1)):
