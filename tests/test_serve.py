@@ -7,6 +7,7 @@ import json
 import time
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi", reason="the server needs the [serve] extra")
 httpx = pytest.importorskip("httpx")
@@ -252,20 +253,37 @@ def test_malformed_bodies(mdm):
     assert httpx.get(mdm + "/v1/nothing").json()["error"]["type"] == "invalid_request_error"
 
 
-def test_health_answers_while_decoding_and_a_gone_client_frees_its_slot(mdm):
-    body = {"model": "mdm", "prompt": "ROMEO.", "max_tokens": 48, "steps": 64, "n": 4, "stream": True, "stream_canvas": True, "seed": 1}
-    with httpx.stream("POST", mdm + "/v1/completions", json=body, timeout=60) as res:
-        lines = res.iter_lines()
-        assert next(lines).startswith("event: canvas")
-        health = httpx.get(mdm + "/health", timeout=5).json()  # answered while the request decodes
-        assert health["running"] == 1
-    # the client went away mid-stream: the server cancels the decoding and frees the slot
-    for _ in range(200):
-        health = httpx.get(mdm + "/health").json()
-        if health["running"] == 0:
-            break
+class SlowNetwork(torch.nn.Module):
+    """The network, 50 ms slower per forward: a decode of 64 steps takes seconds, whatever the machine."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.config = inner, inner.config
+
+    def forward(self, *args, **kwargs):
         time.sleep(0.05)
-    assert health["running"] == 0 and health["waiting"] == 0
+        return self.inner(*args, **kwargs)
+
+
+def test_health_answers_while_decoding_and_a_gone_client_frees_its_slot(runs):
+    engine = Engine(runs / "mdm", "cpu", LIMITS)
+    engine.scheduler.model = SlowNetwork(engine.model)
+    body = {"model": "mdm", "prompt": "ROMEO.", "max_tokens": 32, "steps": 64, "stream": True, "stream_canvas": True, "seed": 1}
+    with serve_in_background(create_app(engine)) as url:
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as res:
+            lines = res.iter_lines()
+            assert next(lines).startswith("event: canvas")
+            health = httpx.get(url + "/health", timeout=5).json()  # answered while the request decodes
+            assert health["running"] == 1
+        # the client went away mid-stream: the server stops the decoding (not run to its end) and frees the slot
+        for _ in range(200):
+            health = httpx.get(url + "/health").json()
+            if health["running"] == 0:
+                break
+            time.sleep(0.05)
+        assert health["running"] == 0 and health["waiting"] == 0 and health["cancelled"] == 1
+        assert health["batching"]["forwards"] < 64
+        assert engine.scheduler.active == 0
 
 
 def test_openai_client(mdm):

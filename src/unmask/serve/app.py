@@ -56,6 +56,7 @@ class Server:
         self.waiting = 0
         self.running = 0
         self.served = 0
+        self.cancelled = 0
 
     async def admit(self, ticket: Ticket) -> None:
         """Wait for a decoding slot; refuse when the queue is full or the request's time runs out."""
@@ -77,9 +78,10 @@ class Server:
     def start(self, job: Job, ticket: Ticket, on_frame=None) -> asyncio.Future:
         fut = asyncio.get_running_loop().run_in_executor(self.pool, self.engine.run, job, ticket, on_frame)
 
-        def release(_):
+        def release(done: asyncio.Future) -> None:
             self.running -= 1
             self.served += 1
+            self.cancelled += isinstance(done.exception(), Cancelled)
             self.slots.release()
 
         fut.add_done_callback(release)
@@ -141,7 +143,7 @@ def create_app(engine: Engine) -> FastAPI:
         stats = dict(engine.scheduler.stats)
         stats["mean_requests_per_forward"] = stats["requests_per_forward"] / stats["forwards"] if stats["forwards"] else 0.0
         return {"status": "ok", "model": engine.name, "objective": engine.config.train.objective, "running": server.running,
-                "waiting": server.waiting, "served": server.served, "batching": stats}
+                "waiting": server.waiting, "served": server.served, "cancelled": server.cancelled, "batching": stats}
 
     @app.get("/v1/models")
     async def models():
