@@ -51,18 +51,19 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, ... (auto: the best available)")
     parser.add_argument("--screenshot", action="store_true", help="also save docs/serve.png (needs /usr/bin/chromium and playwright)")
     parser.add_argument("--screenshot-only", action="store_true", help="only save docs/serve.png")
     args = parser.parse_args()
     if args.screenshot_only:
-        engine = Engine(args.checkpoint, "cpu")
+        engine = Engine(args.checkpoint, args.device)
         with serve_in_background(create_app(engine)) as url:
             screenshot(url, ROOT / "docs" / "serve.png")
         return
     body = {"max_tokens": args.max_tokens, "temperature": 1.0}
     runs = {}
     for label, active in (("batched", args.clients), ("one at a time", 1)):
-        engine = Engine(args.checkpoint, "cpu", Limits(max_active=active, max_queue=args.requests))
+        engine = Engine(args.checkpoint, args.device, Limits(max_active=active, max_queue=args.requests))
         body["model"] = engine.name
         with serve_in_background(create_app(engine)) as url:
             res = load_test(url, body, args.requests, args.clients, vary=[{"prompt": p} for p in PROMPTS])
@@ -72,12 +73,12 @@ def main() -> None:
                 screenshot(url, ROOT / "docs" / "serve.png")
     out = ROOT / "benchmarks" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"checkpoint": args.checkpoint, "body": body, "prompts": PROMPTS, "torch_threads": torch.get_num_threads(),
+    meta = {"checkpoint": args.checkpoint, "device": args.device, "body": body, "prompts": PROMPTS, "torch_threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine()}
     (out / "serve_load.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2))
     lines = ["# Serving load test", "", f"{args.requests} completions ({args.max_tokens} tokens, default ancestral sampler with "
              f"{args.max_tokens} steps, 5 prompts, seeds 0..{args.requests - 1}) from {args.clients} concurrent clients, "
-             f"`{args.checkpoint}` on CPU ({meta['torch_threads']} threads).", "",
+             f"`{args.checkpoint}` on {args.device} ({meta['torch_threads']} CPU threads).", "",
              "| decoding | answered | errors | requests/s | p50 latency | p95 latency | requests per forward |", "|---|---|---|---|---|---|---|"]
     for label, r in runs.items():
         lat = r["latency_s"]

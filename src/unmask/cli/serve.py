@@ -21,7 +21,7 @@ def serve(
     max_tokens: int = typer.Option(256, help="Most tokens a request may ask for per choice."),
     max_n: int = typer.Option(8, help="Most choices per prompt (n)."),
     max_steps: int = typer.Option(1024, help="Most MDM steps per request."),
-    max_active: int = typer.Option(16, help="Requests decoded together (one forward per step for all of them)."),
+    max_active: int = typer.Option(16, help="Requests decoded together (calls of the same shape share one forward per step)."),
     max_queue: int = typer.Option(64, help="Requests waiting for a slot before new ones get 429."),
     timeout: float = typer.Option(300.0, help="Seconds a request may take from arrival (waiting included)."),
 ) -> None:
