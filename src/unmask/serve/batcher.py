@@ -1,4 +1,4 @@
-"""Decoding many requests together, one network forward per step, without changing any result.
+"""Decoding many requests together, one network forward per step and shape, without changing any result.
 
 Every request runs its own, ordinary sampler loop (its own seeded generator, its own state) in a
 worker thread, against :class:`BatchedModel`: a proxy of the network whose forward hands its
@@ -19,7 +19,10 @@ up with filler rows to at least ``min_rows`` rows per product; the tests compare
 with the same requests made one at a time, bit for bit. (On GPUs the libraries pick kernels by
 shape more freely: there batching is only guaranteed to give samples of the same distribution.)
 The server makes equal shapes common by padding every canvas on the left to a multiple of a
-fixed width. A call with a keyword the proxy does not know runs as a forward of its own.
+fixed width. A call with a keyword the proxy does not know runs as a forward of its own. KV caches
+(the AR cache, the MDM canvas caches) are concatenated into the merged forward and the keys/values
+it writes are copied back into each request's cache: a copy per step, cheap for the small models
+served here.
 """
 
 from __future__ import annotations
