@@ -289,6 +289,36 @@ def test_health_answers_while_decoding_and_a_gone_client_frees_its_slot(runs):
         assert engine.scheduler.active == 0
 
 
+def test_full_queue_gets_429_and_a_slow_request_504(runs):
+    engine = Engine(runs / "mdm", "cpu", Limits(max_active=1, max_queue=1, timeout=30))
+    engine.scheduler.model = SlowNetwork(engine.model)
+    body = {"model": "mdm", "prompt": "ROMEO.", "max_tokens": 32, "steps": 32, "sampler": "confidence", "seed": 1}
+
+    async def three(url):
+        async with httpx.AsyncClient(timeout=60) as client:
+            async def until(key, value):
+                while (await client.get(url + "/health")).json()[key] != value:
+                    await asyncio.sleep(0.01)
+
+            first = asyncio.create_task(client.post(url + "/v1/completions", json=body))
+            await until("running", 1)  # decoding: 32 forwards of at least 50 ms each
+            second = asyncio.create_task(client.post(url + "/v1/completions", json=body))
+            await until("waiting", 1)
+            third = await client.post(url + "/v1/completions", json=body)
+            return (await first).status_code, (await second).status_code, third
+
+    with serve_in_background(create_app(engine)) as url:
+        first, second, third = asyncio.run(three(url))
+        assert (first, second, third.status_code) == (200, 200, 429)
+        assert third.json()["error"]["type"] == "rate_limit_exceeded"
+    engine = Engine(runs / "mdm", "cpu", Limits(timeout=0.2))
+    engine.scheduler.model = SlowNetwork(engine.model)
+    with serve_in_background(create_app(engine)) as url:
+        res = post(url, body)
+        assert res.status_code == 504 and res.json()["error"]["type"] == "timeout"
+        assert httpx.get(url + "/health").json()["running"] == 0
+
+
 def test_openai_client(mdm):
     openai = pytest.importorskip("openai")
     client = openai.OpenAI(base_url=mdm + "/v1", api_key="unused")
