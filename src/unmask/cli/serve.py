@@ -1,0 +1,46 @@
+"""``unmask serve``: an OpenAI-compatible HTTP server (and a page that animates the decoding) for a
+trained MDM or AR checkpoint. Needs the ``[serve]`` extra."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from unmask.cli.app import app
+
+
+@app.command()
+def serve(
+    checkpoint: Path = typer.Option(..., help="Run folder or checkpoints/step_* folder (MDM or AR)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, help="Port to listen on (0: any free port)."),
+    device: str = typer.Option("auto"),
+    name: Optional[str] = typer.Option(None, help="Model id clients pass as `model` (default: the run folder's name)."),
+    max_tokens: int = typer.Option(256, help="Most tokens a request may ask for per choice."),
+    max_n: int = typer.Option(8, help="Most choices per prompt (n)."),
+    max_steps: int = typer.Option(1024, help="Most MDM steps per request."),
+    max_active: int = typer.Option(16, help="Requests decoded together (calls of the same shape share one forward per step)."),
+    max_queue: int = typer.Option(64, help="Requests waiting for a slot before new ones get 429."),
+    timeout: float = typer.Option(300.0, help="Seconds a request may take from arrival (waiting included)."),
+) -> None:
+    """Serve a checkpoint over HTTP: /v1/completions, /v1/chat/completions, /v1/models, /health, and a page at /."""
+    from unmask.errors import UnmaskError
+
+    try:
+        import uvicorn  # noqa: F401
+
+        from unmask.serve.app import create_app
+    except ImportError as exc:
+        raise UnmaskError(f"unmask serve needs the [serve] extra ({exc.name} is missing): pip install 'unmask[serve]'") from None
+    from unmask.serve.engine import Engine, Limits
+    from unmask.serve.run import bind, serve_forever, url_of
+
+    limits = Limits(max_tokens, max_n, 8, max_steps, max_active, max_queue, timeout)
+    engine = Engine(checkpoint, device, limits, name)
+    sock = bind(host, port)
+    url = url_of(sock)
+    typer.echo(f"serving {engine.name!r} ({engine.config.train.objective}, {engine.device}) at {url}/ "
+               f"(OpenAI base URL {url}/v1; API docs at {url}/docs)")
+    serve_forever(create_app(engine), sock)

@@ -1,0 +1,325 @@
+"""The serving engine: a checkpoint, the checks a request passes before it is decoded, its canvas,
+and its decoding (run in a worker thread against the scheduler's batching proxy).
+
+A request's result depends on the request alone (its prompts, settings and seed), never on the
+requests decoded beside it: its canvas is built from it alone (left-padded to a multiple of
+``Limits.bucket`` columns so that requests of different lengths share forwards), it has its own
+seeded generator, and the scheduler gives it the same logits as a forward of its own.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from unmask.checkpoint import checkpoint_tokenizer, load_model
+from unmask.device import pick_device
+from unmask.errors import UnmaskError
+from unmask.sampling.ar import ARConfig, ar_sample, positions_from
+from unmask.sampling.base import Conditioning, SamplerState
+from unmask.sampling.cache import CACHES
+from unmask.sampling.generate import INFILL, SAMPLERS, SamplerSpec, sampling_generator
+from unmask.serve.batcher import Scheduler, Ticket
+
+
+class RequestError(Exception):
+    """A request the server refuses: an OpenAI-style error with the field (``param``) at fault."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400, kind: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.message, self.param, self.status, self.kind = message, param, status, kind
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one server accepts: new tokens, choices, prompts and steps per request; requests
+    decoded together (``max_active``) and waiting (``max_queue``); seconds per request from arrival
+    (``timeout``); canvases are left-padded to a multiple of ``bucket`` columns."""
+
+    max_tokens: int = 256
+    max_n: int = 8
+    max_prompts: int = 8
+    max_steps: int = 1024
+    max_active: int = 16
+    max_queue: int = 64
+    timeout: float = 300.0
+    bucket: int = 16
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if getattr(self, f.name) <= 0:
+                raise UnmaskError(f"--{f.name.replace('_', '-')}={getattr(self, f.name)} must be positive")
+
+
+@dataclass
+class Params:
+    """One generation request, as the HTTP layer hands it over (None: not given)."""
+
+    prompts: list[str]
+    max_tokens: int = 16
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    stop: list[str] = field(default_factory=list)
+    seed: int | None = None
+    sampler: str | None = None
+    steps: int | None = None
+    block_length: int | None = None
+    threshold: float | None = None
+    cfg_scale: float | None = None
+    cache: str | None = None
+    infill: bool = False
+
+
+@dataclass
+class Job:
+    """A checked request, ready to decode: the canvas x (R, L) of R = prompts x n rows, its
+    conditioning, the generation region [start, L) (AR: the region is appended), and how to decode."""
+
+    params: Params
+    x: torch.Tensor
+    cond: Conditioning
+    start: int
+    length: int  # columns of the generation region
+    seed: int
+    spec: SamplerSpec | None  # MDM
+    ar: ARConfig | None  # AR
+    prompt_tokens: int
+    stop_token: int | None = None
+    committed_at: list[list[int]] = field(default_factory=list)  # per row and region column: the step it was filled (-1: not yet)
+
+
+@dataclass
+class Choice:
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    tokens: int  # generated tokens in the text
+
+
+# MDM-only request fields and the sampler-config field each one sets (None: not a sampler option)
+MDM_FIELDS = {"sampler": None, "steps": "steps", "block_length": None, "threshold": "tau", "cfg_scale": "cfg_scale", "cache": None, "infill": None}
+
+
+def cut_text(text: str, stops: list[str]) -> tuple[str, bool]:
+    """text up to the earliest stop string, and whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text, False) if cut < 0 else (text[:cut], True)
+
+
+class Engine:
+    """A loaded checkpoint served to many requests at once."""
+
+    def __init__(self, checkpoint: str | Path, device: str = "auto", limits: Limits = Limits(), name: str | None = None) -> None:
+        self.device = pick_device(device)
+        self.model, self.config = load_model(checkpoint, self.device)
+        self.tok = checkpoint_tokenizer(checkpoint)
+        self.limits = limits
+        self.causal = self.config.model.causal
+        self.context = self.config.model.context_len
+        path = Path(checkpoint).resolve()
+        self.name = name or (path.parent.parent.name if path.parent.name == "checkpoints" else path.name)
+        self.scheduler = Scheduler(self.model)
+        self.pieces = [self.tok.decode([i]) for i in range(self.tok.vocab_size)]
+
+    # ---- checks and canvases -------------------------------------------------------------
+    def prepare(self, p: Params) -> Job:
+        """Check a request against the limits and the model and build its canvas; raises RequestError."""
+        lim = self.limits
+        if not p.prompts:
+            raise RequestError("prompt must be a string or a non-empty list of strings", "prompt")
+        if len(p.prompts) > lim.max_prompts:
+            raise RequestError(f"prompt: {len(p.prompts)} prompts in one request; this server takes at most {lim.max_prompts}", "prompt")
+        if not 1 <= p.n <= lim.max_n:
+            raise RequestError(f"n={p.n} must be between 1 and {lim.max_n} on this server", "n")
+        if not 1 <= p.max_tokens <= lim.max_tokens:
+            raise RequestError(f"max_tokens={p.max_tokens} must be between 1 and {lim.max_tokens} on this server", "max_tokens")
+        if p.steps is not None and not 1 <= p.steps <= lim.max_steps:
+            raise RequestError(f"steps={p.steps} must be between 1 and {lim.max_steps} on this server", "steps")
+        if len(p.stop) > 4 or any(not s for s in p.stop):
+            raise RequestError("stop takes at most 4 non-empty strings", "stop")
+        seed = p.seed if p.seed is not None else secrets.randbits(62)
+        if self.causal:
+            return self._prepare_ar(p, seed)
+        return self._prepare_mdm(p, seed)
+
+    def _check_room(self, prompt_len: int, new: int, room: int) -> None:
+        if prompt_len + new > room:
+            raise RequestError(
+                f"prompt of {prompt_len} tokens + max_tokens {new} (+ 1 separator) exceeds the model's context of "
+                f"{self.context} tokens; shorten the prompt or lower max_tokens", "prompt" if prompt_len >= room else "max_tokens",
+            )
+
+    def _canvas(self, prompts: list[list[int]], n: int, gen: list[int] | None, new: int, room: int) -> tuple[torch.Tensor, Conditioning, int]:
+        """Rows [PAD.. ; EOS ; prompt ; MASK x new] (or [PAD.. ; EOS ; template] with ``gen`` =
+        the template's ids), n rows per prompt, left-padded to a multiple of the bucket width
+        (within ``room`` columns). Returns (x, cond with key mask and positions, start of the region)."""
+        tok, bucket = self.tok, self.limits.bucket
+        bodies = [[tok.eos_id] + ids for ids in prompts] if gen is None else [[tok.eos_id] + gen]
+        width = max(map(len, bodies))
+        total = width + new
+        padded = max(total, min(-(-total // bucket) * bucket, room))
+        width += padded - total
+        rows, real, given = [], [], []
+        for body in bodies:
+            pad = width - len(body)
+            tail = [tok.mask_id] * new
+            for _ in range(n):
+                rows.append([tok.pad_id] * pad + body + tail)
+                real.append([False] * pad + [True] * (len(body) + new))
+                given.append([False] * (pad + 1) + [i != tok.mask_id for i in body[1:]] + [False] * new)
+        x = torch.tensor(rows, device=self.device)
+        key_mask = torch.tensor(real, device=self.device)
+        cond = Conditioning(key_mask=key_mask, positions=positions_from(key_mask), prompt_mask=torch.tensor(given, device=self.device))
+        return x, cond, width if gen is None else width - len(bodies[0]) + 1
+
+    def _prepare_ar(self, p: Params, seed: int) -> Job:
+        given = [name for name in MDM_FIELDS if getattr(p, name) not in (None, False)]
+        if p.steps is not None and p.steps == p.max_tokens:
+            given.remove("steps")  # an AR model takes one step per token anyway
+        if given:
+            raise RequestError(
+                f"{given[0]}: MDM decoding only, but this model is autoregressive (one token per network call, left to right); "
+                "drop it (temperature, top_p, stop, n and seed apply to both)", given[0])
+        ids = [self.tok.encode(t) if t else [] for t in p.prompts]
+        longest = max(map(len, ids))
+        room = self.context + 1  # the last new token is never fed back
+        self._check_room(longest + 1, p.max_tokens, room)
+        x, cond, start = self._canvas(ids, p.n, None, 0, room - p.max_tokens)
+        options = {k: v for k, v in {"temperature": p.temperature, "top_p": p.top_p}.items() if v is not None}
+        ar = ARConfig(max_new_tokens=p.max_tokens, kv_cache=True, **options)  # the HTTP schema keeps both in range
+        job = Job(p, x, Conditioning(key_mask=cond.key_mask), start, p.max_tokens, seed, None, ar, sum(map(len, ids)) * p.n)
+        job.committed_at = [[-1] * p.max_tokens for _ in range(x.shape[0])]
+        return job
+
+    def _prepare_mdm(self, p: Params, seed: int) -> Job:
+        name = p.sampler or "ancestral"
+        if name not in SAMPLERS:
+            raise RequestError(f"sampler {name!r} is not one of: {', '.join(SAMPLERS)}", "sampler")
+        takes = {f.name for f in fields(SAMPLERS[name].config)}
+        for fld, option in MDM_FIELDS.items():
+            if option is not None and getattr(p, fld) is not None and option not in takes:
+                raise RequestError(f"{fld}: not an option of sampler {name!r}", fld)
+        if p.cache is not None and p.cache not in CACHES:
+            raise RequestError(f"cache {p.cache!r} is not one of: {', '.join(CACHES)}", "cache")
+        if p.cfg_scale and all(not t for t in p.prompts):
+            raise RequestError("cfg_scale needs a prompt: guidance contrasts the prompt with the prompt replaced by MASK", "cfg_scale")
+        room = self.context
+        if p.infill:
+            if len(p.prompts) != 1:
+                raise RequestError("infill takes one prompt: a template with [MASK] or [MASK:n] spans", "prompt")
+            if p.block_length is not None:
+                raise RequestError("block_length cannot be combined with infill (the spans are filled together)", "block_length")
+            template = p.prompts[0]
+            if not INFILL.search(template):
+                raise RequestError("infill: the prompt has no [MASK] or [MASK:n] span to fill", "prompt")
+            ids, pos, holes = [], 0, 0
+            for m in INFILL.finditer(template):
+                ids += self.tok.encode(template[pos : m.start()]) if m.start() > pos else []
+                ids += [self.tok.mask_id] * int(m.group(1) or 1)
+                holes += int(m.group(1) or 1)
+                pos = m.end()
+            ids += self.tok.encode(template[pos:]) if pos < len(template) else []
+            if not 1 <= holes <= self.limits.max_tokens:
+                raise RequestError(f"infill: the spans ask for {holes} tokens; this server fills 1 to {self.limits.max_tokens}", "prompt")
+            self._check_room(len(ids) + 1, 0, room)
+            x, cond, start = self._canvas([], p.n, ids, 0, room)
+            length = x.shape[1] - start
+        else:
+            ids = [self.tok.encode(t) if t else [] for t in p.prompts]
+            self._check_room(max(map(len, ids)) + 1, p.max_tokens, room)
+            if p.block_length is not None and p.max_tokens % p.block_length:
+                raise RequestError(f"block_length={p.block_length} must divide max_tokens={p.max_tokens}", "block_length")
+            x, cond, start = self._canvas(ids, p.n, None, p.max_tokens, room)
+            length = p.max_tokens
+        steps = p.steps
+        if "steps" in takes and steps is None:
+            steps = min(length, self.limits.max_steps)
+        options = {"steps": steps, "temperature": p.temperature, "top_p": p.top_p, "tau": p.threshold, "cfg_scale": p.cfg_scale}
+        if "schedule" in takes:
+            options["schedule"] = self.config.train.schedule
+        options = {k: v for k, v in options.items() if k in takes}
+        try:
+            spec = SamplerSpec.from_options(name, block_len=p.block_length, cache=p.cache, **options)
+            spec.sampler_config(length // p.block_length if p.block_length else 1)
+        except UnmaskError as exc:
+            text = str(exc)
+            param = next((f for f in ("steps", "temperature", "top_p", "block_length", "cache", "cfg_scale") if f.replace("_", "-") in text), None)
+            raise RequestError(text.replace("--block-len", "block_length").replace("--cfg", "cfg_scale").lstrip("-"), param) from None
+        n_prompts = sum(len(i) for i in ids) if not p.infill else int((x[0, start:] != self.tok.mask_id).sum())
+        job = Job(p, x, cond, start, length, seed, spec, None, n_prompts * p.n,
+                  stop_token=self.tok.eos_id if p.block_length and not p.infill else None)
+        region = (x[:, start:] != self.tok.mask_id).long() - 1  # given template text: step 0; MASK: -1
+        job.committed_at = region.tolist()
+        return job
+
+    # ---- decoding (in a worker thread) ----------------------------------------------------
+    def region(self, job: Job, tokens: torch.Tensor) -> list[list[int]]:
+        """The generation region of every row of a canvas (AR: MASK where not yet generated)."""
+        part = tokens[:, job.start :].tolist()
+        if self.causal:
+            return [r + [self.tok.mask_id] * (job.length - len(r)) for r in part]
+        return part
+
+    def frame(self, job: Job, state: SamplerState, started: float) -> dict:
+        """The canvas after a step: per row the token pieces (None: still MASK) and the step each was filled at."""
+        rows = self.region(job, state.tokens)
+        mask = self.tok.mask_id
+        out = []
+        for r, (ids, at) in enumerate(zip(rows, job.committed_at)):
+            for i, token in enumerate(ids):
+                if token != mask and at[i] < 0:
+                    at[i] = state.step
+            out.append({"index": r, "tokens": [None if t == mask else self.pieces[t] if t < len(self.pieces) else "" for t in ids],
+                        "committed_at": list(at)})
+        return {"step": state.step, "nfe": state.nfe, "seconds": time.perf_counter() - started, "ids": rows, "choices": out}
+
+    def run(self, job: Job, ticket: Ticket, on_frame=None) -> tuple[list[Choice], dict]:
+        """Decode a job to the end (blocking; ``on_frame(frame)`` after every step). Raises
+        :class:`~unmask.serve.batcher.Cancelled` when the ticket is cancelled or times out."""
+        started = time.perf_counter()
+        model = self.scheduler.join(ticket)
+        try:
+            generator = sampling_generator(model, job.seed)
+            callback = None if on_frame is None else (lambda state: on_frame(self.frame(job, state, started)))
+            with torch.no_grad():
+                if job.ar is not None:
+                    out = ar_sample(model, job.x, generator, job.ar, job.cond, callback)
+                else:
+                    out = job.spec.run(model, job.x, generator, job.cond, callback, start=job.start, stop_token=job.stop_token)
+        finally:
+            self.scheduler.leave(ticket)
+        choices = [self.finish(job, ids) for ids in self.region(job, out.tokens)]
+        return choices, {"nfe": out.nfe, "steps": out.steps, "seconds": time.perf_counter() - started, "seed": job.seed}
+
+    def text_of(self, job: Job, ids: list[int], final: bool) -> tuple[str, str | None, int]:
+        """(text, finish_reason or None, tokens) of a row's region. Not final: the text that can no
+        longer change (up to the first MASK; a piece that could begin a stop string is held back)."""
+        tok = self.tok
+        if job.params.infill:
+            text, tokens = tok.decode(ids, mask_text=""), sum(1 for c in job.committed_at[0] if c != 0)
+            open_ = tok.mask_id in ids
+            if open_ and not final:
+                text = tok.decode(ids[: ids.index(tok.mask_id)])
+            return text, (None if open_ and not final else "length"), tokens
+        eos = tok.eos_id
+        mask_at = ids.index(tok.mask_id) if tok.mask_id in ids else len(ids)
+        end = ids.index(eos) if eos in ids[:mask_at] else None
+        settled = ids[: end if end is not None else mask_at]
+        text, stopped = cut_text(tok.decode(settled), job.params.stop)
+        if stopped or end is not None:
+            return text, "stop", len(tok.encode(text)) if stopped else len(settled)
+        if final or mask_at == len(ids):
+            return text, "length", len(settled)
+        hold = max((len(s) for s in job.params.stop), default=1) - 1
+        text = text[: len(text) - hold] if hold else text
+        while text.endswith("\ufffd"):  # a character split across tokens: wait for the rest
+            text = text[:-1]
+        return text, None, len(settled)
+
+    def finish(self, job: Job, ids: list[int]) -> Choice:
+        text, reason, tokens = self.text_of(job, ids, final=True)
+        return Choice(text, reason or "length", tokens)
