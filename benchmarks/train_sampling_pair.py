@@ -29,6 +29,8 @@ def train(run: Path, objective: str, steps: int, args: argparse.Namespace) -> No
     cmd = [sys.executable, "-m", "unmask", "train", "--run-dir", str(run), "--preset", args.preset, "--objective", objective,
            "--steps", str(steps), "--batch-size", str(args.batch_size), "--seed", str(args.seed),
            "--eval-every", str(max(steps // 4, 1)), "--checkpoint-every", str(max(steps // 4, 1)), "--device", args.device]
+    if args.context_len:
+        cmd += ["--context-len", str(args.context_len)]
     if (run / "config.json").exists():
         cmd = [sys.executable, "-m", "unmask", "train", "--run-dir", str(run), "--resume", "--steps", str(steps), "--device", args.device]
     print(" ".join(cmd), flush=True)
@@ -44,6 +46,7 @@ def main() -> None:
     parser.add_argument("--multiples", default="1,4", help="MDM budgets as multiples of C")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--context-len", type=int, default=0, help="override the preset's context (0: keep it)")
     args = parser.parse_args()
     out = Path(args.out)
     train(out / f"ar-{args.preset}", "ar", args.steps, args)
