@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import resource
 import statistics
@@ -37,6 +38,16 @@ from unmask.sampling.generate import SamplerSpec, ar_config, make_canvas
 
 POLICIES = ("confidence", "threshold", "first-hitting")
 CACHES = ("none", "prefix", "dual", "delayed")
+
+
+def random_network(preset: str, causal: bool, device: torch.device):
+    """A randomly initialised network of ``preset`` with the default tokenizer's vocabulary (speed only)."""
+    from unmask.config import ModelConfig
+    from unmask.data import default_tokenizer
+    from unmask.model import Transformer
+
+    config = ModelConfig.from_name(preset, vocab_size=default_tokenizer().vocab_size, causal=causal)
+    return Transformer(config).to(device).eval()
 
 
 class NetworkTimer:
@@ -110,10 +121,10 @@ def measure(label, run_once, model, judge, eos, batch, length, repeats, device) 
     tokens = torch.cat(samples)
     wall = statistics.median(walls)
     overhead = statistics.median(1 - n / w for n, w in zip(network, walls))
-    nll = judge_nll(judge, tokens.to(next(judge.parameters()).device), eos)
+    nll = float("nan") if judge is None else judge_nll(judge, tokens.to(next(judge.parameters()).device), eos)
     return {
         "config": label, "batch": batch, "length": length, "nfe": nfe, "wall_s": wall, "tokens_per_s": batch * length / wall,
-        "overhead": overhead, "gen_ppl": float(torch.tensor(nll).exp()), "entropy": unigram_entropy(tokens.tolist()),
+        "overhead": overhead, "gen_ppl": math.exp(nll), "entropy": float("nan") if judge is None else unigram_entropy(tokens.tolist()),
         "samples": tokens.shape[0], "peak_mem_mib": peak_memory_mib(device),
     }
 
@@ -132,23 +143,38 @@ def main() -> None:
     parser.add_argument("--ppl-tolerance", type=float, default=0.05, help="matched quality: gen-PPL within this fraction of AR's")
     parser.add_argument("--entropy-tolerance", type=float, default=0.05, help="matched quality: entropy within this many nats of AR's")
     parser.add_argument("--quick", action="store_true", help="caches none and prefix only, 1 repeat")
+    parser.add_argument("--configs", default="", help="comma-separated configuration labels to run (default: all)")
+    parser.add_argument("--from-json", default="", help="only rewrite the Markdown and the plot from a sampling.json of an earlier run")
+    parser.add_argument("--random-preset", default="", help="speed only: randomly initialised networks of this preset instead of "
+                        "checkpoints (no gen-PPL or entropy)")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        report(saved["rows"], saved["machine"], argparse.Namespace(**{**saved["settings"], "out": args.out}), Path(args.out))
+        return
     torch.set_grad_enabled(False)
     device = torch.device(args.device)
     dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    mdm, mdm_cfg = load_model(args.mdm, device)
-    ar, ar_cfg = load_model(args.ar, device)
+    if args.random_preset:
+        mdm, ar = (random_network(args.random_preset, causal, device) for causal in (False, True))
+        mdm_cfg = ar_cfg = judge = None
+    else:
+        mdm, mdm_cfg = load_model(args.mdm, device)
+        ar, ar_cfg = load_model(args.ar, device)
+        judge = load_model(args.judge or args.ar, device)[0].float()  # scores in fp32 whatever the samplers ran in
     mdm, ar = mdm.to(dtype), ar.to(dtype)
-    judge = load_model(args.judge or args.ar, device)[0].float()  # scores in fp32 whatever the samplers ran in
     eos, length, repeats = 0, args.length, 1 if args.quick else args.repeats
     batches = [int(b) for b in args.batches.split(",")]
     machine = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(), "dtype": str(dtype).replace("torch.", ""), "torch": torch.__version__,
-        "mdm": args.mdm, "ar": args.ar, "mdm_preset_params": mdm.num_params(), "mdm_train_steps": mdm_cfg.train.steps,
-        "ar_train_steps": ar_cfg.train.steps, "mdm_train_tokens": mdm_cfg.train.steps * mdm_cfg.train.batch_size * mdm_cfg.model.context_len,
+        "mdm_params": mdm.num_params(),
     }
+    if args.random_preset:
+        machine |= {"mdm": f"random {args.random_preset}", "ar": f"random {args.random_preset}", "mdm_train_steps": 0, "ar_train_steps": 0}
+    else:
+        machine |= {"mdm": args.mdm, "ar": args.ar, "mdm_train_steps": mdm_cfg.train.steps, "ar_train_steps": ar_cfg.train.steps}
     print(json.dumps(machine), flush=True)
     rows = []
     for batch in batches:
@@ -158,7 +184,7 @@ def main() -> None:
             return out.tokens[:, 1:], out.nfe
 
         runs = [("ar kv-cache", ar_once, ar)]
-        x, cond, width = make_canvas([[]] * batch, length, mdm_cfg.model.mask_id, 0, separator=eos)
+        x, cond, width = make_canvas([[]] * batch, length, mdm.config.mask_id, 0, separator=eos)
         x = x.to(device)
         for label, spec in mdm_configs(length, args.block, args.quick):
             def mdm_once(seed: int, spec=spec, x=x):
@@ -166,7 +192,10 @@ def main() -> None:
                 return out.tokens[:, width:], out.nfe
 
             runs.append((label, mdm_once, mdm))
+        wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
         for label, once, model in runs:
+            if wanted and label not in wanted:
+                continue
             row = measure(label, once, model, judge, eos, batch, length, repeats, device)
             rows.append(row)
             print(f"batch {batch}  {label:24} NFE {row['nfe']:6d}  {row['tokens_per_s']:9.1f} tok/s  overhead {100 * row['overhead']:5.1f}%  "
@@ -188,9 +217,18 @@ def summary(rows: list[dict], args) -> list[str]:
                         f"gen-PPL {100 * (r['gen_ppl'] / base['gen_ppl'] - 1):+.1f}%, entropy {r['entropy'] - base['entropy']:+.3f} "
                         "(goal >= 3x at <= 5% gen-PPL change)"
                     )
-        worst = max((r for r in by.values() if r["config"] != "ar kv-cache"), key=lambda r: r["overhead"])
-        lines.append(f"batch {batch}: largest sampler overhead {100 * worst['overhead']:.1f}% ({worst['config']}; goal <= 10%)")
-        ar_row = by["ar kv-cache"]
+        mdm_rows = [r for r in by.values() if r["config"] != "ar kv-cache"]
+        if mdm_rows:
+            worst = max(mdm_rows, key=lambda r: r["overhead"])
+            lines.append(f"batch {batch}: largest sampler overhead {100 * worst['overhead']:.1f}% ({worst['config']}; goal <= 10%)")
+        ar_row = by.get("ar kv-cache")
+        if ar_row is None or not mdm_rows:
+            continue
+        if math.isnan(ar_row["gen_ppl"]):  # speed only (random networks)
+            fast = max(mdm_rows, key=lambda r: r["tokens_per_s"])
+            lines.append(f"batch {batch}: fastest MDM configuration {fast['config']}: {fast['tokens_per_s'] / ar_row['tokens_per_s']:.2f}x "
+                         "AR+KV tokens/s (speed only: random networks, quality not measured)")
+            continue
         matched = [
             r for r in by.values() if r is not ar_row and r["gen_ppl"] <= ar_row["gen_ppl"] * (1 + args.ppl_tolerance)
             and abs(r["entropy"] - ar_row["entropy"]) <= args.entropy_tolerance
@@ -215,12 +253,15 @@ def report(rows: list[dict], machine: dict, args, out_dir: Path) -> None:
     table += [f"| {r['batch']} | {r['config']} | {r['nfe']} | {r['tokens_per_s']:.1f} | {100 * r['overhead']:.1f}% | {r['gen_ppl']:.1f} | "
               f"{r['entropy']:.3f} | {r['peak_mem_mib']:.0f} |" for r in rows]
     settings = (f"{machine['device']}, {machine['dtype']}, {machine['threads']} threads; generation length {args.length}, "
-                f"semi-AR blocks of {args.block}, median of {1 if args.quick else args.repeats} repeats; MDM {args.mdm} "
-                f"({machine['mdm_train_steps']} steps), AR {args.ar} ({machine['ar_train_steps']} steps)")
+                f"semi-AR blocks of {args.block}, median of {1 if args.quick else args.repeats} repeats; MDM {machine['mdm']} "
+                f"({machine['mdm_train_steps']} steps), AR {machine['ar']} ({machine['ar_train_steps']} steps)")
     print("\n" + "\n".join(table) + "\n\n" + "\n".join(lines))
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sampling.json").write_text(json.dumps({"machine": machine, "settings": vars(args), "rows": rows, "summary": lines}, indent=2) + "\n")
     (out_dir / "sampling.md").write_text(f"# Decoding speed vs quality\n\n{settings}\n\n" + "\n".join(table) + "\n\n" + "\n".join(f"- {l}" for l in lines) + "\n")
+    if all(math.isnan(r["gen_ppl"]) for r in rows):
+        print(f"wrote {out_dir / 'sampling.json'} and {out_dir / 'sampling.md'} (speed only: no quality plot)")
+        return
     try:
         import matplotlib
 
