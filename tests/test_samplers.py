@@ -15,6 +15,7 @@ from unmask.sampling import (
     AncestralConfig, ARConfig, Conditioning, ConfidenceConfig, FirstHittingConfig, ThresholdConfig, ancestral, ar_sample,
     cached_ancestral, confidence, exponential_race, first_hitting, semi_autoregressive, threshold,
 )
+from unmask.sampling.base import categorical
 from unmask.sampling.confidence import confidence_scores
 
 
@@ -90,36 +91,52 @@ def test_cached_expected_nfe(n, l):
     assert out.nfe <= n
 
 
-def test_float32_undersamples_unmask_event_and_tail():
-    """Stay-masked mass 1 - 1e-3 against a 2000-token Zipf (the categorical of one many-step
-    ancestral update). float64 matches the exact unmask and tail rates within their standard
-    errors; float32 cannot: its noise -log E saturates at 16.6 (U <= 1 - 2^-24), so outcomes whose
-    log-weight is more than ~16.6 below the stay outcome are (nearly) never drawn, and the quantised
-    noise under-samples the whole region of weights below ~3e-7."""
-    v, n_chunks, chunk = 2000, 12, 16000
-    zipf = 1 / torch.arange(1, v + 1, dtype=torch.float64)
+V_ZIPF, CHUNKS, CHUNK = 2000, 12, 16000
+
+
+def unmask_and_tail_draws(draw) -> tuple[int, int, float, int]:
+    """Draw CHUNKS x CHUNK times from the categorical of one many-step ancestral update: a
+    2000-token Zipf with total mass 1e-3 next to "stay masked" (1 - 1e-3), by ``draw(log_weights
+    (N, V + 1)) -> indices (N,)``. Returns (unmask count, count of tail tokens (each below 3e-7),
+    the tail's exact mass, draws)."""
+    zipf = 1 / torch.arange(1, V_ZIPF + 1, dtype=torch.float64)
     zipf /= zipf.sum()
     weights = torch.cat([(1e-3 * zipf).log(), torch.tensor([math.log(1 - 1e-3)], dtype=torch.float64)])
-    tail = torch.zeros(v + 1, dtype=torch.bool)
-    tail[:v] = 1e-3 * zipf < 3e-7
-    p_tail = (1e-3 * zipf[tail[:v]]).sum().item()
+    tail = torch.zeros(V_ZIPF + 1, dtype=torch.bool)
+    tail[:V_ZIPF] = 1e-3 * zipf < 3e-7
+    unmask = in_tail = 0
+    for _ in range(CHUNKS):
+        indices = draw(weights.expand(CHUNK, -1))
+        unmask += (indices < V_ZIPF).sum().item()
+        in_tail += tail[indices].sum().item()
+    return unmask, in_tail, (1e-3 * zipf[tail[:V_ZIPF]]).sum().item(), CHUNKS * CHUNK
+
+
+def test_float32_undersamples_unmask_event_and_tail():
+    """float64 matches the exact unmask and tail rates within their standard errors; float32
+    cannot: its noise -log E saturates at 16.6 (U <= 1 - 2^-24), so outcomes whose log-weight is
+    more than ~16.6 below the stay outcome are (nearly) never drawn, and the quantised noise
+    under-samples the whole region of weights below ~3e-7."""
     rates = {}
     for precision in ("float64", "float32"):
         gen = torch.Generator().manual_seed(0)
-        unmask = in_tail = 0
-        for _ in range(n_chunks):
-            draw = exponential_race(weights.expand(chunk, -1), gen, precision)
-            unmask += (draw < v).sum().item()
-            in_tail += tail[draw].sum().item()
-        rates[precision] = (unmask, in_tail)
-    n = n_chunks * chunk
-    (u64, t64), (u32, t32) = rates["float64"], rates["float32"]
+        rates[precision] = unmask_and_tail_draws(lambda w: exponential_race(w, gen, precision))
+    (u64, t64, p_tail, n), (u32, t32, _, _) = rates["float64"], rates["float32"]
     assert abs(u64 - 1e-3 * n) < 4 * math.sqrt(1e-3 * n)  # exact rates within their standard error
     assert abs(t64 - p_tail * n) < 4 * math.sqrt(p_tail * n)
     assert t32 < t64 and u32 <= u64  # fixed seeds: float32 draws fewer from the tail (the total deficit, ~1-3%, needs ~1e7 draws to see)
     # the mechanism: the largest float32 noise is -log(-log(1 - 2^-24)) = 16.6; float64 goes far beyond
     u32_max = torch.tensor(1 - 2**-24, dtype=torch.float32)
     assert -torch.log(-torch.log(u32_max)).item() < 16.7 < -math.log(-math.log1p(-(2.0**-53)))
+
+
+def test_inverse_cdf_draws_the_exact_unmask_and_tail_rates():
+    """The samplers' float64 draw (inverse CDF) on the same categorical, from float32 logits as the
+    network gives them: the unmask and tail rates within their standard errors."""
+    gen = torch.Generator().manual_seed(0)
+    unmask, in_tail, p_tail, n = unmask_and_tail_draws(lambda w: categorical(w.float(), gen)[0])
+    assert abs(unmask - 1e-3 * n) < 4 * math.sqrt(1e-3 * n)
+    assert abs(in_tail - p_tail * n) < 4 * math.sqrt(p_tail * n)
 
 
 def slow_confidence(model, x, steps, score):

@@ -1,7 +1,5 @@
 """Samplers against the exact distribution of an enumerable toy model (chi-square at fixed seeds)."""
 
-import math
-
 import pytest
 import torch
 from scipy.stats import beta, chisquare, kstest
@@ -112,27 +110,14 @@ def test_exponential_race_matches_categorical_probabilities():
     assert chisquare(counts.numpy(), (p * n).numpy()).pvalue > 1e-3
 
 
-def test_categorical_draws_exact_probabilities_including_the_tail():
-    """The samplers' float64 draw (inverse CDF) against exact probabilities: a chi-square over a
-    small support, the rate of a 1e-3 outcome, and the mass of a tail of outcomes below 3e-7 each
-    (what float32 Gumbel noise under-samples); the probability it returns is the drawn outcome's."""
+def test_categorical_draws_exact_probabilities():
+    """The samplers' float64 draw (inverse CDF) against exact probabilities (chi-square); a
+    zero-weight outcome is never drawn; the probability it returns is the drawn outcome's."""
     gen = torch.Generator().manual_seed(0)
     p = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0], dtype=torch.float64)
     n = 200_000
     draws, prob = categorical(p.log().expand(n, 5), gen)
     counts = torch.bincount(draws, minlength=5).double()
-    assert counts[4] == 0  # a zero-weight outcome is never drawn
+    assert counts[4] == 0
     assert chisquare(counts[:4].numpy(), (p[:4] * n).numpy()).pvalue > 1e-3
     assert torch.allclose(prob, p[draws], rtol=1e-12)
-    v, n = 2000, 192_000
-    zipf = 1 / torch.arange(1, v + 1, dtype=torch.float64)
-    zipf /= zipf.sum()
-    weights = torch.cat([(1e-3 * zipf).log(), torch.tensor([math.log(1 - 1e-3)], dtype=torch.float64)])
-    tail = torch.zeros(v + 1, dtype=torch.bool)
-    tail[:v] = 1e-3 * zipf < 3e-7
-    p_tail = (1e-3 * zipf[tail[:v]]).sum().item()
-    # float32 logits in, as the network gives them; chunks keep the float64 work small
-    draws = torch.cat([categorical(weights.float().expand(16_000, -1), gen)[0] for _ in range(n // 16_000)])
-    unmask, in_tail = (draws < v).sum().item(), tail[draws].sum().item()
-    assert abs(unmask - 1e-3 * n) < 4 * math.sqrt(1e-3 * n)
-    assert abs(in_tail - p_tail * n) < 4 * math.sqrt(p_tail * n)
