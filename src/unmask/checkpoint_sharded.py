@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -156,7 +157,9 @@ def consolidate(ckpt: str | Path) -> Path:
     weights = {f"model.{k}": v for k, v in model.state_dict().items()}
     if info.get("ema"):
         weights.update({f"ema.{k}": torch.empty_like(p, dtype=torch.float32) for k, p in model.named_parameters()})
-    dcp.load(weights, storage_reader=dcp.HuggingFaceStorageReader(str(ckpt / SHARDED_DIR)), no_dist=True)
+    with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(weights, storage_reader=dcp.HuggingFaceStorageReader(str(ckpt / SHARDED_DIR)), no_dist=True)
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": json.dumps(config.to_dict())}
     files = [(EMA_FILE, "ema.")] if info.get("ema") else []
     for file, prefix in files + [("model.safetensors", "model.")]:  # model last: its presence marks the copy complete
