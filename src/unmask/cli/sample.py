@@ -47,6 +47,7 @@ def sample(
     show_steps: bool = typer.Option(False, help="Animate the unmasking of the first sample in the terminal."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
+    weights: str = typer.Option("auto", help="auto (the EMA of the weights when the run kept one, else the weights), ema or raw."),
     as_json: bool = typer.Option(False, "--json", help="Print tokens, text and NFE as JSON."),
 ) -> None:
     """Generate text from a trained MDM or AR checkpoint."""
@@ -67,7 +68,7 @@ def sample(
     given = {"cfg_scale": cfg, "k": k, "score": score, "allocation": allocation, "tau": tau, "block_len": block_len}
     res = generate(
         checkpoint, prompt, num_samples, length, steps, temperature, precision, seed, device, sampler=sampler, prompts=prompts,
-        infill=infill, stop_at_eos=stop_at_eos, kv_cache=kv_cache, callback=callback, top_k=top_k, top_p=top_p,
+        infill=infill, stop_at_eos=stop_at_eos, kv_cache=kv_cache, callback=callback, top_k=top_k, top_p=top_p, weights=weights,
         **{name: value for name, value in given.items() if value is not None},
     )
     if show_steps:
