@@ -1,0 +1,225 @@
+"""Streaming corpus preparation: tokenise in worker processes, write shards as tokens arrive.
+
+Memory stays bounded whatever the corpus size: ``.txt`` files are read lazily in pieces of about
+``PIECE_CHARS`` characters (:class:`TextFile`), long in-memory documents are cut the same way,
+at most ``2 x workers`` batches of text are in flight, and tokens go straight to the open shard
+file. A piece ends after a line break between two non-space characters ("x\\ny"): with a
+byte-level BPE and the GPT-2 split pattern (the shipped tokenizer, GPT-2, LLaMA-3 style ones)
+no pre-token crosses such a break, so the pieces give exactly the tokens of the whole document
+(tested against whole-document encoding). The output equals the in-memory preparation's byte for
+byte: the same documents, validation split, order and shard boundaries.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import multiprocessing
+import os
+import re
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from unmask.errors import UnmaskError
+
+PIECE_CHARS = 1 << 20  # text handed to the tokenizer at once (its memory is ~100x this)
+BATCH_CHARS = 1 << 22  # text per worker task
+BATCH_DOCS = 256
+_SPACE = re.compile(r"\s")
+
+
+def _safe_cut(text: str) -> int:
+    """The largest index p such that text[:p] ends with a line break between two non-space
+    characters (and text[p] exists), or 0 if there is none."""
+    i = len(text) - 1
+    while True:
+        i = text.rfind("\n", 0, i)
+        if i <= 0:
+            return 0
+        if i + 1 < len(text) and not text[i - 1].isspace() and not text[i + 1].isspace():
+            return i + 1
+
+
+def pieces(chunks: Iterable[str], size: int = PIECE_CHARS) -> Iterator[str]:
+    """Re-cut a stream of text chunks into pieces of about ``size`` characters at safe line breaks."""
+    buffer = ""
+    for chunk in chunks:
+        buffer += chunk
+        while len(buffer) >= size:
+            cut = _safe_cut(buffer)
+            if cut == 0:
+                break  # no safe break yet: read on
+            yield buffer[:cut]
+            buffer = buffer[cut:]
+    if buffer:
+        yield buffer
+
+
+@dataclass(frozen=True)
+class TextFile:
+    """A ``.txt`` document read lazily (UTF-8, newlines kept as they are), never whole in memory."""
+
+    path: Path
+
+    def chunks(self, start: int = 0, stop: int | None = None, size: int = PIECE_CHARS) -> Iterator[str]:
+        """The characters [start, stop) of the file, in chunks of at most ``size``."""
+        pos = 0
+        with open(self.path, encoding="utf-8", newline="") as f:
+            while stop is None or pos < stop:
+                try:
+                    chunk = f.read(size)
+                except UnicodeDecodeError as exc:
+                    raise UnmaskError(
+                        f"{self.path} is not UTF-8 text (invalid byte near character {pos}: {exc.reason}); re-encode it as UTF-8, "
+                        "e.g. `iconv -f latin1 -t utf-8`"
+                    ) from None
+                if not chunk:
+                    return
+                lo, hi = max(start - pos, 0), len(chunk) if stop is None else min(stop - pos, len(chunk))
+                if lo < hi:
+                    yield chunk[lo:hi]
+                pos += len(chunk)
+
+    def scan(self) -> tuple[bytes, bool]:
+        """(sha1 digest of the text, whether it holds any non-space character)."""
+        digest, has_text = hashlib.sha1(), False
+        for chunk in self.chunks():
+            digest.update(chunk.encode("utf-8"))
+            has_text = has_text or bool(chunk.strip())
+        return digest.digest(), has_text
+
+    def hold_out_tail(self, fraction: float) -> tuple[tuple[int, int], tuple[int, int], str]:
+        """Character ranges (train, validation) of ``shards._hold_out_tail`` for this file, in two passes."""
+        n, first, last = 0, None, 0
+        for chunk in self.chunks():
+            stripped = chunk.lstrip()
+            if first is None and stripped:
+                first = n + len(chunk) - len(stripped)
+            body = chunk.rstrip()
+            if body:
+                last = n + len(body)
+            n += len(chunk)
+        target, best, line, newlines = n * (1 - (fraction)), None, 0, 0
+        pos = 0
+        for chunk in self.chunks():
+            for m in re.finditer("\n", chunk):
+                end = pos + m.end()
+                newlines += 1
+                if first is not None and first < end < last and (best is None or abs(end - target) < abs(best - target)):
+                    best, line = end, newlines  # newlines before the cut, the "\n" ending at it included
+            pos += len(chunk)
+        if best is None:
+            raise UnmaskError(
+                "the corpus is a single document of one line, so no validation text can be held out; "
+                "give more documents, a file with several lines, or a separate --val-input"
+            )
+        share = 100 * (n - best) / n
+        return (0, best), (best, n), f"the last {share:.1f}% of the text of the single document (from line {line + 1})"
+
+
+Document = "str | TextFile"
+
+
+def doc_chunks(doc, start: int = 0, stop: int | None = None) -> Iterator[str]:
+    if isinstance(doc, TextFile):
+        return doc.chunks(start, stop)
+    text = doc[start:stop]
+    return (text[i : i + PIECE_CHARS] for i in range(0, len(text), PIECE_CHARS))
+
+
+def doc_scan(doc) -> tuple[bytes, bool]:
+    if isinstance(doc, TextFile):
+        return doc.scan()
+    return hashlib.sha1(doc.encode("utf-8")).digest(), bool(doc.strip())
+
+
+# ---- tokenising workers -------------------------------------------------------------------------
+
+_WORKER_TOKENIZER = None
+
+
+def _init_worker(tokenizer_json: str) -> None:
+    global _WORKER_TOKENIZER
+    from tokenizers import Tokenizer as HFTokenizer
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one worker process per core instead
+    _WORKER_TOKENIZER = HFTokenizer.from_str(tokenizer_json)
+
+
+def _encode(texts: list[str], dtype: str) -> list[np.ndarray]:
+    return [np.asarray(e.ids, dtype=dtype) for e in _WORKER_TOKENIZER.encode_batch(texts, add_special_tokens=False)]
+
+
+class Encoder:
+    """Ordered, bounded-memory tokenisation of batches of texts in ``workers`` processes (0: here)."""
+
+    def __init__(self, tokenizer, dtype: np.dtype, workers: int) -> None:
+        self.dtype, self.workers = np.dtype(dtype).name, workers
+        self.pool = None
+        if workers > 0:
+            ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold tokenizer threads
+            self.pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(tokenizer.to_json(),))
+        else:
+            global _WORKER_TOKENIZER
+            _WORKER_TOKENIZER = tokenizer.hf
+
+    def map(self, batches: Iterable[tuple[list[str], object]]) -> Iterator[tuple[list[np.ndarray], object]]:
+        """(token arrays, tag) for each (texts, tag), in order; at most 2 x workers batches in flight."""
+        if self.pool is None:
+            for texts, tag in batches:
+                yield _encode(texts, self.dtype), tag
+            return
+        pending: collections.deque = collections.deque()
+        for texts, tag in batches:
+            pending.append((self.pool.submit(_encode, texts, self.dtype), tag))
+            if len(pending) >= 2 * self.workers:
+                future, old = pending.popleft()
+                yield future.result(), old
+        while pending:
+            future, old = pending.popleft()
+            yield future.result(), old
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+
+
+def batches(items: Iterable[tuple[str, object]]) -> Iterator[tuple[list[str], list]]:
+    """Group (text, tag) items into batches of at most BATCH_DOCS texts / about BATCH_CHARS characters."""
+    texts, tags, size = [], [], 0
+    for text, tag in items:
+        texts.append(text)
+        tags.append(tag)
+        size += len(text)
+        if len(texts) >= BATCH_DOCS or size >= BATCH_CHARS:
+            yield texts, tags
+            texts, tags, size = [], [], 0
+    if texts:
+        yield texts, tags
+
+
+class Spill:
+    """Tokens of one document kept on disk (the held first document) instead of in memory."""
+
+    def __init__(self, folder: Path, dtype: np.dtype) -> None:
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".held-", suffix=".bin")
+        self.file, self.path, self.dtype = os.fdopen(fd, "wb"), Path(name), np.dtype(dtype)
+
+    def write(self, ids: np.ndarray) -> None:
+        self.file.write(ids.astype(self.dtype, copy=False).tobytes())
+
+    def read(self, size: int = 1 << 22) -> Iterator[np.ndarray]:
+        self.file.close()
+        data = np.memmap(self.path, dtype=self.dtype, mode="r") if self.path.stat().st_size else np.zeros(0, self.dtype)
+        for i in range(0, len(data), size):
+            yield np.array(data[i : i + size])
+
+    def remove(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+        self.path.unlink(missing_ok=True)
