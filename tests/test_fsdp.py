@@ -251,3 +251,29 @@ def test_sigkill_of_one_rank_keeps_the_last_checkpoint_and_the_run_resumes(tmp_p
                     resume=True, stop_after=2)
     reference = train(tmp_path / "ref", model, cfg, small_data, device="cpu", progress=False, stop_after=stop)
     assert resumed.losses == pytest.approx(reference.losses[step:stop], abs=1e-5)
+
+
+def test_cli_fsdp_run_consolidate_and_weights_flag(tmp_path, small_data, capsys):
+    """Through the command line: an FSDP run with EMA, a refused bad global batch, `unmask checkpoint
+    consolidate` of a mid-run checkpoint, and sampling from the EMA (default) and the raw weights."""
+    from unmask.cli import main
+
+    run_dir = tmp_path / "run"
+    common = ["train", "--run-dir", str(run_dir), "--data", str(small_data), "--context-len", "16", "--batch-size", "2",
+              "--parallel", "fsdp", "--ema", "0.9", "--steps", "4", "--checkpoint-every", "2", "--eval-every", "100"]
+    assert main(common[:-8] + ["--global-batch-tokens", "40", "--steps", "4"]) == 2
+    assert "--global-batch-tokens=40" in capsys.readouterr().err
+    assert main(common + ["--global-batch-tokens", "64"]) == 0
+    mid = run_dir / "checkpoints" / "step_000002"
+    assert main(["sample", "--checkpoint", str(mid), "--length", "8", "--json"]) == 2
+    assert "unmask checkpoint consolidate" in capsys.readouterr().err
+    assert main(["checkpoint", "consolidate", str(mid)]) == 0
+    capsys.readouterr()
+    outputs = {}
+    for weights in ("auto", "raw"):
+        assert main(["sample", "--checkpoint", str(run_dir), "--length", "8", "--seed", "3", "--weights", weights, "--json"]) == 0
+        outputs[weights] = json.loads(capsys.readouterr().out)["samples"][0]["tokens"]
+    ema_model, _ = load_model(run_dir)
+    raw_model, _ = load_model(run_dir, weights="raw")
+    assert any(not torch.equal(a, b) for a, b in zip(ema_model.state_dict().values(), raw_model.state_dict().values()))
+    assert len(outputs["auto"]) == len(outputs["raw"]) == 8

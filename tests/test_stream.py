@@ -58,9 +58,9 @@ def assert_same(a: dict, b: dict) -> None:
 
 
 def test_streamed_shards_equal_whole_document_tokenisation(tmp_path, monkeypatch):
-    """Several .txt works and a .jsonl file, read lazily in ~2 KB pieces by 2 worker processes;
+    """Several .txt works and a .jsonl file, read lazily in ~200-character pieces by 2 worker processes;
     then one big file alone (the tail hold-out, computed in passes over the file)."""
-    monkeypatch.setattr(stream, "PIECE_CHARS", 2000)
+    monkeypatch.setattr(stream, "PIECE_CHARS", 200)
     monkeypatch.setattr(stream, "READ_CHARS", 5000)
     tok = default_tokenizer()
     works = shakespeare_works("train")[:5]
@@ -88,13 +88,16 @@ def test_streamed_shards_equal_whole_document_tokenisation(tmp_path, monkeypatch
     assert meta["validation"] == _hold_out_tail(works[0][1], 0.1)[2]
 
 
-def test_pieces_are_cut_only_between_non_space_characters():
-    text = "ab\n\ncd\n ef\ngh \nij\nkl"
+def test_pieces_are_cut_only_before_a_space_or_line_break_after_a_non_space_character():
+    text = "ab\n\ncd\n ef gh  \nij\tkl mn"
     got = list(stream.pieces([text[:5], text[5:]], size=3))
-    assert "".join(got) == text
+    assert "".join(got) == text and len(got) > 3
+    end = 0
     for piece in got[:-1]:
-        end = sum(len(p) for p in got[: got.index(piece) + 1])
-        assert text[end - 1] == "\n" and not text[end - 2].isspace() and not text[end].isspace()
+        end += len(piece)
+        assert text[end] in " \n" and not text[end - 1].isspace(), (got, end)
+    tok = default_tokenizer()
+    assert sum((tok.encode(p) for p in got), []) == tok.encode(text)
 
 
 CHILD = textwrap.dedent(

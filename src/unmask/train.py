@@ -246,8 +246,15 @@ def train(
     The model, data and settings must be the saved ones; only ``steps`` and the OPERATIONAL
     settings may differ, with a printed notice (see :func:`resume_config`).
     """
-    run_dir = Path(run_dir)
     world, dev = init_world(device, train_cfg.parallel)
+    try:
+        return _train(world, dev, Path(run_dir), model_cfg, train_cfg, data_dir, resume, progress, stop_after)
+    finally:
+        shutdown(world)  # also after an error, so that a later run in this process starts afresh
+
+
+def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir, resume: bool,
+           progress: bool, stop_after: int | None) -> TrainResult:
     train_data = TokenDataset(data_dir, "train")
     val_data = TokenDataset(data_dir, "val")
     tokenizer = train_data.tokenizer
@@ -399,6 +406,5 @@ def train(
             barrier(world)
     bar.close()
     elapsed = time.perf_counter() - t_start
-    shutdown(world)
     ran = len(losses)
     return TrainResult(run_dir, step, tokens, losses[-1] if losses else float("nan"), ran * tokens_per_step / max(elapsed, 1e-9), losses)

@@ -3,10 +3,11 @@
 Memory stays bounded whatever the corpus size: ``.txt`` files are read lazily in pieces of about
 ``PIECE_CHARS`` characters (:class:`TextFile`), long in-memory documents are cut the same way,
 at most ``2 x workers`` batches of text are in flight, and tokens go straight to the open shard
-file. A piece ends after a line break between two non-space characters ("x\\ny"): with a
-byte-level BPE and the GPT-2 split pattern (the shipped tokenizer, GPT-2, LLaMA-3 style ones)
-no pre-token crosses such a break, so the pieces give exactly the tokens of the whole document
-(tested against whole-document encoding). The output equals the in-memory preparation's byte for
+file. A piece ends before a space or line break that follows a non-space character: with a
+byte-level BPE and the GPT-2 split pattern (the shipped tokenizer, GPT-2 and similar ones) no
+pre-token crosses such a place, so the pieces give exactly the tokens of the whole document
+(tested against whole-document encoding); only a run of MAX_PIECE characters without a space or
+line break is cut elsewhere. The output equals the in-memory preparation's byte for
 byte: the same documents, validation split, order and shard boundaries.
 """
 
@@ -36,27 +37,28 @@ BATCH_DOCS = 1024
 _SPACE = re.compile(r"\s")
 
 
-def _is_safe(text: str, i: int) -> bool:
-    """Whether text[i] is a line break between two non-space characters."""
-    return 0 < i < len(text) - 1 and not text[i - 1].isspace() and not text[i + 1].isspace()
+# A cut before a space or line break that follows a non-space character: with the GPT-2 split
+# pattern no pre-token runs from a non-space character into whitespace, and a whitespace run is
+# split by what it holds and the character after it, so both sides tokenise as in the whole text.
+_CUT = re.compile(r"(?<=\S)[ \n]")
+MAX_PIECE = 1 << 18  # a longer run without such a place (no space, no line break) is cut anyway
 
 
 def _safe_cut(text: str, limit: int, lo: int = 0) -> int:
-    """An index p in (lo, limit], as large as possible, such that text[:p] ends with a line break
-    between two non-space characters; else the smallest such p > limit; 0 if there is none."""
-    i = text.rfind("\n", lo, limit)
-    while i >= lo and i != -1 and not _is_safe(text, i):
-        i = text.rfind("\n", lo, i)
-    if i != -1 and i >= lo and _is_safe(text, i):
-        return i + 1
-    i = text.find("\n", limit)
-    while i != -1 and not _is_safe(text, i):
-        i = text.find("\n", i + 1)
-    return 0 if i == -1 else i + 1
+    """The largest cut p in (lo, limit] (text[p] is a space or line break after a non-space
+    character); else the smallest one after limit; 0 if there is none."""
+    last = 0
+    for m in _CUT.finditer(text, lo + 1, limit + 1):
+        last = m.start()
+    if last > lo:
+        return last
+    m = _CUT.search(text, limit + 1)
+    return m.start() if m else 0
 
 
 def pieces(chunks: Iterable[str], size: int | None = None) -> Iterator[str]:
-    """Re-cut a stream of text chunks into pieces of about ``size`` (default PIECE_CHARS) characters at safe line breaks."""
+    """Re-cut a stream of text chunks into pieces of about ``size`` (default PIECE_CHARS) characters
+    at places where the tokens do not change (see _CUT); pieces join to the text."""
     size = size or PIECE_CHARS
     buffer = ""
     for chunk in chunks:
@@ -65,7 +67,9 @@ def pieces(chunks: Iterable[str], size: int | None = None) -> Iterator[str]:
         while len(buffer) - start >= size:
             cut = _safe_cut(buffer, start + size, start)
             if cut == 0:
-                break  # no safe break yet: read on
+                if len(buffer) - start < MAX_PIECE:
+                    break  # no such place yet: read on
+                cut = start + MAX_PIECE
             yield buffer[start:cut]
             start = cut
         buffer = buffer[start:]
