@@ -132,7 +132,7 @@ def rows_for(args) -> list[dict]:
 
 
 def run_row(row: dict, args, data: str, root: Path, index: int) -> dict:
-    batch = args.batch_size or (16 if args.device == "cpu" else {"small": 64, "85m": 16}.get(row["preset"], 8))
+    batch = args.batch_size or (16 if args.device == "cpu" else {"small": 256, "85m": 64}.get(row["preset"], 32))
     spec = {
         "preset": row["preset"], "objective": row["objective"], "steps": args.steps, "batch_size": batch, "precision": args.precision,
         "log_every": args.log_every, "parallel": row["parallel"], "compile": row["compile"], "act_ckpt": row["act_ckpt"],
@@ -166,7 +166,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--presets", default=None, help="Comma-separated presets (CPU: the first only; default CPU small, CUDA small,85m,350m).")
     parser.add_argument("--steps", type=int, default=None, help="Steps per row (default CPU 12, CUDA 40).")
-    parser.add_argument("--batch-size", type=int, default=None, help="Sequences per process per step (default CPU 16; CUDA small 64, 85m 16, 350m 8).")
+    parser.add_argument("--batch-size", type=int, default=None, help="Sequences per process per step (default CPU 16; CUDA small 256, 85m 64, else 32).")
     parser.add_argument("--context", type=int, default=None, help="Override the presets' context length.")
     parser.add_argument("--log-every", type=int, default=None, help="Steps per timed interval (default CPU 2, CUDA 5).")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"])

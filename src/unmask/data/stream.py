@@ -47,11 +47,14 @@ MAX_PIECE = 1 << 18  # a longer run without such a place (no space, no line brea
 def _safe_cut(text: str, limit: int, lo: int = 0) -> int:
     """The largest cut p in (lo, limit] (text[p] is a space or line break after a non-space
     character); else the smallest one after limit; 0 if there is none."""
-    last = 0
-    for m in _CUT.finditer(text, lo + 1, limit + 1):
-        last = m.start()
-    if last > lo:
-        return last
+    i = limit
+    while True:  # backwards: usually the first space or line break before the limit
+        j = max(text.rfind(" ", lo + 1, i + 1), text.rfind("\n", lo + 1, i + 1))
+        if j <= lo:
+            break
+        if not text[j - 1].isspace():
+            return j
+        i = j - 1
     m = _CUT.search(text, limit + 1)
     return m.start() if m else 0
 
