@@ -9,6 +9,10 @@ Layout of a run folder (see README):
     RUN/checkpoints/step_000200/optimizer.safetensors  AdamW moments + RNG states
     RUN/checkpoints/step_000200/trainer.json           step, tokens, optimizer groups, data RNG
     RUN/checkpoints/step_000200/tokenizer.json         copy of the tokenizer: the folder stands alone
+    RUN/checkpoints/step_000200/ema.safetensors        with --ema: the fp32 moving average of the weights
+
+FSDP runs write sharded checkpoints instead (``checkpoint_sharded.py``), with the same
+atomic publication (:func:`publish_checkpoint`); ``load_model`` reads their consolidated copy.
 
 A checkpoint is written to a temporary sibling folder, flushed to disk and renamed into place;
 only then does LATEST (itself replaced atomically) point to it, and only then are older
