@@ -102,7 +102,7 @@ def test_pieces_are_cut_only_before_a_space_or_line_break_after_a_non_space_char
 
 
 # VmHWM: the peak resident set of this process's own memory. (ru_maxrss would not do: Linux keeps
-# across fork and exec the peak of the parent, here the whole test session.)
+# across fork and exec the peak of the parent, here the whole pytest process.)
 CHILD = textwrap.dedent(
     """
     import re, sys
