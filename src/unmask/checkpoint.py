@@ -9,6 +9,10 @@ Layout of a run folder (see README):
     RUN/checkpoints/step_000200/optimizer.safetensors  AdamW moments + RNG states
     RUN/checkpoints/step_000200/trainer.json           step, tokens, optimizer groups, data RNG
     RUN/checkpoints/step_000200/tokenizer.json         copy of the tokenizer: the folder stands alone
+    RUN/checkpoints/step_000200/ema.safetensors        with --ema: the fp32 moving average of the weights
+
+FSDP runs write sharded checkpoints instead (``checkpoint_sharded.py``), with the same
+atomic publication (:func:`publish_checkpoint`); ``load_model`` reads their consolidated copy.
 
 A checkpoint is written to a temporary sibling folder, flushed to disk and renamed into place;
 only then does LATEST (itself replaced atomically) point to it, and only then are older
@@ -35,6 +39,8 @@ from unmask.errors import UnmaskError
 FORMAT = "unmask"
 FORMAT_VERSION = 1
 LATEST = "LATEST"
+EMA_FILE = "ema.safetensors"
+SHARDED_DIR = "sharded"  # torch.distributed.checkpoint folder of an FSDP checkpoint (checkpoint_sharded.py)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -95,11 +101,13 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def save_checkpoint(
-    run_dir: Path, model: torch.nn.Module, config: RunConfig, trainer: TrainerState, tokenizer_json: str | None = None, keep: int = 2
+    run_dir: Path, model: torch.nn.Module, config: RunConfig, trainer: TrainerState, tokenizer_json: str | None = None, keep: int = 2,
+    ema: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Atomically write ``checkpoints/step_XXXXXX`` for an UNWRAPPED model and update LATEST.
 
-    The tokenizer's JSON is stored beside the weights so that a checkpoint folder stands alone.
+    The tokenizer's JSON is stored beside the weights so that a checkpoint folder stands alone;
+    ``ema`` (the moving average of the weights, fp32) goes to ``ema.safetensors``.
     """
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -112,6 +120,8 @@ def save_checkpoint(
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": json.dumps(config.to_dict())}
     save_file(weights, str(tmp / "model.safetensors"), metadata=metadata)
+    if ema is not None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / EMA_FILE), metadata=metadata)
 
     extra: dict[str, Any] = {}
     opt_tensors: dict[str, torch.Tensor] = {}
@@ -132,6 +142,22 @@ def save_checkpoint(
             os.fsync(f.fileno())
     _fsync_dir(tmp)
 
+    return publish_checkpoint(tmp, ckpt_root, name, trainer.step, keep)
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under ``folder`` and the folders themselves to disk."""
+    for file in sorted(folder.rglob("*")):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    for sub in sorted({p.parent for p in folder.rglob("*")} | {folder}):
+        _fsync_dir(sub)
+
+
+def publish_checkpoint(tmp: Path, ckpt_root: Path, name: str, step: int, keep: int) -> Path:
+    """Rename the complete, flushed folder ``tmp`` to ``ckpt_root/name``, point LATEST to it and
+    prune older checkpoints (the last ``keep`` by step number stay)."""
     final = ckpt_root / name
     if final.exists():  # a re-run of the same step after a resume: replace it
         shutil.rmtree(final)
@@ -142,8 +168,8 @@ def save_checkpoint(
     # Prune by step number (names stop sorting at step 10**6). Folders past this step are orphans of
     # a crash before LATEST named them: the resumed run recomputes those steps.
     done = sorted((s, p) for p in ckpt_root.glob("step_*") if p.is_dir() and (s := _step_of(p)) is not None)
-    older = [p for s, p in done if s < trainer.step]
-    for old in older[: max(0, len(older) - (keep - 1))] + [p for s, p in done if s > trainer.step]:
+    older = [p for s, p in done if s < step]
+    for old in older[: max(0, len(older) - (keep - 1))] + [p for s, p in done if s > step]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -161,13 +187,33 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise UnmaskError(f"checkpoint {str(path)!r} does not exist; pass a run folder made by `unmask train` or one of its checkpoints/step_* folders")
     if (path / "model.safetensors").is_file():
         return path
+    if (path / SHARDED_DIR).is_dir():
+        raise UnmaskError(_unconsolidated(path))
     latest = path / "checkpoints" / LATEST
     if latest.is_file():
         ckpt = path / "checkpoints" / latest.read_text().strip()
         if (ckpt / "model.safetensors").is_file():
             return ckpt
+        if (ckpt / SHARDED_DIR).is_dir():
+            raise UnmaskError(_unconsolidated(ckpt))
         raise UnmaskError(f"{latest} names {ckpt.name!r}, which has no model.safetensors; the run folder is damaged")
     raise UnmaskError(f"{str(path)!r} holds no checkpoint (no model.safetensors and no checkpoints/LATEST); was training started there?")
+
+
+def _unconsolidated(ckpt: Path) -> str:
+    return (f"{ckpt} is a sharded (FSDP) checkpoint without a single-file copy; write one with "
+            f"`unmask checkpoint consolidate {ckpt}` (training does so at its end)")
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint folder LATEST names in a run folder, single-file or sharded (for --resume)."""
+    latest = Path(run_dir) / "checkpoints" / LATEST
+    if not latest.is_file():
+        raise UnmaskError(f"--run-dir {run_dir} holds no checkpoint (no checkpoints/LATEST); was training started there?")
+    ckpt = latest.parent / latest.read_text().strip()
+    if not ((ckpt / "model.safetensors").is_file() or (ckpt / SHARDED_DIR).is_dir()):
+        raise UnmaskError(f"{latest} names {ckpt.name!r}, which holds no checkpoint; the run folder is damaged")
+    return ckpt
 
 
 def _load_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -219,13 +265,28 @@ def checkpoint_tokenizer(path: str | Path):
     return Tokenizer.from_file(resolve_checkpoint(path) / "tokenizer.json")
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """Build the model of a run/checkpoint folder with its weights, in eval mode. Returns (model, RunConfig)."""
+def load_model(path: str | Path, device: str | torch.device = "cpu", weights: str = "auto"):
+    """Build the model of a run/checkpoint folder with its weights, in eval mode. Returns (model, RunConfig).
+
+    ``weights``: "auto" (the moving average ``ema.safetensors`` when the run kept one, as MDLM,
+    BD3-LM and Duo evaluate and sample; else the trained weights), "ema" or "raw".
+    """
     from unmask.model import Transformer
 
-    weights, config, ckpt = load_weights(path)
+    if weights not in ("auto", "ema", "raw"):
+        raise UnmaskError(f"weights={weights!r} is not one of: auto, ema, raw")
+    state, config, ckpt = load_weights(path)
+    if weights == "ema" and not (ckpt / EMA_FILE).is_file():
+        raise UnmaskError(f"{ckpt} has no {EMA_FILE} (the run was trained without --ema); use the raw weights")
+    if weights != "raw" and (ckpt / EMA_FILE).is_file():
+        state = {**state, **_load_safetensors(ckpt / EMA_FILE)[0]}  # buffers, if any, come from the model file
     model = Transformer(config.model)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UnmaskError(f"{ckpt / 'model.safetensors'} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}")
     return model.to(device).eval(), config
+
+
+def load_ema(ckpt: Path) -> dict[str, torch.Tensor] | None:
+    """The fp32 moving average stored beside a single-file checkpoint's weights, or None."""
+    return _load_safetensors(ckpt / EMA_FILE)[0] if (ckpt / EMA_FILE).is_file() else None

@@ -153,6 +153,14 @@ class TrainConfig:
     # (step, steps before) for every resume that changed ``steps``: from that step the cosine runs
     # from the LR reached there to the new end. Recorded so that the LR stays a function of the config.
     steps_changes: tuple[tuple[int, int], ...] = ()
+    # Scale (README "Training on many GPUs"): data parallelism applied from outside the model
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    # > 0: tokens per optimizer step, whatever the number of processes; grad_accum is then derived
+    # as global_batch_tokens / (context_len * processes * batch_size)
+    global_batch_tokens: int = 0
+    compile: bool = False  # torch.compile of each block (checkpoints keep the plain state dict)
+    activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
+    ema: float = 0.0  # > 0: keep an fp32 exponential moving average of the weights with this decay
 
     def __post_init__(self) -> None:
         if self.objective not in ("mdm", "ar"):
@@ -173,6 +181,12 @@ class TrainConfig:
             raise UnmaskError(f"--lr={self.lr} must be positive")
         if self.warmup_steps < 0:
             raise UnmaskError(f"--warmup-steps={self.warmup_steps} must be >= 0")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise UnmaskError(f"--parallel {self.parallel!r} is not one of: ddp, fsdp")
+        if self.global_batch_tokens < 0:
+            raise UnmaskError(f"--global-batch-tokens={self.global_batch_tokens} must be >= 0 (0: batch size x grad accum x processes)")
+        if not 0 <= self.ema < 1:
+            raise UnmaskError(f"--ema={self.ema} must be in [0, 1) (0: off; e.g. 0.9999)")
         for at, before in self.steps_changes:
             if not 0 <= at <= min(before, self.steps):
                 raise UnmaskError(f"steps_changes entry ({at}, {before}) must change the length at a step within both runs")

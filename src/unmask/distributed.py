@@ -1,17 +1,23 @@
 """Process-group set-up and data parallelism, applied from outside the model.
 
-The same training loop runs as one process (CPU or one GPU) and under ``torchrun`` (DDP over
-several GPUs or processes): ``torchrun --nproc_per_node=8 -m unmask train ...``.
+The same training loop runs as one process (CPU or one GPU) and under ``torchrun`` with DDP or
+FSDP2 (``torch.distributed.fsdp.fully_shard`` on each block, then on the root, as torchtitan
+does): ``torchrun --nproc_per_node=8 -m unmask train --parallel fsdp ...``. Nothing in the
+objectives, evaluation or samplers depends on the wrapper: they call ``model(x, t=t)``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from unmask.errors import UnmaskError
 
 
 @dataclass(frozen=True)
@@ -25,10 +31,13 @@ class World:
         return self.rank == 0
 
 
-def init_world(device: str) -> tuple[World, torch.device]:
+def init_world(device: str, parallel: str = "ddp") -> tuple[World, torch.device]:
     """Join the torchrun process group if WORLD_SIZE > 1; pick this process's device.
 
-    ``device``: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N".
+    ``device``: "auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N". With
+    ``parallel="fsdp"`` one process also gets a (one-member) process group, so that FSDP, its
+    sharded checkpoints and their resume on another number of processes take the same code path.
+    Backend: nccl on CUDA, gloo on CPU.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -40,13 +49,59 @@ def init_world(device: str) -> tuple[World, torch.device]:
         dev = torch.device("cuda", local_rank)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    backend = "nccl" if dev.type == "cuda" else "gloo"
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+        dist.init_process_group(backend=backend)
+    elif world_size == 1 and parallel == "fsdp" and not dist.is_initialized():
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return World(rank, world_size, local_rank), dev
 
 
-def parallelize(model: nn.Module, world: World, device: torch.device) -> nn.Module:
-    """Wrap for data parallelism when there is more than one process; otherwise return the model."""
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute every block's activations in the backward pass instead of keeping them.
+
+    The block's ``forward`` is replaced on the instance, so parameter names (and checkpoints) do
+    not change. Non-reentrant checkpointing, as FSDP2 needs.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        inner = block.forward
+        block.forward = functools.partial(checkpoint, inner, use_reentrant=False)
+
+
+def parallelize(
+    model: nn.Module,
+    world: World,
+    device: torch.device,
+    parallel: str = "ddp",
+    param_dtype: torch.dtype | None = None,
+    compile: bool = False,
+    activation_checkpointing: bool = False,
+) -> nn.Module:
+    """Apply activation checkpointing, torch.compile and data parallelism, in that order.
+
+    ``parallel="ddp"``: DistributedDataParallel when there is more than one process, else the
+    model itself. ``"fsdp"``: FSDP2 ``fully_shard`` on each block, then on the root; with
+    ``param_dtype`` (bf16 on a GPU) the blocks compute in it while the sharded master weights and
+    the gradient reductions stay fp32. The model is modified in place and keeps its parameter
+    names; the returned module is the one to call.
+    """
+    if activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if compile:
+        for block in model.blocks:  # per block, as torchtitan: repeated structure compiles once
+            block.compile()
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        if not dist.is_initialized():
+            raise UnmaskError("--parallel fsdp needs a process group; call unmask.distributed.init_world(device, 'fsdp') first")
+        policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype is not None else MixedPrecisionPolicy()
+        for block in model.blocks:
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
+        return model
     if world.world_size == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
@@ -54,9 +109,32 @@ def parallelize(model: nn.Module, world: World, device: torch.device) -> nn.Modu
     return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def local_rows(world: World, batch_size: int) -> slice:
-    """This rank's rows of a global batch of ``world_size * batch_size`` rows."""
-    return slice(world.rank * batch_size, (world.rank + 1) * batch_size)
+def grad_sync(net: nn.Module, enabled: bool):
+    """Context for one micro-batch's backward: reduce gradients across processes only if ``enabled``
+    (the last micro-batch of a step); earlier ones accumulate locally (DDP ``no_sync``, FSDP2
+    ``set_requires_gradient_sync``)."""
+    if enabled:
+        if hasattr(net, "set_requires_gradient_sync"):
+            net.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if hasattr(net, "no_sync"):
+        return net.no_sync()
+    if hasattr(net, "set_requires_gradient_sync"):
+        net.set_requires_gradient_sync(False)
+    return contextlib.nullcontext()
+
+
+def full_value(value: torch.Tensor) -> torch.Tensor:
+    """A plain tensor of a (possibly distributed) tensor: DTensor -> its full value."""
+    from torch.distributed.tensor import DTensor
+
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def local_rows(world: World, batch_size: int, micro: int = 0) -> slice:
+    """This rank's rows of micro-batch ``micro`` of a global batch laid out as (micro, rank, row)."""
+    start = (micro * world.world_size + world.rank) * batch_size
+    return slice(start, start + batch_size)
 
 
 def all_reduce_mean(value: torch.Tensor, world: World) -> torch.Tensor:
@@ -70,6 +148,15 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
+def broadcast_object(obj, world: World):
+    """``obj`` of rank 0 on every rank."""
+    if world.world_size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def shutdown(world: World) -> None:
-    if world.world_size > 1 and dist.is_initialized():
+    if dist.is_initialized():
         dist.destroy_process_group()

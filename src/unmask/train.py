@@ -20,10 +20,21 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from unmask.checkpoint import TrainerState, load_trainer_state, load_weights, resolve_checkpoint, save_checkpoint, write_text_atomic
+from unmask.checkpoint import (
+    EMA_FILE,
+    TrainerState,
+    latest_checkpoint,
+    load_ema,
+    load_trainer_state,
+    load_weights,
+    save_checkpoint,
+    write_text_atomic,
+)
+from unmask.checkpoint_sharded import consolidate, is_sharded, load_sharded, read_sharded_info, save_sharded
 from unmask.config import ModelConfig, RunConfig, TrainConfig
 from unmask.data import TokenDataset
-from unmask.distributed import all_reduce_mean, barrier, init_world, local_rows, parallelize, shutdown
+from unmask.distributed import all_reduce_mean, barrier, full_value, grad_sync, init_world, local_rows, parallelize, shutdown
+from unmask.ema import EMA
 from unmask.errors import UnmaskError
 from unmask.likelihood import LikelihoodResult, ar_nll, mc_elbo
 from unmask.model import Transformer
@@ -74,11 +85,34 @@ def learning_rate(step: int, cfg: TrainConfig) -> float:
     return floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, fused: bool = False) -> torch.optim.AdamW:
+    """AdamW with weight decay on the matrices only; ``fused`` (one kernel for all parameters) on CUDA."""
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=False)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), fused=fused)
+
+
+def batch_layout(cfg: TrainConfig, length: int, world_size: int) -> tuple[int, int]:
+    """(sequences per micro-batch per process, micro-batches per step) for ``world_size`` processes.
+
+    Without ``global_batch_tokens``: (batch_size, grad_accum), so a step holds world_size x
+    batch_size x grad_accum sequences. With it, a step holds global_batch_tokens / length sequences
+    whatever the number of processes, and grad_accum follows from it.
+    """
+    if not cfg.global_batch_tokens:
+        return cfg.batch_size, cfg.grad_accum
+    rows, rest = divmod(cfg.global_batch_tokens, length)
+    if rest:
+        raise UnmaskError(f"--global-batch-tokens={cfg.global_batch_tokens} must be a multiple of the context length {length}")
+    accum, rest = divmod(rows, world_size * cfg.batch_size)
+    if rest or not accum:
+        raise UnmaskError(
+            f"--global-batch-tokens={cfg.global_batch_tokens} is {rows} sequences of {length} tokens, not a multiple of "
+            f"{world_size} processes x --batch-size {cfg.batch_size}; choose --batch-size dividing {rows // world_size if rows % world_size == 0 else rows} "
+            "or another global batch"
+        )
+    return cfg.batch_size, accum
 
 
 def stream_seed(seed: int, stream: int) -> int:
@@ -108,7 +142,7 @@ def batch_loss(model, window: torch.Tensor, noise: Corruption | None) -> torch.T
 
 
 # Settings that change no number a run computes: they may differ on resume (with a notice).
-OPERATIONAL = ("eval_every", "checkpoint_every", "log_every", "keep_checkpoints")
+OPERATIONAL = ("eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "compile", "activation_checkpointing")
 
 
 def changed_settings_error(refused: list[str]) -> UnmaskError:
@@ -147,7 +181,7 @@ def resume_config(saved: RunConfig, model_cfg: ModelConfig, train_cfg: TrainConf
         if f.name in ("steps", "steps_changes") or before == given:
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.name in OPERATIONAL:
+        if f.name in OPERATIONAL or (f.name == "batch_size" and saved.train.global_batch_tokens):
             notices.append(f"{flag} changed from {before} to {given}")
             new = dataclasses.replace(new, **{f.name: given})
         else:
@@ -212,17 +246,29 @@ def train(
     The model, data and settings must be the saved ones; only ``steps`` and the OPERATIONAL
     settings may differ, with a printed notice (see :func:`resume_config`).
     """
-    run_dir = Path(run_dir)
-    world, dev = init_world(device)
+    world, dev = init_world(device, train_cfg.parallel)
+    try:
+        return _train(world, dev, Path(run_dir), model_cfg, train_cfg, data_dir, resume, progress, stop_after)
+    finally:
+        shutdown(world)  # also after an error, so that a later run in this process starts afresh
+
+
+def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir, resume: bool,
+           progress: bool, stop_after: int | None) -> TrainResult:
     train_data = TokenDataset(data_dir, "train")
     val_data = TokenDataset(data_dir, "val")
     tokenizer = train_data.tokenizer
     data_dir = Path(data_dir).resolve()
-    state = None
+    state, weights, ema_weights, ckpt = None, None, None, None
     if resume:
-        ckpt = resolve_checkpoint(run_dir)
-        weights, saved, _ = load_weights(ckpt)
-        state = load_trainer_state(ckpt)
+        ckpt = latest_checkpoint(run_dir)
+        if is_sharded(ckpt):
+            saved, info, noise_state = read_sharded_info(ckpt)
+            state = TrainerState(info["step"], info["tokens"], None, {"data": info["data_rng"], "torch": noise_state, "world_size": info["world_size"]})
+        else:
+            weights, saved, _ = load_weights(ckpt)
+            state = load_trainer_state(ckpt)
+            ema_weights = load_ema(ckpt)
         train_cfg, notices = resume_config(saved, model_cfg, train_cfg, state.step, data_dir, tokenizer.fingerprint)
         if world.is_main:
             for notice in notices:
@@ -236,11 +282,11 @@ def train(
     if model_cfg.causal != (train_cfg.objective == "ar"):
         raise UnmaskError(f"--objective {train_cfg.objective} needs causal={train_cfg.objective == 'ar'} in the model config")
     length = model_cfg.context_len
+    micro_bs, accum = batch_layout(train_cfg, length, world.world_size)
     config = RunConfig(model=model_cfg, train=train_cfg, data_dir=str(data_dir), tokenizer_fingerprint=tokenizer.fingerprint)
 
     torch.manual_seed(train_cfg.seed)
     model = Transformer(model_cfg)
-    optimizer = make_optimizer(model, train_cfg)
     # Every rank draws the GLOBAL batch and its masking noise from the same streams and keeps its
     # own rows, so n ranks x micro-batch b compute exactly what 1 process x micro-batch n b does.
     data_rng = np.random.default_rng(stream_seed(train_cfg.seed, DATA_STREAM))
@@ -249,12 +295,15 @@ def train(
     metrics_path = run_dir / "metrics.jsonl"
 
     if state is not None:
-        model.load_state_dict(weights)
+        if weights is not None:
+            model.load_state_dict(weights)
         step, tokens = state.step, state.tokens
-        optimizer.load_state_dict(state.optimizer)
-        if state.rng is None or state.rng["world_size"] != world.world_size:
+        if state.rng is None or (state.rng["world_size"] != world.world_size and not train_cfg.global_batch_tokens):
             saved_size = "an unknown number of" if state.rng is None else state.rng["world_size"]
-            raise UnmaskError(f"--resume: {ckpt} was written by {saved_size} processes, this run has {world.world_size}; resume with the same number")
+            raise UnmaskError(
+                f"--resume: {ckpt} was written by {saved_size} processes, this run has {world.world_size}; resume with the same "
+                "number (only a run with --global-batch-tokens may change it)"
+            )
         data_rng.bit_generator.state = state.rng["data"]
         noise_gen.set_state(state.rng["torch"])
         if world.is_main:
@@ -264,19 +313,26 @@ def train(
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run_dir / "config.json", json.dumps(config.to_dict(), indent=2) + "\n")
     model.to(dev)
-    for group_state in optimizer.state.values():  # moments follow the parameters to the device
-        for key, value in group_state.items():
-            if torch.is_tensor(value) and key != "step":
-                group_state[key] = value.to(dev)
-    net = parallelize(model, world, dev)
     amp = autocast_dtype(train_cfg.precision, dev)
+    net = parallelize(model, world, dev, train_cfg.parallel, param_dtype=amp if dev.type == "cuda" else None,
+                      compile=train_cfg.compile, activation_checkpointing=train_cfg.activation_checkpointing)
+    optimizer = make_optimizer(model, train_cfg, fused=dev.type == "cuda" and train_cfg.parallel == "ddp")
+    ema = EMA(model, train_cfg.ema) if train_cfg.ema else None
+    if state is not None:
+        if is_sharded(ckpt):
+            load_sharded(ckpt, model, optimizer, ema)
+        else:
+            optimizer.load_state_dict(state.optimizer)  # moments follow the parameters to their device
+            if ema is not None:
+                if ema_weights is None:
+                    raise UnmaskError(f"--resume: {ckpt} has no {EMA_FILE}; the run was trained without --ema")
+                ema.load_state_dict(ema_weights)
     schedule = Schedule(train_cfg.schedule)
 
     val_windows = torch.from_numpy(val_data.eval_windows(length, train_cfg.eval_windows))
     val_prev = torch.from_numpy(val_data.eval_previous(length, train_cfg.eval_windows))
-    rows = local_rows(world, train_cfg.batch_size)
-    global_batch = train_cfg.batch_size * world.world_size
-    tokens_per_step = global_batch * train_cfg.grad_accum * length
+    global_batch = micro_bs * accum * world.world_size  # rows per optimizer step, laid out (micro, rank, row)
+    tokens_per_step = global_batch * length
     n_params = model_cfg.non_embedding_params()
     end = train_cfg.steps if stop_after is None else min(train_cfg.steps, step + stop_after)
 
@@ -290,20 +346,23 @@ def train(
             group["lr"] = lr
         net.train()
         total = torch.zeros((), device=dev)
-        for micro in range(train_cfg.grad_accum):
-            windows = torch.from_numpy(train_data.sample_windows(data_rng, global_batch, length + 1))
-            window, noise = windows[rows].to(dev), None
-            if train_cfg.objective == "mdm":
-                noise = draw_noise(windows[:, 1:], train_cfg, schedule, model_cfg.mask_id, noise_gen).rows(rows).to(dev)
-            sync = micro == train_cfg.grad_accum - 1 or world.world_size == 1
-            ctx = contextlib.nullcontext() if sync else net.no_sync()
-            with ctx, autocast(amp, dev):
-                loss = batch_loss(net, window, noise) / train_cfg.grad_accum
+        # the whole global batch and its noise at once: low-discrepancy t over all of it, sliced
+        # per micro-batch and rank, so the estimator does not depend on the number of processes
+        windows = torch.from_numpy(train_data.sample_windows(data_rng, global_batch, length + 1))
+        noise_all = draw_noise(windows[:, 1:], train_cfg, schedule, model_cfg.mask_id, noise_gen) if train_cfg.objective == "mdm" else None
+        for micro in range(accum):
+            rows = local_rows(world, micro_bs, micro)
+            window = windows[rows].to(dev)
+            noise = noise_all.rows(rows).to(dev) if noise_all is not None else None
+            with grad_sync(net, micro == accum - 1), autocast(amp, dev):
+                loss = batch_loss(net, window, noise) / accum
                 loss.backward()
             total += loss.detach()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if ema is not None:
+            ema.update()
         step += 1
         tokens += tokens_per_step
         tok_log += tokens_per_step
@@ -333,13 +392,19 @@ def train(
                     "val_nats_per_token": result.nats_per_token, "val_stderr": result.stderr, "val_ppl": result.perplexity,
                 })
         if step % train_cfg.checkpoint_every == 0 or step == end:
-            if world.is_main:  # the random streams are the same on every rank
-                rng = {"data": data_rng.bit_generator.state, "torch": noise_gen.get_state(), "world_size": world.world_size}
+            rng = {"data": data_rng.bit_generator.state, "torch": noise_gen.get_state(), "world_size": world.world_size}
+            if train_cfg.parallel == "fsdp":
+                info = {"step": step, "tokens": tokens, "data_rng": rng["data"], "world_size": world.world_size}
+                saved_ckpt = save_sharded(run_dir, model, optimizer, ema, config, info, rng["torch"], tokenizer.to_json(), world,
+                                          keep=train_cfg.keep_checkpoints)
+                if step == train_cfg.steps and world.is_main:  # the finished run: the single file sample/eval read
+                    consolidate(saved_ckpt)
+            elif world.is_main:  # the random streams are the same on every rank
                 trainer = TrainerState(step, tokens, optimizer.state_dict(), rng)
-                save_checkpoint(run_dir, model, config, trainer, tokenizer.to_json(), keep=train_cfg.keep_checkpoints)
+                save_checkpoint(run_dir, model, config, trainer, tokenizer.to_json(), keep=train_cfg.keep_checkpoints,
+                                ema=ema.state_dict() if ema is not None else None)
             barrier(world)
     bar.close()
     elapsed = time.perf_counter() - t_start
-    shutdown(world)
     ran = len(losses)
     return TrainResult(run_dir, step, tokens, losses[-1] if losses else float("nan"), ran * tokens_per_step / max(elapsed, 1e-9), losses)

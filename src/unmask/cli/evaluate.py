@@ -44,6 +44,7 @@ def ppl(
     batch_size: int = typer.Option(16),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
+    weights: str = typer.Option("auto", help="auto (the EMA of the weights when the run kept one, else the weights), ema or raw."),
     save: bool = SAVE,
     as_json: bool = JSON,
 ) -> None:
@@ -52,7 +53,7 @@ def ppl(
 
     res = evaluate_checkpoint(
         checkpoint, data, split, windows, draws, estimator, batch_size, seed, device, progress=not as_json,
-        text=text, dataset=dataset, detokenize=detokenizer, packed=packed, limit_documents=limit_documents,
+        text=text, dataset=dataset, detokenize=detokenizer, packed=packed, limit_documents=limit_documents, weights=weights,
     )
     if save:
         _save(checkpoint, "ppl", res)

@@ -37,6 +37,7 @@ def sample(
     show_steps: bool = typer.Option(False, help="Animate the unmasking of the first sample in the terminal."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),
+    weights: str = typer.Option("auto", help="auto (the EMA of the weights when the run kept one, else the weights), ema or raw."),
     as_json: bool = typer.Option(False, "--json", help="Print tokens, text and NFE as JSON."),
     sampling: dict = None,
 ) -> None:
@@ -57,7 +58,7 @@ def sample(
     # only the options given go on, so that generate() can refuse MDM-only ones on an AR checkpoint
     res = generate(
         checkpoint, prompt, num_samples, length, seed=seed, device=device, prompts=prompts, infill=infill, stop_at_eos=stop_at_eos,
-        kv_cache=kv_cache, callback=callback, **sampling,
+        kv_cache=kv_cache, callback=callback, weights=weights, **sampling,
     )
     if show_steps:
         sys.stderr.write("\n")

@@ -10,7 +10,7 @@ from typing import Optional
 
 import typer
 
-from unmask.cli.app import app
+from unmask.cli.app import app, command_group
 from unmask.config import OBJECTIVE_DEFAULTS, PRESETS, ModelConfig, RunConfig, TrainConfig
 from unmask.errors import UnmaskError
 
@@ -85,10 +85,20 @@ def train(
     eval_every: Optional[int] = typer.Option(None, help=f"Validate every N steps (default {_T.eval_every})."),
     checkpoint_every: Optional[int] = typer.Option(None, help=f"Checkpoint every N steps (default {_T.checkpoint_every})."),
     log_every: Optional[int] = typer.Option(None, help=f"Append a metrics line every N steps (default {_T.log_every})."),
+    parallel: Optional[str] = typer.Option(None, help="Data parallelism under torchrun: ddp (replicated weights) or fsdp (FSDP2: weights, "
+                                            "gradients and optimizer sharded; sharded checkpoints) (default ddp)."),
+    global_batch_tokens: Optional[int] = typer.Option(None, help="Tokens per optimizer step whatever the number of processes (a multiple of "
+                                                      "context length x processes x --batch-size); --grad-accum is then derived. "
+                                                      "A run with it may resume on another number of processes."),
+    compile: Optional[bool] = typer.Option(None, help="torch.compile each block (checkpoints keep the plain weights)."),
+    activation_checkpointing: Optional[bool] = typer.Option(None, help="Recompute activations in the backward pass: less memory, ~1/3 more compute."),
+    ema: Optional[float] = typer.Option(None, help="Keep an fp32 moving average of the weights with this decay (e.g. 0.9999); "
+                                        "sample/eval then use it by default."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     resume: bool = typer.Option(
         False, help="Continue RUN exactly as it was configured, from its latest checkpoint. Only --steps, --eval-every, "
-        "--checkpoint-every, --log-every and --device may change; other flags must be left out or equal the run's.",
+        "--checkpoint-every, --log-every, --compile, --activation-checkpointing and --device may change (and --batch-size "
+        "with --global-batch-tokens); other flags must be left out or equal the run's.",
     ),
 ) -> None:
     """Train an MDM or the AR baseline; the same command runs under torchrun."""
@@ -98,7 +108,8 @@ def train(
     flags = {
         "objective": objective, "loss": loss, "schedule": schedule, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum,
         "lr": lr, "warmup_steps": warmup_steps, "weight_decay": weight_decay, "precision": precision, "seed": seed,
-        "eval_every": eval_every, "checkpoint_every": checkpoint_every, "log_every": log_every,
+        "eval_every": eval_every, "checkpoint_every": checkpoint_every, "log_every": log_every, "parallel": parallel,
+        "global_batch_tokens": global_batch_tokens, "compile": compile, "activation_checkpointing": activation_checkpointing, "ema": ema,
     }
     given = {key: value for key, value in flags.items() if value is not None}
     if resume:
@@ -128,3 +139,18 @@ def train(
     result = run_training(run_dir, model_cfg, train_cfg, data_dir, resume=resume, device=device)
     if main_process:
         typer.echo(f"done: {result.steps} steps, {result.tokens:,} tokens, last loss {result.final_loss:.4f}, {result.tokens_per_s:,.0f} tokens/s -> {run_dir}", err=True)
+
+
+checkpoint_app = command_group("Checkpoint tools.")
+app.add_typer(checkpoint_app, name="checkpoint")
+
+
+@checkpoint_app.command("consolidate")
+def consolidate_command(
+    path: Path = typer.Argument(..., help="An FSDP run folder (its latest checkpoint) or one of its checkpoints/step_* folders."),
+) -> None:
+    """Write the single-file model.safetensors (and ema.safetensors) of a sharded checkpoint, for sample and eval."""
+    from unmask.checkpoint_sharded import consolidate
+
+    ckpt = consolidate(path)
+    typer.echo(f"wrote {ckpt / 'model.safetensors'}", err=True)

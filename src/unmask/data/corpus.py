@@ -63,22 +63,39 @@ def _read_utf8(path: Path) -> str:
 
 
 def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    # split on "\n" only: str.splitlines() also breaks on U+2028 etc., which JSON allows inside strings
-    for lineno, line in enumerate(_read_utf8(path).split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UnmaskError(f"{path} line {lineno} is not valid JSON ({exc.msg}); write one JSON object per line") from None
-        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-            raise UnmaskError(f"{path} line {lineno} has no string field {text_field!r}; pass --text-field with the right name")
-        yield record[text_field]
+    """One document per line, read line by line (memory does not grow with the file)."""
+    # newline="\n": lines end at "\n" only; str.splitlines() would also break on U+2028 etc., which JSON allows inside strings
+    with open(path, encoding="utf-8", newline="\n") as f:
+        lineno = 0
+        while True:
+            try:
+                line = f.readline()
+            except UnicodeDecodeError as exc:
+                raise UnmaskError(
+                    f"{path} is not UTF-8 text (invalid byte after line {lineno}: {exc.reason}); re-encode it as UTF-8, e.g. `iconv -f latin1 -t utf-8`"
+                ) from None
+            if not line:
+                return
+            lineno += 1
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UnmaskError(f"{path} line {lineno} is not valid JSON ({exc.msg}); write one JSON object per line") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise UnmaskError(f"{path} line {lineno} has no string field {text_field!r}; pass --text-field with the right name")
+            yield record[text_field]
 
 
-def read_documents(paths: Sequence[str | Path], text_field: str = "text") -> Iterator[str]:
+def read_documents(paths: Sequence[str | Path], text_field: str = "text", lazy: bool = False) -> Iterator:
     """Documents from local files: a ``.txt`` file is one document, a ``.jsonl`` file one per line
-    (its ``text_field``), a folder every ``.txt``/``.jsonl`` inside it (recursively, sorted)."""
+    (its ``text_field``), a folder every ``.txt``/``.jsonl`` inside it (recursively, sorted).
+
+    With ``lazy`` a ``.txt`` document is a :class:`~unmask.data.stream.TextFile` that
+    ``prepare_dataset`` reads in pieces, so no file is ever whole in memory."""
+    from unmask.data.stream import TextFile
+
     for raw in paths:
         path = Path(raw)
         if not path.exists():
@@ -88,7 +105,7 @@ def read_documents(paths: Sequence[str | Path], text_field: str = "text") -> Ite
             raise UnmaskError(f"folder {str(path)!r} holds no .txt or .jsonl files")
         for file in files:
             if file.suffix == ".txt":
-                yield _read_utf8(file)
+                yield TextFile(file) if lazy else _read_utf8(file)
             elif file.suffix == ".jsonl":
                 yield from _jsonl_documents(file, text_field)
             else:

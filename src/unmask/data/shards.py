@@ -16,11 +16,12 @@ import shutil
 import tempfile
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Sized
+from typing import Iterable, Iterator, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from unmask.data.stream import Encoder, Spill, TextFile, batches, doc_chunks, doc_scan, pieces
 from unmask.data.tokenizer import Tokenizer, default_tokenizer
 from unmask.errors import UnmaskError
 
@@ -61,49 +62,49 @@ def _hold_out_tail(text: str, fraction: float) -> tuple[str, str, str]:
 
 def _is_val(doc: str, fraction: float) -> bool:
     """Deterministic document-level split: a hash of the text, not its position."""
-    h = int.from_bytes(hashlib.sha1(doc.encode("utf-8")).digest()[:8], "big")
-    return h / 2**64 < fraction
+    return _is_val_digest(hashlib.sha1(doc.encode("utf-8")).digest(), fraction)
+
+
+def _is_val_digest(digest: bytes, fraction: float) -> bool:
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
 class _ShardWriter:
+    """Writes one split's tokens straight to its shard files; a shard ends after the document that
+    brings it to ``shard_tokens`` tokens (documents never straddle shards)."""
+
     def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
         self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
         self.names: list[str] = []
-        self.buffer: list[np.ndarray] = []
-        self.buffered = 0
+        self.file = None
+        self.in_shard = 0
         self.num_tokens = 0
         self.num_documents = 0
 
-    def add(self, ids: list[int], eos: int) -> None:
-        self.buffer.append(np.asarray(ids + [eos], dtype=self.dtype))
-        self.buffered += len(ids) + 1
+    def write(self, ids: np.ndarray) -> None:
+        """Tokens of the current document (a part of it, or all)."""
+        if self.file is None:
+            self.names.append(f"{self.split}_{len(self.names):03d}.bin")
+            self.file = open(self.folder / self.names[-1], "wb")
+        self.file.write(np.asarray(ids).astype(self.dtype, copy=False).tobytes())
+        self.in_shard += len(ids)
+        self.num_tokens += len(ids)
+
+    def end_document(self, eos: int) -> None:
+        self.write(np.array([eos]))
         self.num_documents += 1
-        if self.buffered >= self.shard_tokens:
+        if self.in_shard >= self.shard_tokens:
             self.flush()
 
     def flush(self) -> None:
-        if not self.buffered:
-            return
-        name = f"{self.split}_{len(self.names):03d}.bin"
-        np.concatenate(self.buffer).tofile(self.folder / name)
-        self.names.append(name)
-        self.num_tokens += self.buffered
-        self.buffer, self.buffered = [], 0
+        if self.file is not None:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+        self.file, self.in_shard = None, 0
 
     def meta(self) -> dict:
         return {"shards": self.names, "num_tokens": self.num_tokens, "num_documents": self.num_documents}
-
-
-def _chunks(docs: Iterable[str], size: int) -> Iterator[list[str]]:
-    chunk: list[str] = []
-    for doc in docs:
-        if doc.strip():
-            chunk.append(doc)
-            if len(chunk) == size:
-                yield chunk
-                chunk = []
-    if chunk:
-        yield chunk
 
 
 def _check_out_dir(out: Path) -> None:
@@ -128,18 +129,15 @@ def _publish(tmp: Path, out: Path, replace: bool) -> None:
         # lost a race against another process building the same folder: keep its (identical) result
 
 
-def _size(docs: Iterable[str] | None) -> int | None:
-    return len(docs) if isinstance(docs, Sized) else 0 if docs is None else None
-
-
 def prepare_dataset(
     out_dir: str | Path,
     tokenizer: Tokenizer,
-    train_docs: Iterable[str],
-    val_docs: Iterable[str] | None = None,
+    train_docs: Iterable[str | TextFile],
+    val_docs: Iterable[str | TextFile] | None = None,
     val_fraction: float = 0.05,
     shard_tokens: int = 2**26,
     progress: bool = True,
+    workers: int = 0,
 ) -> Path:
     """Tokenise documents into a prepared data folder and return its path.
 
@@ -151,59 +149,104 @@ def prepare_dataset(
     holds out the last ``val_fraction`` of its text, cut at a line start. ``meta.json`` says which
     was done under "validation". The folder is built next to ``out_dir`` and renamed into place,
     replacing an earlier prepared folder there.
+
+    Streaming (:mod:`unmask.data.stream`): documents may be strings or lazily read
+    :class:`~unmask.data.stream.TextFile` s, sources may be one-pass iterators (HF streaming),
+    ``workers`` processes tokenise (0: this process), tokens go to the shard files as they come,
+    and memory does not grow with the corpus.
     """
-    return _prepare(Path(out_dir), tokenizer, train_docs, val_docs, val_fraction, shard_tokens, progress, replace=True)
+    return _prepare(Path(out_dir), tokenizer, train_docs, val_docs, val_fraction, shard_tokens, progress, replace=True, workers=workers)
+
+
+def _tagged(texts: Iterable[str], target: str) -> Iterator[tuple[str, tuple[str, bool]]]:
+    """(piece, (target, is the last piece of its document)) for the pieces of one document."""
+    prev = None
+    for text in texts:
+        if prev is not None:
+            yield prev, (target, False)
+        prev = text
+    if prev is not None:
+        yield prev, (target, True)
 
 
 def _prepare(
     out: Path,
     tokenizer: Tokenizer,
-    train_docs: Iterable[str],
-    val_docs: Iterable[str] | None,
+    train_docs: Iterable,
+    val_docs: Iterable | None,
     val_fraction: float,
     shard_tokens: int,
     progress: bool,
     replace: bool,
+    workers: int = 0,
 ) -> Path:
     if val_docs is None and not 0 < val_fraction < 1:
         raise UnmaskError(f"--val-fraction={val_fraction} must be between 0 and 1 (exclusive)")
     if shard_tokens < 1:
         raise UnmaskError(f"shard_tokens={shard_tokens} must be positive")
+    if workers < 0:
+        raise UnmaskError(f"--workers={workers} must be >= 0 (0: tokenise in the main process)")
     _check_out_dir(out)
     dtype = np.dtype(np.uint16 if tokenizer.mask_id < 2**16 else np.uint32)
+    eos = tokenizer.eos_id
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))  # same file system: rename is atomic
+    writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
+    # With a hash split, the first document waits (its tokens spilled to disk) until the end so that
+    # it can go to whichever side would otherwise be empty (a tiny corpus); no document is ever on both sides.
+    held: dict = {}
+    encoder = Encoder(tokenizer, dtype, workers)
+    bar = tqdm(desc="tokenising", unit="tok", unit_scale=True, disable=not progress)
+
+    def items() -> Iterator[tuple[str, tuple[str, bool]]]:
+        for split_name, source in (("train", train_docs), ("val", val_docs or ())):
+            for doc in source:
+                digest, has_text = doc_scan(doc)
+                if not has_text:
+                    continue
+                if val_docs is not None:
+                    target = split_name
+                elif not held:
+                    held.update(doc=doc, digest=digest, spill=Spill(tmp, dtype))
+                    target = "held"
+                else:
+                    target = "val" if _is_val_digest(digest, val_fraction) else "train"
+                yield from _tagged(pieces(doc_chunks(doc)), target)
+
+    def consume(tagged: Iterable[tuple[str, tuple[str, bool]]]) -> None:
+        for arrays, tags in encoder.map(batches(tagged)):
+            for ids, (target, last) in zip(arrays, tags):
+                if target == "held":
+                    held["spill"].write(ids)
+                    continue
+                writers[target].write(ids)
+                if last:
+                    writers[target].end_document(eos)
+            bar.update(sum(len(ids) for ids in arrays))
+
     try:
-        writers = {s: _ShardWriter(tmp, s, dtype, shard_tokens) for s in ("train", "val")}
-        sizes = (_size(train_docs), _size(val_docs))
-        total = None if None in sizes else sum(sizes)  # known -> tqdm shows an ETA
-        # With a hash split, the first document waits until the end so that it can go to whichever
-        # side would otherwise be empty (a tiny corpus); no document is ever on both sides.
-        held: tuple[str, list[int]] | None = None
-        with tqdm(total=total, desc="tokenising", unit="doc", disable=not progress) as bar:
-            for split_name, source in (("train", train_docs), ("val", val_docs or ())):
-                for chunk in _chunks(source, 256):
-                    for doc, ids in zip(chunk, tokenizer.encode_batch(chunk)):
-                        if val_docs is not None:
-                            writers[split_name].add(ids, tokenizer.eos_id)
-                        elif held is None:
-                            held = (doc, ids)
-                        else:
-                            writers["val" if _is_val(doc, val_fraction) else "train"].add(ids, tokenizer.eos_id)
-                    bar.update(len(chunk))
+        consume(items())
         if val_docs is not None:
             how = "the given validation documents (--val-input)"
         else:
             how = f"{100 * val_fraction:g}% of the documents, chosen by a hash of their text"
-        if held is not None:
+        if held:
             n_train, n_val = writers["train"].num_documents, writers["val"].num_documents
+            doc = held["doc"]
             if n_train == n_val == 0:  # one document (one big text file): hold out the end of its text
-                train_text, val_text, how = _hold_out_tail(held[0], val_fraction)
-                for side, ids in zip(("train", "val"), tokenizer.encode_batch([train_text, val_text])):
-                    writers[side].add(ids, tokenizer.eos_id)
+                if isinstance(doc, TextFile):
+                    train_range, val_range, how = doc.hold_out_tail(val_fraction)
+                    parts = [(doc_chunks(doc, *train_range), "train"), (doc_chunks(doc, *val_range), "val")]
+                else:
+                    train_text, val_text, how = _hold_out_tail(doc, val_fraction)
+                    parts = [(doc_chunks(train_text), "train"), (doc_chunks(val_text), "val")]
+                for chunks, side in parts:
+                    consume(_tagged(pieces(chunks), side))
             else:
-                side = "val" if n_val == 0 else "train" if n_train == 0 else "val" if _is_val(held[0], val_fraction) else "train"
-                writers[side].add(held[1], tokenizer.eos_id)
+                side = "val" if n_val == 0 else "train" if n_train == 0 else "val" if _is_val_digest(held["digest"], val_fraction) else "train"
+                for ids in held["spill"].read():
+                    writers[side].write(ids)
+                writers[side].end_document(eos)
         if writers["train"].num_documents == 0:
             raise UnmaskError("the corpus is empty: no document has any text; check the input files and --text-field")
         if writers["val"].num_documents == 0:
@@ -215,10 +258,19 @@ def _prepare(
             "eos_id": tokenizer.eos_id, "tokenizer_fingerprint": tokenizer.fingerprint,
             "splits": {s: w.meta() for s, w in writers.items()}, "validation": how,
         }
+        if held:
+            held["spill"].remove()
         tokenizer.save(tmp)
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")  # last: marks the folder complete
         _publish(tmp, out, replace)
     finally:
+        bar.close()
+        encoder.close()
+        for w in writers.values():
+            if w.file is not None:
+                w.file.close()
+        if held:
+            held["spill"].remove()
         shutil.rmtree(tmp, ignore_errors=True)
     return out
 

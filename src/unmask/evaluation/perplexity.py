@@ -55,6 +55,7 @@ def evaluate_checkpoint(
     detokenize: str = "none",
     packed: bool | None = None,
     limit_documents: int | None = None,
+    weights: str = "auto",
 ) -> dict:
     """Likelihood of a run/checkpoint; returns the JSON-ready dict documented in the README.
 
@@ -66,7 +67,7 @@ def evaluate_checkpoint(
         raise UnmaskError(f"--estimator {estimator!r} is not one of: {', '.join(ESTIMATORS)}")
     if windows is not None and windows < 1:
         raise UnmaskError(f"--windows={windows} must be a positive integer")
-    model, cfg = load_model(checkpoint, pick_device(device))
+    model, cfg = load_model(checkpoint, pick_device(device), weights=weights)  # weights: auto (EMA when kept), ema or raw
     estimator = estimator or cfg.train.loss
     length = cfg.model.context_len
     if text or dataset:

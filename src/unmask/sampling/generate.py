@@ -223,6 +223,7 @@ def generate(
     stop_at_eos: bool = False,
     kv_cache: bool | None = None,
     callback: StepCallback | None = None,
+    weights: str = "auto",
     **options,
 ) -> dict:
     """Samples from a checkpoint, each canvas starting with EOS (the document separator every
@@ -253,7 +254,7 @@ def generate(
     if length < 1:
         raise UnmaskError(f"--length={length} must be a positive integer")
     dev = pick_device(device)
-    model, cfg = load_model(checkpoint, dev)
+    model, cfg = load_model(checkpoint, dev, weights=weights)  # weights: auto (EMA when kept), ema or raw
     check_options(cfg.model.causal, length, kv_cache, {"infill": infill, **options})
     tok = checkpoint_tokenizer(checkpoint)
     texts = list(prompts) if prompts else [prompt] * num_samples
