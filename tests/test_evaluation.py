@@ -178,9 +178,9 @@ def test_harness_generator_lives_on_the_model_device(monkeypatch, causal, genera
     made = generator_devices
     monkeypatch.setattr(gen_mod, "device_of", lambda model: torch.device("cuda"), raising=False)
     used = []
-    for name in ("ancestral", "ar_sample"):
-        sampler = getattr(harness, name)
-        monkeypatch.setattr(harness, name, lambda model, x, generator, *a, _f=sampler, **k: used.append(made.get(id(generator))) or _f(model, x, generator, *a, **k))
+    run, ar_sample = gen_mod.SamplerSpec.run, harness.ar_sample
+    monkeypatch.setattr(gen_mod.SamplerSpec, "run", lambda self, model, x, generator, *a, **k: used.append(made.get(id(generator))) or run(self, model, x, generator, *a, **k))
+    monkeypatch.setattr(harness, "ar_sample", lambda model, x, generator, *a, **k: used.append(made.get(id(generator))) or ar_sample(model, x, generator, *a, **k))
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name("tiny", context_len=32, causal=causal)).eval()
     lm = harness.UnmaskLM(None, model=model, tokenizer=default_tokenizer(), steps=4)
