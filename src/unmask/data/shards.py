@@ -170,7 +170,7 @@ def _prepare(
     if shard_tokens < 1:
         raise UnmaskError(f"shard_tokens={shard_tokens} must be positive")
     _check_out_dir(out)
-    dtype = np.dtype(np.uint16 if tokenizer.mask_id < 2**16 else np.uint32)
+    dtype = np.dtype(np.uint16 if max(tokenizer.mask_id, tokenizer.vocab_size - 1) < 2**16 else np.uint32)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))  # same file system: rename is atomic
     try:
