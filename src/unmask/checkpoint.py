@@ -23,7 +23,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -95,11 +95,19 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def save_checkpoint(
-    run_dir: Path, model: torch.nn.Module, config: RunConfig, trainer: TrainerState, tokenizer_json: str | None = None, keep: int = 2
+    run_dir: Path,
+    model: torch.nn.Module | None,
+    config: RunConfig,
+    trainer: TrainerState,
+    tokenizer_json: str | None = None,
+    keep: int = 2,
+    write_weights: Callable[[Path, dict[str, str]], None] | None = None,
 ) -> Path:
     """Atomically write ``checkpoints/step_XXXXXX`` for an UNWRAPPED model and update LATEST.
 
     The tokenizer's JSON is stored beside the weights so that a checkpoint folder stands alone.
+    ``write_weights(file, metadata)``, given instead of ``model``, writes ``model.safetensors``
+    itself (converters stream tensors into it one at a time).
     """
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -109,9 +117,12 @@ def save_checkpoint(
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
 
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": json.dumps(config.to_dict())}
-    save_file(weights, str(tmp / "model.safetensors"), metadata=metadata)
+    if write_weights is not None:
+        write_weights(tmp / "model.safetensors", metadata)
+    else:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"), metadata=metadata)
 
     extra: dict[str, Any] = {}
     opt_tensors: dict[str, torch.Tensor] = {}
