@@ -190,6 +190,10 @@ class TrainConfig:
     # (step, steps before) for every resume that changed ``steps``: from that step the cosine runs
     # from the LR reached there to the new end. Recorded so that the LR stays a function of the config.
     steps_changes: tuple[tuple[int, int], ...] = ()
+    # AR -> MDM adaptation (unmask.adaptation): start from these weights (a run or a published checkpoint
+    # folder), and anneal the attention mask from causal to bidirectional over this many steps (DiffuLLaMA)
+    init_from: str = ""
+    anneal_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.objective not in ("mdm", "ar"):
@@ -210,6 +214,8 @@ class TrainConfig:
             raise UnmaskError(f"--lr={self.lr} must be positive")
         if self.warmup_steps < 0:
             raise UnmaskError(f"--warmup-steps={self.warmup_steps} must be >= 0")
+        if self.anneal_steps < 0 or (self.anneal_steps and self.objective != "mdm"):
+            raise UnmaskError(f"--anneal-attention={self.anneal_steps} must be >= 0, and is for --objective mdm only")
         for at, before in self.steps_changes:
             if not 0 <= at <= min(before, self.steps):
                 raise UnmaskError(f"steps_changes entry ({at}, {before}) must change the length at a step within both runs")

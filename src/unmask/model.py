@@ -210,6 +210,7 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         cache_index: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
+        attend: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for every position (or for the ``logits_at`` ones).
 
@@ -224,6 +225,8 @@ class Transformer(nn.Module):
             cache_index: (B, L) the canvas slots of ``tokens`` in ``kv_cache`` (MDM decoding):
                 their keys/values are written there and every slot is attended to.
             logits_at: (B, L) bool: apply the head only at these positions.
+            attend: (L, S) or (B, L, S) bool, True where a query may attend to a key, on top of the
+                other masks (the annealed mask of AR -> MDM adaptation, :mod:`unmask.adaptation`).
         Returns:
             (B, L, vocab_size) logits, or (N, vocab_size) for the N ``logits_at`` positions in
             row-major order (in the autocast dtype when autocast is on).
@@ -262,6 +265,9 @@ class Transformer(nn.Module):
             own = k_slot[None, None, :] == q_slot[:, :, None]
             km = key_mask[:, None, None, :].bool() | own[:, None]
             attn_mask = km if attn_mask is None else attn_mask & km
+        if attend is not None:
+            extra = attend[None, None] if attend.dim() == 2 else attend[:, None]
+            attn_mask = extra if attn_mask is None else attn_mask & extra
         for i, block in enumerate(self.blocks):
             cache = None
             if kv_cache is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -240,6 +241,10 @@ def train(
 
     torch.manual_seed(train_cfg.seed)
     model = Transformer(model_cfg)
+    if state is None and train_cfg.init_from:  # AR -> MDM adaptation (unmask.adaptation)
+        from unmask.adaptation import initial_weights
+
+        model.load_state_dict(initial_weights(train_cfg.init_from, model_cfg))
     optimizer = make_optimizer(model, train_cfg)
     # Every rank draws the GLOBAL batch and its masking noise from the same streams and keeps its
     # own rows, so n ranks x micro-batch b compute exactly what 1 process x micro-batch n b does.
@@ -297,8 +302,13 @@ def train(
                 noise = draw_noise(windows[:, 1:], train_cfg, schedule, model_cfg.mask_id, noise_gen).rows(rows).to(dev)
             sync = micro == train_cfg.grad_accum - 1 or world.world_size == 1
             ctx = contextlib.nullcontext() if sync else net.no_sync()
+            step_net = net
+            if train_cfg.anneal_steps and step < train_cfg.anneal_steps:  # DiffuLLaMA: causal -> bidirectional
+                from unmask.adaptation import annealed_mask
+
+                step_net = functools.partial(net, attend=annealed_mask(step, train_cfg.anneal_steps, length, train_cfg.seed, dev))
             with ctx, autocast(amp, dev):
-                loss = batch_loss(net, window, noise) / train_cfg.grad_accum
+                loss = batch_loss(step_net, window, noise) / train_cfg.grad_accum
                 loss.backward()
             total += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)

@@ -5,6 +5,8 @@
     unmask train --run-dir RUN ...  train an MDM (default) or the AR baseline
     unmask eval --checkpoint RUN    perplexity (MDM: ELBO bound +- SE; AR: exact)
     unmask sample --checkpoint RUN  generate text
+    unmask import HF_FOLDER --out RUN   a LLaMA/Qwen2/Mistral/LLaDA/Dream checkpoint as a run folder
+    unmask export RUN --out DIR     a run as a LLaMA-layout folder (AR: loads in transformers)
     unmask presets                  list model presets with parameter counts
 
 Errors of the user's making (``UnmaskError``) print one ``error: ...`` line and exit with 2.
@@ -24,6 +26,7 @@ from unmask.errors import UnmaskError
 from unmask.cli import data as _data  # noqa: F401,E402
 from unmask.cli import demo as _demo  # noqa: F401,E402
 from unmask.cli import evaluate as _evaluate  # noqa: F401,E402
+from unmask.cli import interop as _interop  # noqa: F401,E402
 from unmask.cli import sample as _sample  # noqa: F401,E402
 from unmask.cli import train as _train  # noqa: F401,E402
 

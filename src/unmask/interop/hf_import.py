@@ -222,12 +222,12 @@ def _progress(items: Iterator, total: int, desc: str) -> Iterator:
 
 
 def load_pretrained(path: str | Path, as_: str | None = None):
-    """A Transformer from a run/checkpoint folder or a published checkpoint folder. Returns (model, tokenizer or None).
+    """A Transformer (eval mode) from a run/checkpoint folder or a published checkpoint folder.
 
-    Used by ``train --init-from``: a folder with ``config.json`` naming a supported architecture
-    (and no ``checkpoints/``) is converted in memory; anything else is read as a run folder.
+    Used by ``train --init-from``: a folder with ``config.json`` that is not a run folder is
+    converted in memory (its layout detected from the config); anything else is read as a run.
     """
-    from unmask.checkpoint import checkpoint_tokenizer, load_model
+    from unmask.checkpoint import load_model
     from unmask.model import Transformer
 
     path = Path(path)
@@ -236,7 +236,5 @@ def load_pretrained(path: str | Path, as_: str | None = None):
         conv = Conversion(path, as_)
         model = Transformer(conv.config)
         model.load_state_dict(conv.state_dict())
-        tok = conv.tokenizer() if (path / "tokenizer.json").is_file() else None
-        return model, tok
-    model, _ = load_model(path)
-    return model, checkpoint_tokenizer(path)
+        return model.eval()
+    return load_model(path)[0]
