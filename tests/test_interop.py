@@ -311,3 +311,21 @@ def test_import_casts_dtype_on_request(tmp_path):
     ckpt = next((tmp_path / "run" / "checkpoints").glob("step_*"))
     with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+
+
+def test_cli_import_sample_eval_export(tmp_path, capsys):
+    from unmask.cli import main
+
+    folder, _ = dream_folder(tmp_path)
+    assert main(["import", str(folder), "--out", str(tmp_path / "run")]) == 0
+    assert "logits shifted" in capsys.readouterr().err
+    # sampling from the imported MDM: MASK (inside the vocabulary) is never committed
+    assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--prompt", "w5 w6", "--length", "8", "--steps", "4", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    ids = [i for s in out["samples"] for i in s["tokens"]]
+    assert ids and 93 not in ids
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["unmask"]["shift_logits"] is True
+    assert main(["import", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2")]) == 2
+    assert main(["import", str(folder), "--out", str(tmp_path / "r3"), "--dtype", "int8"]) == 2
+    assert "--dtype" in capsys.readouterr().err
