@@ -141,8 +141,9 @@ def train(
         if keep_shift is not None:
             raise UnmaskError("--keep-shift is for --init-from (adapting an AR model)")
         data_dir = _data_dir(data)
-        vocab = TokenDataset(data_dir, "train").tokenizer.vocab_size
-        overrides = {"vocab_size": vocab, "causal": given.get("objective", _T.objective) == "ar", "time_conditioning": bool(time_conditioning)}
+        tok = TokenDataset(data_dir, "train").tokenizer
+        vocab = tok.vocab_size
+        overrides = {"vocab_size": vocab, "mask_token_id": tok.mask_id if tok.mask_inside else -1, "causal": given.get("objective", _T.objective) == "ar", "time_conditioning": bool(time_conditioning)}
         if context_len is not None:
             overrides["context_len"] = context_len
         model_cfg = ModelConfig.from_name(preset or "tiny", **overrides)
