@@ -3,7 +3,10 @@
 LLaMA-style blocks (RMSNorm, SwiGLU, rotary positions, ``scaled_dot_product_attention``).
 ``config.causal`` selects the AR baseline; otherwise attention is bidirectional (MDM). The
 model knows nothing of diffusion: the MASK token is just input id ``vocab_size`` (one extra
-embedding row) and the head covers the real vocabulary only.
+embedding row) and the head covers the real vocabulary only. Published layouts switch on
+grouped-query attention, q/k/v biases, tied embeddings, LLaMA-3 RoPE scaling, a MASK id inside
+the vocabulary (its logit pinned to ``NEVER_LOGIT``) and Dream's one-position logit shift, all
+from :class:`ModelConfig`, so callers always see per-position logits.
 """
 
 from __future__ import annotations
