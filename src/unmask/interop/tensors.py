@@ -42,7 +42,9 @@ class TensorReader:
                 raise UnmaskError(f"cannot read {index} ({exc}); it must be a JSON object with a 'weight_map'") from None
             files = sorted(set(weight_map.values()))
         else:
-            files = sorted(p.name for p in self.folder.glob("*.safetensors"))
+            # one unsharded file; some folders also hold other formats' files (Mistral's consolidated.safetensors)
+            single = self.folder / "model.safetensors"
+            files = [single.name] if single.is_file() else sorted(p.name for p in self.folder.glob("*.safetensors"))
         if not files:
             raise UnmaskError(f"{self.folder} holds no *.safetensors weights (and no {INDEX}); pass a folder saved with save_pretrained(safe_serialization=True)")
         self._handles = {}
