@@ -329,3 +329,26 @@ def test_cli_import_sample_eval_export(tmp_path, capsys):
     assert main(["import", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2")]) == 2
     assert main(["import", str(folder), "--out", str(tmp_path / "r3"), "--dtype", "int8"]) == 2
     assert "--dtype" in capsys.readouterr().err
+
+
+def test_import_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
+    """The converted tensors are written as they are made: earlier ones are freed, never all held."""
+    import weakref
+
+    import unmask.interop.hf_import as hf_import
+
+    real = hf_import.write_streaming
+    seen = {"peak": 0, "count": 0}
+
+    def watched(items):
+        refs = []
+        for name, tensor in items:
+            seen["peak"] = max(seen["peak"], sum(r() is not None for r in refs))
+            refs.append(weakref.ref(tensor))
+            seen["count"] += 1
+            yield name, tensor
+
+    monkeypatch.setattr(hf_import, "write_streaming", lambda path, specs, items, meta: real(path, specs, watched(items), meta))
+    folder = save_hf(CAUSAL_CASES["qwen2-bias"](), tmp_path / "hf", word_tokenizer(V))
+    import_checkpoint(folder, tmp_path / "run")
+    assert (seen["count"], seen["peak"]) == (1 + 2 * 7 + 1 + 1, 1)  # embed, 7 per layer, norm, head; only the last one alive
