@@ -324,6 +324,13 @@ def test_cli_import_sample_eval_export(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     ids = [i for s in out["samples"] for i in s["tokens"]]
     assert ids and 93 not in ids
+    # the likelihood paths on a shifted model with MASK inside the vocabulary
+    text = tmp_path / "doc.txt"
+    text.write_text(" ".join(f"w{(7 * i) % 80 + 1}" for i in range(300)))
+    for estimator in ("k-dce", "chain-rule"):
+        assert main(["eval", "ppl", "--checkpoint", str(tmp_path / "run"), "--text", str(text), "--draws", "2", "--estimator", estimator, "--json"]) == 0
+        res = json.loads(capsys.readouterr().out)
+        assert 0 < res["nats_per_token"] < 2 * torch.log(torch.tensor(float(V))).item()
     assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "out")]) == 0
     assert json.loads((tmp_path / "out" / "config.json").read_text())["unmask"]["shift_logits"] is True
     assert main(["import", str(tmp_path / "nowhere"), "--out", str(tmp_path / "r2")]) == 2
