@@ -82,3 +82,35 @@ def test_cli_adapts_an_ar_run(tmp_path, small_data):
     assert saved["model"]["shift_logits"] and not saved["model"]["causal"] and saved["train"]["anneal_steps"] == 3
     assert main(["train", "--run-dir", str(tmp_path / "x"), "--keep-shift", "--steps", "2", *common]) == 2
     assert main(["train", "--run-dir", str(tmp_path / "y"), "--objective", "ar", "--anneal-attention", "3", "--steps", "2", *common]) == 2
+
+
+def test_init_from_a_published_folder(tmp_path):
+    """--init-from a LLaMA folder saved by transformers: converted in memory, the same weights as `unmask import`."""
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    from unmask.checkpoint import checkpoint_tokenizer
+    from unmask.data import prepare_dataset
+    from unmask.interop import import_checkpoint
+
+    vocab = 64
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=32))  # fmt: skip
+    hf.save_pretrained(tmp_path / "hf")
+    words = HFTokenizer(models.WordLevel({("<|endoftext|>" if i == 0 else f"w{i}"): i for i in range(vocab)}, unk_token="<|endoftext|>"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.save(str(tmp_path / "hf" / "tokenizer.json"))
+    import_checkpoint(tmp_path / "hf", tmp_path / "imported")
+    tok = checkpoint_tokenizer(tmp_path / "imported")
+    docs = [" ".join(f"w{(i * j) % 63 + 1}" for i in range(200)) for j in range(1, 9)]
+    data = prepare_dataset(tmp_path / "data", tok, docs[:7], docs[7:], progress=False)
+    cfg = adapted_config(source_config(tmp_path / "hf"), keep_shift=True)
+    tiny_lr = dict(steps=1, batch_size=2, lr=1e-12, warmup_steps=0, eval_every=1000, checkpoint_every=1000, log_every=1, eval_windows=2, eval_draws=2)
+    train(tmp_path / "mdm", cfg, TrainConfig(objective="mdm", init_from=str(tmp_path / "hf"), anneal_steps=5, **tiny_lr), data, progress=False)
+    adapted, _ = load_model(tmp_path / "mdm")
+    imported, _ = load_model(tmp_path / "imported")
+    for name, weight in imported.state_dict().items():
+        torch.testing.assert_close(adapted.state_dict()[name], weight, atol=1e-9, rtol=0)
