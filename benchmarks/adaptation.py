@@ -117,6 +117,7 @@ def main() -> None:
     for name, rec in records.items():
         reach = first_reach(rec["curve"], target)
         rec["steps_to_scratch_final"] = reach
+        rec["reached_by_first_validation"] = reach is not None and reach == rec["curve"][0][0]  # an upper bound then
         rec["compute_saved"] = None if reach is None else 1 - reach / args.steps
     ar_flops = curve(ar_dir)[-1][2]
     result = {
@@ -146,8 +147,9 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|",
     ]
     for name, r in result["runs"].items():
-        reach = "not reached" if r["steps_to_scratch_final"] is None else f"{r['steps_to_scratch_final']:.0f}"
-        saved = "-" if r["compute_saved"] is None else f"{100 * r['compute_saved']:.0f}%"
+        first = r.get("reached_by_first_validation") and name != "scratch"
+        reach = "not reached" if r["steps_to_scratch_final"] is None else ("<= " if first else "") + f"{r['steps_to_scratch_final']:.0f}"
+        saved = "-" if r["compute_saved"] is None else (">= " if first else "") + f"{100 * r['compute_saved']:.0f}%"
         lines.append(f"| {name} | {r['final_nats']:.4f} +- {r['final_se']:.4f} | {reach} | {saved} |")
     return "\n".join(lines) + "\n"
 
