@@ -135,14 +135,17 @@ def test_hf_without_datasets_says_how_to_install(monkeypatch):
         next(hf_documents("wikitext", "wikitext-2-raw-v1", "train"))
 
 
-def test_mask_must_be_last(tmp_path):
+def test_mask_before_the_last_id_is_a_mask_inside_the_vocabulary(tmp_path):
+    """Published MDM tokenizers (Dream's <|mask|>, LLaDA's <|mdm_mask|>) keep MASK among the other ids."""
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|mask|>", "<|endoftext|>"])
     hf.train_from_iterator(["hello world"] * 10, trainer)
     hf.save(str(tmp_path / "tokenizer.json"))
-    with pytest.raises(UnmaskError, match=r"tokenizer\.json: <\|mask\|> must be the last id"):
-        Tokenizer.from_file(tmp_path / "tokenizer.json")
+    tok = Tokenizer.from_file(tmp_path / "tokenizer.json")
+    total = hf.get_vocab_size(with_added_tokens=True)
+    assert (tok.mask_id, tok.vocab_size, tok.mask_inside) == (0, total, True)
+    assert tok.decode([tok.eos_id, 0]) == "_"
 
 
 def _tiny_tokenizer() -> Tokenizer:

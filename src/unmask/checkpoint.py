@@ -27,7 +27,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError
@@ -101,13 +101,21 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def save_checkpoint(
-    run_dir: Path, model: torch.nn.Module, config: RunConfig, trainer: TrainerState, tokenizer_json: str | None = None, keep: int = 2,
+    run_dir: Path,
+    model: torch.nn.Module | None,
+    config: RunConfig,
+    trainer: TrainerState,
+    tokenizer_json: str | None = None,
+    keep: int = 2,
     ema: dict[str, torch.Tensor] | None = None,
+    write_weights: Callable[[Path, dict[str, str]], None] | None = None,
 ) -> Path:
     """Atomically write ``checkpoints/step_XXXXXX`` for an UNWRAPPED model and update LATEST.
 
     The tokenizer's JSON is stored beside the weights so that a checkpoint folder stands alone;
     ``ema`` (the moving average of the weights, fp32) goes to ``ema.safetensors``.
+    ``write_weights(file, metadata)``, given instead of ``model``, writes ``model.safetensors``
+    itself (converters stream tensors into it one at a time).
     """
     ckpt_root = Path(run_dir) / "checkpoints"
     ckpt_root.mkdir(parents=True, exist_ok=True)
@@ -117,9 +125,12 @@ def save_checkpoint(
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
     tmp.mkdir()
 
-    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": json.dumps(config.to_dict())}
-    save_file(weights, str(tmp / "model.safetensors"), metadata=metadata)
+    if write_weights is not None:
+        write_weights(tmp / "model.safetensors", metadata)
+    else:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / "model.safetensors"), metadata=metadata)
     if ema is not None:
         save_file({k: v.detach().cpu().contiguous() for k, v in ema.items()}, str(tmp / EMA_FILE), metadata=metadata)
 

@@ -36,6 +36,12 @@ class ModelConfig:
 
     ``vocab_size`` is the number of real tokens the head predicts; an MDM's input vocabulary has
     one more row, the MASK token, whose id is ``vocab_size``. ``causal=True`` gives the AR baseline.
+
+    The fields after ``init_std`` describe published checkpoints (LLaMA, Qwen2, Mistral, LLaDA,
+    Dream); their defaults are the network above. ``mask_token_id >= 0`` puts MASK inside the
+    vocabulary (LLaDA 126336, Dream 151666): the embedding then has ``vocab_size`` rows and the
+    head's logit for MASK is pinned to ``unmask.model.NEVER_LOGIT``. ``shift_logits`` (Dream) makes the
+    logits of position i those the network computes at position i - 1 (position 0 keeps its own).
     """
 
     name: str = "custom"
@@ -51,6 +57,16 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     init_std: float = 0.02
+    n_kv_head: int = 0  # 0: n_head; fewer: grouped-query attention (each key/value head serves n_head / n_kv_head queries)
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2, Dream)
+    tie_embeddings: bool = False  # the head reuses the input embedding's first vocab_size rows
+    rope_scaling: str = ""  # "": plain RoPE; "llama3": LLaMA-3.1 frequency scaling with the rope_* fields below
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
+    mask_token_id: int = -1  # -1: MASK is an extra input row with id vocab_size; >= 0: this id inside the vocabulary
+    shift_logits: bool = False  # Dream: logits of position i come from the hidden state at position i - 1
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -64,10 +80,30 @@ class ModelConfig:
             raise UnmaskError(f"model block_causal={self.block_causal} must be >= 0 (0: off)")
         if self.causal and self.time_conditioning:
             raise UnmaskError("model time_conditioning is for MDMs; a causal (AR) model has no time input")
+        if self.n_kv_head < 0 or (self.n_kv_head and self.n_head % self.n_kv_head):
+            raise UnmaskError(f"model n_kv_head={self.n_kv_head} must divide n_head={self.n_head} (0: as many as n_head)")
+        if self.rope_scaling not in ("", "llama3"):
+            raise UnmaskError(f"model rope_scaling={self.rope_scaling!r} is not one of: '' (none), 'llama3'")
+        if self.rope_scaling and not (self.rope_factor > 0 and self.rope_high_freq_factor > self.rope_low_freq_factor > 0):
+            raise UnmaskError("model llama3 rope scaling needs rope_factor > 0 and rope_high_freq_factor > rope_low_freq_factor > 0")
+        if not -1 <= self.mask_token_id < self.vocab_size:
+            raise UnmaskError(f"model mask_token_id={self.mask_token_id} must be -1 (an extra row) or an id below vocab_size={self.vocab_size}")
+        if self.causal and self.shift_logits:
+            raise UnmaskError("model shift_logits is for MDMs: a causal (AR) model's logits at i already predict token i + 1")
 
     @property
     def mask_id(self) -> int:
-        return self.vocab_size
+        """The MASK token's id: ``vocab_size`` (an input-only row) unless ``mask_token_id`` names one inside."""
+        return self.mask_token_id if self.mask_token_id >= 0 else self.vocab_size
+
+    @property
+    def embed_rows(self) -> int:
+        """Rows of the input embedding: the vocabulary, plus the MASK row when MASK lies outside it."""
+        return self.vocab_size if self.mask_token_id >= 0 else self.vocab_size + 1
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
 
     @property
     def head_dim(self) -> int:
@@ -81,13 +117,14 @@ class ModelConfig:
 
     def non_embedding_params(self) -> int:
         """N in C = 6 N D: every weight except the input embedding and the output head."""
-        d, f = self.n_embd, self.ffn_dim
-        per_layer = 4 * d * d + 3 * d * f + 2 * d
+        d, f, kv = self.n_embd, self.ffn_dim, self.kv_heads * self.head_dim
+        per_layer = 2 * d * d + 2 * d * kv + 3 * d * f + 2 * d + ((d + 2 * kv) if self.qkv_bias else 0)
         time = (256 * d + d + d * d + d) if self.time_conditioning else 0
         return self.n_layer * per_layer + d + time
 
     def total_params(self) -> int:
-        return self.non_embedding_params() + (self.vocab_size + 1) * self.n_embd + self.vocab_size * self.n_embd
+        head = 0 if self.tie_embeddings else self.vocab_size * self.n_embd
+        return self.non_embedding_params() + self.embed_rows * self.n_embd + head
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -161,6 +198,10 @@ class TrainConfig:
     compile: bool = False  # torch.compile of each block (checkpoints keep the plain state dict)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     ema: float = 0.0  # > 0: keep an fp32 exponential moving average of the weights with this decay
+    # AR -> MDM adaptation (unmask.adaptation): start from these weights (a run or a published checkpoint
+    # folder), and anneal the attention mask from causal to bidirectional over this many steps (DiffuLLaMA)
+    init_from: str = ""
+    anneal_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.objective not in ("mdm", "ar"):
@@ -187,6 +228,8 @@ class TrainConfig:
             raise UnmaskError(f"--global-batch-tokens={self.global_batch_tokens} must be >= 0 (0: batch size x grad accum x processes)")
         if not 0 <= self.ema < 1:
             raise UnmaskError(f"--ema={self.ema} must be in [0, 1) (0: off; e.g. 0.9999)")
+        if self.anneal_steps < 0 or (self.anneal_steps and self.objective != "mdm"):
+            raise UnmaskError(f"--anneal-attention={self.anneal_steps} must be >= 0, and is for --objective mdm only")
         for at, before in self.steps_changes:
             if not 0 <= at <= min(before, self.steps):
                 raise UnmaskError(f"steps_changes entry ({at}, {before}) must change the length at a step within both runs")

@@ -3,7 +3,10 @@
 LLaMA-style blocks (RMSNorm, SwiGLU, rotary positions, ``scaled_dot_product_attention``).
 ``config.causal`` selects the AR baseline; otherwise attention is bidirectional (MDM). The
 model knows nothing of diffusion: the MASK token is just input id ``vocab_size`` (one extra
-embedding row) and the head covers the real vocabulary only.
+embedding row) and the head covers the real vocabulary only. Published layouts switch on
+grouped-query attention, q/k/v biases, tied embeddings, LLaMA-3 RoPE scaling, a MASK id inside
+the vocabulary (its logit pinned to ``NEVER_LOGIT``) and Dream's one-position logit shift, all
+from :class:`ModelConfig`, so callers always see per-position logits.
 """
 
 from __future__ import annotations
@@ -17,6 +20,10 @@ from torch import nn
 
 from unmask.config import ModelConfig
 from unmask.errors import UnmaskError
+
+# The logit given to a MASK id that lies inside the vocabulary (ModelConfig.mask_token_id): finite, so
+# that guidance arithmetic and entropies stay NaN-free, yet exp() of it is exactly 0 in every dtype.
+NEVER_LOGIT = -1e4
 
 
 @dataclass
@@ -53,9 +60,32 @@ class KVCache:
             mine[index] = theirs
 
 
-def rotary_tables(head_dim: int, positions: torch.Tensor, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for integer ``positions`` (B, L) -> two (B, 1, L, head_dim/2) float32 tensors."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+def rope_frequencies(config: ModelConfig, device=None) -> torch.Tensor:
+    """(head_dim/2,) float32 rotary frequencies, with LLaMA-3.1 scaling when ``config.rope_scaling == "llama3"``.
+
+    The scaling keeps the high frequencies (wavelength under original_context / high_freq_factor),
+    divides the low ones (wavelength over original_context / low_freq_factor) by ``rope_factor``, and
+    interpolates linearly in original_context / wavelength between the two bands.
+    """
+    dim = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+    if config.rope_scaling != "llama3":
+        return inv_freq
+    lo, hi, ctx = config.rope_low_freq_factor, config.rope_high_freq_factor, config.rope_original_context
+    ratio = ctx / (2 * math.pi / inv_freq)  # original context over wavelength
+    smooth = ((ratio - lo) / (hi - lo)).clamp(0.0, 1.0)  # 0: low band (scaled), 1: high band (kept)
+    return (1 - smooth) * inv_freq / config.rope_factor + smooth * inv_freq
+
+
+def rotary_tables(
+    head_dim: int, positions: torch.Tensor, theta: float, inv_freq: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for integer ``positions`` (B, L) -> two (B, 1, L, head_dim/2) float32 tensors.
+
+    ``inv_freq`` (head_dim/2,) overrides the plain frequencies of ``theta`` (see :func:`rope_frequencies`).
+    """
+    if inv_freq is None:
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
     angles = positions.float()[..., None] * inv_freq
     return angles.cos()[:, None], angles.sin()[:, None]
 
@@ -70,8 +100,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.n_head, self.head_dim = config.n_head, config.head_dim
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.n_head, self.head_dim, self.n_kv_head = config.n_head, config.head_dim, config.kv_heads
+        # rows: n_head query heads, then n_kv_head key heads, then n_kv_head value heads
+        self.qkv = nn.Linear(config.n_embd, (config.n_head + 2 * config.kv_heads) * config.head_dim, bias=config.qkv_bias)
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
 
     def forward(
@@ -84,8 +115,11 @@ class Attention(nn.Module):
         cache: tuple[torch.Tensor, torch.Tensor, int | torch.Tensor] | None,
     ) -> torch.Tensor:
         b, l, d = x.shape
-        q, k, v = self.qkv(x).view(b, l, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(b, l, -1, self.head_dim).transpose(1, 2).split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.n_kv_head != self.n_head:  # grouped-query attention: query head h reads key/value head h // group
+            group = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         if cache is not None:
             k_cache, v_cache, where = cache
             if isinstance(where, int):  # append at slots [where, where + l), attend to the filled ones
@@ -147,11 +181,12 @@ class Transformer(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
-        self.embed = nn.Embedding(config.vocab_size + 1, config.n_embd)
+        self.embed = nn.Embedding(config.embed_rows, config.n_embd)
         self.time_embed = TimeEmbedding(config.n_embd) if config.time_conditioning else None
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-        self.head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # tied: the head is the embedding's first vocab_size rows (no weight of its own)
+        self.head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -178,6 +213,7 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         cache_index: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
+        attend: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for every position (or for the ``logits_at`` ones).
 
@@ -192,6 +228,8 @@ class Transformer(nn.Module):
             cache_index: (B, L) the canvas slots of ``tokens`` in ``kv_cache`` (MDM decoding):
                 their keys/values are written there and every slot is attended to.
             logits_at: (B, L) bool: apply the head only at these positions.
+            attend: (L, S) or (B, L, S) bool, True where a query may attend to a key, on top of the
+                other masks (the annealed mask of AR -> MDM adaptation, :mod:`unmask.adaptation`).
         Returns:
             (B, L, vocab_size) logits, or (N, vocab_size) for the N ``logits_at`` positions in
             row-major order (in the autocast dtype when autocast is on).
@@ -206,7 +244,7 @@ class Transformer(nn.Module):
         num_keys = kv_cache.k[0].shape[2] if cache_index is not None else start + l
         if positions is None:
             positions = q_slot
-        cos, sin = rotary_tables(cfg.head_dim, positions, cfg.rope_theta)
+        cos, sin = rotary_tables(cfg.head_dim, positions, cfg.rope_theta, rope_frequencies(cfg, tokens.device))
         x = self.embed(tokens)
         if self.time_embed is not None:
             if t is None:
@@ -230,6 +268,9 @@ class Transformer(nn.Module):
             own = k_slot[None, None, :] == q_slot[:, :, None]
             km = key_mask[:, None, None, :].bool() | own[:, None]
             attn_mask = km if attn_mask is None else attn_mask & km
+        if attend is not None:
+            extra = attend[None, None] if attend.dim() == 2 else attend[:, None]
+            attn_mask = extra if attn_mask is None else attn_mask & extra
         for i, block in enumerate(self.blocks):
             cache = None
             if kv_cache is not None:
@@ -237,9 +278,17 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, attn_mask, is_causal, cache)
         if kv_cache is not None and cache_index is None:
             kv_cache.length = start + l
+        if cfg.shift_logits:  # Dream: position i reads the hidden state of i - 1 (ModelConfig.shift_logits)
+            if kv_cache is not None:
+                raise UnmaskError("a model with shift_logits (Dream layout) cannot decode with a KV cache; sample without a cache")
+            x = torch.cat([x[:, :1], x[:, :-1]], dim=1)
         if logits_at is not None:
             x = x[logits_at]
-        return self.head(self.norm(x))
+        x = self.norm(x)
+        logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight[: cfg.vocab_size])
+        if cfg.mask_token_id >= 0:  # MASK inside the vocabulary is never a prediction
+            logits = logits.index_fill(-1, torch.tensor([cfg.mask_token_id], device=logits.device), NEVER_LOGIT)
+        return logits
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

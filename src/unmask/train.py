@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -279,6 +280,8 @@ def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, trai
         raise UnmaskError(
             f"model vocab_size={model_cfg.vocab_size} but the data in {data_dir} was made with a {tokenizer.vocab_size}-token tokenizer"
         )
+    if train_cfg.objective == "mdm" and model_cfg.mask_id != tokenizer.mask_id:
+        raise UnmaskError(f"model MASK id {model_cfg.mask_id} but the tokenizer of {data_dir} has MASK at {tokenizer.mask_id}")
     if model_cfg.causal != (train_cfg.objective == "ar"):
         raise UnmaskError(f"--objective {train_cfg.objective} needs causal={train_cfg.objective == 'ar'} in the model config")
     length = model_cfg.context_len
@@ -287,6 +290,10 @@ def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, trai
 
     torch.manual_seed(train_cfg.seed)
     model = Transformer(model_cfg)
+    if state is None and train_cfg.init_from:  # AR -> MDM adaptation (unmask.adaptation)
+        from unmask.adaptation import initial_weights
+
+        model.load_state_dict(initial_weights(train_cfg.init_from, model_cfg))
     # Every rank draws the GLOBAL batch and its masking noise from the same streams and keeps its
     # own rows, so n ranks x micro-batch b compute exactly what 1 process x micro-batch n b does.
     data_rng = np.random.default_rng(stream_seed(train_cfg.seed, DATA_STREAM))
@@ -350,12 +357,17 @@ def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, trai
         # per micro-batch and rank, so the estimator does not depend on the number of processes
         windows = torch.from_numpy(train_data.sample_windows(data_rng, global_batch, length + 1))
         noise_all = draw_noise(windows[:, 1:], train_cfg, schedule, model_cfg.mask_id, noise_gen) if train_cfg.objective == "mdm" else None
+        step_net = net
+        if train_cfg.anneal_steps and step < train_cfg.anneal_steps:  # DiffuLLaMA: causal -> bidirectional
+            from unmask.adaptation import annealed_mask
+
+            step_net = functools.partial(net, attend=annealed_mask(step, train_cfg.anneal_steps, length, train_cfg.seed, dev))
         for micro in range(accum):
             rows = local_rows(world, micro_bs, micro)
             window = windows[rows].to(dev)
             noise = noise_all.rows(rows).to(dev) if noise_all is not None else None
             with grad_sync(net, micro == accum - 1), autocast(amp, dev):
-                loss = batch_loss(net, window, noise) / accum
+                loss = batch_loss(step_net, window, noise) / accum
                 loss.backward()
             total += loss.detach()
         grad_norm = full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip))

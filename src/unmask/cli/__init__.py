@@ -6,6 +6,8 @@
     unmask eval --checkpoint RUN    perplexity (MDM: ELBO bound +- SE; AR: exact)
     unmask sample --checkpoint RUN  generate text
     unmask serve --checkpoint RUN   OpenAI-compatible HTTP server and a page that animates the decoding
+    unmask import HF_FOLDER --out RUN   a LLaMA/Qwen2/Mistral/LLaDA/Dream checkpoint as a run folder
+    unmask export RUN --out DIR     a run as a LLaMA-layout folder (AR: loads in transformers)
     unmask presets                  list model presets with parameter counts
 
 Errors of the user's making (``UnmaskError``) print one ``error: ...`` line and exit with 2.
@@ -25,6 +27,7 @@ from unmask.errors import UnmaskError
 from unmask.cli import data as _data  # noqa: F401,E402
 from unmask.cli import demo as _demo  # noqa: F401,E402
 from unmask.cli import evaluate as _evaluate  # noqa: F401,E402
+from unmask.cli import interop as _interop  # noqa: F401,E402
 from unmask.cli import sample as _sample  # noqa: F401,E402
 from unmask.cli import serve as _serve  # noqa: F401,E402
 from unmask.cli import train as _train  # noqa: F401,E402

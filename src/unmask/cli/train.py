@@ -95,6 +95,16 @@ def train(
     ema: Optional[float] = typer.Option(None, help="Keep an fp32 moving average of the weights with this decay (e.g. 0.9999); "
                                         "sample/eval then use it by default."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    init_from: Optional[Path] = typer.Option(
+        None, help="Start from these weights: a run folder or a LLaMA/Qwen2/Mistral/LLaDA/Dream folder (the network is "
+        "the source's; with --objective mdm an AR source becomes bidirectional). Data must use the source's tokenizer.",
+    ),
+    keep_shift: Optional[bool] = typer.Option(
+        None, help="With --init-from: logits of position i from position i - 1, as in the AR model (Dream) (default: the source's own).",
+    ),
+    anneal_attention: Optional[int] = typer.Option(
+        None, help="MDM: anneal the attention mask from causal to bidirectional over N steps (DiffuLLaMA) (default 0: off).",
+    ),
     resume: bool = typer.Option(
         False, help="Continue RUN exactly as it was configured, from its latest checkpoint. Only --steps, --eval-every, "
         "--checkpoint-every, --log-every, --compile, --activation-checkpointing and --device may change (and --batch-size "
@@ -110,6 +120,7 @@ def train(
         "lr": lr, "warmup_steps": warmup_steps, "weight_decay": weight_decay, "precision": precision, "seed": seed,
         "eval_every": eval_every, "checkpoint_every": checkpoint_every, "log_every": log_every, "parallel": parallel,
         "global_batch_tokens": global_batch_tokens, "compile": compile, "activation_checkpointing": activation_checkpointing, "ema": ema,
+        "anneal_steps": anneal_attention, "init_from": None if init_from is None else str(Path(init_from).resolve()),
     }
     given = {key: value for key, value in flags.items() if value is not None}
     if resume:
@@ -122,10 +133,28 @@ def train(
             raise changed_settings_error(refused)
         data_dir = Path(data) if data is not None else _saved_data_dir(saved, run_dir)
         model_cfg, train_cfg = saved.model, dataclasses.replace(saved.train, **given)
-    else:
+    elif init_from is not None:
+        from unmask.adaptation import adapted_config, source_config
+
+        if preset is not None or time_conditioning:
+            raise UnmaskError("--init-from takes the network from the source; leave out --preset and --time-conditioning")
         data_dir = _data_dir(data)
-        vocab = TokenDataset(data_dir, "train").tokenizer.vocab_size
-        overrides = {"vocab_size": vocab, "causal": given.get("objective", _T.objective) == "ar", "time_conditioning": bool(time_conditioning)}
+        source = source_config(init_from)
+        mdm = given.get("objective", _T.objective) == "mdm"
+        if mdm:
+            model_cfg = adapted_config(source, source.shift_logits if keep_shift is None else keep_shift, context_len)
+        elif not source.causal or keep_shift:
+            raise UnmaskError("--objective ar --init-from needs an AR (causal) source and no --keep-shift")
+        else:
+            model_cfg = dataclasses.replace(source, context_len=context_len or source.context_len)
+        train_cfg = TrainConfig(**given)
+    else:
+        if keep_shift is not None:
+            raise UnmaskError("--keep-shift is for --init-from (adapting an AR model)")
+        data_dir = _data_dir(data)
+        tok = TokenDataset(data_dir, "train").tokenizer
+        vocab = tok.vocab_size
+        overrides = {"vocab_size": vocab, "mask_token_id": tok.mask_id if tok.mask_inside else -1, "causal": given.get("objective", _T.objective) == "ar", "time_conditioning": bool(time_conditioning)}
         if context_len is not None:
             overrides["context_len"] = context_len
         model_cfg = ModelConfig.from_name(preset or "tiny", **overrides)

@@ -187,7 +187,7 @@ def _prepare(
     if workers < 0:
         raise UnmaskError(f"--workers={workers} must be >= 0 (0: tokenise in the main process)")
     _check_out_dir(out)
-    dtype = np.dtype(np.uint16 if tokenizer.mask_id < 2**16 else np.uint32)
+    dtype = np.dtype(np.uint16 if max(tokenizer.mask_id, tokenizer.vocab_size - 1) < 2**16 else np.uint32)
     eos = tokenizer.eos_id
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))  # same file system: rename is atomic

@@ -1,7 +1,9 @@
 """Tokenizers: the shipped byte-level BPE, new BPEs trained on a corpus, or any local tokenizer.json.
 
 Id conventions the model relies on: ``<|mask|>`` is the LAST id, ``mask_id == vocab_size``, so the
-output head covers ids [0, vocab_size) and MASK is an input-only extra embedding row. ``<|eos|>``
+output head covers ids [0, vocab_size) and MASK is an input-only extra embedding row. Published MDM
+tokenizers (LLaDA's ``<|mdm_mask|>``, Dream's ``<|mask|>``) have MASK inside the vocabulary instead:
+then ``vocab_size`` counts every id and ``mask_id`` is that token's (ModelConfig.mask_token_id). ``<|eos|>``
 ends every document (a real target); ``<|pad|>`` pads batches (the EOS when a tokenizer has none).
 
 Rebuild the shipped tokenizer with ``python -m unmask.data.tokenizer``.
@@ -21,6 +23,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from unmask.errors import UnmaskError
 
 MASK, EOS, PAD = "<|mask|>", "<|eos|>", "<|pad|>"
+MASK_NAMES = (MASK, "<|mdm_mask|>")  # the MASK token of this package (and Dream's), LLaDA's
 EOS_NAMES = (EOS, "<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>")
 PAD_NAMES = (PAD, "<pad>", "[PAD]")
 DEFAULT_VOCAB = 4096
@@ -30,11 +33,14 @@ class Tokenizer:
     """A ``tokenizers.Tokenizer`` with the MASK/EOS/PAD conventions of this package."""
 
     def __init__(self, hf: HFTokenizer, source: str = "<memory>") -> None:
-        if hf.token_to_id(MASK) is None:
+        mask = next((hf.token_to_id(n) for n in MASK_NAMES if hf.token_to_id(n) is not None), None)
+        if mask is None:
             hf.add_special_tokens([MASK])
+            mask = hf.token_to_id(MASK)
         total = hf.get_vocab_size(with_added_tokens=True)
-        if hf.token_to_id(MASK) != total - 1:
-            raise UnmaskError(f"tokenizer {source}: {MASK} must be the last id ({total - 1}) but is {hf.token_to_id(MASK)}")
+        # MASK last: an input-only id after the vocabulary; anywhere else: an id inside it (LLaDA, Dream)
+        self.mask_id: int = mask
+        self.vocab_size: int = mask if mask == total - 1 else total
         self.hf = hf
         self.source = source
         eos = next((hf.token_to_id(n) for n in EOS_NAMES if hf.token_to_id(n) is not None), None)
@@ -44,14 +50,9 @@ class Tokenizer:
         self.pad_id: int = next((hf.token_to_id(n) for n in PAD_NAMES if hf.token_to_id(n) is not None), eos)
 
     @property
-    def mask_id(self) -> int:
-        """Id of ``<|mask|>``: the last id, equal to ``vocab_size`` (an input-only embedding row)."""
-        return self.hf.get_vocab_size(with_added_tokens=True) - 1
-
-    @property
-    def vocab_size(self) -> int:
-        """Number of real (predictable) tokens; the model's output size."""
-        return self.mask_id
+    def mask_inside(self) -> bool:
+        """True when MASK is an id inside the vocabulary (LLaDA, Dream) rather than the id after it."""
+        return self.mask_id < self.vocab_size
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text``; no special tokens added (documents get their EOS when packed)."""

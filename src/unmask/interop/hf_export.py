@@ -1,0 +1,173 @@
+"""Export a run as a LLaMA-layout folder (``config.json``, ``model.safetensors``, ``tokenizer.json``).
+
+An AR run becomes a ``LlamaForCausalLM`` that ``transformers`` loads natively (same logits). An
+MDM run is written in the same layout, but its network is bidirectional: ``transformers`` would
+run it causally, so its ``config.json`` says so under ``"unmask"`` (objective, MASK id, logit shift,
+the exact ModelConfig) and names the way back in: ``unmask import DIR --out RUN``. An MDM whose
+MASK is an extra input row gets ``vocab_size + 1`` embedding rows and a zero head row for MASK
+(the layout needs equal sizes); the import drops that row again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from unmask.checkpoint import checkpoint_tokenizer, resolve_checkpoint
+from unmask.config import ModelConfig, RunConfig
+from unmask.errors import UnmaskError
+from unmask.interop.hf_import import DTYPES, _progress
+from unmask.interop.tensors import DTYPE_NAMES, TensorReader, write_streaming
+
+_TORCH_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def hf_config(cfg: ModelConfig, dtype: torch.dtype, eos_id: int, pad_id: int, objective: str) -> dict:
+    """The ``LlamaForCausalLM`` config.json of a model."""
+    mdm = objective == "mdm"
+    out = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": cfg.embed_rows if mdm else cfg.vocab_size,
+        "hidden_size": cfg.n_embd,
+        "intermediate_size": cfg.ffn_dim,
+        "num_hidden_layers": cfg.n_layer,
+        "num_attention_heads": cfg.n_head,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.context_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rope_theta,
+        "rope_scaling": None,
+        "attention_bias": cfg.qkv_bias,  # LLaMA's flag also adds an output bias: exported as zeros
+        "mlp_bias": False,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "initializer_range": cfg.init_std,
+        "eos_token_id": eos_id,
+        "pad_token_id": pad_id,
+        "torch_dtype": _TORCH_NAMES[dtype],
+        "use_cache": not mdm,
+    }
+    if cfg.rope_scaling == "llama3":
+        out["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": cfg.rope_factor,
+            "low_freq_factor": cfg.rope_low_freq_factor,
+            "high_freq_factor": cfg.rope_high_freq_factor,
+            "original_max_position_embeddings": cfg.rope_original_context,
+        }
+    out["unmask"] = {
+        "objective": objective,
+        "bidirectional": not cfg.causal,
+        "mask_token_id": cfg.mask_id if mdm else None,
+        "shift_logits": cfg.shift_logits,
+        "model": cfg.to_dict(),
+        "load_with": "unmask import THIS_FOLDER --out RUN" + ("" if mdm else "   (or transformers AutoModelForCausalLM)"),
+    }
+    if mdm:
+        out["unmask"]["warning"] = (
+            "a masked diffusion model: attention is bidirectional, which LlamaForCausalLM does not do; "
+            "load it with unmask, or pass a full (non-causal) attention mask yourself"
+        )
+    return out
+
+
+def _tensors(cfg: ModelConfig, reader: TensorReader, mdm: bool, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of the LLaMA layout, in file order, one layer at a time."""
+    q_rows, kv_rows, f = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ffn_dim
+
+    def get(name: str) -> torch.Tensor:
+        return reader.get(name).to(dtype)
+
+    embed = get("embed.weight")
+    yield "model.embed_tokens.weight", embed if mdm else embed[: cfg.vocab_size].contiguous()
+    del embed
+    for i in range(cfg.n_layer):
+        p, o = f"blocks.{i}.", f"model.layers.{i}."
+        yield o + "input_layernorm.weight", get(p + "attn_norm.weight")
+        qkv = get(p + "attn.qkv.weight")
+        for name, part in zip("qkv", qkv.split([q_rows, kv_rows, kv_rows])):
+            yield o + f"self_attn.{name}_proj.weight", part.contiguous()
+        if cfg.qkv_bias:
+            bias = get(p + "attn.qkv.bias")
+            for name, part in zip("qkv", bias.split([q_rows, kv_rows, kv_rows])):
+                yield o + f"self_attn.{name}_proj.bias", part.contiguous()
+        yield o + "self_attn.o_proj.weight", get(p + "attn.proj.weight")
+        if cfg.qkv_bias:
+            yield o + "self_attn.o_proj.bias", torch.zeros(cfg.n_embd, dtype=dtype)
+        yield o + "post_attention_layernorm.weight", get(p + "mlp_norm.weight")
+        gate, up = get(p + "mlp.gate_up.weight").split([f, f])
+        yield o + "mlp.gate_proj.weight", gate.contiguous()
+        yield o + "mlp.up_proj.weight", up.contiguous()
+        yield o + "mlp.down_proj.weight", get(p + "mlp.down.weight")
+    yield "model.norm.weight", get("norm.weight")
+    if not cfg.tie_embeddings:
+        head = get("head.weight")
+        if mdm and cfg.embed_rows > cfg.vocab_size:  # a zero row for the extra MASK id
+            head = torch.cat([head, torch.zeros(1, cfg.n_embd, dtype=dtype)])
+        yield "lm_head.weight", head
+
+
+def _specs(cfg: ModelConfig, mdm: bool, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    d, f, hd = cfg.n_embd, cfg.ffn_dim, cfg.head_dim
+    rows = cfg.embed_rows if mdm else cfg.vocab_size
+    specs = [("model.embed_tokens.weight", (rows, d))]
+    for i in range(cfg.n_layer):
+        o = f"model.layers.{i}."
+        specs += [(o + "input_layernorm.weight", (d,))]
+        specs += [(o + f"self_attn.{n}_proj.weight", (h * hd, d)) for n, h in (("q", cfg.n_head), ("k", cfg.kv_heads), ("v", cfg.kv_heads))]
+        if cfg.qkv_bias:
+            specs += [(o + f"self_attn.{n}_proj.bias", (h * hd,)) for n, h in (("q", cfg.n_head), ("k", cfg.kv_heads), ("v", cfg.kv_heads))]
+        specs += [(o + "self_attn.o_proj.weight", (d, d))]
+        if cfg.qkv_bias:
+            specs += [(o + "self_attn.o_proj.bias", (d,))]
+        specs += [(o + "post_attention_layernorm.weight", (d,)), (o + "mlp.gate_proj.weight", (f, d)), (o + "mlp.up_proj.weight", (f, d))]
+        specs += [(o + "mlp.down_proj.weight", (d, f))]
+    specs += [("model.norm.weight", (d,))]
+    if not cfg.tie_embeddings:
+        specs += [("lm_head.weight", (rows, d))]
+    return [(name, dtype, shape) for name, shape in specs]
+
+
+def export_run(run: str | Path, out: str | Path, dtype: str | None = None) -> Path:
+    """Write the run (or checkpoint) folder ``run`` as a LLaMA-layout folder ``out``. Returns ``out``."""
+    from safetensors import safe_open
+
+    ckpt = resolve_checkpoint(run)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise UnmaskError(f"--out {out} exists and is not empty; choose a new folder")
+    if dtype is not None and dtype not in DTYPES:
+        raise UnmaskError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)} (or leave it out to keep the run's)")
+    with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
+        run_cfg = RunConfig.from_dict(json.loads((f.metadata() or {})["config"]))
+    cfg = run_cfg.model
+    if cfg.time_conditioning:
+        raise UnmaskError(f"{ckpt}: a time-conditioned network has no LLaMA layout; export a time-agnostic run (the default)")
+    if cfg.block_causal:
+        raise UnmaskError(f"{ckpt}: a block-causal network has no LLaMA layout")
+    reader = TensorReader(ckpt, files=["model.safetensors"])
+    cast = DTYPES[dtype] if dtype is not None else reader.dtype("norm.weight")
+    if cast not in DTYPE_NAMES:
+        raise UnmaskError(f"{ckpt}: weights of dtype {cast} cannot be exported")
+    mdm = not cfg.causal
+    tok = checkpoint_tokenizer(ckpt)
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    specs = _specs(cfg, mdm, cast)
+    write_streaming(tmp / "model.safetensors", specs, _progress(_tensors(cfg, reader, mdm, cast), len(specs), "export"), {"format": "pt"})
+    config = hf_config(cfg, cast, tok.eos_id, tok.pad_id, "mdm" if mdm else "ar")
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    (tmp / "tokenizer.json").write_text(tok.to_json(), encoding="utf-8")
+    if out.exists():
+        out.rmdir()  # empty, checked above
+    os.rename(tmp, out)
+    return out
