@@ -178,6 +178,7 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         cache_index: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for every position (or for the ``logits_at`` ones).
 
@@ -192,6 +193,9 @@ class Transformer(nn.Module):
             cache_index: (B, L) the canvas slots of ``tokens`` in ``kv_cache`` (MDM decoding):
                 their keys/values are written there and every slot is attended to.
             logits_at: (B, L) bool: apply the head only at these positions.
+            attn_mask: (L, S) or (B, 1, L, S) bool, True where a query may attend to a key: replaces
+                the causal / block-causal mask of the config (e.g. the 2L block-diffusion training
+                mask, :mod:`unmask.block_diffusion`); ``key_mask`` still applies.
         Returns:
             (B, L, vocab_size) logits, or (N, vocab_size) for the N ``logits_at`` positions in
             row-major order (in the autocast dtype when autocast is on).
@@ -216,13 +220,15 @@ class Transformer(nn.Module):
                 )
             x = x + self.time_embed(t)[:, None, :].to(x.dtype)
 
-        attn_mask, is_causal = None, False
+        given, attn_mask, is_causal = attn_mask, None, False
         k_slot = torch.arange(num_keys, device=tokens.device)
-        if cfg.causal and key_mask is None and start == 0 and cache_index is None:
+        if given is not None:
+            attn_mask = given.bool() if given.dim() == 4 else given.bool()[None, None]
+        elif cfg.causal and key_mask is None and start == 0 and cache_index is None:
             is_causal = True  # the fused kernel
         elif cfg.causal:
             attn_mask = (k_slot[None, None, :] <= q_slot[:, :, None])[:, None]  # (B, 1, L, S)
-        if cfg.block_causal:
+        if cfg.block_causal and given is None:
             blocks = (k_slot[None, None, :] // cfg.block_causal <= q_slot[:, :, None] // cfg.block_causal)[:, None]
             attn_mask = blocks if attn_mask is None else attn_mask & blocks
         if key_mask is not None:
