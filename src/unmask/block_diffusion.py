@@ -39,8 +39,9 @@ def bd3_attention_mask(length: int, block_size: int, device=None) -> torch.Tenso
     noisy query block b -> noisy keys of block b (M_BD) and clean keys of blocks < b (M_OBC);
     clean query block b -> clean keys of blocks <= b (M_BC, block-causal); clean never sees noisy.
     """
-    check_block_size(length, block_size)
-    block = torch.arange(length, device=device) // block_size
+    if block_size < 1:
+        raise UnmaskError(f"block size {block_size} must be a positive integer")
+    block = torch.arange(length, device=device) // block_size  # a shorter last block is allowed
     q, k = block[:, None], block[None, :]
     noisy = torch.cat([q == k, k < q], dim=1)
     clean = torch.cat([torch.zeros(length, length, dtype=torch.bool, device=device), k <= q], dim=1)
@@ -56,12 +57,13 @@ class BlockCorruption:
     xt: torch.Tensor  # (B, L)
     masked: torch.Tensor  # (B, L) bool
     weight: torch.Tensor  # (B, L) float32: w(t) of the position's block
+    block_size: int
 
     def rows(self, index: slice) -> "BlockCorruption":
-        return BlockCorruption(self.xt[index], self.masked[index], self.weight[index])
+        return BlockCorruption(self.xt[index], self.masked[index], self.weight[index], self.block_size)
 
     def to(self, device: torch.device) -> "BlockCorruption":
-        return BlockCorruption(self.xt.to(device), self.masked.to(device), self.weight.to(device))
+        return BlockCorruption(self.xt.to(device), self.masked.to(device), self.weight.to(device), self.block_size)
 
 
 def block_times(batch: int, num_blocks: int, generator: torch.Generator, low_discrepancy: bool = True) -> torch.Tensor:
@@ -92,18 +94,17 @@ def corrupt_blocks(
     clipped, lower-variance training objective. ``u`` (B, nb) may be given (stratified evaluation).
     Random numbers are drawn on the CPU, so runs are reproducible across devices."""
     b, length = x0.shape
-    check_block_size(length, block_size)
-    nb = length // block_size
+    nb = -(-length // block_size)  # a shorter last block (windows of documents) is allowed
     beta, omega = mask_rate
     if u is None:
         u = block_times(b, nb, generator, low_discrepancy)
     t = (beta + (omega - beta) * u.double()).clamp_min(1e-5)
-    weight = schedule.weight(t).float().repeat_interleave(block_size, dim=1)  # (B, L)
-    prob = schedule.mask_prob(t).float().repeat_interleave(block_size, dim=1)
+    weight = schedule.weight(t).float().repeat_interleave(block_size, dim=1)[:, :length]  # (B, L)
+    prob = schedule.mask_prob(t).float().repeat_interleave(block_size, dim=1)[:, :length]
     masked = torch.rand(x0.shape, generator=generator) < prob
     masked = masked.to(x0.device)
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
-    return BlockCorruption(xt, masked, weight.to(x0.device))
+    return BlockCorruption(xt, masked, weight.to(x0.device), block_size)
 
 
 def bd3_logits(model, xt: torch.Tensor, x0: torch.Tensor, block_size: int, logits_at: torch.Tensor | None = None) -> torch.Tensor:
@@ -117,10 +118,11 @@ def bd3_logits(model, xt: torch.Tensor, x0: torch.Tensor, block_size: int, logit
     return out if logits_at is not None else out[:, :length]
 
 
-def bd3_loss(model, x0: torch.Tensor, noise: BlockCorruption, block_size: int) -> torch.Tensor:
+def bd3_loss(model, x0: torch.Tensor, noise: BlockCorruption) -> torch.Tensor:
     """The block-diffusion loss of given noise: x0 (B, L) -> (B,) nats/token (vectorised 2L forward;
-    the head runs only at the masked positions)."""
-    logits = bd3_logits(model, noise.xt, x0, block_size, logits_at=noise.masked)
+    the head runs only at the masked positions). Only ``model(tokens, positions=, attn_mask=,
+    logits_at=)`` is called, so DDP/FSDP/compile wrappers work unchanged."""
+    logits = bd3_logits(model, noise.xt, x0, noise.block_size, logits_at=noise.masked)
     nll = torch.nn.functional.cross_entropy(logits.float(), x0[noise.masked], reduction="none")
     per_pos = torch.zeros(x0.shape, dtype=nll.dtype, device=x0.device)
     per_pos[noise.masked] = nll * noise.weight[noise.masked]
@@ -170,15 +172,13 @@ def block_elbo(
     for group in groups:
         length = group.shape[1]
         size = min(block_size, length)
-        if length % size:
-            raise UnmaskError(f"a window of {length} tokens is not a whole number of blocks of {block_size}")
         for sl in _batches(group.shape[0], batch_size):
             x0 = group[sl].to(device)
-            u0 = torch.rand((x0.shape[0], length // size), generator=gen)
+            u0 = torch.rand((x0.shape[0], -(-length // size)), generator=gen)
             for j in range(draws):
                 u = ((u0 + j / draws) % 1.0).clamp_min(1e-5)
                 noise = corrupt_blocks(x0, size, schedule, model.config.mask_id, gen, u=u)
-                per_draw[j] += (bd3_loss(model, x0, noise, size).double() * length).sum().cpu()
+                per_draw[j] += (bd3_loss(model, x0, noise).double() * length).sum().cpu()
                 bar.update(x0.shape[0])
     bar.close()
     per_draw /= num_tokens

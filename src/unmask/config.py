@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from unmask.errors import UnmaskError
 
-Objective = Literal["mdm", "ar"]
+Objective = Literal["mdm", "ar", "bd3"]
 
 
 def _known_fields(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
@@ -121,6 +121,7 @@ PRESETS: dict[str, ModelConfig] = {
 OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
     "mdm": {"lr": 2e-3, "loss": "k-dce"},
     "ar": {"lr": 5e-3, "loss": "t-dce"},  # the AR model has no masking loss; recorded for completeness
+    "bd3": {"lr": 2e-3, "loss": "t-dce"},  # block diffusion: one t per block (reference section 7)
 }
 
 
@@ -153,10 +154,27 @@ class TrainConfig:
     # (step, steps before) for every resume that changed ``steps``: from that step the cosine runs
     # from the LR reached there to the new end. Recorded so that the LR stays a function of the config.
     steps_changes: tuple[tuple[int, int], ...] = ()
+    # block diffusion (objective bd3, reference section 7): tokens per block L', and the clipped
+    # range [beta, omega] of each block's time t (the mask rate, for the linear schedule)
+    block_size: int = 0
+    mask_rate_min: float = 0.0
+    mask_rate_max: float = 1.0
+    init_from: str = ""  # start from this checkpoint's weights (e.g. an MDM fine-tuned into a block model)
 
     def __post_init__(self) -> None:
-        if self.objective not in ("mdm", "ar"):
-            raise UnmaskError(f"--objective {self.objective!r} is not one of: mdm, ar")
+        if self.objective not in ("mdm", "ar", "bd3"):
+            raise UnmaskError(f"--objective {self.objective!r} is not one of: mdm, ar, bd3")
+        if self.objective == "bd3":
+            if self.block_size < 1:
+                raise UnmaskError(f"--objective bd3 needs --block-size >= 1 (tokens per block), got {self.block_size}")
+            if self.loss not in (None, "t-dce"):
+                raise UnmaskError(f"--objective bd3 trains with t-dce (one t per block), not --loss {self.loss}")
+        elif self.block_size or (self.mask_rate_min, self.mask_rate_max) != (0.0, 1.0):
+            raise UnmaskError("--block-size, --mask-rate-min and --mask-rate-max apply to --objective bd3 only")
+        if not 0 <= self.mask_rate_min < self.mask_rate_max <= 1:
+            raise UnmaskError(
+                f"--mask-rate-min={self.mask_rate_min} and --mask-rate-max={self.mask_rate_max} must satisfy 0 <= min < max <= 1"
+            )
         for key, value in OBJECTIVE_DEFAULTS[self.objective].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)  # resolved once, so config.json records the value used

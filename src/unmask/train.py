@@ -25,6 +25,7 @@ from unmask.config import ModelConfig, RunConfig, TrainConfig
 from unmask.data import TokenDataset
 from unmask.distributed import all_reduce_mean, barrier, init_world, local_rows, parallelize, shutdown
 from unmask.errors import UnmaskError
+from unmask.block_diffusion import BlockCorruption, bd3_loss, block_elbo, check_block_size, corrupt_blocks
 from unmask.likelihood import LikelihoodResult, ar_nll, mc_elbo
 from unmask.model import Transformer
 from unmask.objectives import Corruption, ar_loss, corrupt_k_dce, corrupt_t_dce, dce_loss
@@ -100,10 +101,18 @@ def draw_noise(x0: torch.Tensor, cfg: TrainConfig, schedule: Schedule, mask_id: 
     return corrupt_t_dce(x0, schedule, mask_id, gen, low_discrepancy=cfg.low_discrepancy)
 
 
-def batch_loss(model, window: torch.Tensor, noise: Corruption | None) -> torch.Tensor:
-    """Mean loss in nats/token of windows (B, L+1): AR without ``noise``; else the MDM on the last L tokens."""
+def draw_block_noise(x0: torch.Tensor, cfg: TrainConfig, schedule: Schedule, mask_id: int, gen: torch.Generator) -> BlockCorruption:
+    """The block-diffusion noise of a whole (global) batch x0 (B, L): one clipped t per block."""
+    return corrupt_blocks(x0, cfg.block_size, schedule, mask_id, gen, (cfg.mask_rate_min, cfg.mask_rate_max), low_discrepancy=cfg.low_discrepancy)
+
+
+def batch_loss(model, window: torch.Tensor, noise: Corruption | BlockCorruption | None) -> torch.Tensor:
+    """Mean loss in nats/token of windows (B, L+1): AR without ``noise``; else the MDM (or, with
+    block noise, block diffusion) on the last L tokens."""
     if noise is None:
         return ar_loss(model, window).mean()
+    if isinstance(noise, BlockCorruption):
+        return bd3_loss(model, window[:, 1:], noise).mean()
     return dce_loss(model, window[:, 1:], noise).mean()
 
 
@@ -169,7 +178,23 @@ def validate(model, windows: torch.Tensor, prev: torch.Tensor, cfg: TrainConfig,
     """Same held-out windows every time (and for MDM and AR); MDM draws use a fixed seed."""
     if cfg.objective == "ar":
         return ar_nll(model, windows, prev, batch_size=batch_size)
+    if cfg.objective == "bd3":  # the unbiased bound: full t range, whatever the training clip
+        return block_elbo(model, windows, cfg.block_size, draws=cfg.eval_draws, schedule=Schedule(cfg.schedule), batch_size=batch_size, seed=1234)
     return mc_elbo(model, windows, draws=cfg.eval_draws, estimator=cfg.loss, schedule=Schedule(cfg.schedule), batch_size=batch_size, seed=1234)
+
+
+def _load_initial_weights(model: Transformer, checkpoint: str) -> None:
+    """Start from another run's weights (the BD3-LM recipe: an MDM fine-tuned at a small block size)."""
+    weights, _, ckpt = load_weights(resolve_checkpoint(checkpoint))
+    own = model.state_dict()
+    wrong = sorted(k for k in own if k not in weights or weights[k].shape != own[k].shape)
+    extra = sorted(set(weights) - set(own))
+    if wrong or extra:
+        raise UnmaskError(
+            f"--init-from {checkpoint}: its weights ({ckpt}) do not fit this model (differing or missing {wrong[:4]}, unknown {extra[:4]}); "
+            "use a checkpoint of the same size and vocabulary"
+        )
+    model.load_state_dict(weights)
 
 
 @dataclass
@@ -235,11 +260,20 @@ def train(
         )
     if model_cfg.causal != (train_cfg.objective == "ar"):
         raise UnmaskError(f"--objective {train_cfg.objective} needs causal={train_cfg.objective == 'ar'} in the model config")
+    if train_cfg.objective == "bd3":
+        check_block_size(model_cfg.context_len, train_cfg.block_size)
+        if model_cfg.block_causal != train_cfg.block_size or model_cfg.time_conditioning:
+            raise UnmaskError(
+                f"--objective bd3 --block-size {train_cfg.block_size} needs a time-agnostic model with block_causal={train_cfg.block_size} "
+                f"(got block_causal={model_cfg.block_causal}, time_conditioning={model_cfg.time_conditioning})"
+            )
     length = model_cfg.context_len
     config = RunConfig(model=model_cfg, train=train_cfg, data_dir=str(data_dir), tokenizer_fingerprint=tokenizer.fingerprint)
 
     torch.manual_seed(train_cfg.seed)
     model = Transformer(model_cfg)
+    if state is None and train_cfg.init_from:
+        _load_initial_weights(model, train_cfg.init_from)
     optimizer = make_optimizer(model, train_cfg)
     # Every rank draws the GLOBAL batch and its masking noise from the same streams and keeps its
     # own rows, so n ranks x micro-batch b compute exactly what 1 process x micro-batch n b does.
@@ -295,6 +329,8 @@ def train(
             window, noise = windows[rows].to(dev), None
             if train_cfg.objective == "mdm":
                 noise = draw_noise(windows[:, 1:], train_cfg, schedule, model_cfg.mask_id, noise_gen).rows(rows).to(dev)
+            elif train_cfg.objective == "bd3":
+                noise = draw_block_noise(windows[:, 1:], train_cfg, schedule, model_cfg.mask_id, noise_gen).rows(rows).to(dev)
             sync = micro == train_cfg.grad_accum - 1 or world.world_size == 1
             ctx = contextlib.nullcontext() if sync else net.no_sync()
             with ctx, autocast(amp, dev):

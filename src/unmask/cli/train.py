@@ -65,7 +65,11 @@ def _saved_data_dir(saved: RunConfig, run_dir: Path) -> Path:
 def train(
     run_dir: Path = typer.Option(..., help="Folder for config, metrics.jsonl and checkpoints."),
     preset: Optional[str] = typer.Option(None, help=f"Model size: {', '.join(PRESETS)} (default tiny)."),
-    objective: Optional[str] = typer.Option(None, help=f"mdm (masked diffusion) or ar (autoregressive baseline) (default {_T.objective})."),
+    objective: Optional[str] = typer.Option(None, help=f"mdm (masked diffusion), ar (autoregressive baseline) or bd3 (block diffusion) (default {_T.objective})."),
+    block_size: Optional[int] = typer.Option(None, help="bd3: tokens per block L' (1: the AR NLL; the context length: the MDM); must divide the context."),
+    mask_rate_min: Optional[float] = typer.Option(None, help="bd3: clipped schedule, lowest block time / mask rate beta (default 0)."),
+    mask_rate_max: Optional[float] = typer.Option(None, help="bd3: clipped schedule, highest block time / mask rate omega (default 1)."),
+    init_from: Optional[Path] = typer.Option(None, help="Start from this run's/checkpoint's weights and model size (e.g. fine-tune an MDM into a block model)."),
     data: Optional[Path] = typer.Option(None, help="Folder from `unmask data prepare`; default: the embedded Shakespeare corpus (on --resume: the run's)."),
     steps: Optional[int] = typer.Option(
         None, help=f"Optimizer steps (default {_T.steps}). On --resume a new length: the LR continues from its current value "
@@ -99,6 +103,8 @@ def train(
         "objective": objective, "loss": loss, "schedule": schedule, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum,
         "lr": lr, "warmup_steps": warmup_steps, "weight_decay": weight_decay, "precision": precision, "seed": seed,
         "eval_every": eval_every, "checkpoint_every": checkpoint_every, "log_every": log_every,
+        "block_size": block_size, "mask_rate_min": mask_rate_min, "mask_rate_max": mask_rate_max,
+        "init_from": None if init_from is None else str(init_from),
     }
     given = {key: value for key, value in flags.items() if value is not None}
     if resume:
@@ -114,10 +120,22 @@ def train(
     else:
         data_dir = _data_dir(data)
         vocab = TokenDataset(data_dir, "train").tokenizer.vocab_size
-        overrides = {"vocab_size": vocab, "causal": given.get("objective", _T.objective) == "ar", "time_conditioning": bool(time_conditioning)}
+        kind = given.get("objective", _T.objective)
+        overrides = {"vocab_size": vocab, "causal": kind == "ar", "time_conditioning": bool(time_conditioning),
+                     "block_causal": (block_size or 0) if kind == "bd3" else 0}
         if context_len is not None:
             overrides["context_len"] = context_len
-        model_cfg = ModelConfig.from_name(preset or "tiny", **overrides)
+        if init_from is not None:
+            # the model's size comes from the checkpoint; only its attention pattern follows the objective
+            if preset is not None or context_len is not None:
+                raise UnmaskError("--preset and --context-len come from --init-from; leave them out")
+            base = _saved_run(init_from)
+            if base.model.vocab_size != vocab:
+                raise UnmaskError(f"--init-from {init_from} has a {base.model.vocab_size}-token vocabulary, the data {data_dir} {vocab}")
+            model_cfg = dataclasses.replace(base.model, causal=overrides["causal"], block_causal=overrides["block_causal"],
+                                            time_conditioning=base.model.time_conditioning or bool(time_conditioning))
+        else:
+            model_cfg = ModelConfig.from_name(preset or "tiny", **overrides)
         train_cfg = TrainConfig(**given)
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
     if main_process:
