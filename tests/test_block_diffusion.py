@@ -368,3 +368,57 @@ def test_cli_trains_a_block_model_fine_tuned_from_an_mdm_then_scores_and_samples
     assert out.exit_code == 0, out.output
     samples = json.loads(out.output)
     assert [len(s["tokens"]) for s in samples["samples"]] == [40, 40] and samples["cache"] == "block"
+
+
+def test_bd3_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, small_data):
+    import dataclasses
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from test_distributed import WORKER, free_port, train_losses
+
+    from unmask.config import TrainConfig
+    from unmask.train import train
+
+    def configs(batch_size):
+        model = ModelConfig(vocab_size=512, context_len=16, n_layer=2, n_head=2, n_embd=32, block_causal=4)
+        cfg = TrainConfig(objective="bd3", block_size=4, mask_rate_min=0.2, mask_rate_max=0.9, steps=3, batch_size=batch_size,
+                          grad_accum=2, lr=3e-3, warmup_steps=1, precision="fp32", seed=5, log_every=1, eval_every=1000,
+                          eval_windows=2, eval_draws=2, checkpoint_every=1000)
+        return model, cfg
+
+    model, cfg = configs(2)
+    jobs = [["bd3", dataclasses.asdict(model), dataclasses.asdict(cfg), free_port()]]
+    procs = []
+    for rank in range(2):
+        env = os.environ | {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
+        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / "ddp"), str(small_data), json.dumps(jobs)],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [proc.communicate(timeout=240)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    for proc, out in zip(procs, outputs):
+        assert proc.returncode == 0, out[-3000:]
+    model, cfg = configs(4)
+    train(tmp_path / "single" / "bd3", model, cfg, small_data, device="cpu", progress=False)
+    assert train_losses(tmp_path / "ddp" / "bd3") == pytest.approx(train_losses(tmp_path / "single" / "bd3"), abs=1e-5)
+
+
+def test_block_models_refuse_approximate_caches_and_foreign_block_lengths():
+    from unmask.sampling.block_diffusion import run_spec
+    from unmask.sampling.generate import SamplerSpec
+
+    model = tiny(4)
+    x, cond, width = make_canvas([[1]], 8, model.config.mask_id, pad_id=0, separator=0)
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(UnmaskError, match="--cache prefix"):
+        run_spec(SamplerSpec.from_options("confidence", cache="prefix"), model, x, gen, cond, start=width)
+    with pytest.raises(UnmaskError, match="--block-len=8"):
+        run_spec(SamplerSpec.from_options("confidence", block_len=8, cache="block"), model, x, gen, cond, start=width)
+    with pytest.raises(UnmaskError, match="block model"):
+        SamplerSpec.from_options("confidence", cache="block").run(tiny(0), x, gen, cond, start=width)
