@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from unmask.block_diffusion import (
-    bd3_attention_mask, bd3_logits, bd3_loss, block_chain_rule_nll, block_elbo, block_times, corrupt_blocks, two_pass_logits,
+    bd3_attention_mask, bd3_logits, bd3_loss, block_chain_rule_nll, block_elbo, block_times, corrupt_blocks, corrupt_blocks_k,
+    two_pass_logits,
 )
 from unmask.config import ModelConfig
 from unmask.errors import UnmaskError
@@ -97,6 +98,20 @@ def test_clipped_schedule_keeps_every_blocks_time_in_range():
     assert abs(rate - 0.7 * (1 - 1e-3)) < 0.03  # E[mask rate] = mean of U[0.45, 0.95]
 
 
+def test_block_k_dce_masks_exactly_k_tokens_of_each_block_uniformly():
+    gen = torch.Generator().manual_seed(3)
+    x0 = torch.zeros(2000, 10, dtype=torch.long)  # blocks of 4, 4 and a last one of 2
+    u = torch.tensor([0.1, 0.6, 1.0]).expand(2000, 3)
+    noise = corrupt_blocks_k(x0, 4, 13, gen, u=u)
+    counts = noise.masked.view(2000, 10).float()
+    assert torch.equal(counts[:, :4].sum(1), torch.full((2000,), 1.0))  # ceil(0.1 * 4)
+    assert torch.equal(counts[:, 4:8].sum(1), torch.full((2000,), 3.0))  # ceil(0.6 * 4)
+    assert torch.equal(counts[:, 8:].sum(1), torch.full((2000,), 2.0))  # the short block, all of it
+    assert torch.allclose(noise.weight[0], torch.tensor([4.0] * 4 + [4 / 3] * 4 + [1.0] * 2))
+    freq = counts[:, :4].mean(0)  # which token: uniform inside the block
+    assert (freq - 0.25).abs().max() < 0.04
+
+
 def test_block_size_must_divide_the_training_context():
     from unmask.block_diffusion import check_block_size
 
@@ -123,14 +138,17 @@ def test_block_chain_rule_of_exact_block_conditionals_is_the_exact_nll(size):
     assert res.kind == "exact" and abs(res.nats_per_token - want) < 1e-5
 
 
+@pytest.mark.parametrize("estimator", ["t-dce", "k-dce"])
 @pytest.mark.parametrize("size", [1, 2, 4])
-def test_block_bound_is_tight_for_exact_block_conditionals(size):
+def test_block_bound_is_tight_for_exact_block_conditionals(size, estimator):
     oracle = BlockOracle.random_blocks(vocab_size=3, length=4, block_size=size, seed=10 + size)
     x = all_sequences(oracle)
-    res = block_elbo(oracle, x, size, draws=64, batch_size=100, seed=3)
+    res = block_elbo(oracle, x, size, draws=64, batch_size=100, seed=3, estimator=estimator)
+    if estimator == "k-dce" and size == 1:  # one token per block: always masked, weight 1: the exact NLL, no variance
+        assert res.stderr < 1e-9
     want = -oracle.log_prob(x).mean().item() / 4
-    assert res.kind == "elbo" and res.stderr > 0
-    assert abs(res.nats_per_token - want) < 4 * res.stderr + 1e-3, (res.nats_per_token, want, res.stderr)
+    assert res.kind == "elbo"
+    assert abs(res.nats_per_token - want) < 4 * res.stderr + 1e-5, (res.nats_per_token, want, res.stderr)
 
 
 def test_block_bound_of_a_wrong_model_is_above_the_exact_nll():
@@ -155,6 +173,8 @@ def test_with_block_size_one_the_bound_is_the_exact_ar_nll_of_a_transformer():
     assert abs(chain.nats_per_token - exact) < 1e-6  # float32 cross-entropy
     bound = block_elbo(model, x, 1, draws=256, seed=1)
     assert abs(bound.nats_per_token - exact) < 4 * bound.stderr, (bound.nats_per_token, exact, bound.stderr)
+    k_bound = block_elbo(model, x, 1, draws=2, seed=1, estimator="k-dce")  # every token masked, weight 1: exact
+    assert abs(k_bound.nats_per_token - exact) < 1e-6 and k_bound.stderr < 1e-9
 
 
 # --- decoding with the exact cache of finished blocks --------------------------------------------
@@ -330,8 +350,6 @@ def test_bd3_settings_are_checked(tmp_path, small_data):
         TrainConfig(objective="mdm", block_size=4)
     with pytest.raises(UnmaskError, match="--mask-rate-min"):
         TrainConfig(objective="bd3", block_size=4, mask_rate_min=0.9, mask_rate_max=0.5)
-    with pytest.raises(UnmaskError, match="k-dce"):
-        TrainConfig(objective="bd3", block_size=4, loss="k-dce")
     model, cfg = bd3_configs(block_size=4)
     import dataclasses
 

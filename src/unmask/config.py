@@ -167,8 +167,6 @@ class TrainConfig:
         if self.objective == "bd3":
             if self.block_size < 1:
                 raise UnmaskError(f"--objective bd3 needs --block-size >= 1 (tokens per block), got {self.block_size}")
-            if self.loss not in (None, "t-dce"):
-                raise UnmaskError(f"--objective bd3 trains with t-dce (one t per block), not --loss {self.loss}")
         elif self.block_size or (self.mask_rate_min, self.mask_rate_max) != (0.0, 1.0):
             raise UnmaskError("--block-size, --mask-rate-min and --mask-rate-max apply to --objective bd3 only")
         if not 0 <= self.mask_rate_min < self.mask_rate_max <= 1:

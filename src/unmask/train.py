@@ -25,7 +25,7 @@ from unmask.config import ModelConfig, RunConfig, TrainConfig
 from unmask.data import TokenDataset
 from unmask.distributed import all_reduce_mean, barrier, init_world, local_rows, parallelize, shutdown
 from unmask.errors import UnmaskError
-from unmask.block_diffusion import BlockCorruption, bd3_loss, block_elbo, check_block_size, corrupt_blocks
+from unmask.block_diffusion import BlockCorruption, bd3_loss, block_elbo, check_block_size, corrupt_blocks, corrupt_blocks_k
 from unmask.likelihood import LikelihoodResult, ar_nll, mc_elbo
 from unmask.model import Transformer
 from unmask.objectives import Corruption, ar_loss, corrupt_k_dce, corrupt_t_dce, dce_loss
@@ -102,7 +102,9 @@ def draw_noise(x0: torch.Tensor, cfg: TrainConfig, schedule: Schedule, mask_id: 
 
 
 def draw_block_noise(x0: torch.Tensor, cfg: TrainConfig, schedule: Schedule, mask_id: int, gen: torch.Generator) -> BlockCorruption:
-    """The block-diffusion noise of a whole (global) batch x0 (B, L): one clipped t per block."""
+    """The block-diffusion noise of a whole (global) batch x0 (B, L): one clipped t (or k) per block."""
+    if cfg.loss == "k-dce":
+        return corrupt_blocks_k(x0, cfg.block_size, mask_id, gen, (cfg.mask_rate_min, cfg.mask_rate_max), low_discrepancy=cfg.low_discrepancy)
     return corrupt_blocks(x0, cfg.block_size, schedule, mask_id, gen, (cfg.mask_rate_min, cfg.mask_rate_max), low_discrepancy=cfg.low_discrepancy)
 
 
@@ -179,7 +181,8 @@ def validate(model, windows: torch.Tensor, prev: torch.Tensor, cfg: TrainConfig,
     if cfg.objective == "ar":
         return ar_nll(model, windows, prev, batch_size=batch_size)
     if cfg.objective == "bd3":  # the unbiased bound: full t range, whatever the training clip
-        return block_elbo(model, windows, cfg.block_size, draws=cfg.eval_draws, schedule=Schedule(cfg.schedule), batch_size=batch_size, seed=1234)
+        return block_elbo(model, windows, cfg.block_size, draws=cfg.eval_draws, schedule=Schedule(cfg.schedule), batch_size=batch_size,
+                          seed=1234, estimator=cfg.loss)
     return mc_elbo(model, windows, draws=cfg.eval_draws, estimator=cfg.loss, schedule=Schedule(cfg.schedule), batch_size=batch_size, seed=1234)
 
 

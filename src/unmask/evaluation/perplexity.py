@@ -38,10 +38,10 @@ def score(
 
         if estimator == "chain-rule":
             return block_chain_rule_nll(model, windows, config.model.block_causal, batch_size=batch_size, progress=progress)
-        if estimator != "t-dce":
-            raise UnmaskError(f"--estimator {estimator}: a block model is scored with t-dce (its bound) or chain-rule (exact, L' calls)")
+        if estimator not in ("t-dce", "k-dce"):
+            raise UnmaskError(f"--estimator {estimator}: a block model is scored with t-dce or k-dce (its bound) or chain-rule (exact, L' calls)")
         return block_elbo(model, windows, config.model.block_causal, draws=draws, schedule=Schedule(config.train.schedule),
-                          batch_size=batch_size, seed=seed, progress=progress)
+                          batch_size=batch_size, seed=seed, progress=progress, estimator=estimator)
     if estimator == "chain-rule":
         return chain_rule_nll(model, windows, batch_size=batch_size, progress=progress)
     return mc_elbo(model, windows, draws=draws, estimator=estimator, schedule=Schedule(config.train.schedule),
