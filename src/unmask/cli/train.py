@@ -80,7 +80,7 @@ def train(
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default per objective: " + ", ".join(f"{o} {d['lr']:g}" for o, d in OBJECTIVE_DEFAULTS.items()) + ")."),
     warmup_steps: Optional[int] = typer.Option(None, help=f"Linear warmup steps (default {_T.warmup_steps})."),
     weight_decay: Optional[float] = typer.Option(None, help=f"AdamW weight decay (default {_T.weight_decay})."),
-    loss: Optional[str] = typer.Option(None, help=f"MDM objective: t-dce or k-dce (default {OBJECTIVE_DEFAULTS['mdm']['loss']})."),
+    loss: Optional[str] = typer.Option(None, help=f"MDM objective: t-dce or k-dce (default {OBJECTIVE_DEFAULTS['mdm']['loss']}; bd3: per block, default t-dce)."),
     schedule: Optional[str] = typer.Option(None, help=f"MDM masking schedule: linear or cosine (default {_T.schedule})."),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 autocast where supported), bf16 or fp32 (default auto)."),
     context_len: Optional[int] = typer.Option(None, help="Override the preset's context length."),
