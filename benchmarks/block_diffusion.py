@@ -149,19 +149,22 @@ def main() -> None:
         x, cond = x.to(device), type(cond)(*(None if v is None else v.to(device) for v in (cond.key_mask, cond.positions, cond.prompt_mask)))
         if name == "mdm":
             block = max(d for d in range(1, 33) if length % d == 0)  # semi-AR blocks of 32, or the largest divisor below
-            specs = [(f"mdm confidence k=2 block {block}", SamplerSpec.from_options("confidence", block_len=block, steps=length // 2)),
-                     (f"mdm first-hitting block {block}", SamplerSpec.from_options("first-hitting", block_len=block))]
+            specs = [(f"mdm confidence k=2 block {block}", SamplerSpec.from_options("confidence", block_len=block, steps=length // 2), None),
+                     (f"mdm first-hitting block {block}", SamplerSpec.from_options("first-hitting", block_len=block), None)]
         elif name.startswith("bd3") and model.config.block_causal > 1 and model.config.block_causal < args.context:
-            specs = [(f"{name} {policy} {cache}", SamplerSpec.from_options(policy, cache=cache, **opts))
+            specs = [(f"{name} {policy} {cache}", SamplerSpec.from_options(policy, **opts), cache)
                      for policy, opts in policies.items() for cache in ("block", "none")]
         elif name.startswith("bd3") and model.config.block_causal == 1:
-            specs = [(f"{name} first-hitting block", SamplerSpec.from_options("first-hitting", cache="block"))]
+            specs = [(f"{name} first-hitting block", SamplerSpec.from_options("first-hitting"), "block")]
         else:
             continue
-        for label, spec in specs:
-            def once(seed, spec=spec, model=model, x=x, cond=cond, width=width):
+        for label, spec, cache in specs:
+            def once(seed, spec=spec, model=model, x=x, cond=cond, width=width, cache=cache):
                 gen = torch.Generator(device=device).manual_seed(seed)
-                out_ = run_spec(spec, model, x, gen, cond, start=width) if model.config.block_causal else spec.run(model, x, gen, cond, start=width)
+                if model.config.block_causal:
+                    out_ = run_spec(spec, model, x, gen, cond, start=width, cache=cache)
+                else:
+                    out_ = spec.run(model, x, gen, cond, start=width)
                 return out_.tokens[:, width:], out_.nfe
 
             record(label, once)

@@ -436,7 +436,9 @@ def test_block_models_refuse_approximate_caches_and_foreign_block_lengths():
     gen = torch.Generator().manual_seed(0)
     with pytest.raises(UnmaskError, match="--cache prefix"):
         run_spec(SamplerSpec.from_options("confidence", cache="prefix"), model, x, gen, cond, start=width)
+    with pytest.raises(UnmaskError, match="--cache dual"):
+        run_spec(SamplerSpec.from_options("confidence"), model, x, gen, cond, start=width, cache="dual")
     with pytest.raises(UnmaskError, match="--block-len=8"):
-        run_spec(SamplerSpec.from_options("confidence", block_len=8, cache="block"), model, x, gen, cond, start=width)
+        run_spec(SamplerSpec.from_options("confidence", block_len=8), model, x, gen, cond, start=width)
     with pytest.raises(UnmaskError, match="block model"):
-        SamplerSpec.from_options("confidence", cache="block").run(tiny(0), x, gen, cond, start=width)
+        run_spec(SamplerSpec.from_options("confidence"), tiny(0), x, gen, cond, start=width)

@@ -188,18 +188,20 @@ def block_diffusion_decode(
 
 
 def run_spec(spec, model, x: torch.Tensor, generator: torch.Generator, cond: Conditioning | None = None,
-             callback: StepCallback | None = None, start: int = 0, stop_token: int | None = None) -> SampleOutput:
-    """Decode a block model with a :class:`~unmask.sampling.generate.SamplerSpec`: any sampler inside
-    the blocks; ``--cache block`` the exact cache of finished blocks, ``none`` full forwards."""
+             callback: StepCallback | None = None, start: int = 0, stop_token: int | None = None, cache: str = "block") -> SampleOutput:
+    """Decode a block model with a :class:`~unmask.sampling.generate.SamplerSpec` (its sampler and
+    options inside the blocks). ``cache`` "block": the exact cache of finished blocks; "none": full
+    forwards (the spec's own canvas cache, an approximation for other models, must be none)."""
     from unmask.sampling.generate import SAMPLERS
 
     size = model.config.block_causal
     if size < 1:
-        raise UnmaskError("--cache block is exact only for a block model (trained with --objective bd3); use none, prefix, dual or delayed")
-    if spec.cache.kind not in ("block", "none"):
-        raise UnmaskError(f"--cache {spec.cache.kind}: a block model decodes with its exact cache of finished blocks (--cache block, the default) or none")
+        raise UnmaskError("block-diffusion decoding needs a block model (trained with --objective bd3)")
+    if cache not in ("block", "none") or spec.cache.kind != "none":
+        kind = spec.cache.kind if spec.cache.kind != "none" else cache
+        raise UnmaskError(f"--cache {kind}: a block model decodes with its exact cache of finished blocks (--cache block, the default) or none")
     if spec.block_len not in (0, size):
         raise UnmaskError(f"--block-len={spec.block_len}: a block model decodes in its own blocks of {size} tokens; leave --block-len out")
     config = spec.config if spec.config is not None else SAMPLERS[spec.sampler].config()
     return block_diffusion_decode(model, x, generator, SAMPLERS[spec.sampler], config, start, cond, callback, stop_token,
-                                  cache=spec.cache.kind == "block")
+                                  cache=cache == "block")

@@ -30,7 +30,7 @@ import torch
 from unmask.errors import UnmaskError
 from unmask.model import KVCache
 
-CACHES = ("none", "prefix", "dual", "delayed", "block")  # block: exact, block models only (sampling/block_diffusion.py)
+CACHES = ("none", "prefix", "dual", "delayed")
 
 
 @dataclass(frozen=True)

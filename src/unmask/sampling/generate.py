@@ -96,10 +96,6 @@ class SamplerSpec:
     def run(self, model, x: torch.Tensor, generator: torch.Generator, cond: Conditioning | None = None,
             callback: StepCallback | None = None, start: int = 0, stop_token: int | None = None) -> SampleOutput:
         """Fill the MASKs of x (B, L); columns [start, L) are the generation region (blocks, EOS stops)."""
-        if self.cache.kind == "block":  # block models: sampling/block_diffusion.py
-            from unmask.sampling.block_diffusion import run_spec
-
-            return run_spec(self, model, x, generator, cond, callback, start, stop_token)
         gen_len = x.shape[1] - start
         if self.block_len and gen_len % self.block_len:
             raise UnmaskError(f"--block-len={self.block_len} must divide the generation length {gen_len}")
@@ -285,13 +281,13 @@ def generate(
         ar_cfg = ar_config(length, kv_cache, **options)
         out = ar_sample(model, x, gen, ar_cfg, Conditioning(key_mask=cond.key_mask) if cond.key_mask is not None else None, callback)
     else:
-        if cfg.model.block_causal:  # a block model (bd3): its exact cache of finished blocks unless --cache none
-            options.setdefault("cache", "block")
+        block_cache = options.pop("cache", None) or "block" if cfg.model.block_causal else None
         spec = spec_for(cfg.model, cfg.train, length, **options)
-        if cfg.model.block_causal:
+        if cfg.model.block_causal:  # a block model (bd3): its exact cache of finished blocks unless --cache none
             from unmask.sampling.block_diffusion import run_spec
 
-            out = run_spec(spec, model, x, gen, cond, callback, start=width, stop_token=tok.eos_id if stop_at_eos else None)
+            out = run_spec(spec, model, x, gen, cond, callback, start=width, stop_token=tok.eos_id if stop_at_eos else None,
+                           cache=block_cache)
         else:
             out = spec.run(model, x, gen, cond, callback, start=width, stop_token=tok.eos_id if stop_at_eos else None)
     generated = out.tokens[:, width:]
@@ -303,5 +299,5 @@ def generate(
     return {
         "checkpoint": str(checkpoint), "objective": cfg.train.objective, "sampler": "ar" if cfg.model.causal else spec.sampler,
         "nfe": out.nfe, "steps": out.steps, "seconds": seconds, "generated_tokens": num_samples * length, "samples": samples,
-        **({"cache": spec.cache.kind} if cfg.model.block_causal else {}),
+        **({"cache": block_cache} if cfg.model.block_causal else {}),
     }
