@@ -54,7 +54,7 @@ def train_run(out: Path, name: str, objective: str, block: int, args) -> Path:
         return run_dir
     vocab = TokenDataset(default_dataset(), "train").tokenizer.vocab_size
     model = ModelConfig.from_name(args.preset, vocab_size=vocab, causal=objective == "ar", block_causal=block, context_len=args.context)
-    cfg = TrainConfig(objective=objective, block_size=block, steps=args.steps, batch_size=args.batch, seed=args.seed,
+    cfg = TrainConfig(objective=objective, block_size=block, flex_attention=args.flex_attention and objective == "bd3", steps=args.steps, batch_size=args.batch, seed=args.seed,
                       eval_every=args.steps, eval_windows=4, eval_draws=2, checkpoint_every=args.steps, keep_checkpoints=1, log_every=10)
     start = time.perf_counter()
     train(run_dir, model, cfg, default_dataset(), device=args.device, progress=False)
@@ -91,6 +91,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (training, scoring and decoding)")
+    parser.add_argument("--flex-attention", action="store_true", help="train the block models through FlexAttention (CUDA)")
     parser.add_argument("--quick", action="store_true", help="40 steps, 16 windows, 4 draws, 1 repeat: a smoke test")
     args = parser.parse_args()
     if args.quick:

@@ -355,6 +355,10 @@ def test_bd3_settings_are_checked(tmp_path, small_data):
 
     with pytest.raises(UnmaskError, match="block_causal=4"):
         train(tmp_path / "run", dataclasses.replace(model, block_causal=0), cfg, small_data, progress=False)
+    with pytest.raises(UnmaskError, match="--flex-attention needs"):
+        train(tmp_path / "run", model, dataclasses.replace(cfg, flex_attention=True), small_data, device="cpu", progress=False)
+    with pytest.raises(UnmaskError, match="--flex-attention apply to --objective bd3 only"):
+        TrainConfig(objective="mdm", flex_attention=True)
 
 
 def test_cli_trains_a_block_model_fine_tuned_from_an_mdm_then_scores_and_samples_it(tmp_path, small_data):
@@ -442,3 +446,22 @@ def test_block_models_refuse_approximate_caches_and_foreign_block_lengths():
         run_spec(SamplerSpec.from_options("confidence", block_len=8), model, x, gen, cond, start=width)
     with pytest.raises(UnmaskError, match="block model"):
         run_spec(SamplerSpec.from_options("confidence"), tiny(0), x, gen, cond, start=width)
+
+
+def test_flex_attention_mask_is_the_dense_mask_and_gives_the_sdpa_logits():
+    from unmask.block_diffusion import bd3_mask_mod, flex_available
+
+    if not flex_available():
+        pytest.skip("this torch has no FlexAttention")
+    length, size = 16, 4
+    q, k = torch.meshgrid(torch.arange(2 * length), torch.arange(2 * length), indexing="ij")
+    # the sparse 128-token tiles of create_block_mask cover this whole mask: the mask_mod decides every pair
+    assert torch.equal(bd3_mask_mod(length, size)(0, 0, q, k), bd3_attention_mask(length, size))
+    model = tiny(size, seed=6).float()
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randint(0, 13, (2, length), generator=gen)
+    noise = corrupt_blocks(x0, size, Schedule(), model.config.mask_id, gen)
+    with torch.no_grad():  # FlexAttention has no backward on CPU (training with it needs CUDA)
+        flex = bd3_logits(model, noise.xt, x0, size, flex=True)
+        sdpa = bd3_logits(model, noise.xt, x0, size)
+    assert torch.allclose(flex, sdpa, atol=1e-4)

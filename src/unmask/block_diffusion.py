@@ -48,6 +48,34 @@ def bd3_attention_mask(length: int, block_size: int, device=None) -> torch.Tenso
     return torch.cat([noisy, clean], dim=0)
 
 
+def bd3_mask_mod(length: int, block_size: int):
+    """The mask of :func:`bd3_attention_mask` as a FlexAttention ``mask_mod(b, h, q, k) -> bool``."""
+
+    def mask_mod(b, h, q, k):
+        q_noisy, k_noisy = q < length, k < length
+        qb, kb = (q % length) // block_size, (k % length) // block_size
+        return (q_noisy & k_noisy & (qb == kb)) | (q_noisy & ~k_noisy & (kb < qb)) | (~q_noisy & ~k_noisy & (kb <= qb))
+
+    return mask_mod
+
+
+def flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def bd3_block_mask(length: int, block_size: int, device):
+    """The BD3 mask as a FlexAttention BlockMask over [x_t ; x_0] (2L). Its sparse blocks are 128
+    tokens (FlexAttention's default), so a sparse block may mix allowed and masked pairs: the
+    mask_mod decides inside every partial block (tested against the dense boolean mask)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(bd3_mask_mod(length, block_size), None, None, 2 * length, 2 * length, device=device)
+
+
 @dataclass(frozen=True)
 class BlockCorruption:
     """One draw of the block forward process for clean x0 (B, L): x_t, the masked positions, and
@@ -58,12 +86,13 @@ class BlockCorruption:
     masked: torch.Tensor  # (B, L) bool
     weight: torch.Tensor  # (B, L) float32: w(t) of the position's block
     block_size: int
+    flex: bool = False  # compute the loss's attention with FlexAttention (else SDPA with a boolean mask)
 
     def rows(self, index: slice) -> "BlockCorruption":
-        return BlockCorruption(self.xt[index], self.masked[index], self.weight[index], self.block_size)
+        return BlockCorruption(self.xt[index], self.masked[index], self.weight[index], self.block_size, self.flex)
 
     def to(self, device: torch.device) -> "BlockCorruption":
-        return BlockCorruption(self.xt.to(device), self.masked.to(device), self.weight.to(device), self.block_size)
+        return BlockCorruption(self.xt.to(device), self.masked.to(device), self.weight.to(device), self.block_size, self.flex)
 
 
 def block_times(batch: int, num_blocks: int, generator: torch.Generator, low_discrepancy: bool = True) -> torch.Tensor:
@@ -139,11 +168,14 @@ def corrupt_blocks_k(
     return BlockCorruption(xt, masked, weight.to(x0.device), block_size)
 
 
-def bd3_logits(model, xt: torch.Tensor, x0: torch.Tensor, block_size: int, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+def bd3_logits(
+    model, xt: torch.Tensor, x0: torch.Tensor, block_size: int, logits_at: torch.Tensor | None = None, flex: bool = False
+) -> torch.Tensor:
     """Logits of the noisy half of one forward over [x_t ; x_0] (B, 2L) with the BD3 mask: (B, L, V),
-    or (N, V) at the N ``logits_at`` (B, L) positions. Both halves carry positions 0..L-1."""
+    or (N, V) at the N ``logits_at`` (B, L) positions. Both halves carry positions 0..L-1.
+    ``flex``: the mask as a FlexAttention BlockMask (skips fully masked 128 x 128 tiles; GPU)."""
     b, length = x0.shape
-    mask = bd3_attention_mask(length, block_size, x0.device)
+    mask = bd3_block_mask(length, block_size, x0.device) if flex else bd3_attention_mask(length, block_size, x0.device)
     positions = torch.arange(length, device=x0.device).repeat(2).expand(b, 2 * length)
     at = None if logits_at is None else torch.cat([logits_at, torch.zeros_like(logits_at)], dim=1)
     out = model(torch.cat([xt, x0], dim=1), positions=positions, attn_mask=mask, logits_at=at)
@@ -154,7 +186,7 @@ def bd3_loss(model, x0: torch.Tensor, noise: BlockCorruption) -> torch.Tensor:
     """The block-diffusion loss of given noise: x0 (B, L) -> (B,) nats/token (vectorised 2L forward;
     the head runs only at the masked positions). Only ``model(tokens, positions=, attn_mask=,
     logits_at=)`` is called, so DDP/FSDP/compile wrappers work unchanged."""
-    logits = bd3_logits(model, noise.xt, x0, noise.block_size, logits_at=noise.masked)
+    logits = bd3_logits(model, noise.xt, x0, noise.block_size, logits_at=noise.masked, flex=noise.flex)
     nll = torch.nn.functional.cross_entropy(logits.float(), x0[noise.masked], reduction="none")
     per_pos = torch.zeros(x0.shape, dtype=nll.dtype, device=x0.device)
     per_pos[noise.masked] = nll * noise.weight[noise.masked]

@@ -160,6 +160,7 @@ class TrainConfig:
     mask_rate_min: float = 0.0
     mask_rate_max: float = 1.0
     init_from: str = ""  # start from this checkpoint's weights (e.g. an MDM fine-tuned into a block model)
+    flex_attention: bool = False  # bd3: the 2L training forward through FlexAttention instead of SDPA + boolean mask
 
     def __post_init__(self) -> None:
         if self.objective not in ("mdm", "ar", "bd3"):
@@ -167,8 +168,8 @@ class TrainConfig:
         if self.objective == "bd3":
             if self.block_size < 1:
                 raise UnmaskError(f"--objective bd3 needs --block-size >= 1 (tokens per block), got {self.block_size}")
-        elif self.block_size or (self.mask_rate_min, self.mask_rate_max) != (0.0, 1.0):
-            raise UnmaskError("--block-size, --mask-rate-min and --mask-rate-max apply to --objective bd3 only")
+        elif self.block_size or (self.mask_rate_min, self.mask_rate_max) != (0.0, 1.0) or self.flex_attention:
+            raise UnmaskError("--block-size, --mask-rate-min, --mask-rate-max and --flex-attention apply to --objective bd3 only")
         if not 0 <= self.mask_rate_min < self.mask_rate_max <= 1:
             raise UnmaskError(
                 f"--mask-rate-min={self.mask_rate_min} and --mask-rate-max={self.mask_rate_max} must satisfy 0 <= min < max <= 1"

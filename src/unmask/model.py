@@ -97,7 +97,12 @@ class Attention(nn.Module):
                 k_cache.scatter_(2, index, k.to(k_cache.dtype))
                 v_cache.scatter_(2, index, v.to(v_cache.dtype))
                 k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        if attn_mask is not None and not torch.is_tensor(attn_mask):  # a FlexAttention BlockMask (block diffusion, optional)
+            from torch.nn.attention.flex_attention import flex_attention
+
+            y = flex_attention(q, k, v, block_mask=attn_mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.proj(y.transpose(1, 2).reshape(b, l, d))
 
 
@@ -195,7 +200,8 @@ class Transformer(nn.Module):
             logits_at: (B, L) bool: apply the head only at these positions.
             attn_mask: (L, S) or (B, 1, L, S) bool, True where a query may attend to a key: replaces
                 the causal / block-causal mask of the config (e.g. the 2L block-diffusion training
-                mask, :mod:`unmask.block_diffusion`); ``key_mask`` still applies.
+                mask, :mod:`unmask.block_diffusion`); ``key_mask`` still applies. Or a FlexAttention
+                ``BlockMask`` (then without key_mask and cache).
         Returns:
             (B, L, vocab_size) logits, or (N, vocab_size) for the N ``logits_at`` positions in
             row-major order (in the autocast dtype when autocast is on).
@@ -222,7 +228,11 @@ class Transformer(nn.Module):
 
         given, attn_mask, is_causal = attn_mask, None, False
         k_slot = torch.arange(num_keys, device=tokens.device)
-        if given is not None:
+        if given is not None and not torch.is_tensor(given):  # a FlexAttention BlockMask: used as it is
+            if key_mask is not None or kv_cache is not None:
+                raise UnmaskError("a FlexAttention block mask cannot be combined with key_mask or a KV cache; pass a boolean attn_mask")
+            attn_mask = given
+        elif given is not None:
             attn_mask = given.bool() if given.dim() == 4 else given.bool()[None, None]
         elif cfg.causal and key_mask is None and start == 0 and cache_index is None:
             is_causal = True  # the fused kernel

@@ -25,7 +25,7 @@ from unmask.config import ModelConfig, RunConfig, TrainConfig
 from unmask.data import TokenDataset
 from unmask.distributed import all_reduce_mean, barrier, init_world, local_rows, parallelize, shutdown
 from unmask.errors import UnmaskError
-from unmask.block_diffusion import BlockCorruption, bd3_loss, block_elbo, check_block_size, corrupt_blocks, corrupt_blocks_k
+from unmask.block_diffusion import BlockCorruption, bd3_loss, block_elbo, check_block_size, corrupt_blocks, corrupt_blocks_k, flex_available
 from unmask.likelihood import LikelihoodResult, ar_nll, mc_elbo
 from unmask.model import Transformer
 from unmask.objectives import Corruption, ar_loss, corrupt_k_dce, corrupt_t_dce, dce_loss
@@ -104,8 +104,10 @@ def draw_noise(x0: torch.Tensor, cfg: TrainConfig, schedule: Schedule, mask_id: 
 def draw_block_noise(x0: torch.Tensor, cfg: TrainConfig, schedule: Schedule, mask_id: int, gen: torch.Generator) -> BlockCorruption:
     """The block-diffusion noise of a whole (global) batch x0 (B, L): one clipped t (or k) per block."""
     if cfg.loss == "k-dce":
-        return corrupt_blocks_k(x0, cfg.block_size, mask_id, gen, (cfg.mask_rate_min, cfg.mask_rate_max), low_discrepancy=cfg.low_discrepancy)
-    return corrupt_blocks(x0, cfg.block_size, schedule, mask_id, gen, (cfg.mask_rate_min, cfg.mask_rate_max), low_discrepancy=cfg.low_discrepancy)
+        noise = corrupt_blocks_k(x0, cfg.block_size, mask_id, gen, (cfg.mask_rate_min, cfg.mask_rate_max), low_discrepancy=cfg.low_discrepancy)
+    else:
+        noise = corrupt_blocks(x0, cfg.block_size, schedule, mask_id, gen, (cfg.mask_rate_min, cfg.mask_rate_max), low_discrepancy=cfg.low_discrepancy)
+    return dataclasses.replace(noise, flex=cfg.flex_attention)
 
 
 def batch_loss(model, window: torch.Tensor, noise: Corruption | BlockCorruption | None) -> torch.Tensor:
@@ -265,6 +267,11 @@ def train(
         raise UnmaskError(f"--objective {train_cfg.objective} needs causal={train_cfg.objective == 'ar'} in the model config")
     if train_cfg.objective == "bd3":
         check_block_size(model_cfg.context_len, train_cfg.block_size)
+        if train_cfg.flex_attention and (not flex_available() or dev.type != "cuda"):
+            raise UnmaskError(
+                f"--flex-attention needs torch.nn.attention.flex_attention on a CUDA device (here: {dev}; FlexAttention has no backward "
+                "on CPU); leave the flag out to use SDPA with a boolean mask"
+            )
         if model_cfg.block_causal != train_cfg.block_size or model_cfg.time_conditioning:
             raise UnmaskError(
                 f"--objective bd3 --block-size {train_cfg.block_size} needs a time-agnostic model with block_causal={train_cfg.block_size} "

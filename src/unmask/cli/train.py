@@ -69,6 +69,7 @@ def train(
     block_size: Optional[int] = typer.Option(None, help="bd3: tokens per block L' (1: the AR NLL; the context length: the MDM); must divide the context."),
     mask_rate_min: Optional[float] = typer.Option(None, help="bd3: clipped schedule, lowest block time / mask rate beta (default 0)."),
     mask_rate_max: Optional[float] = typer.Option(None, help="bd3: clipped schedule, highest block time / mask rate omega (default 1)."),
+    flex_attention: Optional[bool] = typer.Option(None, "--flex-attention", help="bd3: run the 2L training forward through FlexAttention (GPU; default: SDPA with a boolean mask)."),
     init_from: Optional[Path] = typer.Option(None, help="Start from this run's/checkpoint's weights and model size (e.g. fine-tune an MDM into a block model)."),
     data: Optional[Path] = typer.Option(None, help="Folder from `unmask data prepare`; default: the embedded Shakespeare corpus (on --resume: the run's)."),
     steps: Optional[int] = typer.Option(
@@ -104,7 +105,7 @@ def train(
         "lr": lr, "warmup_steps": warmup_steps, "weight_decay": weight_decay, "precision": precision, "seed": seed,
         "eval_every": eval_every, "checkpoint_every": checkpoint_every, "log_every": log_every,
         "block_size": block_size, "mask_rate_min": mask_rate_min, "mask_rate_max": mask_rate_max,
-        "init_from": None if init_from is None else str(init_from),
+        "init_from": None if init_from is None else str(init_from), "flex_attention": flex_attention,
     }
     given = {key: value for key, value in flags.items() if value is not None}
     if resume:
