@@ -67,6 +67,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.to(x.dtype)
 
 
+_FLEX: dict[bool, object] = {}
+
+
+def _flex_attention(cuda: bool):
+    """FlexAttention, compiled on CUDA (its fused kernel; eager it materialises the scores)."""
+    if cuda not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX[cuda] = torch.compile(flex_attention) if cuda else flex_attention
+    return _FLEX[cuda]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -98,9 +110,7 @@ class Attention(nn.Module):
                 v_cache.scatter_(2, index, v.to(v_cache.dtype))
                 k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)
         if attn_mask is not None and not torch.is_tensor(attn_mask):  # a FlexAttention BlockMask (block diffusion, optional)
-            from torch.nn.attention.flex_attention import flex_attention
-
-            y = flex_attention(q, k, v, block_mask=attn_mask)
+            y = _flex_attention(q.is_cuda)(q, k, v, block_mask=attn_mask)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.proj(y.transpose(1, 2).reshape(b, l, d))
