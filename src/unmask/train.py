@@ -20,12 +20,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from unmask.block_diffusion import BlockCorruption, bd3_loss, block_elbo, check_block_size, corrupt_blocks, corrupt_blocks_k, flex_available
 from unmask.checkpoint import TrainerState, load_trainer_state, load_weights, resolve_checkpoint, save_checkpoint, write_text_atomic
 from unmask.config import ModelConfig, RunConfig, TrainConfig
 from unmask.data import TokenDataset
 from unmask.distributed import all_reduce_mean, barrier, init_world, local_rows, parallelize, shutdown
 from unmask.errors import UnmaskError
-from unmask.block_diffusion import BlockCorruption, bd3_loss, block_elbo, check_block_size, corrupt_blocks, corrupt_blocks_k, flex_available
 from unmask.likelihood import LikelihoodResult, ar_nll, mc_elbo
 from unmask.model import Transformer
 from unmask.objectives import Corruption, ar_loss, corrupt_k_dce, corrupt_t_dce, dce_loss
