@@ -18,7 +18,7 @@ per token of the others: "equal training compute" here is equal tokens, as 6ND c
 Writes block_diffusion.json, .md and .png to --out (training runs in --runs; finished runs are reused).
 
     nice -n 10 python benchmarks/block_diffusion.py --out benchmarks/results --context 64 --steps 250 --length 56 --draws 16
-        # the README's figures: ~35 min on a 2-core CPU shared with other work
+        # the README's figures: about 30 min on a 2-core CPU shared with other work
     OUT=runs/gpu-bd3 bash benchmarks/gpu_block_diffusion.sh                               # the same on one CUDA GPU
     python benchmarks/block_diffusion.py --out /tmp/bd3-quick --runs /tmp/bd3-quick/runs --quick   # smoke test, ~4 min
 """
