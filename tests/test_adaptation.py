@@ -34,14 +34,14 @@ def test_causal_mask_and_kept_shift_reproduce_the_ar_model(tmp_path):
     x[:, 7:12] = cfg.mask_id  # also with MASK tokens in the input
     start = annealed_mask(0, 100, 32, seed=0)
     with torch.no_grad():
-        ours, theirs = mdm(x, attend=start), ar(x)
+        ours, theirs = mdm(x, attn_mask=start), ar(x)
         torch.testing.assert_close(ours[:, 1:], theirs[:, :-1], atol=1e-5, rtol=1e-5)
         # without the annealing mask the network is bidirectional: position 1 now sees the future
         assert not torch.allclose(mdm(x)[:, 1:], theirs[:, :-1], atol=1e-3)
         # without the shift, position i's logits are the AR model's at i (predicting token i + 1)
         plain = Transformer(dataclasses.replace(cfg, shift_logits=False)).eval()
         plain.load_state_dict(mdm.state_dict())
-        torch.testing.assert_close(plain(x, attend=start), theirs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(plain(x, attn_mask=start), theirs, atol=1e-5, rtol=1e-5)
 
 
 def test_annealed_mask_runs_from_causal_to_bidirectional():

@@ -26,7 +26,7 @@ from unmask.config import ModelConfig, RunConfig
 from unmask.errors import UnmaskError
 
 # fields that may differ between the AR source and the MDM initialised from it
-_ADAPTED = ("name", "causal", "shift_logits", "context_len")
+_ADAPTED = ("name", "causal", "shift_logits", "context_len", "block_causal")
 
 
 def source_config(path: str | Path) -> ModelConfig:
@@ -58,7 +58,7 @@ def adapted_config(source: ModelConfig, keep_shift: bool, context_len: int | Non
 
 def initial_weights(path: str | Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     """The weights of ``path`` for the network ``config`` (which may differ from the source only in
-    causality, the logit shift, name and context length)."""
+    its attention pattern (causal, block-causal), the logit shift, name and context length)."""
     from unmask.interop.hf_import import load_pretrained
 
     model = load_pretrained(path)

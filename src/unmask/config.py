@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from unmask.errors import UnmaskError
 
-Objective = Literal["mdm", "ar"]
+Objective = Literal["mdm", "ar", "bd3"]
 
 
 def _known_fields(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
@@ -158,6 +158,7 @@ PRESETS: dict[str, ModelConfig] = {
 OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
     "mdm": {"lr": 2e-3, "loss": "k-dce"},
     "ar": {"lr": 5e-3, "loss": "t-dce"},  # the AR model has no masking loss; recorded for completeness
+    "bd3": {"lr": 2e-3, "loss": "t-dce"},  # block diffusion: one t per block (reference section 7)
 }
 
 
@@ -198,14 +199,29 @@ class TrainConfig:
     compile: bool = False  # torch.compile of each block (checkpoints keep the plain state dict)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     ema: float = 0.0  # > 0: keep an fp32 exponential moving average of the weights with this decay
-    # AR -> MDM adaptation (unmask.adaptation): start from these weights (a run or a published checkpoint
-    # folder), and anneal the attention mask from causal to bidirectional over this many steps (DiffuLLaMA)
+    # start from these weights (a run or a published checkpoint folder): AR -> MDM adaptation
+    # (unmask.adaptation), or an MDM fine-tuned into a block model (bd3); and anneal the attention mask from causal to bidirectional over this many steps (DiffuLLaMA)
     init_from: str = ""
     anneal_steps: int = 0
+    # block diffusion (objective bd3, reference section 7): tokens per block L', and the clipped
+    # range [beta, omega] of each block's time t (the mask rate, for the linear schedule)
+    block_size: int = 0
+    mask_rate_min: float = 0.0
+    mask_rate_max: float = 1.0
+    flex_attention: bool = False  # bd3: the 2L training forward through FlexAttention instead of SDPA + boolean mask
 
     def __post_init__(self) -> None:
-        if self.objective not in ("mdm", "ar"):
-            raise UnmaskError(f"--objective {self.objective!r} is not one of: mdm, ar")
+        if self.objective not in ("mdm", "ar", "bd3"):
+            raise UnmaskError(f"--objective {self.objective!r} is not one of: mdm, ar, bd3")
+        if self.objective == "bd3":
+            if self.block_size < 1:
+                raise UnmaskError(f"--objective bd3 needs --block-size >= 1 (tokens per block), got {self.block_size}")
+        elif self.block_size or (self.mask_rate_min, self.mask_rate_max) != (0.0, 1.0) or self.flex_attention:
+            raise UnmaskError("--block-size, --mask-rate-min, --mask-rate-max and --flex-attention apply to --objective bd3 only")
+        if not 0 <= self.mask_rate_min < self.mask_rate_max <= 1:
+            raise UnmaskError(
+                f"--mask-rate-min={self.mask_rate_min} and --mask-rate-max={self.mask_rate_max} must satisfy 0 <= min < max <= 1"
+            )
         for key, value in OBJECTIVE_DEFAULTS[self.objective].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)  # resolved once, so config.json records the value used

@@ -97,6 +97,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return out.to(x.dtype)
 
 
+_FLEX: dict[bool, object] = {}
+
+
+def _flex_attention(cuda: bool):
+    """FlexAttention, compiled on CUDA (its fused kernel; eager it materialises the scores)."""
+    if cuda not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX[cuda] = torch.compile(flex_attention) if cuda else flex_attention
+    return _FLEX[cuda]
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -131,7 +143,10 @@ class Attention(nn.Module):
                 k_cache.scatter_(2, index, k.to(k_cache.dtype))
                 v_cache.scatter_(2, index, v.to(v_cache.dtype))
                 k, v = k_cache.to(q.dtype), v_cache.to(q.dtype)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        if attn_mask is not None and not torch.is_tensor(attn_mask):  # a FlexAttention BlockMask (block diffusion, optional)
+            y = _flex_attention(q.is_cuda)(q, k, v, block_mask=attn_mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         return self.proj(y.transpose(1, 2).reshape(b, l, d))
 
 
@@ -213,7 +228,7 @@ class Transformer(nn.Module):
         kv_cache: KVCache | None = None,
         cache_index: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
-        attend: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for every position (or for the ``logits_at`` ones).
 
@@ -228,8 +243,11 @@ class Transformer(nn.Module):
             cache_index: (B, L) the canvas slots of ``tokens`` in ``kv_cache`` (MDM decoding):
                 their keys/values are written there and every slot is attended to.
             logits_at: (B, L) bool: apply the head only at these positions.
-            attend: (L, S) or (B, L, S) bool, True where a query may attend to a key, on top of the
-                other masks (the annealed mask of AR -> MDM adaptation, :mod:`unmask.adaptation`).
+            attn_mask: (L, S) or (B, 1, L, S) bool, True where a query may attend to a key: replaces
+                the causal / block-causal mask of the config (e.g. the 2L block-diffusion training
+                mask, :mod:`unmask.block_diffusion`, or the annealed mask of AR -> MDM adaptation,
+                :mod:`unmask.adaptation`); ``key_mask`` still applies. Or a FlexAttention
+                ``BlockMask`` (then without key_mask and cache).
         Returns:
             (B, L, vocab_size) logits, or (N, vocab_size) for the N ``logits_at`` positions in
             row-major order (in the autocast dtype when autocast is on).
@@ -254,13 +272,19 @@ class Transformer(nn.Module):
                 )
             x = x + self.time_embed(t)[:, None, :].to(x.dtype)
 
-        attn_mask, is_causal = None, False
+        given, attn_mask, is_causal = attn_mask, None, False
         k_slot = torch.arange(num_keys, device=tokens.device)
-        if cfg.causal and key_mask is None and start == 0 and cache_index is None:
+        if given is not None and not torch.is_tensor(given):  # a FlexAttention BlockMask: used as it is
+            if key_mask is not None or kv_cache is not None:
+                raise UnmaskError("a FlexAttention block mask cannot be combined with key_mask or a KV cache; pass a boolean attn_mask")
+            attn_mask = given
+        elif given is not None:
+            attn_mask = given.bool() if given.dim() == 4 else given.bool()[None, None]
+        elif cfg.causal and key_mask is None and start == 0 and cache_index is None:
             is_causal = True  # the fused kernel
         elif cfg.causal:
             attn_mask = (k_slot[None, None, :] <= q_slot[:, :, None])[:, None]  # (B, 1, L, S)
-        if cfg.block_causal:
+        if cfg.block_causal and given is None:
             blocks = (k_slot[None, None, :] // cfg.block_causal <= q_slot[:, :, None] // cfg.block_causal)[:, None]
             attn_mask = blocks if attn_mask is None else attn_mask & blocks
         if key_mask is not None:
@@ -268,9 +292,6 @@ class Transformer(nn.Module):
             own = k_slot[None, None, :] == q_slot[:, :, None]
             km = key_mask[:, None, None, :].bool() | own[:, None]
             attn_mask = km if attn_mask is None else attn_mask & km
-        if attend is not None:
-            extra = attend[None, None] if attend.dim() == 2 else attend[:, None]
-            attn_mask = extra if attn_mask is None else attn_mask & extra
         for i, block in enumerate(self.blocks):
             cache = None
             if kv_cache is not None:

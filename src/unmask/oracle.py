@@ -9,6 +9,7 @@ themselves.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import torch
@@ -114,6 +115,54 @@ class OracleModel(nn.Module):
                 agree = (tokens[:, None, 1 : i + 1] == self.seqs[None, :, :i]).all(dim=2)
                 marg[:, i] = self._marginals(agree)[:, i]
         logits = torch.where(marg > 0, marg.log(), torch.full_like(marg, _NEG)).float()
+        return logits if logits_at is None else logits[logits_at]
+
+
+
+class BlockOracle(OracleModel):
+    """Exact block conditionals of p for a block-diffusion model with blocks of ``block_size`` tokens.
+
+    Called as a block model is called: over [x_t ; x_0] (B, 2L) (the training / likelihood forward),
+    a noisy position of block b gets log p(x_i | clean blocks < b of x_0, unmasked part of block b of
+    x_t), the clean half zeros; over a canvas (B, l <= L) (decoding), a position of block b gets
+    log p(x_i | unmasked tokens of blocks <= b): what block-causal attention lets it see.
+    """
+
+    def __init__(self, probs: torch.Tensor, vocab_size: int, length: int, block_size: int) -> None:
+        super().__init__(probs, vocab_size, length)
+        if length % block_size:
+            raise ValueError(f"block_size {block_size} must divide the length {length}")
+        self.config = dataclasses.replace(self.config, block_causal=block_size)
+
+    @classmethod
+    def random_blocks(cls, vocab_size: int = 3, length: int = 4, block_size: int = 2, concentration: float = 0.5, seed: int = 0):
+        gen = torch.Generator().manual_seed(seed)
+        gamma = torch._standard_gamma(torch.full((vocab_size**length,), concentration, dtype=torch.float64), generator=gen)
+        return cls(gamma.clamp_min(1e-12), vocab_size, length, block_size)
+
+    def forward(self, tokens: torch.Tensor, t: torch.Tensor | None = None, logits_at: torch.Tensor | None = None, **_: object) -> torch.Tensor:
+        self.calls += 1
+        b, l = tokens.shape
+        length, size, mask_id = self.config.context_len, self.config.block_causal, self.config.mask_id
+        paired = l == 2 * length
+        width = length if paired else l
+        marg = torch.zeros((b, l, self.config.vocab_size), dtype=torch.float64)
+        for start in range(0, width, size):
+            end = min(start + size, width)
+            seen = torch.full((b, width), mask_id, dtype=tokens.dtype)
+            if paired:  # clean blocks < b from x_0, block b from x_t
+                seen[:, :start] = tokens[:, length : length + start]
+                seen[:, start:end] = tokens[:, start:end]
+            else:
+                seen[:, :end] = tokens[:, :end]
+            agree = (seen[:, None, :] == self.seqs[None, :, :width]) | (seen[:, None, :] == mask_id)
+            marg[:, start:end] = self._marginals(agree.all(dim=2))[:, start:end]
+        if paired:
+            logits = torch.where(marg > 0, marg.log(), torch.full_like(marg, _NEG))
+            logits[:, length:] = 0.0
+        else:
+            logits = torch.where(marg > 0, marg.log(), torch.full_like(marg, _NEG))
+        logits = logits.float()
         return logits if logits_at is None else logits[logits_at]
 
 

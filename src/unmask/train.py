@@ -32,6 +32,7 @@ from unmask.checkpoint import (
     write_text_atomic,
 )
 from unmask.checkpoint_sharded import consolidate, is_sharded, load_sharded, read_sharded_info, save_sharded
+from unmask.block_diffusion import BlockCorruption, bd3_loss, block_elbo, check_block_size, corrupt_blocks, corrupt_blocks_k, flex_available
 from unmask.config import ModelConfig, RunConfig, TrainConfig
 from unmask.data import TokenDataset
 from unmask.distributed import all_reduce_mean, barrier, full_value, grad_sync, init_world, local_rows, parallelize, shutdown
@@ -135,10 +136,22 @@ def draw_noise(x0: torch.Tensor, cfg: TrainConfig, schedule: Schedule, mask_id: 
     return corrupt_t_dce(x0, schedule, mask_id, gen, low_discrepancy=cfg.low_discrepancy)
 
 
-def batch_loss(model, window: torch.Tensor, noise: Corruption | None) -> torch.Tensor:
-    """Mean loss in nats/token of windows (B, L+1): AR without ``noise``; else the MDM on the last L tokens."""
+def draw_block_noise(x0: torch.Tensor, cfg: TrainConfig, schedule: Schedule, mask_id: int, gen: torch.Generator) -> BlockCorruption:
+    """The block-diffusion noise of a whole (global) batch x0 (B, L): one clipped t (or k) per block."""
+    if cfg.loss == "k-dce":
+        noise = corrupt_blocks_k(x0, cfg.block_size, mask_id, gen, (cfg.mask_rate_min, cfg.mask_rate_max), low_discrepancy=cfg.low_discrepancy)
+    else:
+        noise = corrupt_blocks(x0, cfg.block_size, schedule, mask_id, gen, (cfg.mask_rate_min, cfg.mask_rate_max), low_discrepancy=cfg.low_discrepancy)
+    return dataclasses.replace(noise, flex=cfg.flex_attention)
+
+
+def batch_loss(model, window: torch.Tensor, noise: Corruption | BlockCorruption | None) -> torch.Tensor:
+    """Mean loss in nats/token of windows (B, L+1): AR without ``noise``; else the MDM (or, with
+    block noise, block diffusion) on the last L tokens."""
     if noise is None:
         return ar_loss(model, window).mean()
+    if isinstance(noise, BlockCorruption):
+        return bd3_loss(model, window[:, 1:], noise).mean()
     return dce_loss(model, window[:, 1:], noise).mean()
 
 
@@ -204,6 +217,9 @@ def validate(model, windows: torch.Tensor, prev: torch.Tensor, cfg: TrainConfig,
     """Same held-out windows every time (and for MDM and AR); MDM draws use a fixed seed."""
     if cfg.objective == "ar":
         return ar_nll(model, windows, prev, batch_size=batch_size)
+    if cfg.objective == "bd3":  # the unbiased bound: full t range, whatever the training clip
+        return block_elbo(model, windows, cfg.block_size, draws=cfg.eval_draws, schedule=Schedule(cfg.schedule), batch_size=batch_size,
+                          seed=1234, estimator=cfg.loss)
     return mc_elbo(model, windows, draws=cfg.eval_draws, estimator=cfg.loss, schedule=Schedule(cfg.schedule), batch_size=batch_size, seed=1234)
 
 
@@ -284,6 +300,18 @@ def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, trai
         raise UnmaskError(f"model MASK id {model_cfg.mask_id} but the tokenizer of {data_dir} has MASK at {tokenizer.mask_id}")
     if model_cfg.causal != (train_cfg.objective == "ar"):
         raise UnmaskError(f"--objective {train_cfg.objective} needs causal={train_cfg.objective == 'ar'} in the model config")
+    if train_cfg.objective == "bd3":
+        check_block_size(model_cfg.context_len, train_cfg.block_size)
+        if train_cfg.flex_attention and (not flex_available() or dev.type != "cuda"):
+            raise UnmaskError(
+                f"--flex-attention needs torch.nn.attention.flex_attention on a CUDA device (here: {dev}; FlexAttention has no backward "
+                "on CPU); leave the flag out to use SDPA with a boolean mask"
+            )
+        if model_cfg.block_causal != train_cfg.block_size or model_cfg.time_conditioning:
+            raise UnmaskError(
+                f"--objective bd3 --block-size {train_cfg.block_size} needs a time-agnostic model with block_causal={train_cfg.block_size} "
+                f"(got block_causal={model_cfg.block_causal}, time_conditioning={model_cfg.time_conditioning})"
+            )
     length = model_cfg.context_len
     micro_bs, accum = batch_layout(train_cfg, length, world.world_size)
     config = RunConfig(model=model_cfg, train=train_cfg, data_dir=str(data_dir), tokenizer_fingerprint=tokenizer.fingerprint)
@@ -356,12 +384,16 @@ def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, trai
         # the whole global batch and its noise at once: low-discrepancy t over all of it, sliced
         # per micro-batch and rank, so the estimator does not depend on the number of processes
         windows = torch.from_numpy(train_data.sample_windows(data_rng, global_batch, length + 1))
-        noise_all = draw_noise(windows[:, 1:], train_cfg, schedule, model_cfg.mask_id, noise_gen) if train_cfg.objective == "mdm" else None
+        noise_all = None
+        if train_cfg.objective == "mdm":
+            noise_all = draw_noise(windows[:, 1:], train_cfg, schedule, model_cfg.mask_id, noise_gen)
+        elif train_cfg.objective == "bd3":
+            noise_all = draw_block_noise(windows[:, 1:], train_cfg, schedule, model_cfg.mask_id, noise_gen)
         step_net = net
         if train_cfg.anneal_steps and step < train_cfg.anneal_steps:  # DiffuLLaMA: causal -> bidirectional
             from unmask.adaptation import annealed_mask
 
-            step_net = functools.partial(net, attend=annealed_mask(step, train_cfg.anneal_steps, length, train_cfg.seed, dev))
+            step_net = functools.partial(net, attn_mask=annealed_mask(step, train_cfg.anneal_steps, length, train_cfg.seed, dev))
         for micro in range(accum):
             rows = local_rows(world, micro_bs, micro)
             window = windows[rows].to(dev)

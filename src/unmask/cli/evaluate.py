@@ -40,7 +40,7 @@ def ppl(
     windows: Optional[int] = typer.Option(None, help="Use only N windows, spread evenly over the source (packed)."),
     limit_documents: Optional[int] = typer.Option(None, help="Use only the first N documents of --text/--dataset."),
     draws: int = typer.Option(32, help="MDM: Monte Carlo draws per window (stratified)."),
-    estimator: Optional[str] = typer.Option(None, help="MDM: t-dce, k-dce, any-order (bounds) or chain-rule (exact, L calls); default: the training loss."),
+    estimator: Optional[str] = typer.Option(None, help="MDM: t-dce, k-dce, any-order (bounds) or chain-rule (exact, L calls; block models: L' calls); default: the training loss."),
     batch_size: int = typer.Option(16),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto"),

@@ -23,7 +23,8 @@ OPTIONS: dict[str, tuple[type, object]] = {
     "sampler": (Optional[str], typer.Option(None, help="MDM: ancestral (default), cached, first-hitting, confidence or threshold.")),
     "steps": (Optional[int], typer.Option(None, help="MDM: sampling steps (ancestral/cached/confidence; the total, split over blocks). Default: the generation length.")),
     "block_len": (Optional[int], typer.Option(None, help="MDM: decode semi-autoregressively in blocks of this many tokens (default: off).")),
-    "cache": (Optional[str], typer.Option(None, help=f"MDM: KV cache of the canvas, one of {', '.join(CACHES)} (default none; an approximation, see README).")),
+    "cache": (Optional[str], typer.Option(None, help=f"MDM: KV cache of the canvas, one of {', '.join(CACHES)} (default none; an approximation, see README). "
+                                                   "Block models (bd3): block (default; exact) or none.")),
     "cache_refresh": (Optional[int], typer.Option(None, help="MDM: with --cache, a full forward every N network calls of a row (default 0: prefix/dual at block starts only, delayed never).")),
     "k": (Optional[int], typer.Option(None, help="MDM first-hitting: positions per network call (default 1: exact).")),
     "score": (Optional[str], typer.Option(None, help="MDM confidence: low_confidence (default), margin, entropy or random.")),

@@ -65,7 +65,11 @@ def _saved_data_dir(saved: RunConfig, run_dir: Path) -> Path:
 def train(
     run_dir: Path = typer.Option(..., help="Folder for config, metrics.jsonl and checkpoints."),
     preset: Optional[str] = typer.Option(None, help=f"Model size: {', '.join(PRESETS)} (default tiny)."),
-    objective: Optional[str] = typer.Option(None, help=f"mdm (masked diffusion) or ar (autoregressive baseline) (default {_T.objective})."),
+    objective: Optional[str] = typer.Option(None, help=f"mdm (masked diffusion), ar (autoregressive baseline) or bd3 (block diffusion) (default {_T.objective})."),
+    block_size: Optional[int] = typer.Option(None, help="bd3: tokens per block L' (1: the AR NLL; the context length: the MDM); must divide the context."),
+    mask_rate_min: Optional[float] = typer.Option(None, help="bd3: clipped schedule, lowest block time / mask rate beta (default 0)."),
+    mask_rate_max: Optional[float] = typer.Option(None, help="bd3: clipped schedule, highest block time / mask rate omega (default 1)."),
+    flex_attention: Optional[bool] = typer.Option(None, "--flex-attention", help="bd3: run the 2L training forward through FlexAttention (GPU; default: SDPA with a boolean mask)."),
     data: Optional[Path] = typer.Option(None, help="Folder from `unmask data prepare`; default: the embedded Shakespeare corpus (on --resume: the run's)."),
     steps: Optional[int] = typer.Option(
         None, help=f"Optimizer steps (default {_T.steps}). On --resume a new length: the LR continues from its current value "
@@ -76,7 +80,7 @@ def train(
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default per objective: " + ", ".join(f"{o} {d['lr']:g}" for o, d in OBJECTIVE_DEFAULTS.items()) + ")."),
     warmup_steps: Optional[int] = typer.Option(None, help=f"Linear warmup steps (default {_T.warmup_steps})."),
     weight_decay: Optional[float] = typer.Option(None, help=f"AdamW weight decay (default {_T.weight_decay})."),
-    loss: Optional[str] = typer.Option(None, help=f"MDM objective: t-dce or k-dce (default {OBJECTIVE_DEFAULTS['mdm']['loss']})."),
+    loss: Optional[str] = typer.Option(None, help=f"MDM objective: t-dce or k-dce (default {OBJECTIVE_DEFAULTS['mdm']['loss']}; bd3: per block, default t-dce)."),
     schedule: Optional[str] = typer.Option(None, help=f"MDM masking schedule: linear or cosine (default {_T.schedule})."),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 autocast where supported), bf16 or fp32 (default auto)."),
     context_len: Optional[int] = typer.Option(None, help="Override the preset's context length."),
@@ -97,7 +101,8 @@ def train(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     init_from: Optional[Path] = typer.Option(
         None, help="Start from these weights: a run folder or a LLaMA/Qwen2/Mistral/LLaDA/Dream folder (the network is "
-        "the source's; with --objective mdm an AR source becomes bidirectional). Data must use the source's tokenizer.",
+        "the source's; with --objective mdm an AR source becomes bidirectional; with --objective bd3 the network becomes "
+        "block-causal with --block-size, e.g. an MDM fine-tuned into a block model). Data must use the source's tokenizer.",
     ),
     keep_shift: Optional[bool] = typer.Option(
         None, help="With --init-from: logits of position i from position i - 1, as in the AR model (Dream) (default: the source's own).",
@@ -121,6 +126,7 @@ def train(
         "eval_every": eval_every, "checkpoint_every": checkpoint_every, "log_every": log_every, "parallel": parallel,
         "global_batch_tokens": global_batch_tokens, "compile": compile, "activation_checkpointing": activation_checkpointing, "ema": ema,
         "anneal_steps": anneal_attention, "init_from": None if init_from is None else str(Path(init_from).resolve()),
+        "block_size": block_size, "mask_rate_min": mask_rate_min, "mask_rate_max": mask_rate_max, "flex_attention": flex_attention,
     }
     given = {key: value for key, value in flags.items() if value is not None}
     if resume:
@@ -140,9 +146,13 @@ def train(
             raise UnmaskError("--init-from takes the network from the source; leave out --preset and --time-conditioning")
         data_dir = _data_dir(data)
         source = source_config(init_from)
-        mdm = given.get("objective", _T.objective) == "mdm"
-        if mdm:
+        kind = given.get("objective", _T.objective)
+        if kind == "mdm":
             model_cfg = adapted_config(source, source.shift_logits if keep_shift is None else keep_shift, context_len)
+        elif kind == "bd3":  # bidirectional inside blocks, block-causal across them (BD3-LM fine-tuning)
+            if keep_shift:
+                raise UnmaskError("--keep-shift is for --objective mdm; a block model predicts each position from itself")
+            model_cfg = dataclasses.replace(adapted_config(source, False, context_len), block_causal=block_size or 0)
         elif not source.causal or keep_shift:
             raise UnmaskError("--objective ar --init-from needs an AR (causal) source and no --keep-shift")
         else:
@@ -154,7 +164,9 @@ def train(
         data_dir = _data_dir(data)
         tok = TokenDataset(data_dir, "train").tokenizer
         vocab = tok.vocab_size
-        overrides = {"vocab_size": vocab, "mask_token_id": tok.mask_id if tok.mask_inside else -1, "causal": given.get("objective", _T.objective) == "ar", "time_conditioning": bool(time_conditioning)}
+        kind = given.get("objective", _T.objective)
+        overrides = {"vocab_size": vocab, "mask_token_id": tok.mask_id if tok.mask_inside else -1, "causal": kind == "ar",
+                     "time_conditioning": bool(time_conditioning), "block_causal": (block_size or 0) if kind == "bd3" else 0}
         if context_len is not None:
             overrides["context_len"] = context_len
         model_cfg = ModelConfig.from_name(preset or "tiny", **overrides)

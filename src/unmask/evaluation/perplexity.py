@@ -33,6 +33,15 @@ def score(
     """Dispatch to the AR or MDM estimator; windows (N, L) or a list of groups, prev likewise."""
     if config.model.causal:
         return ar_nll(model, windows, prev, batch_size=batch_size, progress=progress)
+    if config.model.block_causal:  # a block model (bd3): its bound, or its exact block chain rule
+        from unmask.block_diffusion import block_chain_rule_nll, block_elbo
+
+        if estimator == "chain-rule":
+            return block_chain_rule_nll(model, windows, config.model.block_causal, batch_size=batch_size, progress=progress)
+        if estimator not in ("t-dce", "k-dce"):
+            raise UnmaskError(f"--estimator {estimator}: a block model is scored with t-dce or k-dce (its bound) or chain-rule (exact, L' calls)")
+        return block_elbo(model, windows, config.model.block_causal, draws=draws, schedule=Schedule(config.train.schedule),
+                          batch_size=batch_size, seed=seed, progress=progress, estimator=estimator)
     if estimator == "chain-rule":
         return chain_rule_nll(model, windows, batch_size=batch_size, progress=progress)
     return mc_elbo(model, windows, draws=draws, estimator=estimator, schedule=Schedule(config.train.schedule),

@@ -270,7 +270,7 @@ def generate(
         encoded = [tok.encode(t) if t else [] for t in texts]
         # the AR model never reads its last new token back, so its canvas may hold one token more
         room = ctx + int(cfg.model.causal) - 1
-        if max(map(len, encoded)) + length > room:
+        if max(map(len, encoded)) + length > room and not cfg.model.block_causal:  # block models slide a window
             raise UnmaskError(
                 f"--prompt of {max(map(len, encoded))} tokens + --length {length} (+ the EOS before the prompt) exceeds "
                 f"the model's context of {ctx} tokens; shorten one of them"
@@ -282,8 +282,15 @@ def generate(
         ar_cfg = ar_config(length, kv_cache, **options)
         out = ar_sample(model, x, gen, ar_cfg, Conditioning(key_mask=cond.key_mask) if cond.key_mask is not None else None, callback)
     else:
+        block_cache = options.pop("cache", None) or "block" if cfg.model.block_causal else None
         spec = spec_for(cfg.model, cfg.train, length, **options)
-        out = spec.run(model, x, gen, cond, callback, start=width, stop_token=tok.eos_id if stop_at_eos else None)
+        if cfg.model.block_causal:  # a block model (bd3): its exact cache of finished blocks unless --cache none
+            from unmask.sampling.block_diffusion import run_spec
+
+            out = run_spec(spec, model, x, gen, cond, callback, start=width, stop_token=tok.eos_id if stop_at_eos else None,
+                           cache=block_cache)
+        else:
+            out = spec.run(model, x, gen, cond, callback, start=width, stop_token=tok.eos_id if stop_at_eos else None)
     generated = out.tokens[:, width:]
     seconds = time.perf_counter() - start_time
     samples = []
@@ -293,4 +300,5 @@ def generate(
     return {
         "checkpoint": str(checkpoint), "objective": cfg.train.objective, "sampler": "ar" if cfg.model.causal else spec.sampler,
         "nfe": out.nfe, "steps": out.steps, "seconds": seconds, "generated_tokens": num_samples * length, "samples": samples,
+        **({"cache": block_cache} if cfg.model.block_causal else {}),
     }
