@@ -1,0 +1,157 @@
+"""Experiments: IsoFLOP fits against exactly known frontiers, the resumable grid runner, and a
+miniature run of every experiment command."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from unmask.errors import UnmaskError
+from unmask.experiments import fits
+
+# a synthetic world whose frontiers are known exactly: loss = L*(C) + k (log N - log N*(C))^2
+A_MDM, ALPHA_MDM, B_MDM, BETA_MDM = 40.0, 0.08, 0.02, 0.45
+A_AR, ALPHA_AR, B_AR, BETA_AR = 30.0, 0.075, 0.05, 0.5
+BUDGETS = np.array([1e12, 1e13, 1e14, 1e15])
+
+
+def _world(a_coef, alpha, b_coef, beta, spread=(0.25, 0.5, 1.0, 2.0, 4.0)):
+    c, n, loss = [], [], []
+    for budget in BUDGETS:
+        n_opt = b_coef * budget**beta
+        for f in spread:
+            c.append(budget)
+            n.append(n_opt * f)
+            loss.append(a_coef * budget**-alpha + 0.3 * math.log(f) ** 2)
+    return np.array(c), np.array(n), np.array(loss)
+
+
+def test_isoflop_fits_recover_the_exact_frontier():
+    c, n, loss = _world(A_MDM, ALPHA_MDM, B_MDM, BETA_MDM)
+    vertices, loss_law, size_law = fits.frontier(c, n, loss)
+    for v in vertices:
+        assert v.interior
+        assert v.n_opt == pytest.approx(B_MDM * v.budget**BETA_MDM, rel=1e-8)
+        assert v.loss_opt == pytest.approx(A_MDM * v.budget**-ALPHA_MDM, rel=1e-8)
+    assert loss_law.coef == pytest.approx(A_MDM, rel=1e-6) and loss_law.exponent == pytest.approx(-ALPHA_MDM, rel=1e-6)
+    assert size_law.coef == pytest.approx(B_MDM, rel=1e-6) and size_law.exponent == pytest.approx(BETA_MDM, rel=1e-6)
+
+
+def test_compute_multiplier_matches_the_closed_form():
+    mdm = fits.PowerLaw(A_MDM, -ALPHA_MDM)
+    ar = fits.PowerLaw(A_AR, -ALPHA_AR)
+    for budget in (1e13, 1e18, 1e20):
+        # A_m C_m^-a_m = A_r C^-a_r  =>  C_m = (A_m / (A_r C^-a_r))^(1/a_m)
+        expected = (A_MDM / (A_AR * budget**-ALPHA_AR)) ** (1 / ALPHA_MDM) / budget
+        assert fits.compute_multiplier(mdm, ar, budget) == pytest.approx(expected, rel=1e-9)
+    assert fits.compute_multiplier(ar, ar, 1e15) == pytest.approx(1.0)
+
+
+def test_bootstrap_of_noise_free_runs_collapses_to_the_fit_and_drops_degenerate_resamples():
+    c, n, loss = _world(A_AR, ALPHA_AR, B_AR, BETA_AR)
+
+    def stat(cb, nb, lb):
+        _, ll, sl = fits.frontier(cb, nb, lb)
+        return [ll.exponent, sl.exponent]
+
+    values = fits.bootstrap(c, n, loss, stat, samples=200, seed=0)
+    # a resample of 5 sizes has < 3 distinct sizes with probability ~0.05 per budget: some are dropped
+    assert 100 < len(values) < 200
+    np.testing.assert_allclose(values[:, 0], -ALPHA_AR, rtol=1e-6)
+    np.testing.assert_allclose(values[:, 1], BETA_AR, rtol=1e-6)
+    lo, hi = fits.interval(values[:, 1])
+    assert lo == pytest.approx(BETA_AR) and hi == pytest.approx(BETA_AR)
+
+
+def test_vertex_outside_the_grid_falls_back_to_the_best_run():
+    sizes = np.array([1e5, 2e5, 4e5])
+    losses = np.array([3.0, 2.5, 2.2])  # still falling: the minimum lies beyond the largest size
+    v = fits.isoflop_vertex(1e12, sizes, losses)
+    assert not v.interior and v.n_opt == 4e5 and v.loss_opt == 2.2
+    with pytest.raises(UnmaskError, match="at least 3 distinct"):
+        fits.isoflop_vertex(1e12, sizes[:2], losses[:2])
+
+
+MINI = {"budgets": [2e8, 6e8], "depths": [1, 2, 3], "aspect": 32, "context_len": 32, "batch_size": 4, "min_steps": 4,
+        "eval_windows": 4, "eval_draws": 4}
+
+
+def test_grid_runner_resumes_an_interrupted_run_and_skips_finished_ones(small_data, tmp_path, monkeypatch):
+    import importlib
+
+    from unmask.checkpoint import load_weights
+    from unmask.data import TokenDataset
+    from unmask.experiments import runner, scaling
+
+    train_module = importlib.import_module("unmask.train")
+    grid = scaling.Grid.from_dict(dict(MINI, budgets=[2e8, 4e8]), "test")
+    specs = scaling.specs_for(grid, small_data, TokenDataset(small_data, "train").tokenizer.vocab_size)[:2]
+    evaluated = []
+
+    def evaluate(spec, run_dir):
+        evaluated.append(spec.name)
+        return {"steps": load_weights(run_dir)[2].name}
+
+    straight = runner.run_grid(tmp_path / "a", specs, evaluate, device="cpu", progress=False, chunk=3)
+    # interrupted: the first run stopped after 2 steps (its checkpoint written), then the grid is run
+    train_module.train(tmp_path / "b" / "runs" / specs[0].name, specs[0].model, specs[0].train, small_data, device="cpu", progress=False, stop_after=2)
+    calls = []
+    real = train_module.train
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: calls.append(k["resume"]) or real(*a, **k))
+    resumed = runner.run_grid(tmp_path / "b", specs, evaluate, device="cpu", progress=False, chunk=3)
+    assert calls[0] is True  # continued from step 2, not restarted
+    assert [r["result"] for r in resumed] == [r["result"] for r in straight]
+    for spec in specs:
+        wa, wb = (load_weights(tmp_path / x / "runs" / spec.name)[0] for x in "ab")
+        for key in wa:
+            assert torch.equal(wa[key], wb[key]), key
+    # a finished grid is read back, nothing trained or scored again
+    evaluated.clear()
+    monkeypatch.setattr(train_module, "train", lambda *a, **k: pytest.fail("a finished run was trained again"))
+    again = runner.run_grid(tmp_path / "b", specs, evaluate, device="cpu", progress=False)
+    assert again == resumed and evaluated == []
+    assert (tmp_path / "b" / "log.jsonl").read_text().count("\n") == 2
+    # other settings under the same names are refused, naming the folder
+    changed = [runner.RunSpec(s.name, s.model, s.train, s.data_dir, {**s.meta, "budget": 1.0}) for s in specs]
+    with pytest.raises(UnmaskError, match="different settings"):
+        runner.run_grid(tmp_path / "b", changed, evaluate, device="cpu", progress=False)
+
+
+def test_scaling_experiment_miniature(small_data, tmp_path):
+    from unmask.experiments import scaling
+
+    grid_file = tmp_path / "grid.json"
+    grid_file.write_text(json.dumps(MINI))
+    result = scaling.run(tmp_path / "out", str(grid_file), data_dir=small_data, device="cpu", progress=False, bootstrap_samples=50)
+    assert {p.name for p in (tmp_path / "out").iterdir()} >= {"results.json", "results.md", "scaling.png", "runs", "log.jsonl"}
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert len(saved["runs"]) == 2 * 2 * 3
+    for r in saved["runs"]:
+        m = r["spec"]["meta"]
+        # the run trains on D = C / (6N) tokens (rounded to whole steps, at least min_steps)
+        steps = r["spec"]["train"]["steps"]
+        assert steps == max(MINI["min_steps"], round(m["budget"] / (6 * m["n"]) / (MINI["batch_size"] * MINI["context_len"])))
+        assert m["flops_6ND"] == 6 * m["n"] * m["tokens"] and m["flops_full"] > m["flops_6ND"]
+        assert r["result"]["stderr"] > 0 if m["kind"] == "mdm" else r["result"]["stderr"] == 0
+    # the reported frontier is the fit of the reported vertices
+    for kind in ("mdm", "ar"):
+        f = result["fits"][kind]
+        law = fits.power_law([v["budget"] for v in f["vertices"]], [v["loss_opt"] for v in f["vertices"]])
+        assert f["loss"]["a"] == pytest.approx(-law.exponent)
+    assert "compute multiplier" in (tmp_path / "out" / "results.md").read_text()
+
+
+def test_scaling_grid_errors_name_the_problem(tmp_path):
+    from unmask.experiments import scaling
+
+    with pytest.raises(UnmaskError, match="neither a named grid"):
+        scaling.load_grid(str(tmp_path / "missing.json"))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"budgets": [1e9, 2e9], "depths": [1, 2, 3], "widths": 3}))
+    with pytest.raises(UnmaskError, match="unknown keys \\['widths'\\]"):
+        scaling.load_grid(str(bad))
+    bad.write_text(json.dumps({"budgets": [1e9, 2e9], "depths": [1, 2]}))
+    with pytest.raises(UnmaskError, match="at least 3 distinct sizes"):
+        scaling.load_grid(str(bad))
