@@ -155,3 +155,102 @@ def test_scaling_grid_errors_name_the_problem(tmp_path):
     bad.write_text(json.dumps({"budgets": [1e9, 2e9], "depths": [1, 2]}))
     with pytest.raises(UnmaskError, match="at least 3 distinct sizes"):
         scaling.load_grid(str(bad))
+
+
+def test_synthetic_facts_are_deterministic_distinct_and_asked_both_ways():
+    from unmask.experiments import facts
+
+    a, b = facts.synthetic_facts(6, seed=3), facts.synthetic_facts(6, seed=3)
+    assert a == b and a != facts.synthetic_facts(6, seed=4)
+    assert len({f.name for f in a}) == len({f.description for f in a}) == 12
+    assert [f.direction for f in a].count("n2d") == 6
+    docs = facts.fact_documents(a)
+    qs = facts.questions(a)
+    assert len(qs) == 24
+    for q in qs:
+        fact = a[q.fact]
+        seen = f"{q.prompt} {q.answer}."
+        # the "same" question is the plain training sentence; the reverse order never occurs in training
+        assert (seen in docs) == (q.direction == "same")
+        subject = q.prompt[: -len(" is")].lower()
+        mentions = [d.lower() for d in docs if fact.name in d]
+        assert len(mentions) == len(facts.TEMPLATES["n2d"])
+        # in every training sentence of the fact, the reverse question's answer comes first
+        assert all((d.index(q.answer.lower()) < d.index(subject)) == (q.direction == "reverse") for d in mentions)
+
+
+def test_user_facts_file_errors_name_the_line(tmp_path):
+    from unmask.experiments import facts
+
+    path = tmp_path / "facts.jsonl"
+    path.write_text('{"name": "A B", "description": "the c of d"}\n{"name": "E"}\n')
+    with pytest.raises(UnmaskError, match="line 2: needs non-empty string fields"):
+        facts.read_facts(path)
+    path.write_text("".join(json.dumps({"name": f"N{i}", "description": f"the d{i}"}) + "\n" for i in range(4)))
+    assert [f.direction for f in facts.read_facts(path)] == ["n2d", "d2n", "n2d", "d2n"]
+
+
+def _tiny(causal: bool, vocab: int = 50):
+    from unmask.config import ModelConfig
+    from unmask.model import Transformer
+
+    torch.manual_seed(1)
+    return Transformer(ModelConfig(vocab_size=vocab, context_len=16, n_layer=1, n_head=2, n_embd=16, causal=causal)).eval()
+
+
+def test_answer_logprobs_match_slow_per_token_references():
+    from unmask.experiments.answers import answer_logprobs, complete
+
+    pairs = [([5, 6], [7, 8, 9]), ([4], [3, 2, 11, 12]), ([9, 9], [1]), ([7, 3], [2, 4, 6])]  # mixed lengths
+    eos = 0
+    ar, mdm = _tiny(True), _tiny(False)
+    with torch.no_grad():
+        for w in (0.0, 2.0):
+            got = answer_logprobs(mdm, pairs, eos, cfg_scale=w, batch_size=2)
+            for (p, a), value in zip(pairs, got):
+                # left to right: position j masked together with everything after it
+                x = torch.tensor([[eos, *p, *a]])
+                ref = 0.0
+                for j in range(len(a)):
+                    pos = 1 + len(p) + j
+                    cond = x.clone()
+                    cond[0, pos:] = mdm.config.mask_id
+                    uncond = cond.clone()
+                    uncond[0, : 1 + len(p)] = mdm.config.mask_id  # the context replaced by MASK
+                    lc, lu = mdm(cond)[0, pos].double(), mdm(uncond)[0, pos].double()
+                    ref += torch.log_softmax((1 + w) * lc - w * lu, -1)[a[j]].item()
+                assert value == pytest.approx(ref, abs=1e-6)
+        got = answer_logprobs(ar, pairs, eos)
+        fills = complete(ar, [p for p, _ in pairs], [len(a) for _, a in pairs], eos)
+        for (p, a), value, fill in zip(pairs, got, fills):
+            ref, seq = 0.0, [eos, *p]
+            for tok in a:
+                ref += torch.log_softmax(ar(torch.tensor([seq]))[0, -1].double(), -1)[tok].item()
+                seq.append(tok)
+            assert value == pytest.approx(ref, abs=1e-6)
+            seq = [eos, *p]
+            for _ in a:
+                seq.append(int(ar(torch.tensor([seq]))[0, -1].argmax()))
+            assert fill == seq[1 + len(p):]
+
+
+def test_reverse_curse_miniature(tmp_path, monkeypatch):
+    from unmask.experiments import reverse_curse
+
+    settings = reverse_curse.Settings(facts_per_direction=3, repeats=2, text_chars=4000, vocab_size=300, n_layer=1, n_embd=32, n_head=2,
+                                      context_len=96, steps=4, batch_size=4, seeds=(0, 1), distractors=2, cfg_scales=(0.0, 1.0))
+    result = reverse_curse.run(tmp_path / "rc", settings, device="cpu", progress=False)
+    out = tmp_path / "rc"
+    assert {"results.json", "results.md", "reverse_curse.png", "facts.jsonl", "data"} <= {p.name for p in out.iterdir()}
+    assert [(r["model"], r["cfg"]) for r in result["summary"]] == [("AR", "w=0"), ("MDM", "w=0"), ("MDM", "w=1")]
+    for row in result["summary"]:
+        assert row["seeds"] == [0, 1]
+        for direction in ("same", "reverse"):
+            mean, sd = row[f"{direction}_rank_top1"]
+            assert 0 <= mean <= 1 and sd >= 0
+            assert 1 <= row[f"{direction}_mean_rank"][0] <= 3
+    # everything is finished: a second call reads the results back without training
+    importlib = __import__("importlib")
+    monkeypatch.setattr(importlib.import_module("unmask.train"), "train", lambda *a, **k: pytest.fail("trained again"))
+    again = reverse_curse.run(tmp_path / "rc", settings, device="cpu", progress=False)["summary"]
+    assert json.loads(json.dumps(again)) == json.loads(json.dumps(result["summary"]))
