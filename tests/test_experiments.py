@@ -254,3 +254,39 @@ def test_reverse_curse_miniature(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.import_module("unmask.train"), "train", lambda *a, **k: pytest.fail("trained again"))
     again = reverse_curse.run(tmp_path / "rc", settings, device="cpu", progress=False)["summary"]
     assert json.loads(json.dumps(again)) == json.loads(json.dumps(result["summary"]))
+
+
+def test_interpolation_at_equal_in_domain_loss():
+    from unmask.experiments.shift import interpolate_at
+
+    assert interpolate_at(3.5, [4.0, 3.0, 5.0], [0.2, 0.1, 0.4]) == (pytest.approx(0.15), False)
+    assert interpolate_at(2.5, [4.0, 3.0], [0.2, 0.1]) == (pytest.approx(0.05), True)  # beyond the runs: flagged
+
+
+def test_milton_texts_ship_with_their_notice():
+    from unmask.experiments.shift import milton_works
+
+    works = milton_works()
+    assert [name for name, _ in works] == ["areopagitica", "lallegro_il_penseroso_comus_and_lycidas", "paradise_regained"]
+    assert "PARADISE REGAINED" in works[2][1]
+
+
+def test_shift_miniature(tmp_path):
+    from unmask.experiments import shift
+
+    other = tmp_path / "other.txt"
+    other.write_text("Lorem ipsum dolor sit amet, consectetur adipiscing elit. " * 40)
+    settings = shift.Settings(vocab_size=300, n_layer=1, n_embd=32, n_head=2, context_len=16, steps=8, batch_size=4, ar_fractions=(0.5,),
+                              eval_windows=4, eval_draws=2, works=1)
+    result = shift.run(tmp_path / "sh", settings, shifted=[other], device="cpu", progress=False)
+    assert {"results.json", "results.md", "shift.png"} <= {p.name for p in (tmp_path / "sh").iterdir()}
+    assert [r["spec"]["name"] for r in result["runs"]] == ["mdm-8steps", "ar-8steps", "ar-4steps"]
+    rows = {c["corpus"]: c for c in result["comparison"]}
+    assert set(rows) == {"milton", "other.txt"}
+    for name, c in rows.items():
+        ar = result["runs"][1]["result"]
+        assert c["ar_rel_equal_compute"] == pytest.approx(ar[name]["nll"] / ar["in-domain"]["nll"] - 1)
+        assert c["mdm_rel_bound"] > -1 and "mdm_rel_chain_rule" in c
+    # scoring on other corpora than the finished runs were scored on is refused, naming the folder
+    with pytest.raises(UnmaskError, match="different settings"):
+        shift.run(tmp_path / "sh", settings, shifted=[], device="cpu", progress=False)

@@ -40,7 +40,7 @@ class Settings:
     n_embd: int = 128
     n_head: int = 4
     context_len: int = 64
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 16
     lr: float = 2e-3  # the same for both models
     seeds: tuple[int, ...] = (0, 1)
@@ -88,6 +88,9 @@ def prepare(out: Path, settings: Settings, facts: list[facts_mod.Fact]) -> Path:
 
 
 def specs_for(settings: Settings, data: Path, vocab: int) -> list[RunSpec]:
+    """An MDM and an AR run per seed; ``meta`` records the evaluation settings, so a finished run is
+    reused only when they are the same."""
+    evaluation = {"distractors": settings.distractors, "cfg_scales": list(settings.cfg_scales), "data_seed": settings.data_seed}
     specs = []
     for seed in settings.seeds:
         for kind in ("mdm", "ar"):
@@ -96,7 +99,7 @@ def specs_for(settings: Settings, data: Path, vocab: int) -> list[RunSpec]:
             train = TrainConfig(objective=kind, steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
                                 warmup_steps=max(1, settings.steps // 100), seed=seed, eval_every=settings.steps, eval_windows=8,
                                 checkpoint_every=settings.steps, keep_checkpoints=1, log_every=max(1, settings.steps // 20))
-            specs.append(RunSpec(f"{kind}-seed{seed}", model, train, str(data), {"kind": kind, "seed": seed}))
+            specs.append(RunSpec(f"{kind}-seed{seed}", model, train, str(data), {"kind": kind, "seed": seed, **evaluation}))
     return specs
 
 

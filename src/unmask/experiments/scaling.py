@@ -128,7 +128,8 @@ def specs_for(grid: Grid, data_dir: str | Path, vocab: int) -> list[RunSpec]:
                     checkpoint_every=steps, keep_checkpoints=1, log_every=max(1, steps // 20),
                 )
                 meta = {"kind": kind, "budget": budget, "depth": depth, "n": model.non_embedding_params(),
-                        **{f"flops_{k}": v for k, v in flops(model, steps * tokens_per_step).items()}, "tokens": steps * tokens_per_step}
+                        **{f"flops_{k}": v for k, v in flops(model, steps * tokens_per_step).items()}, "tokens": steps * tokens_per_step,
+                        "eval_windows": grid.eval_windows, "eval_draws": grid.eval_draws}
                 specs.append(RunSpec(f"{kind}-C{budget:.0e}-d{depth}".replace("+", ""), model, train, str(data_dir), meta))
     return specs
 
