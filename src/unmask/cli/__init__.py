@@ -7,6 +7,7 @@
     unmask sample --checkpoint RUN  generate text
     unmask serve --checkpoint RUN   OpenAI-compatible HTTP server and a page that animates the decoding
     unmask presets                  list model presets with parameter counts
+    unmask experiment scaling|reverse-curse|shift   SMDM's experiments, resumable, results folders
 
 Errors of the user's making (``UnmaskError``) print one ``error: ...`` line and exit with 2.
 """
@@ -25,6 +26,7 @@ from unmask.errors import UnmaskError
 from unmask.cli import data as _data  # noqa: F401,E402
 from unmask.cli import demo as _demo  # noqa: F401,E402
 from unmask.cli import evaluate as _evaluate  # noqa: F401,E402
+from unmask.cli import experiment as _experiment  # noqa: F401,E402
 from unmask.cli import sample as _sample  # noqa: F401,E402
 from unmask.cli import serve as _serve  # noqa: F401,E402
 from unmask.cli import train as _train  # noqa: F401,E402

@@ -128,6 +128,23 @@ def run_grid(
     return [{"spec": spec.to_dict(), "result": results[spec.name]} for spec in specs]
 
 
+def embedded_data(out_dir: str | Path, vocab_size: int, works: int = 0) -> Path:
+    """The embedded Shakespeare corpus as a data folder: with ``vocab_size`` 0 the cached default
+    dataset (shipped 4096-token tokenizer); otherwise ``OUT/data``, prepared once with a BPE of
+    ``vocab_size`` tokens trained on the training works (the first ``works`` of them if > 0). A
+    small vocabulary keeps the output head from dominating the compute of small CPU models."""
+    from unmask.data import default_dataset, prepare_dataset, shakespeare_works, train_bpe
+
+    if vocab_size == 0:
+        return default_dataset()
+    data = Path(out_dir) / "data"
+    if (data / "meta.json").is_file():
+        return data
+    train = [text for _, text in shakespeare_works("train")][: works or None]
+    val = [text for _, text in shakespeare_works("validation")][: 1 if works else None]
+    return prepare_dataset(data, train_bpe(train, vocab_size), train, val, progress=False)
+
+
 def write_outputs(out_dir: str | Path, data: dict, markdown: str) -> tuple[Path, Path]:
     """``OUT/results.json`` and ``OUT/results.md``, each written atomically."""
     out = Path(out_dir)

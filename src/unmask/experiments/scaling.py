@@ -26,7 +26,7 @@ import numpy as np
 from unmask.config import ModelConfig, TrainConfig
 from unmask.errors import UnmaskError
 from unmask.experiments import fits
-from unmask.experiments.runner import RunSpec, md_table, pyplot, run_grid, write_outputs
+from unmask.experiments.runner import RunSpec, embedded_data, md_table, pyplot, run_grid, write_outputs
 
 KINDS = ("mdm", "ar")
 
@@ -47,6 +47,7 @@ class Grid:
     eval_windows: int = 64
     eval_draws: int = 32
     seed: int = 0
+    vocab_size: int = 0  # without --data: > 0 trains a BPE of this size on the embedded corpus; 0: the shipped tokenizer
 
     def __post_init__(self) -> None:
         if len(set(self.depths)) < 3:
@@ -73,8 +74,8 @@ class Grid:
 
 
 GRIDS: dict[str, Grid] = {
-    # about two hours on 2 CPU cores: 3 budgets x 5 sizes x 2 models, 40 to 3000 steps of 16 x 128 tokens
-    "cpu": Grid(budgets=(3e12, 1e13, 3e13), depths=(2, 3, 4, 5, 6)),
+    # about two hours on 2 CPU cores: 3 budgets x 5 sizes x 2 models, 1024-token BPE, 16 x 64 tokens per step
+    "cpu": Grid(budgets=(1e12, 3e12, 1e13), depths=(2, 3, 4, 5, 6), context_len=64, vocab_size=1024),
     # for one GPU: 4 budgets x 5 sizes x 2 models at context 512, widths 256 to 768
     "gpu": Grid(
         budgets=(1e15, 3e15, 1e16, 3e16), depths=(4, 6, 8, 10, 12), aspect=64, head_dim=64, context_len=512,
@@ -294,10 +295,13 @@ def markdown(grid_name: str, grid: Grid, records: list[dict], analysis: dict) ->
 def run(out_dir: str | Path, grid_name: str = "cpu", data_dir: str | Path | None = None, device: str = "auto",
         progress: bool = True, bootstrap_samples: int = 1000) -> dict:
     """Run (or resume) the grid, fit, and write results.json, results.md and scaling.png to ``out_dir``."""
-    from unmask.data import TokenDataset, default_dataset
+    from unmask.data import TokenDataset
 
     grid = load_grid(grid_name)
-    data = Path(data_dir) if data_dir is not None else default_dataset()
+    if data_dir is not None and grid.vocab_size:
+        raise UnmaskError(f"--data {data_dir}: the grid asks for its own {grid.vocab_size}-token BPE of the embedded corpus (vocab_size); "
+                          "set vocab_size to 0 in a --grid file to train on your data folder")
+    data = Path(data_dir) if data_dir is not None else embedded_data(out_dir, grid.vocab_size)
     vocab = TokenDataset(data, "train").tokenizer.vocab_size
     specs = specs_for(grid, data.resolve(), vocab)
     records = run_grid(out_dir, specs, lambda s, d: final_loss(s, d, grid.eval_windows, grid.eval_draws, device=device),

@@ -26,7 +26,7 @@ import numpy as np
 
 from unmask.config import ModelConfig, TrainConfig
 from unmask.errors import UnmaskError
-from unmask.experiments.runner import RunSpec, md_table, pyplot, run_grid, write_outputs
+from unmask.experiments.runner import RunSpec, embedded_data, md_table, pyplot, run_grid, write_outputs
 
 
 @dataclass(frozen=True)
@@ -58,19 +58,6 @@ def milton_works() -> list[tuple[str, str]]:
     data = resources.files("unmask.data").joinpath("assets", "milton.tar.gz").read_bytes()
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:gz") as tf:
         return sorted((m.name[:-4], tf.extractfile(m).read().decode("utf-8")) for m in tf.getmembers() if m.name.endswith(".txt") and m.name != "NOTICE.txt")
-
-
-def prepare(out: Path, settings: Settings) -> Path:
-    from unmask.data import default_dataset, prepare_dataset, shakespeare_works, train_bpe
-
-    if settings.vocab_size == 0:
-        return default_dataset()
-    data = out / "data"
-    if (data / "meta.json").is_file():
-        return data
-    train = [text for _, text in shakespeare_works("train")][: settings.works or None]
-    val = [text for _, text in shakespeare_works("validation")][: 1 if settings.works else None]
-    return prepare_dataset(data, train_bpe(train, settings.vocab_size), train, val, progress=False)
 
 
 def shifted_corpora(paths: list[str | Path], milton: bool = True) -> dict[str, list[str]]:
@@ -222,7 +209,7 @@ def run(out_dir: str | Path, settings: Settings = Settings(), shifted: list[str 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     corpora = shifted_corpora(list(shifted), milton)
-    data = prepare(out, settings)
+    data = embedded_data(out, settings.vocab_size, settings.works)
     vocab = TokenDataset(data, "train").tokenizer.vocab_size
     specs = specs_for(settings, Path(data).resolve(), vocab, list(corpora))
     records = run_grid(out, specs, lambda spec, run_dir: evaluate_run(run_dir, corpora, settings, device), device=device,
