@@ -290,3 +290,18 @@ def test_shift_miniature(tmp_path):
     # scoring on other corpora than the finished runs were scored on is refused, naming the folder
     with pytest.raises(UnmaskError, match="different settings"):
         shift.run(tmp_path / "sh", settings, shifted=[], device="cpu", progress=False)
+
+
+def test_experiment_commands_refuse_bad_flags_by_name(tmp_path, capsys):
+    from unmask.cli import main
+
+    assert main(["experiment", "reverse-curse", "--out", str(tmp_path / "rc"), "--cfg-scales", "0,x"]) == 2
+    assert "--cfg-scales '0,x'" in capsys.readouterr().err
+    assert main(["experiment", "shift", "--out", str(tmp_path / "sh"), "--ar-fractions", "0.5,1.5"]) == 2
+    assert "--ar-fractions [0.5, 1.5] must lie in (0, 1)" in capsys.readouterr().err
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps({**MINI, "vocab_size": 400}))
+    assert main(["experiment", "scaling", "--out", str(tmp_path / "sc"), "--grid", str(grid), "--data", str(tmp_path)]) == 2
+    assert "set vocab_size to 0" in capsys.readouterr().err
+    assert main(["experiment", "reverse-curse", "--out", str(tmp_path / "rc"), "--facts-file", str(tmp_path / "none.jsonl")]) == 2
+    assert "--facts-file" in capsys.readouterr().err

@@ -81,13 +81,11 @@ GRIDS: dict[str, Grid] = {
         budgets=(1e15, 3e15, 1e16, 3e16), depths=(4, 6, 8, 10, 12), aspect=64, head_dim=64, context_len=512,
         batch_size=64, ref_width=512, lr=1e-3, min_steps=100, eval_windows=256, eval_draws=64,
     ),
-    # the miniature run of the tests: seconds
-    "mini": Grid(budgets=(2e9, 6e9), depths=(1, 2, 3), aspect=32, context_len=32, batch_size=4, min_steps=4, eval_windows=4, eval_draws=4),
 }
 
 
 def load_grid(name: str) -> Grid:
-    """A named grid (cpu, gpu, mini) or a JSON file of :class:`Grid` fields."""
+    """A named grid (cpu, gpu) or a JSON file of :class:`Grid` fields."""
     if name in GRIDS:
         return GRIDS[name]
     path = Path(name)
