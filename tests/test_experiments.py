@@ -237,7 +237,7 @@ def test_answer_logprobs_match_slow_per_token_references():
 def test_reverse_curse_miniature(tmp_path, monkeypatch):
     from unmask.experiments import reverse_curse
 
-    settings = reverse_curse.Settings(facts_per_direction=3, repeats=2, text_chars=4000, vocab_size=300, n_layer=1, n_embd=32, n_head=2,
+    settings = reverse_curse.Settings(facts_per_direction=2, repeats=2, text_chars=2000, vocab_size=600, n_layer=1, n_embd=32, n_head=2,
                                       context_len=96, steps=4, batch_size=4, seeds=(0, 1), distractors=2, cfg_scales=(0.0, 1.0))
     result = reverse_curse.run(tmp_path / "rc", settings, device="cpu", progress=False)
     out = tmp_path / "rc"
@@ -249,6 +249,7 @@ def test_reverse_curse_miniature(tmp_path, monkeypatch):
             mean, sd = row[f"{direction}_rank_top1"]
             assert 0 <= mean <= 1 and sd >= 0
             assert 1 <= row[f"{direction}_mean_rank"][0] <= 3
+            assert row[f"{direction}_exact_match"][0] in (0, 0.25, 0.5, 0.75, 1)  # 2 facts x 2 seeds per direction
     # everything is finished: a second call reads the results back without training
     importlib = __import__("importlib")
     monkeypatch.setattr(importlib.import_module("unmask.train"), "train", lambda *a, **k: pytest.fail("trained again"))
