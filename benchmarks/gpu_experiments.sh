@@ -3,8 +3,8 @@
 # context 512, the shipped 4096-token tokenizer), then reverse curse and distribution shift at their defaults.
 # Results (results.json, results.md, PNGs, per-run result.json and metrics.jsonl) go to $OUT; checkpoints do not.
 #   OUT=runs/gpu-experiments bash benchmarks/gpu_experiments.sh
-# GRID (default experiments/grids/gpu-short.json; `gpu` is the full grid, hours) and DEVICE override
-# (GRID=experiments/grids/cpu-reduced.json DEVICE=cpu for a dry run of the script's path).
+# GRID (default experiments/grids/gpu-short.json; `gpu` is the full grid, hours), DEVICE, WORK (where the runs
+# live; the same WORK resumes them), RC_ARGS and SHIFT_ARGS (extra flags of the two commands) override.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-experiments}
@@ -22,7 +22,7 @@ run() {  # name, time limit in seconds, command...
   echo "$name: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
 }
 run scaling 330 $PY -m unmask experiment scaling --grid "$GRID" --out "$WORK/scaling" --device "$DEVICE"
-run reverse-curse 150 $PY -m unmask experiment reverse-curse --out "$WORK/reverse-curse" --device "$DEVICE"
-run shift 120 $PY -m unmask experiment shift --out "$WORK/shift" --device "$DEVICE"
+run reverse-curse 150 $PY -m unmask experiment reverse-curse --out "$WORK/reverse-curse" --device "$DEVICE" ${RC_ARGS:-}
+run shift 120 $PY -m unmask experiment shift --out "$WORK/shift" --device "$DEVICE" ${SHIFT_ARGS:-}
 # everything but checkpoints and prepared data (a later call with the same WORK resumes where this one stopped)
 (cd "$WORK" && find . -path '*/checkpoints' -prune -o -path '*/data' -prune -o -type f -print | tar cf - -T -) | tar xf - -C "$OUT"

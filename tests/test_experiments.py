@@ -140,7 +140,10 @@ def test_scaling_experiment_miniature(small_data, tmp_path):
         f = result["fits"][kind]
         law = fits.power_law([v["budget"] for v in f["vertices"]], [v["loss_opt"] for v in f["vertices"]])
         assert f["loss"]["a"] == pytest.approx(-law.exponent)
-    assert "compute multiplier" in (tmp_path / "out" / "results.md").read_text()
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "compute multiplier" in md
+    edge = [v for kind in ("mdm", "ar") for v in result["fits"][kind]["vertices"] if not v["interior"]]
+    assert len(result["edge_vertices"]) == len(edge) and ("Not a frontier" in md) == bool(edge)
 
 
 def test_scaling_grid_errors_name_the_problem(tmp_path):

@@ -196,6 +196,8 @@ def analyse(records: list[dict], bootstrap_samples: int = 1000, extrapolate: tup
             "size_ratio": ratio, "size_ratio_ci": fits.interval(np.array(samples_r)),
         })
     out["comparison"] = comparison
+    edge = [f"{kind.upper()} at C={v['budget']:.0e}" for kind in KINDS for v in out["fits"][kind]["vertices"] if not v["interior"]]
+    out["edge_vertices"] = edge  # budgets whose best size lies at the edge of the grid: no IsoFLOP minimum there
     return out
 
 
@@ -279,6 +281,10 @@ def markdown(grid_name: str, grid: Grid, records: list[dict], analysis: dict) ->
                      f"{f['size']['b']:.4f} [{f['size']['b_ci'][0]:.4f}, {f['size']['b_ci'][1]:.4f}]",
                      " ".join(f"{v['n_opt']:.3g}{'' if v['interior'] else '*'}" for v in f["vertices"])])
     lines.append(md_table(["model", "A in L*=A C^-a", "a", "B in N*=B C^b", "b", "N* per budget (*: edge of grid)"], rows))
+    if analysis["edge_vertices"]:
+        lines += ["", f"**Not a frontier:** the best size of {', '.join(analysis['edge_vertices'])} lies at the edge of the grid (the "
+                  "parabola has no minimum inside it), so N* and L* there are the best run, not an IsoFLOP minimum. The fits and the "
+                  "multiplier below inherit this; widen the depth range or move the budgets before reading them as scaling laws."]
     lines += ["", "## Compute multiplier (MDM compute to reach the AR loss) and size ratio N*_MDM / N*_AR", ""]
     rows = [[f"{c['budget']:.0e}" + (" (extrapolated)" if c["extrapolated"] else ""), f"{c['ar_loss']:.4f}", f"{c['mdm_loss']:.4f}",
              f"{c['compute_multiplier']:.3g} [{c['compute_multiplier_ci'][0]:.3g}, {c['compute_multiplier_ci'][1]:.3g}]",
