@@ -309,3 +309,16 @@ def test_experiment_commands_refuse_bad_flags_by_name(tmp_path, capsys):
     assert "set vocab_size to 0" in capsys.readouterr().err
     assert main(["experiment", "reverse-curse", "--out", str(tmp_path / "rc"), "--facts-file", str(tmp_path / "none.jsonl")]) == 2
     assert "--facts-file" in capsys.readouterr().err
+
+
+def test_reverse_curse_extra_mdm_runs_train_longer_under_their_own_names(tmp_path):
+    from unmask.experiments import reverse_curse
+
+    settings = reverse_curse.Settings(steps=10, seeds=(0, 1), extra_mdm_steps=(40,))
+    specs = reverse_curse.specs_for(settings, tmp_path, 100)
+    assert [(s.name, s.train.steps, s.train.objective) for s in specs] == [
+        ("mdm-seed0", 10, "mdm"), ("ar-seed0", 10, "ar"), ("mdm-seed0-40steps", 40, "mdm"),
+        ("mdm-seed1", 10, "mdm"), ("ar-seed1", 10, "ar"), ("mdm-seed1-40steps", 40, "mdm"),
+    ]
+    with pytest.raises(UnmaskError, match="--extra-mdm-steps"):
+        reverse_curse.Settings(extra_mdm_steps=(0,))

@@ -53,6 +53,7 @@ def reverse_curse(
     facts: int = typer.Option(20, help="Synthetic facts per direction."),
     repeats: int = typer.Option(20, help="Copies of each paraphrase in the training text."),
     steps: int = typer.Option(1000, help="Training steps of each model."),
+    extra_mdm_steps: str = typer.Option("", help="Comma-separated step counts of further MDM runs (more compute than the AR model), e.g. 4000."),
     seeds: str = typer.Option("0,1", help="Comma-separated training seeds; the table reports mean and spread over them."),
     cfg_scales: str = typer.Option("0,0.5,1,2,3", help="MDM guidance scales w to evaluate at."),
     distractors: int = typer.Option(7, help="Wrong answers each correct one is ranked against."),
@@ -63,7 +64,8 @@ def reverse_curse(
     from unmask.experiments import reverse_curse as experiment
 
     settings = experiment.Settings(facts_per_direction=facts, repeats=repeats, steps=steps, seeds=_ints(seeds, "--seeds"),
-                                   cfg_scales=_floats(cfg_scales, "--cfg-scales"), distractors=distractors, context_len=context_len)
+                                   cfg_scales=_floats(cfg_scales, "--cfg-scales"), distractors=distractors, context_len=context_len,
+                                   extra_mdm_steps=_ints(extra_mdm_steps, "--extra-mdm-steps"))
     experiment.run(out, settings, facts_file, device=device)
     typer.echo(f"wrote {out}/results.md, results.json and reverse_curse.png", err=True)
 

@@ -47,8 +47,11 @@ class Settings:
     distractors: int = 7
     cfg_scales: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0)
     data_seed: int = 0
+    extra_mdm_steps: tuple[int, ...] = ()  # further MDM runs trained this many steps (more compute than the AR model)
 
     def __post_init__(self) -> None:
+        if any(n <= 0 for n in self.extra_mdm_steps):
+            raise UnmaskError(f"--extra-mdm-steps {list(self.extra_mdm_steps)} must be positive step counts")
         if not self.seeds:
             raise UnmaskError("--seeds must name at least one seed")
         if self.distractors < 1:
@@ -92,14 +95,15 @@ def specs_for(settings: Settings, data: Path, vocab: int) -> list[RunSpec]:
     reused only when they are the same."""
     evaluation = {"distractors": settings.distractors, "cfg_scales": list(settings.cfg_scales), "data_seed": settings.data_seed}
     specs = []
+    runs = [("mdm", settings.steps, ""), ("ar", settings.steps, ""), *(("mdm", n, f"-{n}steps") for n in settings.extra_mdm_steps)]
     for seed in settings.seeds:
-        for kind in ("mdm", "ar"):
+        for kind, steps, suffix in runs:
             model = ModelConfig(name="reverse-curse", vocab_size=vocab, context_len=settings.context_len, n_layer=settings.n_layer,
                                 n_head=settings.n_head, n_embd=settings.n_embd, causal=kind == "ar")
-            train = TrainConfig(objective=kind, steps=settings.steps, batch_size=settings.batch_size, lr=settings.lr,
-                                warmup_steps=max(1, settings.steps // 100), seed=seed, eval_every=settings.steps, eval_windows=8,
-                                checkpoint_every=settings.steps, keep_checkpoints=1, log_every=max(1, settings.steps // 20))
-            specs.append(RunSpec(f"{kind}-seed{seed}", model, train, str(data), {"kind": kind, "seed": seed, **evaluation}))
+            train = TrainConfig(objective=kind, steps=steps, batch_size=settings.batch_size, lr=settings.lr,
+                                warmup_steps=max(1, steps // 100), seed=seed, eval_every=steps, eval_windows=8,
+                                checkpoint_every=steps, keep_checkpoints=1, log_every=max(1, steps // 20))
+            specs.append(RunSpec(f"{kind}-seed{seed}{suffix}", model, train, str(data), {"kind": kind, "seed": seed, **evaluation}))
     return specs
 
 
@@ -146,10 +150,12 @@ def _spread(values: list[float]) -> tuple[float, float]:
 def summarise(records: list[dict], settings: Settings) -> list[dict]:
     """One row per (model, w): mean and standard deviation over seeds of every metric."""
     rows = []
-    for kind in ("ar", "mdm"):
-        runs = [r for r in records if r["spec"]["meta"]["kind"] == kind]
+    groups = sorted({(r["spec"]["meta"]["kind"], r["spec"]["train"]["steps"]) for r in records}, key=lambda g: (g[0] != "ar", g[1]))
+    for kind, steps in groups:
+        runs = [r for r in records if r["spec"]["meta"]["kind"] == kind and r["spec"]["train"]["steps"] == steps]
+        label = kind.upper() if steps == settings.steps else f"{kind.upper()} {steps} steps"
         for key in runs[0]["result"]:
-            row: dict[str, Any] = {"model": kind.upper(), "cfg": key, "seeds": [r["spec"]["meta"]["seed"] for r in runs]}
+            row: dict[str, Any] = {"model": label, "steps": steps, "cfg": key, "seeds": [r["spec"]["meta"]["seed"] for r in runs]}
             for direction in ("same", "reverse"):
                 for metric in ("exact_match", "rank_top1", "mean_rank", "answer_logprob_per_token"):
                     row[f"{direction}_{metric}"] = _spread([r["result"][key][direction][metric] for r in runs])
@@ -163,7 +169,9 @@ def markdown(settings: Settings, rows: list[dict], source: str, num_facts: int) 
              f"Facts: {source}; {num_facts // 2} per direction, {len(facts_mod.TEMPLATES['n2d'])} paraphrases each, "
              f"x{settings.repeats}, mixed with {settings.text_chars:,} characters of Shakespeare. Models trained from scratch "
              f"({settings.n_layer} layers, width {settings.n_embd}, context {settings.context_len}, {settings.steps} steps of "
-             f"{settings.batch_size} sequences, lr {settings.lr:g}), seeds {list(settings.seeds)}. Values: mean +- sd over seeds.", "",
+             f"{settings.batch_size} sequences, lr {settings.lr:g}"
+             + (f"; further MDM runs of {', '.join(map(str, settings.extra_mdm_steps))} steps" if settings.extra_mdm_steps else "")
+             + f"), seeds {list(settings.seeds)}. Values: mean +- sd over seeds.", "",
              "Exact match: greedy completion of the answer's length (AR argmax; MDM confidence decoding at temperature 0, one token per call, "
              f"guidance scale w). Rank: correct answer among {settings.distractors} distractors by log p(answer | prompt) (MDM: exact left-to-right "
              f"chain rule); top-1 chance = {chance:.3f}, mean-rank chance = {(settings.distractors + 2) / 2:.1f}.", ""]
@@ -183,7 +191,7 @@ def markdown(settings: Settings, rows: list[dict], source: str, num_facts: int) 
 def _plot(rows: list[dict], settings: Settings, path: Path) -> None:
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
-    labels = [f"{r['model']} {r['cfg']}" if r["model"] == "MDM" else "AR" for r in rows]
+    labels = [f"{r['model']} {r['cfg']}" if r["model"].startswith("MDM") else r["model"] for r in rows]
     x = range(len(rows))
     for ax, metric, title in ((axes[0], "exact_match", "exact match"), (axes[1], "rank_top1", "top-1 among distractors")):
         for offset, direction in ((-0.2, "same"), (0.2, "reverse")):
