@@ -31,7 +31,7 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 
 @experiment_app.command("scaling")
 def scaling(
-    out: Path = typer.Option(Path("experiments/scaling"), help="Results folder (runs/, results.json, results.md, scaling.png)."),
+    out: Path = typer.Option(Path("runs/experiments/scaling"), help="Results folder (runs/, results.json, results.md, scaling.png)."),
     grid: str = typer.Option("cpu", help="cpu (about two hours on 2 cores), gpu (one GPU, hours), or a JSON file of grid fields."),
     data: Optional[Path] = typer.Option(None, help="Folder from `unmask data prepare`; default: the embedded Shakespeare corpus."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the confidence intervals."),
@@ -48,7 +48,7 @@ def scaling(
 
 @experiment_app.command("reverse-curse")
 def reverse_curse(
-    out: Path = typer.Option(Path("experiments/reverse-curse"), help="Results folder."),
+    out: Path = typer.Option(Path("runs/experiments/reverse-curse"), help="Results folder."),
     facts_file: Optional[Path] = typer.Option(None, help="JSONL of {\"name\", \"description\"} facts; default: synthetic fictional facts."),
     facts: int = typer.Option(20, help="Synthetic facts per direction."),
     repeats: int = typer.Option(20, help="Copies of each paraphrase in the training text."),
@@ -72,7 +72,7 @@ def reverse_curse(
 
 @experiment_app.command("shift")
 def shift(
-    out: Path = typer.Option(Path("experiments/shift"), help="Results folder."),
+    out: Path = typer.Option(Path("runs/experiments/shift"), help="Results folder."),
     shifted: Optional[List[Path]] = typer.Option(None, help="Local text (.txt, .jsonl or a folder) to score as shifted data; repeatable."),
     milton: bool = typer.Option(True, help="Also score the shipped Milton texts."),
     steps: int = typer.Option(800, help="Training steps of the MDM and the full-length AR run."),
