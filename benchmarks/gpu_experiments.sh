@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-experiments}
 GRID=${GRID:-experiments/grids/gpu-short.json}
 DEVICE=${DEVICE:-cuda}
-WORK=${WORK:-/tmp/gpu-experiments}
+WORK=${WORK:-runs/gpu-work}
 mkdir -p "$OUT" "$WORK"
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -21,8 +21,8 @@ run() {  # name, time limit in seconds, command...
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "$name: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
 }
-run scaling 330 $PY -m unmask experiment scaling --grid "$GRID" --out "$WORK/scaling" --device "$DEVICE"
-run reverse-curse 150 $PY -m unmask experiment reverse-curse --out "$WORK/reverse-curse" --device "$DEVICE" ${RC_ARGS:-}
-run shift 120 $PY -m unmask experiment shift --out "$WORK/shift" --device "$DEVICE" ${SHIFT_ARGS:-}
+run scaling 300 $PY -m unmask experiment scaling --grid "$GRID" --out "$WORK/scaling" --device "$DEVICE"
+run reverse-curse 140 $PY -m unmask experiment reverse-curse --out "$WORK/reverse-curse" --device "$DEVICE" ${RC_ARGS:-}
+run shift 110 $PY -m unmask experiment shift --out "$WORK/shift" --device "$DEVICE" ${SHIFT_ARGS:-}
 # everything but checkpoints and prepared data (a later call with the same WORK resumes where this one stopped)
 (cd "$WORK" && find . -path '*/checkpoints' -prune -o -path '*/data' -prune -o -type f -print | tar cf - -T -) | tar xf - -C "$OUT"
