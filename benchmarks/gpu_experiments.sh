@@ -25,4 +25,4 @@ run scaling 300 $PY -m unmask experiment scaling --grid "$GRID" --out "$WORK/sca
 run reverse-curse 140 $PY -m unmask experiment reverse-curse --out "$WORK/reverse-curse" --device "$DEVICE" ${RC_ARGS:-}
 run shift 110 $PY -m unmask experiment shift --out "$WORK/shift" --device "$DEVICE" ${SHIFT_ARGS:-}
 # everything but checkpoints and prepared data (a later call with the same WORK resumes where this one stopped)
-(cd "$WORK" && find . -path '*/checkpoints' -prune -o -path '*/data' -prune -o -type f -print | tar cf - -T -) | tar xf - -C "$OUT"
+(cd "$WORK" && find -L . -path '*/checkpoints' -prune -o -path '*/data' -prune -o -type f -print | tar cf - -T -) | tar xf - -C "$OUT"
