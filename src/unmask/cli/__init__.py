@@ -9,6 +9,7 @@
     unmask import HF_FOLDER --out RUN   a LLaMA/Qwen2/Mistral/LLaDA/Dream checkpoint as a run folder
     unmask export RUN --out DIR     a run as a LLaMA-layout folder (AR: loads in transformers)
     unmask presets                  list model presets with parameter counts
+    unmask experiment scaling|reverse-curse|shift   SMDM's experiments, resumable, results folders
 
 Errors of the user's making (``UnmaskError``) print one ``error: ...`` line and exit with 2.
 """
@@ -28,6 +29,7 @@ from unmask.cli import data as _data  # noqa: F401,E402
 from unmask.cli import demo as _demo  # noqa: F401,E402
 from unmask.cli import evaluate as _evaluate  # noqa: F401,E402
 from unmask.cli import interop as _interop  # noqa: F401,E402
+from unmask.cli import experiment as _experiment  # noqa: F401,E402
 from unmask.cli import sample as _sample  # noqa: F401,E402
 from unmask.cli import serve as _serve  # noqa: F401,E402
 from unmask.cli import train as _train  # noqa: F401,E402

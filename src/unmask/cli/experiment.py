@@ -1,0 +1,93 @@
+"""``unmask experiment scaling | reverse-curse | shift``: SMDM's experiments, each writing a
+results folder (results.json, results.md, a PNG) and resuming where it stopped when run again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from unmask.cli.app import app, command_group
+from unmask.errors import UnmaskError
+
+experiment_app = command_group("SMDM's experiments: scaling laws, reverse curse, distribution shift.")
+app.add_typer(experiment_app, name="experiment")
+
+
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UnmaskError(f"{flag} {text!r}: give comma-separated numbers, e.g. 0,0.5,1,2,3") from None
+
+
+def _ints(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UnmaskError(f"{flag} {text!r}: give comma-separated integers, e.g. 0,1,2") from None
+
+
+@experiment_app.command("scaling")
+def scaling(
+    out: Path = typer.Option(Path("runs/experiments/scaling"), help="Results folder (runs/, results.json, results.md, scaling.png)."),
+    grid: str = typer.Option("cpu", help="cpu (about two hours on 2 free cores, estimated), gpu (one GPU, hours), or a JSON file of grid fields."),
+    data: Optional[Path] = typer.Option(None, help="Folder from `unmask data prepare`; default: the embedded Shakespeare corpus."),
+    bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the confidence intervals."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """IsoFLOP grid of MDM and AR runs, frontiers L*(C) and N*(C), compute multiplier and size ratio."""
+    from unmask.experiments import scaling as experiment
+
+    if bootstrap < 10:
+        raise UnmaskError(f"--bootstrap={bootstrap}: use at least 10 resamples")
+    experiment.run(out, grid, data, device=device, bootstrap_samples=bootstrap)
+    typer.echo(f"wrote {out}/results.md, results.json and scaling.png", err=True)
+
+
+@experiment_app.command("reverse-curse")
+def reverse_curse(
+    out: Path = typer.Option(Path("runs/experiments/reverse-curse"), help="Results folder."),
+    facts_file: Optional[Path] = typer.Option(None, help="JSONL of {\"name\", \"description\"} facts; default: synthetic fictional facts."),
+    facts: int = typer.Option(20, help="Synthetic facts per direction."),
+    repeats: int = typer.Option(20, help="Copies of each paraphrase in the training text."),
+    steps: int = typer.Option(1000, help="Training steps of each model."),
+    extra_mdm_steps: str = typer.Option("", help="Comma-separated step counts of further MDM runs (more compute than the AR model), e.g. 4000."),
+    seeds: str = typer.Option("0,1", help="Comma-separated training seeds; the table reports mean and spread over them."),
+    cfg_scales: str = typer.Option("0,0.5,1,2,3", help="MDM guidance scales w to evaluate at."),
+    distractors: int = typer.Option(7, help="Wrong answers each correct one is ranked against."),
+    context_len: int = typer.Option(64, help="Model context in tokens."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Train MDM and AR on facts seen in one direction; exact match and ranking in both directions."""
+    from unmask.experiments import reverse_curse as experiment
+
+    settings = experiment.Settings(facts_per_direction=facts, repeats=repeats, steps=steps, seeds=_ints(seeds, "--seeds"),
+                                   cfg_scales=_floats(cfg_scales, "--cfg-scales"), distractors=distractors, context_len=context_len,
+                                   extra_mdm_steps=_ints(extra_mdm_steps, "--extra-mdm-steps"))
+    experiment.run(out, settings, facts_file, device=device)
+    typer.echo(f"wrote {out}/results.md, results.json and reverse_curse.png", err=True)
+
+
+@experiment_app.command("shift")
+def shift(
+    out: Path = typer.Option(Path("runs/experiments/shift"), help="Results folder."),
+    shifted: Optional[List[Path]] = typer.Option(None, help="Local text (.txt, .jsonl or a folder) to score as shifted data; repeatable."),
+    milton: bool = typer.Option(True, help="Also score the shipped Milton texts."),
+    steps: int = typer.Option(800, help="Training steps of the MDM and the full-length AR run."),
+    ar_fractions: str = typer.Option("0.25,0.5", help="Lengths of the extra AR runs, as fractions of --steps (equal-loss comparison)."),
+    vocab_size: int = typer.Option(1024, help="BPE size trained on the corpus; 0: the shipped 4096-token tokenizer."),
+    draws: int = typer.Option(16, help="Monte Carlo draws of the MDM bound."),
+    windows: int = typer.Option(64, help="Windows scored per corpus."),
+    chain_rule: bool = typer.Option(True, help="Also score the MDM with the exact left-to-right chain rule."),
+    seed: int = typer.Option(0, help="Training seed."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+) -> None:
+    """Train MDM and AR on Shakespeare; relative NLL increase on shifted text at equal compute and equal loss."""
+    from unmask.experiments import shift as experiment
+
+    settings = experiment.Settings(vocab_size=vocab_size, steps=steps, ar_fractions=_floats(ar_fractions, "--ar-fractions"), eval_draws=draws,
+                                   eval_windows=windows, chain_rule=chain_rule, seed=seed)
+    experiment.run(out, settings, shifted or [], milton, device=device)
+    typer.echo(f"wrote {out}/results.md, results.json and shift.png", err=True)

@@ -1,0 +1,77 @@
+"""Scoring and completing short answers after a prompt, for MDM and AR alike.
+
+Every pair is laid out as [EOS ; prompt ; answer] (EOS: the separator every training document
+follows). Pairs of equal total length go through the network together, so nothing is padded.
+
+* :func:`answer_logprobs`: log p(answer | prompt). AR: exact, one forward. MDM: the exact chain
+  rule with the answer decoded left to right (:func:`unmask.likelihood.chain_rule`), optionally
+  with unsupervised classifier-free guidance of scale w (the prompt replaced by MASK in the
+  unconditional pass, reference section 5).
+* :func:`complete`: the greedy answer of a given length. AR: argmax token by token. MDM:
+  confidence decoding at temperature 0, one token per network call, with guidance scale w.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from unmask.likelihood import chain_rule
+from unmask.objectives import device_of
+from unmask.sampling.ar import ARConfig, ar_sample
+from unmask.sampling.base import Conditioning
+from unmask.sampling.generate import SamplerSpec
+
+
+def _groups(keys: list) -> dict:
+    groups = defaultdict(list)
+    for i, key in enumerate(keys):
+        groups[key].append(i)
+    return groups
+
+
+@torch.no_grad()
+def answer_logprobs(model, pairs: list[tuple[list[int], list[int]]], eos: int, cfg_scale: float = 0.0, batch_size: int = 64) -> list[float]:
+    """log p(answer | prompt) in nats for each (prompt ids, answer ids) pair (answers non-empty)."""
+    dev = device_of(model)
+    out = [0.0] * len(pairs)
+    causal = model.config.causal
+    for _, idx in _groups([1 + len(p) + len(a) for p, a in pairs]).items():
+        for start in range(0, len(idx), batch_size):
+            rows = idx[start : start + batch_size]
+            x = torch.tensor([[eos, *pairs[i][0], *pairs[i][1]] for i in rows], device=dev)
+            scored = torch.zeros_like(x, dtype=torch.bool)
+            for r, i in enumerate(rows):
+                scored[r, 1 + len(pairs[i][0]) :] = True
+            if causal:
+                logp = torch.log_softmax(model(x[:, :-1]).double(), dim=-1).gather(-1, x[:, 1:, None]).squeeze(-1)
+                values = (logp * scored[:, 1:]).sum(dim=1)
+            else:
+                values = chain_rule(model, x, score_mask=scored, cfg_scale=cfg_scale).logprob
+            for r, i in enumerate(rows):
+                out[i] = float(values[r])
+    return out
+
+
+@torch.no_grad()
+def complete(model, prompts: list[list[int]], lengths: list[int], eos: int, cfg_scale: float = 0.0, batch_size: int = 64) -> list[list[int]]:
+    """The greedy completion of ``lengths[i]`` tokens after each prompt (ids, no EOS)."""
+    dev = device_of(model)
+    out: list[list[int]] = [[] for _ in prompts]
+    for (p_len, a_len), idx in _groups([(len(p), n) for p, n in zip(prompts, lengths)]).items():
+        for start in range(0, len(idx), batch_size):
+            rows = idx[start : start + batch_size]
+            prefix = torch.tensor([[eos, *prompts[i]] for i in rows], device=dev)
+            gen = torch.Generator(device=dev).manual_seed(0)
+            if model.config.causal:
+                tokens = ar_sample(model, prefix, gen, ARConfig(max_new_tokens=a_len, temperature=0.0, kv_cache=False)).tokens[:, -a_len:]
+            else:
+                x = torch.cat([prefix, torch.full((len(rows), a_len), model.config.mask_id, device=dev)], dim=1)
+                prompt_mask = torch.zeros_like(x, dtype=torch.bool)
+                prompt_mask[:, 1 : 1 + p_len] = True
+                spec = SamplerSpec.from_options(sampler="confidence", steps=a_len, temperature=0.0, cfg_scale=cfg_scale)
+                tokens = spec.run(model, x, gen, Conditioning(prompt_mask=prompt_mask)).tokens[:, -a_len:]
+            for r, i in enumerate(rows):
+                out[i] = tokens[r].tolist()
+    return out

@@ -1,0 +1,239 @@
+"""The reverse curse (SMDM; Berglund et al.): facts seen in one direction, asked in the other.
+
+Data: the facts of :mod:`unmask.experiments.facts` (synthetic, or the user's JSONL), each in
+its paraphrases repeated ``repeats`` times, mixed with passages of the embedded Shakespeare
+corpus as ordinary text, tokenised with a BPE of ``vocab_size`` tokens trained on that mixture.
+Models: an MDM and an AR model trained FROM SCRATCH on it with the same recipe, for each seed.
+
+Evaluation, per question ("<A> is" -> "<B>"), in the direction seen in training and the reverse:
+
+* exact match of the greedy completion of the answer's length (AR: argmax left to right; MDM:
+  confidence decoding at temperature 0, one token per call, at guidance scales w);
+* rank of log p(answer | prompt) among the correct answer and ``distractors`` answers of other
+  facts of the same kind (names or descriptions): top-1 accuracy (chance 1 / (1 + distractors))
+  and mean rank. AR: exact; MDM: exact left-to-right chain rule, at each w;
+* the mean log p(correct answer | prompt) per answer token.
+"""
+
+from __future__ import annotations
+
+import random
+import statistics
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from unmask.config import ModelConfig, TrainConfig
+from unmask.errors import UnmaskError
+from unmask.experiments import facts as facts_mod
+from unmask.experiments.answers import answer_logprobs, complete
+from unmask.experiments.runner import RunSpec, md_table, pyplot, run_grid, write_outputs
+
+
+@dataclass(frozen=True)
+class Settings:
+    facts_per_direction: int = 20
+    repeats: int = 20  # copies of each paraphrase in the training text
+    text_chars: int = 200_000  # characters of Shakespeare mixed in as ordinary text
+    vocab_size: int = 1024
+    n_layer: int = 4
+    n_embd: int = 128
+    n_head: int = 4
+    context_len: int = 64
+    steps: int = 1000
+    batch_size: int = 16
+    lr: float = 2e-3  # the same for both models
+    seeds: tuple[int, ...] = (0, 1)
+    distractors: int = 7
+    cfg_scales: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0)
+    data_seed: int = 0
+    extra_mdm_steps: tuple[int, ...] = ()  # further MDM runs trained this many steps (more compute than the AR model)
+
+    def __post_init__(self) -> None:
+        if any(n <= 0 for n in self.extra_mdm_steps):
+            raise UnmaskError(f"--extra-mdm-steps {list(self.extra_mdm_steps)} must be positive step counts")
+        if not self.seeds:
+            raise UnmaskError("--seeds must name at least one seed")
+        if self.distractors < 1:
+            raise UnmaskError(f"--distractors={self.distractors} must be >= 1")
+        if any(w < 0 for w in self.cfg_scales):
+            raise UnmaskError(f"--cfg-scales {list(self.cfg_scales)}: guidance scales must be >= 0")
+
+
+def _text_documents(chars: int) -> list[str]:
+    """Paragraphs of the embedded corpus's training works, up to ``chars`` characters."""
+    from unmask.data import shakespeare_works
+
+    docs, total = [], 0
+    for _, text in shakespeare_works("train"):
+        for para in text.split("\n\n"):
+            if total >= chars:
+                return docs
+            if para.strip():
+                docs.append(para.strip())
+                total += len(para)
+    return docs
+
+
+def prepare(out: Path, settings: Settings, facts: list[facts_mod.Fact]) -> Path:
+    """OUT/data: facts x paraphrases x repeats + ordinary text, shuffled (train); a few passages (val)."""
+    from unmask.data import prepare_dataset, shakespeare_works, train_bpe
+
+    data = out / "data"
+    if (data / "meta.json").is_file():
+        return data
+    rng = random.Random(settings.data_seed)
+    docs = facts_mod.fact_documents(facts) * settings.repeats + _text_documents(settings.text_chars)
+    rng.shuffle(docs)
+    val = [p.strip() for p in shakespeare_works("validation")[0][1].split("\n\n") if p.strip()][:200]
+    tok = train_bpe(docs + val, vocab_size=settings.vocab_size)
+    return prepare_dataset(data, tok, docs, val, progress=False)
+
+
+def specs_for(settings: Settings, data: Path, vocab: int) -> list[RunSpec]:
+    """An MDM and an AR run per seed; ``meta`` records the evaluation settings, so a finished run is
+    reused only when they are the same."""
+    evaluation = {"distractors": settings.distractors, "cfg_scales": list(settings.cfg_scales), "data_seed": settings.data_seed}
+    specs = []
+    runs = [("mdm", settings.steps, ""), ("ar", settings.steps, ""), *(("mdm", n, f"-{n}steps") for n in settings.extra_mdm_steps)]
+    for seed in settings.seeds:
+        for kind, steps, suffix in runs:
+            model = ModelConfig(name="reverse-curse", vocab_size=vocab, context_len=settings.context_len, n_layer=settings.n_layer,
+                                n_head=settings.n_head, n_embd=settings.n_embd, causal=kind == "ar")
+            train = TrainConfig(objective=kind, steps=steps, batch_size=settings.batch_size, lr=settings.lr,
+                                warmup_steps=max(1, steps // 100), seed=seed, eval_every=steps, eval_windows=8,
+                                checkpoint_every=steps, keep_checkpoints=1, log_every=max(1, steps // 20))
+            specs.append(RunSpec(f"{kind}-seed{seed}{suffix}", model, train, str(data), {"kind": kind, "seed": seed, **evaluation}))
+    return specs
+
+
+def evaluate_run(run_dir: Path, facts: list[facts_mod.Fact], settings: Settings, device: str = "auto") -> dict[str, Any]:
+    """Exact match, ranking and log-likelihood per direction (and per guidance scale for an MDM)."""
+    from unmask.checkpoint import checkpoint_tokenizer, load_model
+    from unmask.device import pick_device
+
+    model, cfg = load_model(run_dir, pick_device(device))
+    tok = checkpoint_tokenizer(run_dir)
+    qs = facts_mod.questions(facts)
+    rng = random.Random(settings.data_seed + 1)
+    candidates = []  # per question: [correct answer, distractors...]
+    for q in qs:
+        others = [getattr(f, q.asks) for j, f in enumerate(facts) if j != q.fact]
+        candidates.append([q.answer, *rng.sample(others, min(settings.distractors, len(others)))])
+    prompts = [tok.encode(q.prompt) for q in qs]
+    answers = [[tok.encode(" " + a) for a in cands] for cands in candidates]
+    scales = (0.0,) if cfg.model.causal else settings.cfg_scales
+    result: dict[str, Any] = {}
+    for w in scales:
+        pairs = [(p, a) for p, cands in zip(prompts, answers) for a in cands]
+        logp = answer_logprobs(model, pairs, tok.eos_id, cfg_scale=w)
+        fills = complete(model, prompts, [len(cands[0]) for cands in answers], tok.eos_id, cfg_scale=w)
+        per_dir: dict[str, dict[str, list[float]]] = {"same": {}, "reverse": {}}
+        k = 0
+        for q, cands, fill in zip(qs, answers, fills):
+            scores = logp[k : k + len(cands)]
+            k += len(cands)
+            rank = 1 + sum(s > scores[0] for s in scores[1:])
+            bucket = per_dir[q.direction]
+            bucket.setdefault("exact_match", []).append(float(fill == cands[0]))
+            bucket.setdefault("rank_top1", []).append(float(rank == 1))
+            bucket.setdefault("mean_rank", []).append(float(rank))
+            bucket.setdefault("answer_logprob_per_token", []).append(scores[0] / len(cands[0]))
+        result[f"w={w:g}"] = {d: {m: sum(v) / len(v) for m, v in metrics.items()} for d, metrics in per_dir.items()}
+    return result
+
+
+def _spread(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarise(records: list[dict], settings: Settings) -> list[dict]:
+    """One row per (model, w): mean and standard deviation over seeds of every metric."""
+    rows = []
+    groups = sorted({(r["spec"]["meta"]["kind"], r["spec"]["train"]["steps"]) for r in records}, key=lambda g: (g[0] != "ar", g[1]))
+    for kind, steps in groups:
+        runs = [r for r in records if r["spec"]["meta"]["kind"] == kind and r["spec"]["train"]["steps"] == steps]
+        label = kind.upper() if steps == settings.steps else f"{kind.upper()} {steps} steps"
+        for key in runs[0]["result"]:
+            row: dict[str, Any] = {"model": label, "steps": steps, "cfg": key, "seeds": [r["spec"]["meta"]["seed"] for r in runs]}
+            for direction in ("same", "reverse"):
+                for metric in ("exact_match", "rank_top1", "mean_rank", "answer_logprob_per_token"):
+                    row[f"{direction}_{metric}"] = _spread([r["result"][key][direction][metric] for r in runs])
+            rows.append(row)
+    return rows
+
+
+def markdown(settings: Settings, rows: list[dict], source: str, num_facts: int) -> str:
+    chance = 1 / (1 + settings.distractors)
+    lines = ["# Reverse curse: MDM vs AR", "",
+             f"Facts: {source}; {num_facts // 2} per direction, {len(facts_mod.TEMPLATES['n2d'])} paraphrases each, "
+             f"x{settings.repeats}, mixed with {settings.text_chars:,} characters of Shakespeare. Models trained from scratch "
+             f"({settings.n_layer} layers, width {settings.n_embd}, context {settings.context_len}, {settings.steps} steps of "
+             f"{settings.batch_size} sequences, lr {settings.lr:g}"
+             + (f"; further MDM runs of {', '.join(map(str, settings.extra_mdm_steps))} steps" if settings.extra_mdm_steps else "")
+             + f"), seeds {list(settings.seeds)}. Values: mean +- sd over seeds.", "",
+             "Exact match: greedy completion of the answer's length (AR argmax; MDM confidence decoding at temperature 0, one token per call, "
+             f"guidance scale w). Rank: correct answer among {settings.distractors} distractors by log p(answer | prompt) (MDM: exact left-to-right "
+             f"chain rule); top-1 chance = {chance:.3f}, mean-rank chance = {(settings.distractors + 2) / 2:.1f}.", ""]
+
+    def fmt(v):
+        return f"{v[0]:.3f} +- {v[1]:.3f}"
+
+    table = [[r["model"], r["cfg"], fmt(r["same_exact_match"]), fmt(r["reverse_exact_match"]), fmt(r["same_rank_top1"]),
+              fmt(r["reverse_rank_top1"]), fmt(r["reverse_mean_rank"]), fmt(r["same_answer_logprob_per_token"]),
+              fmt(r["reverse_answer_logprob_per_token"])] for r in rows]
+    lines.append(md_table(["model", "guidance", "same EM", "reverse EM", "same top-1", "reverse top-1", "reverse mean rank",
+                           "same log p/token", "reverse log p/token"], table))
+    lines += ["", "![accuracy by direction](reverse_curse.png)"]
+    return "\n".join(lines)
+
+
+def _plot(rows: list[dict], settings: Settings, path: Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    labels = [f"{r['model']} {r['cfg']}" if r["model"].startswith("MDM") else r["model"] for r in rows]
+    x = range(len(rows))
+    for ax, metric, title in ((axes[0], "exact_match", "exact match"), (axes[1], "rank_top1", "top-1 among distractors")):
+        for offset, direction in ((-0.2, "same"), (0.2, "reverse")):
+            means = [r[f"{direction}_{metric}"][0] for r in rows]
+            sds = [r[f"{direction}_{metric}"][1] for r in rows]
+            ax.bar([i + offset for i in x], means, 0.4, yerr=sds, label=f"{direction} direction")
+        if metric == "rank_top1":
+            ax.axhline(1 / (1 + settings.distractors), color="grey", ls=":", label="chance")
+        ax.set_xticks(list(x), labels, rotation=30, fontsize=8)
+        ax.set(ylim=(0, 1.05), title=title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run(out_dir: str | Path, settings: Settings = Settings(), facts_file: str | Path | None = None, device: str = "auto",
+        progress: bool = True) -> dict:
+    """Prepare (once), train (resumably), evaluate and write results.json, results.md, reverse_curse.png."""
+    from unmask.data import TokenDataset
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if facts_file is not None:
+        facts = facts_mod.read_facts(facts_file)
+        source = f"user file {facts_file}"
+    else:
+        facts = facts_mod.synthetic_facts(settings.facts_per_direction, settings.data_seed)
+        source = f"synthetic (seed {settings.data_seed})"
+    facts_mod.write_facts(out / "facts.jsonl", facts)
+    data = prepare(out, settings, facts)
+    tok = TokenDataset(data, "train").tokenizer
+    longest = max(1 + len(tok.encode(q.prompt)) + len(tok.encode(" " + getattr(f, q.asks))) for q in facts_mod.questions(facts) for f in facts)
+    if longest > settings.context_len:
+        raise UnmaskError(f"--context-len={settings.context_len}: the longest question with its answer takes {longest} tokens; "
+                          f"use --context-len {longest} or more (or shorter facts)")
+    specs = specs_for(settings, data.resolve(), tok.vocab_size)
+    records = run_grid(out, specs, lambda spec, run_dir: evaluate_run(run_dir, facts, settings, device), device=device,
+                       progress=progress, chunk=max(50, settings.steps // 10), desc="reverse-curse")
+    rows = summarise(records, settings)
+    _plot(rows, settings, out / "reverse_curse.png")
+    result = {"experiment": "reverse-curse", "settings": asdict(settings), "facts": source, "num_facts": len(facts),
+              "runs": records, "summary": rows}
+    write_outputs(out, result, markdown(settings, rows, source, len(facts)))
+    return result
