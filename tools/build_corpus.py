@@ -43,6 +43,13 @@ def main(package_dir: str) -> None:
         "Works:",
         "",
     ]
+    write_asset(OUT, notice, texts, names, meta)
+
+
+def write_asset(out: Path, notice: list[str], texts: Path, names, meta: configparser.ConfigParser) -> None:
+    """A reproducible tar.gz (fixed mtimes, no gzip name) of NOTICE.txt (``notice`` plus one line per
+    work) and ``texts/<name>_gut.txt`` as ``<name>.txt`` for each of ``names``."""
+    notice = list(notice)
     for name in names:
         section = meta[f"{name}_gut"] if meta.has_section(f"{name}_gut") else {}
         notice.append(f"{name}: {section.get('title', name)} ({section.get('url', '')})")
@@ -51,10 +58,9 @@ def main(package_dir: str) -> None:
         _add(tf, "NOTICE.txt", ("\n".join(notice) + "\n").encode())
         for name in names:
             _add(tf, f"{name}.txt", (texts / f"{name}_gut.txt").read_bytes())
-    with open(OUT, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0, compresslevel=9, filename="") as gz:
+    with open(out, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0, compresslevel=9, filename="") as gz:
         gz.write(raw.getvalue())
-    print(f"wrote {OUT} ({OUT.stat().st_size:,} bytes)")
-
+    print(f"wrote {out} ({out.stat().st_size:,} bytes)")
 
 if __name__ == "__main__":
     main(sys.argv[1])

