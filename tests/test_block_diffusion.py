@@ -395,11 +395,9 @@ def test_cli_trains_a_block_model_fine_tuned_from_an_mdm_then_scores_and_samples
 def test_bd3_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, small_data):
     import dataclasses
     import json
-    import os
-    import subprocess
-    import sys
 
-    from test_distributed import WORKER, free_port, train_losses
+    from ranks import free_port, launch_ranks, wait_ranks
+    from test_distributed import WORKER, train_losses
 
     from unmask.config import TrainConfig
     from unmask.train import train
@@ -413,19 +411,7 @@ def test_bd3_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, small_da
 
     model, cfg = configs(2)
     jobs = [["bd3", dataclasses.asdict(model), dataclasses.asdict(cfg), free_port()]]
-    procs = []
-    for rank in range(2):
-        env = os.environ | {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1", "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / "ddp"), str(small_data), json.dumps(jobs)],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    try:
-        outputs = [proc.communicate(timeout=240)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-3000:]
+    wait_ranks(launch_ranks(["-c", WORKER, str(tmp_path / "ddp"), str(small_data), json.dumps(jobs)]), timeout=240)
     model, cfg = configs(4)
     train(tmp_path / "single" / "bd3", model, cfg, small_data, device="cpu", progress=False)
     assert train_losses(tmp_path / "ddp" / "bd3") == pytest.approx(train_losses(tmp_path / "single" / "bd3"), abs=1e-5)

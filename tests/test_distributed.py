@@ -9,13 +9,13 @@ by all ranks and keeps its own rows.
 import dataclasses
 import json
 import os
-import socket
-import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
+
+from ranks import free_port, launch_ranks, wait_ranks
 
 from unmask.checkpoint import load_weights
 from unmask.config import ModelConfig, TrainConfig
@@ -45,12 +45,6 @@ def configs(objective: str, loss: str, batch_size: int) -> tuple[ModelConfig, Tr
     return model, cfg
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def train_losses(run_dir) -> list[float]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
@@ -61,22 +55,7 @@ def test_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, small_data):
     for objective, loss in RUNS:
         model, cfg = configs(objective, loss, B)
         jobs.append([f"{objective}-{loss}", dataclasses.asdict(model), dataclasses.asdict(cfg), free_port()])
-    procs = []
-    for rank in range(2):
-        env = os.environ | {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-                            "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path / "ddp"), str(small_data), json.dumps(jobs)],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=240)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-3000:]
+    wait_ranks(launch_ranks(["-c", WORKER, str(tmp_path / "ddp"), str(small_data), json.dumps(jobs)]), timeout=240)
 
     for objective, loss in RUNS:
         name = f"{objective}-{loss}"

@@ -11,7 +11,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +18,7 @@ import time
 
 import pytest
 import torch
+from ranks import free_port, launch_ranks, wait_ranks
 from safetensors.torch import load_file
 
 from unmask.checkpoint import load_model, load_weights
@@ -73,38 +73,16 @@ def configs(objective: str, **kw) -> tuple[ModelConfig, TrainConfig]:
     return model, TrainConfig(**cfg)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def job(name: str, model: ModelConfig, cfg: TrainConfig, **kw) -> dict:
     return {"name": name, "model": dataclasses.asdict(model), "cfg": dataclasses.asdict(cfg), "port": free_port(), **kw}
 
 
 def launch(root, data, jobs: list[dict]) -> list[subprocess.Popen]:
-    procs = []
-    for rank in range(2):
-        env = os.environ | {"WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-                            "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, str(root), str(data), json.dumps(jobs)],
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    return procs
+    return launch_ranks(["-c", WORKER, str(root), str(data), json.dumps(jobs)])
 
 
 def run_two_ranks(root, data, jobs: list[dict]) -> None:
-    procs = launch(root, data, jobs)
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=300)[0])
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for proc, out in zip(procs, outputs):
-        assert proc.returncode == 0, out[-3000:]
+    wait_ranks(launch(root, data, jobs), timeout=300)
 
 
 def losses(run_dir) -> list[float]:
