@@ -77,15 +77,9 @@ def rope_frequencies(config: ModelConfig, device=None) -> torch.Tensor:
     return (1 - smooth) * inv_freq / config.rope_factor + smooth * inv_freq
 
 
-def rotary_tables(
-    head_dim: int, positions: torch.Tensor, theta: float, inv_freq: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for integer ``positions`` (B, L) -> two (B, 1, L, head_dim/2) float32 tensors.
-
-    ``inv_freq`` (head_dim/2,) overrides the plain frequencies of ``theta`` (see :func:`rope_frequencies`).
-    """
-    if inv_freq is None:
-        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
+def rotary_tables(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for integer ``positions`` (B, L) and frequencies ``inv_freq`` (head_dim/2,) (see
+    :func:`rope_frequencies`) -> two (B, 1, L, head_dim/2) float32 tensors."""
     angles = positions.float()[..., None] * inv_freq
     return angles.cos()[:, None], angles.sin()[:, None]
 
@@ -262,7 +256,7 @@ class Transformer(nn.Module):
         num_keys = kv_cache.k[0].shape[2] if cache_index is not None else start + l
         if positions is None:
             positions = q_slot
-        cos, sin = rotary_tables(cfg.head_dim, positions, cfg.rope_theta, rope_frequencies(cfg, tokens.device))
+        cos, sin = rotary_tables(positions, rope_frequencies(cfg, tokens.device))
         x = self.embed(tokens)
         if self.time_embed is not None:
             if t is None:
