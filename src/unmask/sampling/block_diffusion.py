@@ -198,6 +198,5 @@ def run_spec(spec, model, x: torch.Tensor, generator: torch.Generator, cond: Con
         raise UnmaskError(f"--cache {kind}: a block model decodes with its exact cache of finished blocks (--cache block, the default) or none")
     if spec.block_len not in (0, size):
         raise UnmaskError(f"--block-len={spec.block_len}: a block model decodes in its own blocks of {size} tokens; leave --block-len out")
-    config = spec.config if spec.config is not None else SAMPLERS[spec.sampler].config()
-    return block_diffusion_decode(model, x, generator, SAMPLERS[spec.sampler], config, start, cond, callback, stop_token,
+    return block_diffusion_decode(model, x, generator, SAMPLERS[spec.sampler], spec.sampler_config(), start, cond, callback, stop_token,
                                   cache=cache == "block")
