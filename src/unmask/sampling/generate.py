@@ -130,11 +130,8 @@ def make_canvas(
     return x, Conditioning(key_mask=key_mask, positions=positions_from(key_mask), prompt_mask=prompt_mask), width
 
 
-def infill_canvas(template: str, tok: Tokenizer) -> tuple[torch.Tensor, Conditioning]:
-    """[EOS ; template] with ``[MASK]`` (one token) or ``[MASK:n]`` (n tokens) between fixed text -> (1, L).
-
-    The template starts a document, after the EOS separator, like a prompt (see :func:`make_canvas`).
-    """
+def infill_ids(template: str, tok: Tokenizer) -> list[int]:
+    """The tokens of a template: its fixed text encoded, each ``[MASK]`` one MASK id, each ``[MASK:n]`` n."""
     ids: list[int] = []
     pos = 0
     for m in INFILL.finditer(template):
@@ -142,6 +139,15 @@ def infill_canvas(template: str, tok: Tokenizer) -> tuple[torch.Tensor, Conditio
         ids += [tok.mask_id] * int(m.group(1) or 1)
         pos = m.end()
     ids += tok.encode(template[pos:]) if pos < len(template) else []
+    return ids
+
+
+def infill_canvas(template: str, tok: Tokenizer) -> tuple[torch.Tensor, Conditioning]:
+    """[EOS ; template] with ``[MASK]`` (one token) or ``[MASK:n]`` (n tokens) between fixed text -> (1, L).
+
+    The template starts a document, after the EOS separator, like a prompt (see :func:`make_canvas`).
+    """
+    ids = infill_ids(template, tok)
     if tok.mask_id not in ids:
         raise UnmaskError("--infill template has no [MASK] or [MASK:n] span to fill")
     x = torch.tensor([[tok.eos_id] + ids])

@@ -22,7 +22,7 @@ from unmask.errors import UnmaskError
 from unmask.sampling.ar import ARConfig, ar_sample, positions_from
 from unmask.sampling.base import Conditioning, SamplerState
 from unmask.sampling.cache import CACHES
-from unmask.sampling.generate import INFILL, SAMPLERS, SamplerSpec, sampling_generator
+from unmask.sampling.generate import INFILL, SAMPLERS, SamplerSpec, infill_ids, sampling_generator
 from unmask.serve.batcher import Scheduler, Ticket
 
 
@@ -216,13 +216,8 @@ class Engine:
             template = p.prompts[0]
             if not INFILL.search(template):
                 raise RequestError("infill: the prompt has no [MASK] or [MASK:n] span to fill", "prompt")
-            ids, pos, holes = [], 0, 0
-            for m in INFILL.finditer(template):
-                ids += self.tok.encode(template[pos : m.start()]) if m.start() > pos else []
-                ids += [self.tok.mask_id] * int(m.group(1) or 1)
-                holes += int(m.group(1) or 1)
-                pos = m.end()
-            ids += self.tok.encode(template[pos:]) if pos < len(template) else []
+            ids = infill_ids(template, self.tok)
+            holes = ids.count(self.tok.mask_id)
             if not 1 <= holes <= self.limits.max_tokens:
                 raise RequestError(f"infill: the spans ask for {holes} tokens; this server fills 1 to {self.limits.max_tokens}", "prompt")
             self._check_room(len(ids) + 1, 0, room)
