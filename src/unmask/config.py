@@ -209,6 +209,11 @@ class TrainConfig:
     mask_rate_min: float = 0.0
     mask_rate_max: float = 1.0
     flex_attention: bool = False  # bd3: the 2L training forward through FlexAttention instead of SDPA + boolean mask
+    # supervised fine-tuning (``unmask finetune``, reference section 2): the data is a pairs folder
+    # (unmask.data.pairs), only responses are learned; an MDM's prompt is replaced by MASK with
+    # probability cfg_dropout (0: unsupervised CFG at sampling time, as SMDM; 0.1: standard CFG)
+    sft: bool = False
+    cfg_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         if self.objective not in ("mdm", "ar", "bd3"):
@@ -246,6 +251,11 @@ class TrainConfig:
             raise UnmaskError(f"--ema={self.ema} must be in [0, 1) (0: off; e.g. 0.9999)")
         if self.anneal_steps < 0 or (self.anneal_steps and self.objective != "mdm"):
             raise UnmaskError(f"--anneal-attention={self.anneal_steps} must be >= 0, and is for --objective mdm only")
+        if self.sft and self.objective not in ("mdm", "ar"):
+            raise UnmaskError(f"fine-tuning on pairs is for an MDM or AR model, not --objective {self.objective}")
+        if not 0 <= self.cfg_dropout < 1 or (self.cfg_dropout and not (self.sft and self.objective == "mdm")):
+            raise UnmaskError(f"--cfg-dropout={self.cfg_dropout} must be in [0, 1), and is for fine-tuning an MDM only "
+                              "(an AR model has no MASK to drop its prompt to)")
         for at, before in self.steps_changes:
             if not 0 <= at <= min(before, self.steps):
                 raise UnmaskError(f"steps_changes entry ({at}, {before}) must change the length at a step within both runs")

@@ -137,6 +137,29 @@ def ar_nll(
 
 
 @torch.no_grad()
+def response_nll(model, rows: torch.Tensor, response: torch.Tensor, draws: int = 16, batch_size: int = 16, seed: int = 0) -> LikelihoodResult:
+    """Nats per response token of fine-tuning rows (N, T) given their prompts; ``response`` (N, T)
+    bool marks the response regions (unmask.data.pairs). AR: exact. MDM: the conditional bound
+    of :func:`conditional_elbo` (k-DCE over the response, prompt clean), with its standard error."""
+    device = device_of(model)
+    num_tokens = int(response.sum())
+    total, variance = 0.0, 0.0
+    gen = torch.Generator().manual_seed(seed)
+    for sl in _batches(rows.shape[0], batch_size):
+        x, scored = rows[sl].to(device), response[sl].to(device)
+        if model.config.causal:
+            total += (ar_loss(model, x, scored[:, 1:]).double() * scored[:, 1:].sum(dim=1)).sum().item()
+        else:
+            mean, se = conditional_elbo(model, x, scored, draws, gen)
+            total -= mean.sum().item()
+            variance += (se**2).sum().item()
+    mean = total / num_tokens
+    if model.config.causal:
+        return LikelihoodResult("exact", mean, 0.0, math.exp(mean), num_tokens, 1, "ar")
+    return LikelihoodResult("elbo", mean, math.sqrt(variance) / num_tokens, math.exp(mean), num_tokens, draws, "k-dce")
+
+
+@torch.no_grad()
 def chain_rule_nll(model, windows: torch.Tensor | Sequence[torch.Tensor], batch_size: int = 16, progress: bool = False) -> LikelihoodResult:
     """Exact NLL of an MDM decoded left to right, one position per network call (L calls a window).
 

@@ -91,6 +91,45 @@ def corrupt_k_dce(
     return Corruption(xt, masked, k.float() / l, l / k.float())
 
 
+def corrupt_response(
+    x0: torch.Tensor,
+    response: torch.Tensor,
+    schedule: Schedule,
+    mask_id: int,
+    generator: torch.Generator,
+    *,
+    loss: str = "t-dce",
+    prompt_dropout: float = 0.0,
+    u: torch.Tensor | None = None,
+    low_discrepancy: bool = True,
+) -> Corruption:
+    """SFT noise of rows x0 (B, L) (reference section 2): only the response region ``response``
+    (B, L) bool, R_b positions of row b, is masked (t-DCE: each with p = 1 - alpha(t); k-DCE:
+    exactly k ~ U{1..R_b}), and the loss is normalised by R_b: the negative conditional ELBO of
+    the response in nats per response token. The prompt is never masked, except that with
+    probability ``prompt_dropout`` a row's whole context (every position outside its response,
+    the EOS separator included) is replaced by MASK in x_t: CFG dropout, which trains the
+    unconditional model that guidance subtracts, in the form guidance gives it (the context
+    masked, its length kept: unmask.guidance, unmask.likelihood.chain_rule). Dropped prompts are
+    not targets.
+    """
+    b, l = x0.shape
+    r = response.sum(dim=1).cpu()
+    if u is None:
+        u = sample_times(b, generator, low_discrepancy)
+    if loss == "k-dce":
+        k = torch.ceil(u * r).clamp(min=1).minimum(r).long()
+        xt, masked = mask_exactly(x0, k, mask_id, generator, eligible=response)
+        t, weight = k.float() / r, l / k.float()
+    else:
+        xt, masked = add_noise(x0, schedule.mask_prob(u), mask_id, generator, eligible=response)
+        t, weight = u, schedule.weight(u) * l / r
+    drop = torch.rand(b, generator=generator) < prompt_dropout
+    prompt = ~response & drop.to(x0.device)[:, None]
+    xt = torch.where(prompt, torch.full_like(xt, mask_id), xt)
+    return Corruption(xt, masked, t.to(x0.device), weight.to(x0.device))
+
+
 def dce_loss(model, x0: torch.Tensor, noise: Corruption) -> torch.Tensor:
     """The MDM loss of given noise: x0 (B, L) -> (B,) nats/token (an unbiased negative-ELBO estimate)."""
     nll = token_nll(denoiser_logits(model, noise.xt, noise.t), x0)
@@ -118,6 +157,12 @@ def k_dce(
     return dce_loss(model, x0, corrupt_k_dce(x0, mask_id, generator, u, low_discrepancy))
 
 
-def ar_loss(model, window: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy. window (B, L+1): inputs window[:, :-1], targets window[:, 1:]. -> (B,)."""
-    return token_nll(model(window[:, :-1]), window[:, 1:]).mean(dim=1)
+def ar_loss(model, window: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy. window (B, L+1): inputs window[:, :-1], targets window[:, 1:]. -> (B,).
+
+    ``targets`` (B, L) bool: score only those targets and normalise by their number per row (SFT:
+    the response region, in nats per response token)."""
+    nll = token_nll(model(window[:, :-1]), window[:, 1:])
+    if targets is None:
+        return nll.mean(dim=1)
+    return (nll * targets).sum(dim=1) / targets.sum(dim=1)

@@ -87,20 +87,29 @@ def sample_times(batch: int, generator: torch.Generator, low_discrepancy: bool =
     return t.clamp_min(eps)
 
 
-def add_noise(x0: torch.Tensor, mask_prob: torch.Tensor, mask_id: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask each token of x0 (B, L) independently with probability mask_prob (B,).
+def add_noise(x0: torch.Tensor, mask_prob: torch.Tensor, mask_id: int, generator: torch.Generator,
+              eligible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask each token of x0 (B, L) independently with probability mask_prob (B,); with
+    ``eligible`` (B, L) bool, only those positions (the response of an SFT row) may be masked.
 
     Returns (x_t, masked) with masked a (B, L) bool tensor. Random numbers come from ``generator``
     on the CPU so that runs are reproducible across devices.
     """
     u = torch.rand(x0.shape, generator=generator).to(x0.device)
     masked = u < mask_prob.to(x0.device)[:, None]
+    if eligible is not None:
+        masked &= eligible.to(x0.device)
     return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
 
 
-def mask_exactly(x0: torch.Tensor, k: torch.Tensor, mask_id: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask exactly k[b] uniformly chosen positions of row b of x0 (B, L) (k-DCE, reference section 2)."""
+def mask_exactly(x0: torch.Tensor, k: torch.Tensor, mask_id: int, generator: torch.Generator,
+                 eligible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask exactly k[b] uniformly chosen positions of row b of x0 (B, L) (k-DCE, reference section 2);
+    with ``eligible`` (B, L) bool, k[b] of row b's eligible positions (k[b] <= their number)."""
     b, l = x0.shape
-    ranks = torch.rand((b, l), generator=generator).argsort(dim=1).argsort(dim=1).to(x0.device)
+    keys = torch.rand((b, l), generator=generator)
+    if eligible is not None:  # ineligible positions sort after every eligible one
+        keys = keys + (~eligible).cpu()
+    ranks = keys.argsort(dim=1).argsort(dim=1).to(x0.device)
     masked = ranks < k.to(x0.device)[:, None]
     return torch.where(masked, torch.full_like(x0, mask_id), x0), masked

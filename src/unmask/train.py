@@ -38,9 +38,10 @@ from unmask.data import TokenDataset
 from unmask.distributed import all_reduce_mean, barrier, full_value, grad_sync, init_world, local_rows, parallelize, shutdown
 from unmask.ema import EMA
 from unmask.errors import UnmaskError
-from unmask.likelihood import LikelihoodResult, ar_nll, mc_elbo
+from unmask.data.pairs import PairDataset
+from unmask.likelihood import LikelihoodResult, ar_nll, mc_elbo, response_nll
 from unmask.model import Transformer
-from unmask.objectives import Corruption, ar_loss, corrupt_k_dce, corrupt_t_dce, dce_loss
+from unmask.objectives import Corruption, ar_loss, corrupt_k_dce, corrupt_response, corrupt_t_dce, dce_loss
 from unmask.schedule import Schedule
 
 
@@ -129,8 +130,13 @@ def stream_seed(seed: int, stream: int) -> int:
 DATA_STREAM, NOISE_STREAM = 0, 1
 
 
-def draw_noise(x0: torch.Tensor, cfg: TrainConfig, schedule: Schedule, mask_id: int, gen: torch.Generator) -> Corruption:
-    """The MDM forward-process noise of a whole (global) batch x0 (B, L), drawn on the CPU from ``gen``."""
+def draw_noise(x0: torch.Tensor, cfg: TrainConfig, schedule: Schedule, mask_id: int, gen: torch.Generator,
+               response: torch.Tensor | None = None) -> Corruption:
+    """The MDM forward-process noise of a whole (global) batch x0 (B, L), drawn on the CPU from ``gen``;
+    with ``response`` (B, L) bool (fine-tuning), of the response regions only, with CFG dropout."""
+    if response is not None:
+        return corrupt_response(x0, response, schedule, mask_id, gen, loss=cfg.loss, prompt_dropout=cfg.cfg_dropout,
+                                low_discrepancy=cfg.low_discrepancy)
     if cfg.loss == "k-dce":
         return corrupt_k_dce(x0, mask_id, gen, low_discrepancy=cfg.low_discrepancy)
     return corrupt_t_dce(x0, schedule, mask_id, gen, low_discrepancy=cfg.low_discrepancy)
@@ -145,9 +151,11 @@ def draw_block_noise(x0: torch.Tensor, cfg: TrainConfig, schedule: Schedule, mas
     return dataclasses.replace(noise, flex=cfg.flex_attention)
 
 
-def batch_loss(model, window: torch.Tensor, noise: Corruption | BlockCorruption | None) -> torch.Tensor:
+def batch_loss(model, window: torch.Tensor, noise: Corruption | BlockCorruption | None, response: torch.Tensor | None = None) -> torch.Tensor:
     """Mean loss in nats/token of windows (B, L+1): AR without ``noise``; else the MDM (or, with
     block noise, block diffusion) on the last L tokens."""
+    if response is not None:  # fine-tuning rows (B, T) [EOS ; prompt ; response]: only the response is learned
+        return (ar_loss(model, window, response[:, 1:]) if noise is None else dce_loss(model, window, noise)).mean()
     if noise is None:
         return ar_loss(model, window).mean()
     if isinstance(noise, BlockCorruption):
@@ -214,7 +222,10 @@ def resume_config(saved: RunConfig, model_cfg: ModelConfig, train_cfg: TrainConf
 
 
 def validate(model, windows: torch.Tensor, prev: torch.Tensor, cfg: TrainConfig, batch_size: int) -> LikelihoodResult:
-    """Same held-out windows every time (and for MDM and AR); MDM draws use a fixed seed."""
+    """Same held-out windows every time (and for MDM and AR); MDM draws use a fixed seed. Fine-tuning:
+    ``windows`` are the held-out pair rows and ``prev`` their response masks."""
+    if cfg.sft:
+        return response_nll(model, windows, prev, draws=max(2, cfg.eval_draws), batch_size=batch_size, seed=1234)
     if cfg.objective == "ar":
         return ar_nll(model, windows, prev, batch_size=batch_size)
     if cfg.objective == "bd3":  # the unbiased bound: full t range, whatever the training clip
@@ -272,8 +283,8 @@ def train(
 
 def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir, resume: bool,
            progress: bool, stop_after: int | None) -> TrainResult:
-    train_data = TokenDataset(data_dir, "train")
-    val_data = TokenDataset(data_dir, "val")
+    dataset = PairDataset if train_cfg.sft else TokenDataset
+    train_data, val_data = dataset(data_dir, "train"), dataset(data_dir, "val")
     tokenizer = train_data.tokenizer
     data_dir = Path(data_dir).resolve()
     state, weights, ema_weights, ckpt = None, None, None, None
@@ -313,6 +324,10 @@ def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, trai
                 f"(got block_causal={model_cfg.block_causal}, time_conditioning={model_cfg.time_conditioning})"
             )
     length = model_cfg.context_len
+    if train_cfg.sft:
+        length = train_data.length
+        if length > model_cfg.context_len:
+            raise UnmaskError(f"the pairs of {data_dir} are rows of {length} tokens, longer than the model's context of {model_cfg.context_len}")
     micro_bs, accum = batch_layout(train_cfg, length, world.world_size)
     config = RunConfig(model=model_cfg, train=train_cfg, data_dir=str(data_dir), tokenizer_fingerprint=tokenizer.fingerprint)
 
@@ -364,8 +379,11 @@ def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, trai
                 ema.load_state_dict(ema_weights)
     schedule = Schedule(train_cfg.schedule)
 
-    val_windows = torch.from_numpy(val_data.eval_windows(length, train_cfg.eval_windows))
-    val_prev = torch.from_numpy(val_data.eval_previous(length, train_cfg.eval_windows))
+    if train_cfg.sft:  # held-out pairs and their response masks
+        val_windows, val_prev = map(torch.from_numpy, val_data.eval_rows(train_cfg.eval_windows))
+    else:
+        val_windows = torch.from_numpy(val_data.eval_windows(length, train_cfg.eval_windows))
+        val_prev = torch.from_numpy(val_data.eval_previous(length, train_cfg.eval_windows))
     global_batch = micro_bs * accum * world.world_size  # rows per optimizer step, laid out (micro, rank, row)
     tokens_per_step = global_batch * length
     n_params = model_cfg.non_embedding_params()
@@ -383,10 +401,15 @@ def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, trai
         total = torch.zeros((), device=dev)
         # the whole global batch and its noise at once: low-discrepancy t over all of it, sliced
         # per micro-batch and rank, so the estimator does not depend on the number of processes
-        windows = torch.from_numpy(train_data.sample_windows(data_rng, global_batch, length + 1))
+        response = None
+        if train_cfg.sft:
+            windows, response = map(torch.from_numpy, train_data.sample(data_rng, global_batch))
+        else:
+            windows = torch.from_numpy(train_data.sample_windows(data_rng, global_batch, length + 1))
         noise_all = None
         if train_cfg.objective == "mdm":
-            noise_all = draw_noise(windows[:, 1:], train_cfg, schedule, model_cfg.mask_id, noise_gen)
+            x0 = windows if train_cfg.sft else windows[:, 1:]
+            noise_all = draw_noise(x0, train_cfg, schedule, model_cfg.mask_id, noise_gen, response)
         elif train_cfg.objective == "bd3":
             noise_all = draw_block_noise(windows[:, 1:], train_cfg, schedule, model_cfg.mask_id, noise_gen)
         step_net = net
@@ -399,7 +422,7 @@ def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, trai
             window = windows[rows].to(dev)
             noise = noise_all.rows(rows).to(dev) if noise_all is not None else None
             with grad_sync(net, micro == accum - 1), autocast(amp, dev):
-                loss = batch_loss(step_net, window, noise) / accum
+                loss = batch_loss(step_net, window, noise, None if response is None else response[rows].to(dev)) / accum
                 loss.backward()
             total += loss.detach()
         grad_norm = full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip))

@@ -3,6 +3,7 @@
     unmask demo                     train tiny MDM + AR on the embedded corpus, evaluate, sample
     unmask data prepare FILES...    tokenise your corpus into packed shards
     unmask train --run-dir RUN ...  train an MDM (default) or the AR baseline
+    unmask finetune --init-from RUN --pairs P.jsonl --run-dir OUT   SFT on prompt/response pairs (MDM or AR)
     unmask eval --checkpoint RUN    perplexity (MDM: ELBO bound +- SE; AR: exact)
     unmask sample --checkpoint RUN  generate text
     unmask serve --checkpoint RUN   OpenAI-compatible HTTP server and a page that animates the decoding
@@ -30,6 +31,7 @@ from unmask.cli import demo as _demo  # noqa: F401,E402
 from unmask.cli import evaluate as _evaluate  # noqa: F401,E402
 from unmask.cli import interop as _interop  # noqa: F401,E402
 from unmask.cli import experiment as _experiment  # noqa: F401,E402
+from unmask.cli import finetune as _finetune  # noqa: F401,E402
 from unmask.cli import sample as _sample  # noqa: F401,E402
 from unmask.cli import serve as _serve  # noqa: F401,E402
 from unmask.cli import train as _train  # noqa: F401,E402

@@ -69,7 +69,7 @@ def complete(model, prompts: list[list[int]], lengths: list[int], eos: int, cfg_
             else:
                 x = torch.cat([prefix, torch.full((len(rows), a_len), model.config.mask_id, device=dev)], dim=1)
                 prompt_mask = torch.zeros_like(x, dtype=torch.bool)
-                prompt_mask[:, 1 : 1 + p_len] = True
+                prompt_mask[:, : 1 + p_len] = True  # the whole context, as chain_rule's guidance masks it
                 spec = SamplerSpec.from_options(sampler="confidence", steps=a_len, temperature=0.0, cfg_scale=cfg_scale)
                 tokens = spec.run(model, x, gen, Conditioning(prompt_mask=prompt_mask)).tokens[:, -a_len:]
             for r, i in enumerate(rows):
