@@ -219,7 +219,21 @@ def test_answer_logprobs_match_slow_per_token_references():
                     cond = x.clone()
                     cond[0, pos:] = mdm.config.mask_id
                     uncond = cond.clone()
-                    uncond[0, : 1 + len(p)] = mdm.config.mask_id  # the context replaced by MASK
+                    uncond[0, 1 : 1 + len(p)] = mdm.config.mask_id  # the prompt replaced by MASK, the separator kept
+                    lc, lu = mdm(cond)[0, pos].double(), mdm(uncond)[0, pos].double()
+                    ref += torch.log_softmax((1 + w) * lc - w * lu, -1)[a[j]].item()
+                assert value == pytest.approx(ref, abs=1e-6)
+            # a fine-tuned row: MASK runs on to the row's end, hidden (neither given nor scored)
+            padded = answer_logprobs(mdm, pairs, eos, cfg_scale=w, pad_to=10)
+            for (p, a), value in zip(pairs, padded):
+                x = torch.tensor([[eos, *p, *a] + [mdm.config.mask_id] * (10 - 1 - len(p) - len(a))])
+                ref = 0.0
+                for j in range(len(a)):
+                    pos = 1 + len(p) + j
+                    cond = x.clone()
+                    cond[0, pos:] = mdm.config.mask_id
+                    uncond = cond.clone()
+                    uncond[0, 1 : 1 + len(p)] = mdm.config.mask_id
                     lc, lu = mdm(cond)[0, pos].double(), mdm(uncond)[0, pos].double()
                     ref += torch.log_softmax((1 + w) * lc - w * lu, -1)[a[j]].item()
                 assert value == pytest.approx(ref, abs=1e-6)
@@ -235,6 +249,29 @@ def test_answer_logprobs_match_slow_per_token_references():
             for _ in a:
                 seq.append(int(ar(torch.tensor([seq]))[0, -1].argmax()))
             assert fill == seq[1 + len(p):]
+
+
+def test_mdm_completions_match_slow_greedy_references():
+    """Any order: each call unmasks the most confident masked position; left to right: the leftmost.
+    Both with guided logits (the prompt masked in the unconditional pass, the separator kept)."""
+    from unmask.experiments.answers import complete
+
+    mdm, eos, w = _tiny(False), 0, 1.5
+    prompts, lengths = [[5, 6], [4, 7], [9]], [3, 3, 4]
+    for left_to_right in (False, True):
+        fills = complete(mdm, prompts, lengths, eos, cfg_scale=w, left_to_right=left_to_right)
+        for p, n, fill in zip(prompts, lengths, fills):
+            x = torch.tensor([[eos, *p] + [mdm.config.mask_id] * n])
+            with torch.no_grad():
+                for _ in range(n):
+                    uncond = x.clone()
+                    uncond[0, 1 : 1 + len(p)] = mdm.config.mask_id
+                    logits = ((1 + w) * mdm(x)[0].double() - w * mdm(uncond)[0].double()).log_softmax(-1)
+                    masked = (x[0] == mdm.config.mask_id).nonzero().flatten()
+                    best, token = logits[masked].max(dim=-1)
+                    i = 0 if left_to_right else int(best.argmax())
+                    x[0, masked[i]] = token[i]
+            assert fill == x[0, 1 + len(p) :].tolist()
 
 
 def test_reverse_curse_miniature(tmp_path, monkeypatch):
@@ -257,6 +294,36 @@ def test_reverse_curse_miniature(tmp_path, monkeypatch):
     importlib = __import__("importlib")
     monkeypatch.setattr(importlib.import_module("unmask.train"), "train", lambda *a, **k: pytest.fail("trained again"))
     again = reverse_curse.run(tmp_path / "rc", settings, device="cpu", progress=False)["summary"]
+    assert json.loads(json.dumps(again)) == json.loads(json.dumps(result["summary"]))
+
+
+def test_conditional_miniature(tmp_path, monkeypatch):
+    from unmask.data.pairs import PairDataset
+    from unmask.experiments import conditional
+
+    settings = conditional.Settings(facts_per_direction=4, repeats=2, text_chars=2000, vocab_size=600, n_layer=1, n_embd=32, n_head=2,
+                                    context_len=96, steps=4, mdm_steps=6, sft_steps=3, batch_size=4, distractors=2, cfg_scales=(0.0, 2.0))
+    result = conditional.run(tmp_path / "cg", settings, device="cpu", progress=False)
+    out = tmp_path / "cg"
+    assert {"results.json", "results.md", "conditional.png", "facts.jsonl", "pairs", "data"} <= {p.name for p in out.iterdir()}
+    assert [r["spec"]["name"] for r in result["runs"]] == ["mdm-seed0", "mdm-seed0-sft-drop0", "mdm-seed0-sft-drop0.1", "ar-seed0", "ar-seed0-sft"]
+    sft = {r["spec"]["name"]: r["spec"]["train"] for r in result["runs"]}
+    assert sft["mdm-seed0-sft-drop0.1"]["sft"] and sft["mdm-seed0-sft-drop0.1"]["cfg_dropout"] == 0.1
+    assert sft["ar-seed0-sft"]["init_from"].endswith("runs/ar-seed0")
+    # fine-tuning saw the questions of half the facts; the other half are the held-out pairs
+    task = conditional.split_task(conditional.facts_mod.synthetic_facts(4, 0))
+    assert len(task.sft) == len(task.held_out) == 4 and {q.fact for q in task.sft}.isdisjoint({q.fact for q in task.held_out})
+    assert len(PairDataset(out / "pairs", "train").tokens) == 4 and len(PairDataset(out / "pairs", "val").tokens) == 4
+    labels = [(r["model"], r["cfg"]) for r in result["summary"]]
+    assert labels == [("MDM pretrained", "w=0"), ("MDM pretrained", "w=2"), ("MDM fine-tuned, CFG dropout 0", "w=0"),
+                      ("MDM fine-tuned, CFG dropout 0", "w=2"), ("MDM fine-tuned, CFG dropout 0.1", "w=0"),
+                      ("MDM fine-tuned, CFG dropout 0.1", "w=2"), ("AR pretrained", "w=0"), ("AR fine-tuned", "w=0")]
+    for row in result["summary"]:
+        assert row["accuracy_any_order"][0] in (0, 0.25, 0.5, 0.75, 1) and row["accuracy_left_to_right"][0] in (0, 0.25, 0.5, 0.75, 1)
+        assert 0 <= row["rank_top1"][0] <= 1 and row["answer_logprob_per_token"][0] < 0
+    importlib = __import__("importlib")
+    monkeypatch.setattr(importlib.import_module("unmask.train"), "train", lambda *a, **k: pytest.fail("trained again"))
+    again = conditional.run(tmp_path / "cg", settings, device="cpu", progress=False)["summary"]
     assert json.loads(json.dumps(again)) == json.loads(json.dumps(result["summary"]))
 
 

@@ -84,13 +84,16 @@ def test_t_dce_sft_loss_is_unbiased_for_the_exact_conditional_nll(oracle):
 
 
 def test_cfg_dropout_masks_the_whole_prompt_of_a_row_and_never_scores_it():
+    """A dropped prompt is MASK from position 1 to the response; the EOS separator at 0 stays, as in
+    the unconditional pass of the samplers (make_canvas) and of answer scoring."""
     rows = torch.arange(1, 8).repeat(4000, 1)
     response = torch.zeros_like(rows, dtype=torch.bool)
     response[:, 4:] = True
     gen = torch.Generator().manual_seed(2)
     noise = corrupt_response(rows, response, Schedule(), 0, gen, loss="k-dce", prompt_dropout=0.3)
-    dropped = (noise.xt[:, :4] == 0).all(dim=1)
-    kept = (noise.xt[:, :4] == rows[:, :4]).all(dim=1)
+    assert (noise.xt[:, 0] == rows[:, 0]).all()
+    dropped = (noise.xt[:, 1:4] == 0).all(dim=1)
+    kept = (noise.xt[:, 1:4] == rows[:, 1:4]).all(dim=1)
     assert (dropped | kept).all()  # a prompt is dropped whole or kept whole
     assert abs(dropped.double().mean().item() - 0.3) < 0.03
     assert not noise.masked[:, :4].any()

@@ -219,13 +219,15 @@ def chain_rule(
     order: str = "left-to-right",
     generator: torch.Generator | None = None,
     cfg_scale: float = 0.0,
+    prompt_mask: torch.Tensor | None = None,
 ) -> ChainRuleScore:
     """Exact log-likelihood of an MDM under a fixed decoding order (SMDM "chain_rule", RADD "ar_forward").
 
     tokens (B, L); ``score_mask`` (B, L) bool marks the positions to score (default: all). They start
     masked; unscored positions are context (clean tokens, or MASK to hide them). Pass j unmasks the position of rank j in each row
     after scoring log p(x_i | context, earlier positions). max_b(#scored) network calls.
-    With ``cfg_scale`` w, logits are guided by the context-free pass (context replaced by MASK).
+    With ``cfg_scale`` w, logits are guided by the context-free pass: the positions of ``prompt_mask``
+    (B, L) bool (default: all the context) replaced by MASK.
     A time-conditioned network is given t = the fraction of masked positions of its input row.
     """
     from unmask.guidance import guided_logits
@@ -238,7 +240,7 @@ def chain_rule(
     logprob = torch.zeros(tokens.shape[0], dtype=torch.float64, device=tokens.device)
     greedy = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
     steps = int(score_mask.sum(dim=1).max().item()) if tokens.numel() else 0
-    context = ~score_mask
+    context = ~score_mask if prompt_mask is None else prompt_mask.bool()
     scored = torch.where(score_mask, tokens, 0)  # context may hold MASK (hidden context), which has no logit
     for j in range(steps):
         logits = guided_logits(model, x, context, cfg_scale).double()

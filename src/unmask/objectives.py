@@ -107,11 +107,11 @@ def corrupt_response(
     (B, L) bool, R_b positions of row b, is masked (t-DCE: each with p = 1 - alpha(t); k-DCE:
     exactly k ~ U{1..R_b}), and the loss is normalised by R_b: the negative conditional ELBO of
     the response in nats per response token. The prompt is never masked, except that with
-    probability ``prompt_dropout`` a row's whole context (every position outside its response,
-    the EOS separator included) is replaced by MASK in x_t: CFG dropout, which trains the
-    unconditional model that guidance subtracts, in the form guidance gives it (the context
-    masked, its length kept: unmask.guidance, unmask.likelihood.chain_rule). Dropped prompts are
-    not targets.
+    probability ``prompt_dropout`` a row's prompt (every position before its response but the
+    first, the EOS separator) is replaced by MASK in x_t: CFG dropout, which trains the
+    unconditional model that guidance subtracts, in the form the samplers give it (the prompt
+    masked, its length and the separator kept: unmask.sampling.generate.make_canvas). Dropped
+    prompts are not targets.
     """
     b, l = x0.shape
     r = response.sum(dim=1).cpu()
@@ -125,7 +125,7 @@ def corrupt_response(
         xt, masked = add_noise(x0, schedule.mask_prob(u), mask_id, generator, eligible=response)
         t, weight = u, schedule.weight(u) * l / r
     drop = torch.rand(b, generator=generator) < prompt_dropout
-    prompt = ~response & drop.to(x0.device)[:, None]
+    prompt = ~response & (torch.arange(l, device=x0.device) > 0) & drop.to(x0.device)[:, None]
     xt = torch.where(prompt, torch.full_like(xt, mask_id), xt)
     return Corruption(xt, masked, t.to(x0.device), weight.to(x0.device))
 

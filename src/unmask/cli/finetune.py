@@ -11,7 +11,7 @@ import typer
 from unmask.cli.app import app
 from unmask.errors import UnmaskError
 
-DEFAULT_LR, DEFAULT_STEPS = 3e-4, 500
+DEFAULT_LR, DEFAULT_STEPS = 1e-4, 500
 
 
 def finetune_configs(init_from: Path, **given):
