@@ -74,10 +74,10 @@ class Grid:
 
 
 GRIDS: dict[str, Grid] = {
-    # about two hours on 2 CPU cores: 4 budgets x 5 sizes (width 32 to 96, 25k to 660k non-embedding
-    # parameters, around the compute-optimal ~20 tokens per parameter) x 2 models, 1024-token BPE,
-    # 16 x 64 tokens per step
-    "cpu": Grid(budgets=(3e11, 1e12, 3e12, 1e13), depths=(2, 3, 4, 5, 6), aspect=16, head_dim=16, context_len=64, vocab_size=1024),
+    # about an hour on 2 CPU cores (README): 3 budgets x 5 sizes (width 32 to 96, 33k to 660k
+    # non-embedding parameters, around ~20 tokens per parameter at these budgets) x 2 models,
+    # 1024-token BPE, 16 x 64 tokens per step
+    "cpu": Grid(budgets=(3e11, 1e12, 3e12), depths=(2, 3, 4, 5, 6), aspect=16, head_dim=16, context_len=64, vocab_size=1024),
     # for one GPU: 4 budgets x 5 sizes x 2 models at context 512, widths 256 to 768
     "gpu": Grid(
         budgets=(1e15, 3e15, 1e16, 3e16), depths=(4, 6, 8, 10, 12), aspect=64, head_dim=64, context_len=512,
