@@ -359,6 +359,8 @@ def test_bd3_settings_are_checked(tmp_path, small_data):
         train(tmp_path / "run", model, dataclasses.replace(cfg, flex_attention=True), small_data, device="cpu", progress=False)
     with pytest.raises(UnmaskError, match="--flex-attention apply to --objective bd3 only"):
         TrainConfig(objective="mdm", flex_attention=True)
+    with pytest.raises(UnmaskError, match="MASK id 3 but the tokenizer"):  # a block model masks with the tokenizer's MASK too
+        train(tmp_path / "run", dataclasses.replace(model, mask_token_id=3), cfg, small_data, device="cpu", progress=False)
 
 
 def test_cli_trains_a_block_model_fine_tuned_from_an_mdm_then_scores_and_samples_it(tmp_path, small_data):

@@ -307,7 +307,7 @@ def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, trai
         raise UnmaskError(
             f"model vocab_size={model_cfg.vocab_size} but the data in {data_dir} was made with a {tokenizer.vocab_size}-token tokenizer"
         )
-    if train_cfg.objective == "mdm" and model_cfg.mask_id != tokenizer.mask_id:
+    if train_cfg.objective in ("mdm", "bd3") and model_cfg.mask_id != tokenizer.mask_id:
         raise UnmaskError(f"model MASK id {model_cfg.mask_id} but the tokenizer of {data_dir} has MASK at {tokenizer.mask_id}")
     if model_cfg.causal != (train_cfg.objective == "ar"):
         raise UnmaskError(f"--objective {train_cfg.objective} needs causal={train_cfg.objective == 'ar'} in the model config")
