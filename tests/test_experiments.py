@@ -201,6 +201,23 @@ def _tiny(causal: bool, vocab: int = 50):
     return Transformer(ModelConfig(vocab_size=vocab, context_len=16, n_layer=1, n_head=2, n_embd=16, causal=causal)).eval()
 
 
+def _slow_guided_logprob(mdm, eos: int, p: list[int], a: list[int], w: float, pad_to: int = 0) -> float:
+    """log p(a | p) decoded left to right, one position per call: position j masked with everything
+    after it (a fine-tuned row's MASK tail up to ``pad_to`` included); the unconditional pass has the
+    prompt replaced by MASK, the separator kept."""
+    x = torch.tensor([[eos, *p, *a] + [mdm.config.mask_id] * max(0, pad_to - 1 - len(p) - len(a))])
+    ref = 0.0
+    for j in range(len(a)):
+        pos = 1 + len(p) + j
+        cond = x.clone()
+        cond[0, pos:] = mdm.config.mask_id
+        uncond = cond.clone()
+        uncond[0, 1 : 1 + len(p)] = mdm.config.mask_id
+        lc, lu = mdm(cond)[0, pos].double(), mdm(uncond)[0, pos].double()
+        ref += torch.log_softmax((1 + w) * lc - w * lu, -1)[a[j]].item()
+    return ref
+
+
 def test_answer_logprobs_match_slow_per_token_references():
     from unmask.experiments.answers import answer_logprobs, complete
 
@@ -209,34 +226,10 @@ def test_answer_logprobs_match_slow_per_token_references():
     ar, mdm = _tiny(True), _tiny(False)
     with torch.no_grad():
         for w in (0.0, 2.0):
-            got = answer_logprobs(mdm, pairs, eos, cfg_scale=w, batch_size=2)
-            for (p, a), value in zip(pairs, got):
-                # left to right: position j masked together with everything after it
-                x = torch.tensor([[eos, *p, *a]])
-                ref = 0.0
-                for j in range(len(a)):
-                    pos = 1 + len(p) + j
-                    cond = x.clone()
-                    cond[0, pos:] = mdm.config.mask_id
-                    uncond = cond.clone()
-                    uncond[0, 1 : 1 + len(p)] = mdm.config.mask_id  # the prompt replaced by MASK, the separator kept
-                    lc, lu = mdm(cond)[0, pos].double(), mdm(uncond)[0, pos].double()
-                    ref += torch.log_softmax((1 + w) * lc - w * lu, -1)[a[j]].item()
-                assert value == pytest.approx(ref, abs=1e-6)
-            # a fine-tuned row: MASK runs on to the row's end, hidden (neither given nor scored)
-            padded = answer_logprobs(mdm, pairs, eos, cfg_scale=w, pad_to=10)
-            for (p, a), value in zip(pairs, padded):
-                x = torch.tensor([[eos, *p, *a] + [mdm.config.mask_id] * (10 - 1 - len(p) - len(a))])
-                ref = 0.0
-                for j in range(len(a)):
-                    pos = 1 + len(p) + j
-                    cond = x.clone()
-                    cond[0, pos:] = mdm.config.mask_id
-                    uncond = cond.clone()
-                    uncond[0, 1 : 1 + len(p)] = mdm.config.mask_id
-                    lc, lu = mdm(cond)[0, pos].double(), mdm(uncond)[0, pos].double()
-                    ref += torch.log_softmax((1 + w) * lc - w * lu, -1)[a[j]].item()
-                assert value == pytest.approx(ref, abs=1e-6)
+            for pad_to in (0, 10):  # 10: a fine-tuned row, MASK running on to the row's end (neither given nor scored)
+                got = answer_logprobs(mdm, pairs, eos, cfg_scale=w, batch_size=2, pad_to=pad_to or None)
+                for (p, a), value in zip(pairs, got):
+                    assert value == pytest.approx(_slow_guided_logprob(mdm, eos, p, a, w, pad_to), abs=1e-6)
         got = answer_logprobs(ar, pairs, eos)
         fills = complete(ar, [p for p, _ in pairs], [len(a) for _, a in pairs], eos)
         for (p, a), value, fill in zip(pairs, got, fills):

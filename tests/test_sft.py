@@ -138,7 +138,7 @@ def test_pairs_rows_are_eos_prompt_response_and_eos_pads(tmp_path):
         prepare_pairs(tmp_path / "q", tok, pairs, length=None, max_length=5)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
-    with pytest.raises(UnmaskError, match=r"bad.jsonl:2: .*'response'"):
+    with pytest.raises(UnmaskError, match=r"bad.jsonl line 2: .*'response'"):
         read_pairs(bad)
     with pytest.raises(UnmaskError, match="does not exist"):
         read_pairs(tmp_path / "missing.jsonl")

@@ -62,8 +62,9 @@ def _read_utf8(path: Path) -> str:
         ) from None
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    """One document per line, read line by line (memory does not grow with the file)."""
+def jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a JSONL file, read line by line (memory does
+    not grow with the file); a line that is not UTF-8 or not a JSON object is an error naming it."""
     # newline="\n": lines end at "\n" only; str.splitlines() would also break on U+2028 etc., which JSON allows inside strings
     with open(path, encoding="utf-8", newline="\n") as f:
         lineno = 0
@@ -83,9 +84,17 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise UnmaskError(f"{path} line {lineno} is not valid JSON ({exc.msg}); write one JSON object per line") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise UnmaskError(f"{path} line {lineno} has no string field {text_field!r}; pass --text-field with the right name")
-            yield record[text_field]
+            if not isinstance(record, dict):
+                raise UnmaskError(f"{path} line {lineno} is not a JSON object; write one object per line")
+            yield lineno, record
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+    """One document per line, read line by line (memory does not grow with the file)."""
+    for lineno, record in jsonl_records(path):
+        if not isinstance(record.get(text_field), str):
+            raise UnmaskError(f"{path} line {lineno} has no string field {text_field!r}; pass --text-field with the right name")
+        yield record[text_field]
 
 
 def read_documents(paths: Sequence[str | Path], text_field: str = "text", lazy: bool = False) -> Iterator:

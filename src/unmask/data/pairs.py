@@ -24,6 +24,7 @@ from typing import Iterable
 
 import numpy as np
 
+from unmask.data.corpus import jsonl_records
 from unmask.data.tokenizer import Tokenizer
 from unmask.errors import UnmaskError
 
@@ -43,19 +44,12 @@ def read_pairs(path: str | Path, prompt_field: str = "prompt", response_field: s
     if not path.is_file():
         raise UnmaskError(f"pairs file {str(path)!r} does not exist; give a JSONL file of {{'{prompt_field}': ..., '{response_field}': ...}} lines")
     pairs = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UnmaskError(f"{path}:{n}: not valid JSON ({exc})") from None
-            if not isinstance(row, dict) or not isinstance(row.get(prompt_field), str) or not isinstance(row.get(response_field), str):
-                raise UnmaskError(f"{path}:{n}: each line needs string fields {prompt_field!r} and {response_field!r}")
-            if not row[response_field].strip():
-                raise UnmaskError(f"{path}:{n}: the {response_field!r} is empty; a pair needs a response to learn")
-            pairs.append(Pair(row[prompt_field], row[response_field]))
+    for n, row in jsonl_records(path):
+        if not isinstance(row.get(prompt_field), str) or not isinstance(row.get(response_field), str):
+            raise UnmaskError(f"{path} line {n}: each line needs string fields {prompt_field!r} and {response_field!r}")
+        if not row[response_field].strip():
+            raise UnmaskError(f"{path} line {n}: the {response_field!r} is empty; a pair needs a response to learn")
+        pairs.append(Pair(row[prompt_field], row[response_field]))
     if not pairs:
         raise UnmaskError(f"pairs file {path} has no pairs")
     return pairs

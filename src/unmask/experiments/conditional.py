@@ -40,7 +40,7 @@ from unmask.errors import UnmaskError
 from unmask.experiments import facts as facts_mod
 from unmask.experiments import reverse_curse
 from unmask.experiments.answers import answer_logprobs, complete
-from unmask.experiments.runner import RunSpec, md_table, pyplot, run_grid, write_outputs
+from unmask.experiments.runner import RunSpec, md_table, mean_sd, pyplot, run_grid, write_outputs
 
 
 @dataclass(frozen=True)
@@ -195,9 +195,7 @@ def summarise(records: list[dict], settings: Settings) -> list[dict]:
     for name, runs in groups.items():
         for key in runs[0]["result"]:
             row: dict[str, Any] = {"model": name, "cfg": key, "seeds": [r["spec"]["meta"]["seed"] for r in runs]}
-            for metric in METRICS:
-                values = [r["result"][key][metric] for r in runs]
-                row[metric] = (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+            row.update({metric: mean_sd([r["result"][key][metric] for r in runs]) for metric in METRICS})
             rows.append(row)
     return rows
 
@@ -252,18 +250,8 @@ def _plot(rows: list[dict], settings: Settings, path: Path) -> None:
 def run(out_dir: str | Path, settings: Settings = Settings(), facts_file: str | Path | None = None, device: str = "auto",
         progress: bool = True) -> dict:
     """Prepare (once), pretrain and fine-tune (resumably), evaluate, write results.json, results.md, conditional.png."""
-    from unmask.data import TokenDataset
-
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if facts_file is not None:
-        facts, source = facts_mod.read_facts(facts_file), f"user file {facts_file}"
-    else:
-        facts = facts_mod.synthetic_facts(settings.facts_per_direction, settings.data_seed)
-        source = f"synthetic (seed {settings.data_seed}), {len(facts)} facts"
-    facts_mod.write_facts(out / "facts.jsonl", facts)
-    data = reverse_curse.prepare(out, settings, facts)
-    tok = TokenDataset(data, "train").tokenizer
+    facts, source, data, tok = reverse_curse.facts_corpus(out, settings, facts_file)
     task = split_task(facts)
     choices = candidates(task, settings.distractors, settings.data_seed + 1)
     # rows long enough for every held-out question with any of its candidate answers

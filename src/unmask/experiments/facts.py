@@ -14,6 +14,7 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from unmask.data.corpus import jsonl_records
 from unmask.errors import UnmaskError
 
 _ONSETS = ("b", "br", "d", "dr", "f", "g", "gl", "h", "k", "l", "m", "n", "p", "qu", "r", "s", "t", "th", "v", "z")
@@ -77,14 +78,8 @@ def read_facts(path: str | Path) -> list[Fact]:
     if not path.is_file():
         raise UnmaskError(f"--facts-file {str(path)!r} does not exist")
     facts = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise UnmaskError(f"--facts-file {path} line {lineno} is not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict) or not all(isinstance(record.get(k), str) and record[k].strip() for k in ("name", "description")):
+    for lineno, record in jsonl_records(path):
+        if not all(isinstance(record.get(k), str) and record[k].strip() for k in ("name", "description")):
             raise UnmaskError(f"--facts-file {path} line {lineno}: needs non-empty string fields 'name' and 'description'")
         facts.append(Fact(record["name"].strip(), record["description"].strip(), "n2d" if len(facts) % 2 == 0 else "d2n"))
     if len(facts) < 4:
@@ -95,6 +90,14 @@ def read_facts(path: str | Path) -> list[Fact]:
 def _fill(template: str, fact: Fact) -> str:
     desc = fact.description
     return template.format(name=fact.name, description=desc, Description=desc[:1].upper() + desc[1:])
+
+
+def load_facts(facts_file: str | Path | None, per_direction: int, seed: int) -> tuple[list[Fact], str]:
+    """(facts, where they come from): the user's file, or ``per_direction`` synthetic facts per direction."""
+    if facts_file is not None:
+        return read_facts(facts_file), f"user file {facts_file}"
+    facts = synthetic_facts(per_direction, seed)
+    return facts, f"synthetic (seed {seed}), {len(facts)} facts"
 
 
 def fact_documents(facts: list[Fact]) -> list[str]:

@@ -18,7 +18,6 @@ Evaluation, per question ("<A> is" -> "<B>"), in the direction seen in training 
 from __future__ import annotations
 
 import random
-import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from unmask.config import ModelConfig, TrainConfig
 from unmask.errors import UnmaskError
 from unmask.experiments import facts as facts_mod
 from unmask.experiments.answers import answer_logprobs, complete
-from unmask.experiments.runner import RunSpec, md_table, pyplot, run_grid, write_outputs
+from unmask.experiments.runner import RunSpec, md_table, mean_sd, pyplot, run_grid, write_outputs
 
 
 @dataclass(frozen=True)
@@ -90,6 +89,19 @@ def prepare(out: Path, settings: Settings, facts: list[facts_mod.Fact]) -> Path:
     return prepare_dataset(data, tok, docs, val, progress=False)
 
 
+def facts_corpus(out: Path, settings, facts_file: str | Path | None):
+    """(facts, their source, OUT/data, its tokenizer): the facts (written to OUT/facts.jsonl) and the
+    corpus of :func:`prepare`, made once. ``settings``: this experiment's or another's with the
+    same data fields (facts_per_direction, repeats, text_chars, vocab_size, data_seed)."""
+    from unmask.data import TokenDataset
+
+    out.mkdir(parents=True, exist_ok=True)
+    facts, source = facts_mod.load_facts(facts_file, settings.facts_per_direction, settings.data_seed)
+    facts_mod.write_facts(out / "facts.jsonl", facts)
+    data = prepare(out, settings, facts)
+    return facts, source, data, TokenDataset(data, "train").tokenizer
+
+
 def specs_for(settings: Settings, data: Path, vocab: int) -> list[RunSpec]:
     """An MDM and an AR run per seed; ``meta`` records the evaluation settings, so a finished run is
     reused only when they are the same."""
@@ -143,10 +155,6 @@ def evaluate_run(run_dir: Path, facts: list[facts_mod.Fact], settings: Settings,
     return result
 
 
-def _spread(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def summarise(records: list[dict], settings: Settings) -> list[dict]:
     """One row per (model, w): mean and standard deviation over seeds of every metric."""
     rows = []
@@ -158,7 +166,7 @@ def summarise(records: list[dict], settings: Settings) -> list[dict]:
             row: dict[str, Any] = {"model": label, "steps": steps, "cfg": key, "seeds": [r["spec"]["meta"]["seed"] for r in runs]}
             for direction in ("same", "reverse"):
                 for metric in ("exact_match", "rank_top1", "mean_rank", "answer_logprob_per_token"):
-                    row[f"{direction}_{metric}"] = _spread([r["result"][key][direction][metric] for r in runs])
+                    row[f"{direction}_{metric}"] = mean_sd([r["result"][key][direction][metric] for r in runs])
             rows.append(row)
     return rows
 
@@ -211,19 +219,8 @@ def _plot(rows: list[dict], settings: Settings, path: Path) -> None:
 def run(out_dir: str | Path, settings: Settings = Settings(), facts_file: str | Path | None = None, device: str = "auto",
         progress: bool = True) -> dict:
     """Prepare (once), train (resumably), evaluate and write results.json, results.md, reverse_curse.png."""
-    from unmask.data import TokenDataset
-
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if facts_file is not None:
-        facts = facts_mod.read_facts(facts_file)
-        source = f"user file {facts_file}"
-    else:
-        facts = facts_mod.synthetic_facts(settings.facts_per_direction, settings.data_seed)
-        source = f"synthetic (seed {settings.data_seed})"
-    facts_mod.write_facts(out / "facts.jsonl", facts)
-    data = prepare(out, settings, facts)
-    tok = TokenDataset(data, "train").tokenizer
+    facts, source, data, tok = facts_corpus(out, settings, facts_file)
     longest = max(1 + len(tok.encode(q.prompt)) + len(tok.encode(" " + getattr(f, q.asks))) for q in facts_mod.questions(facts) for f in facts)
     if longest > settings.context_len:
         raise UnmaskError(f"--context-len={settings.context_len}: the longest question with its answer takes {longest} tokens; "

@@ -19,6 +19,7 @@ experiment's ``results.json`` and ``results.md`` atomically.
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,11 @@ def pyplot():
     except ImportError:
         raise UnmaskError("experiments draw their plots with matplotlib: pip install 'unmask[plot]'") from None
     return plt
+
+
+def mean_sd(values: list[float]) -> tuple[float, float]:
+    """(mean, sample standard deviation; 0 for one value): a metric's spread over seeds."""
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def md_table(header: list[str], rows: list[list[Any]]) -> str:
