@@ -35,10 +35,10 @@ from unmask.checkpoint_sharded import consolidate, is_sharded, load_sharded, rea
 from unmask.block_diffusion import BlockCorruption, bd3_loss, block_elbo, check_block_size, corrupt_blocks, corrupt_blocks_k, flex_available
 from unmask.config import ModelConfig, RunConfig, TrainConfig
 from unmask.data import TokenDataset
+from unmask.data.pairs import PairDataset
 from unmask.distributed import all_reduce_mean, barrier, full_value, grad_sync, init_world, local_rows, parallelize, shutdown
 from unmask.ema import EMA
 from unmask.errors import UnmaskError
-from unmask.data.pairs import PairDataset
 from unmask.likelihood import LikelihoodResult, ar_nll, mc_elbo, response_nll
 from unmask.model import Transformer
 from unmask.objectives import Corruption, ar_loss, corrupt_k_dce, corrupt_response, corrupt_t_dce, dce_loss
