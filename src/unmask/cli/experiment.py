@@ -10,6 +10,7 @@ import typer
 
 from unmask.cli.app import app, command_group
 from unmask.errors import UnmaskError
+from unmask.experiments.conditional import Settings as ConditionalSettings
 
 experiment_app = command_group("SMDM's experiments: scaling laws, reverse curse, conditional generation, distribution shift.")
 app.add_typer(experiment_app, name="experiment")
@@ -70,24 +71,28 @@ def reverse_curse(
     typer.echo(f"wrote {out}/results.md, results.json and reverse_curse.png", err=True)
 
 
+_C = ConditionalSettings()
+
+
 @experiment_app.command("conditional")
 def conditional(
     out: Path = typer.Option(Path("runs/experiments/conditional"), help="Results folder."),
     facts_file: Optional[Path] = typer.Option(None, help="JSONL of {\"name\", \"description\"} facts; default: synthetic fictional facts."),
-    facts: int = typer.Option(20, help="Synthetic facts per direction (half the facts are fine-tuned on, half held out)."),
-    steps: int = typer.Option(600, help="AR pretraining steps."),
-    mdm_steps: int = typer.Option(2400, help="MDM pretraining steps."),
-    sft_steps: int = typer.Option(200, help="Fine-tuning steps of each model."),
-    cfg_dropout: float = typer.Option(0.1, help="CFG dropout of the standard-CFG fine-tuned MDM (one with 0 is always trained)."),
-    cfg_scales: str = typer.Option("0,0.5,1,2,3", help="MDM guidance scales w to evaluate at."),
-    seeds: str = typer.Option("0", help="Comma-separated training seeds; the table reports mean and spread over them."),
-    distractors: int = typer.Option(7, help="Wrong answers each correct one is ranked against."),
+    facts: int = typer.Option(_C.facts_per_direction, help="Synthetic facts per direction (half the facts are fine-tuned on, half held out)."),
+    steps: int = typer.Option(_C.steps, help="AR pretraining steps."),
+    mdm_steps: int = typer.Option(_C.mdm_steps, help="MDM pretraining steps."),
+    sft_steps: int = typer.Option(_C.sft_steps, help="Fine-tuning steps of each model."),
+    sft_lr: float = typer.Option(_C.sft_lr, help="Fine-tuning peak learning rate."),
+    cfg_dropout: float = typer.Option(_C.cfg_dropout, help="CFG dropout of the standard-CFG fine-tuned MDM (one with 0 is always trained)."),
+    cfg_scales: str = typer.Option(",".join(f"{w:g}" for w in _C.cfg_scales), help="MDM guidance scales w to evaluate at."),
+    seeds: str = typer.Option(",".join(map(str, _C.seeds)), help="Comma-separated training seeds; the table reports mean and spread over them."),
+    distractors: int = typer.Option(_C.distractors, help="Wrong answers each correct one is ranked against."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
 ) -> None:
     """Pretrain MDM and AR, fine-tune both on question/answer pairs; accuracy and likelihood against the guidance scale."""
     from unmask.experiments import conditional as experiment
 
-    settings = experiment.Settings(facts_per_direction=facts, steps=steps, mdm_steps=mdm_steps, sft_steps=sft_steps, cfg_dropout=cfg_dropout,
+    settings = experiment.Settings(facts_per_direction=facts, steps=steps, mdm_steps=mdm_steps, sft_steps=sft_steps, sft_lr=sft_lr, cfg_dropout=cfg_dropout,
                                    cfg_scales=_floats(cfg_scales, "--cfg-scales"), seeds=_ints(seeds, "--seeds"), distractors=distractors)
     experiment.run(out, settings, facts_file, device=device)
     typer.echo(f"wrote {out}/results.md, results.json and conditional.png", err=True)

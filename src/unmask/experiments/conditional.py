@@ -62,7 +62,7 @@ class Settings:
     cfg_dropout: float = 0.1  # the standard-CFG fine-tuned MDM; a second one uses 0 (unsupervised CFG)
     cfg_scales: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0)
     distractors: int = 7
-    seeds: tuple[int, ...] = (0,)
+    seeds: tuple[int, ...] = (0, 1)
     data_seed: int = 0
 
     def __post_init__(self) -> None:
