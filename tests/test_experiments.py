@@ -295,7 +295,8 @@ def test_conditional_miniature(tmp_path, monkeypatch):
     from unmask.experiments import conditional
 
     settings = conditional.Settings(facts_per_direction=4, repeats=2, text_chars=2000, vocab_size=600, n_layer=1, n_embd=32, n_head=2,
-                                    context_len=96, steps=4, mdm_steps=6, sft_steps=3, batch_size=4, distractors=2, cfg_scales=(0.0, 2.0))
+                                    context_len=96, steps=4, mdm_steps=6, sft_steps=3, batch_size=4, distractors=2, cfg_scales=(0.0, 2.0),
+                                    seeds=(0,))
     result = conditional.run(tmp_path / "cg", settings, device="cpu", progress=False)
     out = tmp_path / "cg"
     assert {"results.json", "results.md", "conditional.png", "facts.jsonl", "pairs", "data"} <= {p.name for p in out.iterdir()}
