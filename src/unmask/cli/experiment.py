@@ -33,7 +33,7 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 @experiment_app.command("scaling")
 def scaling(
     out: Path = typer.Option(Path("runs/experiments/scaling"), help="Results folder (runs/, results.json, results.md, scaling.png)."),
-    grid: str = typer.Option("cpu", help="cpu (about two hours on 2 free cores, estimated), gpu (one GPU, hours), or a JSON file of grid fields."),
+    grid: str = typer.Option("cpu", help="cpu (about an hour on a 2-core CPU), gpu (one GPU, hours, not run here), or a JSON file of grid fields."),
     data: Optional[Path] = typer.Option(None, help="Folder from `unmask data prepare`; default: the embedded Shakespeare corpus."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the confidence intervals."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
