@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The experiments on one CUDA GPU, in a few minutes: a short IsoFLOP grid (3 budgets x 3 sizes x MDM/AR,
-# context 512, the shipped 4096-token tokenizer), then reverse curse and distribution shift at their defaults.
+# context 512, the shipped 4096-token tokenizer), then reverse curse, conditional generation and distribution
+# shift at their defaults.
 # Results (results.json, results.md, PNGs, per-run result.json and metrics.jsonl) go to $OUT; checkpoints do not.
 #   OUT=runs/gpu-experiments bash benchmarks/gpu_experiments.sh
 # GRID (default experiments/grids/gpu-short.json; `gpu` is the full grid, hours), DEVICE, WORK (where the runs
-# live; the same WORK resumes them), RC_ARGS and SHIFT_ARGS (extra flags of the two commands) override.
+# live; the same WORK resumes them), RC_ARGS, CG_ARGS and SHIFT_ARGS (extra flags of those commands) override.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-experiments}
@@ -21,8 +22,9 @@ run() {  # name, time limit in seconds, command...
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
   echo "$name: exit $? after $((SECONDS - start)) s" | tee -a "$OUT/summary.txt"
 }
-run scaling 300 $PY -m unmask experiment scaling --grid "$GRID" --out "$WORK/scaling" --device "$DEVICE"
-run reverse-curse 140 $PY -m unmask experiment reverse-curse --out "$WORK/reverse-curse" --device "$DEVICE" ${RC_ARGS:-}
-run shift 110 $PY -m unmask experiment shift --out "$WORK/shift" --device "$DEVICE" ${SHIFT_ARGS:-}
+run scaling 270 $PY -m unmask experiment scaling --grid "$GRID" --out "$WORK/scaling" --device "$DEVICE"
+run reverse-curse 120 $PY -m unmask experiment reverse-curse --out "$WORK/reverse-curse" --device "$DEVICE" ${RC_ARGS:-}
+run conditional 120 $PY -m unmask experiment conditional --out "$WORK/conditional" --device "$DEVICE" ${CG_ARGS:-}
+run shift 90 $PY -m unmask experiment shift --out "$WORK/shift" --device "$DEVICE" ${SHIFT_ARGS:-}
 # everything but checkpoints and prepared data (a later call with the same WORK resumes where this one stopped)
 (cd "$WORK" && find -L . -path '*/checkpoints' -prune -o -path '*/data' -prune -o -type f -print | tar cf - -T -) | tar xf - -C "$OUT"
