@@ -179,18 +179,18 @@ def cut(fill: list[int], eos: int, sft: bool) -> list[int]:
     return fill[: fill.index(eos)] if sft and eos in fill else fill
 
 
-def label(meta: dict, settings: Settings) -> str:
+def label(meta: dict) -> str:
     kind = meta["kind"].upper()
     if not meta["sft"]:
         return f"{kind} pretrained"
     return f"{kind} fine-tuned" + (f", CFG dropout {meta['cfg_dropout']:g}" if meta["kind"] == "mdm" else "")
 
 
-def summarise(records: list[dict], settings: Settings) -> list[dict]:
+def summarise(records: list[dict]) -> list[dict]:
     """One row per (model, w): mean and standard deviation over seeds."""
     groups: dict[str, list[dict]] = {}
     for r in records:
-        groups.setdefault(label(r["spec"]["meta"], settings), []).append(r)
+        groups.setdefault(label(r["spec"]["meta"]), []).append(r)
     rows = []
     for name, runs in groups.items():
         for key in runs[0]["result"]:
@@ -264,7 +264,7 @@ def run(out_dir: str | Path, settings: Settings = Settings(), facts_file: str | 
     specs = specs_for(settings, data.resolve(), pairs.resolve(), tok.vocab_size, out)
     records = run_grid(out, specs, lambda spec, run_dir: evaluate_run(spec, run_dir, task, choices, longest, settings, device),
                        device=device, progress=progress, chunk=max(50, settings.steps // 10), desc="conditional")
-    rows = summarise(records, settings)
+    rows = summarise(records)
     _plot(rows, settings, out / "conditional.png")
     result = {"experiment": "conditional", "settings": asdict(settings), "facts": source, "num_facts": len(facts),
               "held_out_questions": len(task.held_out), "sft_questions": len(task.sft), "runs": records, "summary": rows}
