@@ -15,7 +15,8 @@ DEFAULT_LR, DEFAULT_STEPS = 1e-4, 500
 
 
 def finetune_configs(init_from: Path, **given):
-    """(model config, train config) of fine-tuning the run ``init_from`` on pairs: the source's network and objective (AR stays AR, an MDM stays an MDM), ``given`` training settings."""
+    """(model config, train config) of fine-tuning the run ``init_from`` on pairs: the source's
+    network and objective (AR stays AR, an MDM stays an MDM) with the ``given`` training settings."""
     from unmask.adaptation import source_config
     from unmask.config import TrainConfig
 
