@@ -40,7 +40,7 @@ from unmask.errors import UnmaskError
 from unmask.experiments import facts as facts_mod
 from unmask.experiments import reverse_curse
 from unmask.experiments.answers import answer_logprobs, complete
-from unmask.experiments.runner import RunSpec, md_table, mean_sd, pyplot, run_grid, write_outputs
+from unmask.experiments.runner import RunSpec, md_table, pyplot, run_grid, seed_rows, write_outputs
 
 
 @dataclass(frozen=True)
@@ -191,13 +191,7 @@ def summarise(records: list[dict]) -> list[dict]:
     groups: dict[str, list[dict]] = {}
     for r in records:
         groups.setdefault(label(r["spec"]["meta"]), []).append(r)
-    rows = []
-    for name, runs in groups.items():
-        for key in runs[0]["result"]:
-            row: dict[str, Any] = {"model": name, "cfg": key, "seeds": [r["spec"]["meta"]["seed"] for r in runs]}
-            row.update({metric: mean_sd([r["result"][key][metric] for r in runs]) for metric in METRICS})
-            rows.append(row)
-    return rows
+    return [row for name, runs in groups.items() for row in seed_rows(name, runs)]
 
 
 def markdown(settings: Settings, rows: list[dict], source: str, task: Task) -> str:

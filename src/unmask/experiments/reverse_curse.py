@@ -26,7 +26,7 @@ from unmask.config import ModelConfig, TrainConfig
 from unmask.errors import UnmaskError
 from unmask.experiments import facts as facts_mod
 from unmask.experiments.answers import answer_logprobs, complete
-from unmask.experiments.runner import RunSpec, md_table, mean_sd, pyplot, run_grid, write_outputs
+from unmask.experiments.runner import RunSpec, md_table, pyplot, run_grid, seed_rows, write_outputs
 
 
 @dataclass(frozen=True)
@@ -162,12 +162,7 @@ def summarise(records: list[dict], settings: Settings) -> list[dict]:
     for kind, steps in groups:
         runs = [r for r in records if r["spec"]["meta"]["kind"] == kind and r["spec"]["train"]["steps"] == steps]
         label = kind.upper() if steps == settings.steps else f"{kind.upper()} {steps} steps"
-        for key in runs[0]["result"]:
-            row: dict[str, Any] = {"model": label, "steps": steps, "cfg": key, "seeds": [r["spec"]["meta"]["seed"] for r in runs]}
-            for direction in ("same", "reverse"):
-                for metric in ("exact_match", "rank_top1", "mean_rank", "answer_logprob_per_token"):
-                    row[f"{direction}_{metric}"] = mean_sd([r["result"][key][direction][metric] for r in runs])
-            rows.append(row)
+        rows += seed_rows(label, runs, lambda result: {f"{d}_{m}": v for d in ("same", "reverse") for m, v in result[d].items()}, steps=steps)
     return rows
 
 

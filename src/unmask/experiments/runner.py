@@ -172,6 +172,18 @@ def mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def seed_rows(label: str, runs: list[dict], flatten: Callable[[dict], dict] = lambda result: result, **fields) -> list[dict]:
+    """The summary rows of runs (records of :func:`run_grid`) that differ only in their seed: one row
+    per key of their results (e.g. a guidance scale), with ``fields``, the seeds, and the mean and
+    standard deviation over the runs of every metric of ``flatten(result[key])``."""
+    rows = []
+    for key in runs[0]["result"]:
+        values = [flatten(r["result"][key]) for r in runs]
+        rows.append({"model": label, **fields, "cfg": key, "seeds": [r["spec"]["meta"]["seed"] for r in runs],
+                     **{metric: mean_sd([v[metric] for v in values]) for metric in values[0]}})
+    return rows
+
+
 def md_table(header: list[str], rows: list[list[Any]]) -> str:
     """A Markdown table; floats with 4 significant digits."""
     def cell(v: Any) -> str:
