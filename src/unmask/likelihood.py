@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from unmask.errors import UnmaskError
 from unmask.objectives import ar_loss, device_of, k_dce, t_dce
-from unmask.schedule import Schedule
+from unmask.schedule import Schedule, mask_exactly
 
 
 @dataclass
@@ -282,9 +282,7 @@ def conditional_elbo(
     for j in range(draws):
         u = ((u0 + j / draws) % 1.0).to(tokens.device)
         k = torch.ceil(u * n).clamp(min=1)
-        ranks = decoding_ranks(score_mask, "random", generator)
-        masked = score_mask & (ranks < k[:, None])
-        x = torch.where(masked, torch.full_like(tokens, model.config.mask_id), tokens)
+        x, masked = mask_exactly(tokens, k, model.config.mask_id, generator, eligible=score_mask)
         logits = guided_logits(model, x, ~score_mask, cfg_scale).double()
         logp = torch.log_softmax(logits, dim=-1).gather(-1, scored[..., None]).squeeze(-1)
         values.append((logp * masked).sum(dim=1) * n / k)

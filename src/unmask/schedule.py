@@ -105,11 +105,13 @@ def add_noise(x0: torch.Tensor, mask_prob: torch.Tensor, mask_id: int, generator
 def mask_exactly(x0: torch.Tensor, k: torch.Tensor, mask_id: int, generator: torch.Generator,
                  eligible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mask exactly k[b] uniformly chosen positions of row b of x0 (B, L) (k-DCE, reference section 2);
-    with ``eligible`` (B, L) bool, k[b] of row b's eligible positions (k[b] <= their number)."""
+    with ``eligible`` (B, L) bool, k[b] of row b's eligible positions (all of them if it has fewer)."""
     b, l = x0.shape
     keys = torch.rand((b, l), generator=generator)
     if eligible is not None:  # ineligible positions sort after every eligible one
         keys = keys + (~eligible).cpu()
     ranks = keys.argsort(dim=1).argsort(dim=1).to(x0.device)
     masked = ranks < k.to(x0.device)[:, None]
+    if eligible is not None:
+        masked &= eligible.to(x0.device)
     return torch.where(masked, torch.full_like(x0, mask_id), x0), masked
