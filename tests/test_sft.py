@@ -136,6 +136,8 @@ def test_pairs_rows_are_eos_prompt_response_and_eos_pads(tmp_path):
     assert tokens.shape == mask.shape == (8, data.length) and (mask.sum(1) >= 2).all() and not mask[:, 0].any()
     with pytest.raises(UnmaskError, match="more than the model's context of 5"):
         prepare_pairs(tmp_path / "q", tok, pairs, length=None, max_length=5)
+    with pytest.raises(UnmaskError, match=rf"--length 6: the longest pair needs {longest} tokens .*; use --length {longest} or more"):
+        prepare_pairs(tmp_path / "q", tok, pairs, length=6)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(UnmaskError, match=r"bad.jsonl line 2: .*'response'"):

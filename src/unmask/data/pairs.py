@@ -96,6 +96,9 @@ def prepare_pairs(out_dir: str | Path, tokenizer: Tokenizer, train: list[Pair], 
         train = [train[i] for i in sorted(order[cut:])]
     encoded = {split: [encode_pair(tokenizer, p) for p in pairs] for split, pairs in (("train", train), ("val", val))}
     longest = max(2 + len(p) + len(r) for rows in encoded.values() for p, r in rows)
+    if length is not None and length < longest:
+        raise UnmaskError(f"--length {length}: the longest pair needs {longest} tokens (EOS, prompt, response and one EOS pad); "
+                          f"use --length {longest} or more")
     length = length or longest
     if max_length is not None and length > max_length:
         raise UnmaskError(f"the pairs need rows of {length} tokens (the longest pair: {longest}), more than the model's context of "
