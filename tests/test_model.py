@@ -61,3 +61,58 @@ def test_bad_configs_name_the_value():
         ModelConfig.from_name("huge")
     with pytest.raises(UnmaskError, match="divisible"):
         ModelConfig(n_embd=100, n_head=3)
+
+
+def moved_positions(model, x: torch.Tensor, at: int) -> list[int]:
+    """Positions whose logits change when token ``at`` of the (1, L) ``x`` changes."""
+    y = x.clone()
+    y[0, at] = (x[0, at] + 1) % 50
+    with torch.no_grad():
+        diff = (model(x) - model(y)).abs().amax(dim=-1)[0]
+    return diff.gt(1e-6).nonzero().squeeze(1).tolist()
+
+
+def test_causal_sliding_window_reaches_window_minus_one_back_per_layer():
+    # a query sees itself and the window - 1 keys before it; two layers reach 2 * (4 - 1) = 6 back
+    torch.manual_seed(0)
+    x = torch.randint(0, 50, (1, 16))
+    assert moved_positions(Transformer(tiny(causal=True, sliding_window=4)).eval(), x, 0) == list(range(7))
+    assert moved_positions(Transformer(tiny(causal=True)).eval(), x, 0) == list(range(16))
+
+
+def test_bidirectional_sliding_window_is_symmetric():
+    # an MDM's window: keys less than `window` positions away on either side
+    torch.manual_seed(0)
+    x = torch.randint(0, 50, (1, 16))
+    assert moved_positions(Transformer(tiny(sliding_window=4)).eval(), x, 15) == list(range(9, 16))
+    assert moved_positions(Transformer(tiny(sliding_window=4)).eval(), x, 7) == list(range(1, 14))
+
+
+def test_kv_cache_with_sliding_window_matches_full_forward():
+    torch.manual_seed(0)
+    model = Transformer(tiny(causal=True, sliding_window=3)).eval()
+    x = torch.randint(0, 50, (2, 12))
+    full = model(x)
+    cache = KVCache.empty(model.config, 2, 16, x.device, torch.float32)
+    first = model(x[:, :5], kv_cache=cache)
+    rest = [model(x[:, i : i + 1], kv_cache=cache) for i in range(5, 12)]
+    torch.testing.assert_close(torch.cat([first, *rest], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_refuses_more_positions_than_the_context():
+    model = Transformer(tiny(causal=True))
+    with pytest.raises(UnmaskError, match="17 positions.*context_len=16"):
+        model(torch.zeros(1, 17, dtype=torch.long))
+    with pytest.raises(UnmaskError, match="context_len=16"):
+        model(torch.zeros(1, 4, dtype=torch.long), positions=torch.arange(14, 18)[None])
+    cache = KVCache.empty(model.config, 1, 20, "cpu", torch.float32)
+    model(torch.zeros(1, 16, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(UnmaskError, match="context_len=16"):
+        model(torch.zeros(1, 1, dtype=torch.long), kv_cache=cache)
+
+
+def test_sliding_window_config_checks():
+    with pytest.raises(UnmaskError, match="sliding_window=-1"):
+        tiny(sliding_window=-1)
+    with pytest.raises(UnmaskError, match="sliding_window.*block_causal"):
+        tiny(sliding_window=4, block_causal=4)

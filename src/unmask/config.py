@@ -67,6 +67,9 @@ class ModelConfig:
     rope_original_context: int = 8192
     mask_token_id: int = -1  # -1: MASK is an extra input row with id vocab_size; >= 0: this id inside the vocabulary
     shift_logits: bool = False  # Dream: logits of position i come from the hidden state at position i - 1
+    # > 0: attention only to keys less than this many positions away: before the query when causal
+    # (Mistral: itself and sliding_window - 1 earlier keys), on either side when bidirectional
+    sliding_window: int = 0
 
     def __post_init__(self) -> None:
         if self.n_embd % self.n_head:
@@ -90,6 +93,10 @@ class ModelConfig:
             raise UnmaskError(f"model mask_token_id={self.mask_token_id} must be -1 (an extra row) or an id below vocab_size={self.vocab_size}")
         if self.causal and self.shift_logits:
             raise UnmaskError("model shift_logits is for MDMs: a causal (AR) model's logits at i already predict token i + 1")
+        if self.sliding_window < 0:
+            raise UnmaskError(f"model sliding_window={self.sliding_window} must be >= 0 (0: attention over the whole context)")
+        if self.sliding_window and self.block_causal:
+            raise UnmaskError("model sliding_window and block_causal cannot be combined; set one of them to 0")
 
     @property
     def mask_id(self) -> int:

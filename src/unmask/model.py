@@ -5,8 +5,9 @@ LLaMA-style blocks (RMSNorm, SwiGLU, rotary positions, ``scaled_dot_product_atte
 model knows nothing of diffusion: the MASK token is just input id ``vocab_size`` (one extra
 embedding row) and the head covers the real vocabulary only. Published layouts switch on
 grouped-query attention, q/k/v biases, tied embeddings, LLaMA-3 RoPE scaling, a MASK id inside
-the vocabulary (its logit pinned to ``NEVER_LOGIT``) and Dream's one-position logit shift, all
-from :class:`ModelConfig`, so callers always see per-position logits.
+the vocabulary (its logit pinned to ``NEVER_LOGIT``), Dream's one-position logit shift and
+Mistral's sliding-window attention, all from :class:`ModelConfig`, so callers always see
+per-position logits.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ class KVCache:
     * MDM decoding over a canvas of ``slots`` positions: a forward with ``cache_index`` (B, Q)
       writes the fed tokens' keys/values at those slots and attends to every slot (the others
       keep what an earlier forward wrote there).
+
+    With ``ModelConfig.sliding_window`` every slot is kept and the window is a mask over slots, so
+    cached decoding computes exactly what a forward over the whole sequence does.
     """
 
     k: list[torch.Tensor]
@@ -245,15 +249,19 @@ class Transformer(nn.Module):
         Returns:
             (B, L, vocab_size) logits, or (N, vocab_size) for the N ``logits_at`` positions in
             row-major order (in the autocast dtype when autocast is on).
+        Raises:
+            UnmaskError: for a position at or beyond ``config.context_len`` (an input, with the
+                cache, longer than the context).
         """
         b, l = tokens.shape
         cfg = self.config
         if cache_index is not None and kv_cache is None:
             raise UnmaskError("cache_index needs a kv_cache to write the keys/values into")
         start = kv_cache.length if kv_cache is not None and cache_index is None else 0
-        # slot of every query and of every key: the causal and block-causal masks are over slots
+        # slot of every query and of every key: the causal, block-causal and window masks are over slots
         q_slot = cache_index if cache_index is not None else torch.arange(start, start + l, device=tokens.device).expand(b, l)
         num_keys = kv_cache.k[0].shape[2] if cache_index is not None else start + l
+        self._check_context(start + l if positions is None and cache_index is None else None, positions if positions is not None else q_slot)
         if positions is None:
             positions = q_slot
         cos, sin = rotary_tables(positions, rope_frequencies(cfg, tokens.device))
@@ -269,18 +277,22 @@ class Transformer(nn.Module):
         given, attn_mask, is_causal = attn_mask, None, False
         k_slot = torch.arange(num_keys, device=tokens.device)
         if given is not None and not torch.is_tensor(given):  # a FlexAttention BlockMask: used as it is
-            if key_mask is not None or kv_cache is not None:
-                raise UnmaskError("a FlexAttention block mask cannot be combined with key_mask or a KV cache; pass a boolean attn_mask")
+            if key_mask is not None or kv_cache is not None or cfg.sliding_window:
+                raise UnmaskError("a FlexAttention block mask cannot be combined with key_mask, a KV cache or a sliding window; pass a boolean attn_mask")
             attn_mask = given
         elif given is not None:
             attn_mask = given.bool() if given.dim() == 4 else given.bool()[None, None]
-        elif cfg.causal and key_mask is None and start == 0 and cache_index is None:
+        elif cfg.causal and key_mask is None and start == 0 and cache_index is None and not cfg.sliding_window:
             is_causal = True  # the fused kernel
         elif cfg.causal:
             attn_mask = (k_slot[None, None, :] <= q_slot[:, :, None])[:, None]  # (B, 1, L, S)
         if cfg.block_causal and given is None:
             blocks = (k_slot[None, None, :] // cfg.block_causal <= q_slot[:, :, None] // cfg.block_causal)[:, None]
             attn_mask = blocks if attn_mask is None else attn_mask & blocks
+        if cfg.sliding_window:
+            ahead = q_slot[:, :, None] - k_slot[None, None, :]  # (B, L, S): how far each key lies before its query
+            near = (ahead < cfg.sliding_window if cfg.causal else ahead.abs() < cfg.sliding_window)[:, None]
+            attn_mask = near if attn_mask is None else attn_mask & near
         if key_mask is not None:
             # a padding query still sees itself: a row with no visible key would make NaNs that leak
             own = k_slot[None, None, :] == q_slot[:, :, None]
@@ -304,6 +316,17 @@ class Transformer(nn.Module):
         if cfg.mask_token_id >= 0:  # MASK inside the vocabulary is never a prediction
             logits = logits.index_fill(-1, torch.tensor([cfg.mask_token_id], device=logits.device), NEVER_LOGIT)
         return logits
+
+    def _check_context(self, length: int | None, positions: torch.Tensor) -> None:
+        """Refuse positions the config does not cover: ``length`` when known from the shapes, else
+        the largest of ``positions`` (B, L)."""
+        if length is None:
+            length = int(positions.max()) + 1 if positions.numel() else 0
+        if length > self.config.context_len:
+            raise UnmaskError(
+                f"input of {length} positions exceeds the model's context_len={self.config.context_len}; "
+                f"feed at most {self.config.context_len} positions (0..{self.config.context_len - 1})"
+            )
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
