@@ -3,6 +3,7 @@
 Layout of a run folder (see README):
 
     RUN/config.json                        resolved RunConfig (model + train + data provenance)
+    RUN/train.lock                         locked by the one process writing the run; holds its PID
     RUN/metrics.jsonl                      one JSON object per log line (train and val)
     RUN/checkpoints/LATEST                 name of the newest complete checkpoint
     RUN/checkpoints/step_000200/model.safetensors      weights; metadata: format + config
@@ -22,12 +23,13 @@ and LATEST naming a complete one; the next save removes the temporary folder a c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -41,6 +43,55 @@ FORMAT_VERSION = 1
 LATEST = "LATEST"
 EMA_FILE = "ema.safetensors"
 SHARDED_DIR = "sharded"  # torch.distributed.checkpoint folder of an FSDP checkpoint (checkpoint_sharded.py)
+LOCK_FILE = "train.lock"
+_locked: set[Path] = set()  # run folders whose lock this process holds
+
+
+def run_folder(run_dir: str | Path) -> Path:
+    """``run_dir`` as a folder, created if needed; an UnmaskError if it cannot be one."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UnmaskError(f"--run-dir {run_dir} is a file, not a folder; give a folder for the run (new or one to --resume)")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UnmaskError(f"--run-dir {run_dir}: cannot create the folder ({exc.strerror}); give a folder you can write to") from None
+    return run_dir
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str | Path) -> Iterator[Path]:
+    """Hold the exclusive lock of a run folder (``RUN/train.lock``, with this process's PID in it)
+    while writing the run; a second writer gets an UnmaskError naming the holder's PID.
+
+    An OS lock (``flock``): it ends with the process however that ends, so a killed run leaves no
+    stale lock. Re-entrant within a process; readers (eval, sample) take no lock.
+    """
+    import fcntl
+
+    run_dir = run_folder(run_dir)
+    key = run_dir.resolve()
+    if key in _locked:
+        yield run_dir
+        return
+    with open(run_dir / LOCK_FILE, "a+", encoding="utf-8") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise UnmaskError(
+                f"--run-dir {run_dir} is being written by another process (PID {holder}); wait for it to end or stop it, "
+                "or give another --run-dir"
+            ) from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        _locked.add(key)
+        try:
+            yield run_dir
+        finally:
+            _locked.discard(key)  # closing the file releases the lock
 
 
 def _fsync_dir(path: Path) -> None:

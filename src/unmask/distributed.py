@@ -9,8 +9,13 @@ objectives, evaluation or samplers depends on the wrapper: they call ``model(x, 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
+import signal
+import sys
+import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -42,6 +47,8 @@ def init_world(device: str, parallel: str = "ddp") -> tuple[World, torch.device]
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if "LOCAL_RANK" in os.environ:  # started by a launcher (torchrun)
+        end_with_launcher()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
@@ -55,6 +62,31 @@ def init_world(device: str, parallel: str = "ddp") -> tuple[World, torch.device]
     elif world_size == 1 and parallel == "fsdp" and not dist.is_initialized():
         dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return World(rank, world_size, local_rank), dev
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def end_with_launcher() -> None:
+    """End this process when the process that started it (torchrun) dies, even by SIGKILL.
+
+    Without it, killing torchrun leaves its ranks training on their own, unsupervised and still
+    writing the run folder. Linux: the kernel sends SIGKILL on the parent's death (``prctl
+    PR_SET_PDEATHSIG``); elsewhere a daemon thread watches for the parent to change.
+    """
+    parent = os.getppid()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    else:
+        threading.Thread(target=_watch_parent, args=(parent,), name="unmask-launcher-watch", daemon=True).start()
+    if os.getppid() != parent:  # the launcher died before the watch was set up
+        os._exit(1)
+
+
+def _watch_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def apply_activation_checkpointing(model: nn.Module) -> None:

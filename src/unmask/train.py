@@ -16,6 +16,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -28,6 +29,7 @@ from unmask.checkpoint import (
     load_ema,
     load_trainer_state,
     load_weights,
+    run_lock,
     save_checkpoint,
     write_text_atomic,
 )
@@ -36,7 +38,17 @@ from unmask.block_diffusion import BlockCorruption, bd3_loss, block_elbo, check_
 from unmask.config import ModelConfig, RunConfig, TrainConfig
 from unmask.data import TokenDataset
 from unmask.data.pairs import PairDataset
-from unmask.distributed import all_reduce_mean, barrier, full_value, grad_sync, init_world, local_rows, parallelize, shutdown
+from unmask.distributed import (
+    all_reduce_mean,
+    barrier,
+    broadcast_object,
+    full_value,
+    grad_sync,
+    init_world,
+    local_rows,
+    parallelize,
+    shutdown,
+)
 from unmask.ema import EMA
 from unmask.errors import UnmaskError
 from unmask.likelihood import LikelihoodResult, ar_nll, mc_elbo, response_nll
@@ -276,9 +288,27 @@ def train(
     """
     world, dev = init_world(device, train_cfg.parallel)
     try:
-        return _train(world, dev, Path(run_dir), model_cfg, train_cfg, data_dir, resume, progress, stop_after)
+        with _run_writer(Path(run_dir), world):
+            return _train(world, dev, Path(run_dir), model_cfg, train_cfg, data_dir, resume, progress, stop_after)
     finally:
         shutdown(world)  # also after an error, so that a later run in this process starts afresh
+
+
+@contextlib.contextmanager
+def _run_writer(run_dir: Path, world) -> Iterator[None]:
+    """Rank 0 holds the run folder's lock for the whole run (:func:`unmask.checkpoint.run_lock`);
+    every rank learns whether it got it, so no rank waits in a collective for one that stopped."""
+    with contextlib.ExitStack() as stack:
+        refused = None
+        if world.is_main:
+            try:
+                stack.enter_context(run_lock(run_dir))
+            except UnmaskError as exc:
+                refused = str(exc)
+        refused = broadcast_object(refused, world)
+        if refused is not None:
+            raise UnmaskError(refused)
+        yield
 
 
 def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir, resume: bool,
