@@ -12,14 +12,16 @@
     unmask presets                  list model presets with parameter counts
     unmask experiment scaling|reverse-curse|shift   SMDM's experiments, resumable, results folders
 
-Errors of the user's making (``UnmaskError``) print one ``error: ...`` line and exit with 2.
+Errors of the user's making (``UnmaskError``, and usage errors such as an unknown option or a
+value of the wrong type) print one ``error: ...`` line and exit with 2; Ctrl-C prints ``aborted`` and
+exits with 130.
 """
 
 from __future__ import annotations
 
+import importlib
 import sys
 
-import click
 import typer
 
 from unmask.cli.app import app
@@ -37,6 +39,19 @@ from unmask.cli import serve as _serve  # noqa: F401,E402
 from unmask.cli import train as _train  # noqa: F401,E402
 
 
+# The click that typer runs on: its own copy (typer >= 0.26) or the click package (older typer);
+# catching the other one's exceptions would let every usage error out as a traceback.
+_click = importlib.import_module(typer.BadParameter.__module__)
+ABORTED = 130  # the exit status of a command stopped by Ctrl-C
+
+
+def usage_line(exc: Exception) -> str:
+    """A click usage error as one line: its message and where the command's options are listed."""
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return " ".join(exc.format_message().split()) + hint
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point."""
     try:
@@ -44,12 +59,16 @@ def main(argv: list[str] | None = None) -> int:
     except UnmaskError as exc:
         typer.echo(f"error: {exc}", err=True)
         return 2
-    except click.ClickException as exc:  # usage errors: click's message names the option
-        exc.show()
+    except _click.ClickException as exc:
+        if isinstance(exc, getattr(_click, "NoArgsIsHelpError", ())):  # a command group without its subcommand: its help
+            exc.show()
+        else:
+            typer.echo(f"error: {usage_line(exc)}", err=True)
         return exc.exit_code
-    except (click.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
+        result = ABORTED
+    if result == ABORTED:  # typer >= 0.26 turns Ctrl-C into this status without a word
         typer.echo("aborted", err=True)
-        return 130
     return result if isinstance(result, int) else 0
 
 
