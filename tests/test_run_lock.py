@@ -187,3 +187,27 @@ def test_ranks_stop_when_torchrun_is_killed(tmp_path, small_data):
             if _running(pid):
                 os.kill(pid, signal.SIGKILL)
         stop(launcher)
+
+
+def test_finetune_is_refused_while_the_run_is_locked(tmp_path, small_data):
+    """`unmask finetune` takes the lock before it writes RUN/pairs."""
+    from unmask.checkpoint import run_lock
+    from unmask.config import ModelConfig, TrainConfig
+    from unmask.train import train
+
+    source = tmp_path / "source"
+    train(source, ModelConfig(vocab_size=512, context_len=32, n_layer=1, n_head=2, n_embd=32),
+          TrainConfig(steps=1, batch_size=2, precision="fp32"), small_data, device="cpu", progress=False)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(4)))
+    run_dir = tmp_path / "sft"
+    with run_lock(run_dir):
+        out = subprocess.run([UNMASK, "finetune", "--run-dir", str(run_dir), "--init-from", str(source), "--pairs", str(pairs),
+                              "--steps", "1"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2 and last_line(out.stderr).startswith(f"error: --run-dir {run_dir}"), out.stderr
+    assert f"PID {os.getpid()}" in out.stderr
+    assert not (run_dir / "pairs").exists()
+    missing = subprocess.run([UNMASK, "finetune", "--run-dir", str(tmp_path / "typo"), "--resume"], env=ENV, capture_output=True,
+                             text=True, timeout=300)
+    assert missing.returncode == 2 and "--run-dir" in missing.stderr and "does not exist" in missing.stderr, missing.stderr
+    assert not (tmp_path / "typo").exists()

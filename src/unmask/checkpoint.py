@@ -47,11 +47,13 @@ LOCK_FILE = "train.lock"
 _locked: set[Path] = set()  # run folders whose lock this process holds
 
 
-def run_folder(run_dir: str | Path) -> Path:
-    """``run_dir`` as a folder, created if needed; an UnmaskError if it cannot be one."""
+def run_folder(run_dir: str | Path, create: bool = True) -> Path:
+    """``run_dir`` as a folder, created if needed (and ``create``); an UnmaskError if it cannot be one."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise UnmaskError(f"--run-dir {run_dir} is a file, not a folder; give a folder for the run (new or one to --resume)")
+    if not create and not run_dir.is_dir():
+        raise UnmaskError(f"--run-dir {run_dir} does not exist; give the folder of the run to --resume")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -60,16 +62,17 @@ def run_folder(run_dir: str | Path) -> Path:
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: str | Path) -> Iterator[Path]:
+def run_lock(run_dir: str | Path, create: bool = True) -> Iterator[Path]:
     """Hold the exclusive lock of a run folder (``RUN/train.lock``, with this process's PID in it)
     while writing the run; a second writer gets an UnmaskError naming the holder's PID.
 
     An OS lock (``flock``): it ends with the process however that ends, so a killed run leaves no
-    stale lock. Re-entrant within a process; readers (eval, sample) take no lock.
+    stale lock. Re-entrant within a process; readers (eval, sample) take no lock. ``create``: make
+    the folder if it does not exist (False for a run to resume).
     """
     import fcntl
 
-    run_dir = run_folder(run_dir)
+    run_dir = run_folder(run_dir, create)
     key = run_dir.resolve()
     if key in _locked:
         yield run_dir

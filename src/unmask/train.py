@@ -288,21 +288,21 @@ def train(
     """
     world, dev = init_world(device, train_cfg.parallel)
     try:
-        with _run_writer(Path(run_dir), world):
+        with _run_writer(Path(run_dir), world, resume):
             return _train(world, dev, Path(run_dir), model_cfg, train_cfg, data_dir, resume, progress, stop_after)
     finally:
         shutdown(world)  # also after an error, so that a later run in this process starts afresh
 
 
 @contextlib.contextmanager
-def _run_writer(run_dir: Path, world) -> Iterator[None]:
+def _run_writer(run_dir: Path, world, resume: bool) -> Iterator[None]:
     """Rank 0 holds the run folder's lock for the whole run (:func:`unmask.checkpoint.run_lock`);
     every rank learns whether it got it, so no rank waits in a collective for one that stopped."""
     with contextlib.ExitStack() as stack:
         refused = None
         if world.is_main:
             try:
-                stack.enter_context(run_lock(run_dir))
+                stack.enter_context(run_lock(run_dir, create=not resume))
             except UnmaskError as exc:
                 refused = str(exc)
         refused = broadcast_object(refused, world)

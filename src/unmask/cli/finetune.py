@@ -72,6 +72,7 @@ def finetune(
     normalised by their number (reference section 2). Held-out pairs are scored during training
     (MDM: conditional bound; AR: exact). Sample with `unmask sample --prompt ... --cfg W`.
     """
+    from unmask.checkpoint import run_lock
     from unmask.cli.train import _saved_run
     from unmask.train import train as run_training
 
@@ -79,20 +80,21 @@ def finetune(
         "steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "loss": loss, "precision": precision,
         "seed": seed, "eval_every": eval_every, "checkpoint_every": checkpoint_every, "log_every": log_every, "cfg_dropout": cfg_dropout,
     }.items() if value is not None}
-    if resume:
-        if init_from is not None or pairs is not None or val_pairs is not None or length is not None:
-            raise UnmaskError("--resume continues the run with its own source and pairs; leave out --init-from, --pairs, --val-pairs and --length")
-        saved = _saved_run(run_dir)
-        if not saved.train.sft:
-            raise UnmaskError(f"--run-dir {run_dir} is not a fine-tuning run; resume it with `unmask train --resume`")
-        model_cfg, train_cfg, data_dir = saved.model, dataclasses.replace(saved.train, **given), Path(saved.data_dir)
-    else:
-        if init_from is None or pairs is None:
-            raise UnmaskError("--init-from (a pretrained run) and --pairs (a JSONL file) are needed to start fine-tuning")
-        if (run_dir / "checkpoints").exists():
-            raise UnmaskError(f"--run-dir {run_dir} already holds a run; pass --resume to continue it or choose a new folder")
-        model_cfg, train_cfg = finetune_configs(init_from, **given)
-        data_dir = pairs_folder(run_dir, init_from, pairs, val_pairs, length, model_cfg.context_len)
-    typer.echo(f"fine-tuning {train_cfg.objective.upper()} {model_cfg.name} on {data_dir}", err=True)
-    result = run_training(run_dir, model_cfg, train_cfg, data_dir, resume=resume, device=device)
+    with run_lock(run_dir, create=not resume):  # held from writing RUN/pairs to the end of training (train() takes it again)
+        if resume:
+            if init_from is not None or pairs is not None or val_pairs is not None or length is not None:
+                raise UnmaskError("--resume continues the run with its own source and pairs; leave out --init-from, --pairs, --val-pairs and --length")
+            saved = _saved_run(run_dir)
+            if not saved.train.sft:
+                raise UnmaskError(f"--run-dir {run_dir} is not a fine-tuning run; resume it with `unmask train --resume`")
+            model_cfg, train_cfg, data_dir = saved.model, dataclasses.replace(saved.train, **given), Path(saved.data_dir)
+        else:
+            if init_from is None or pairs is None:
+                raise UnmaskError("--init-from (a pretrained run) and --pairs (a JSONL file) are needed to start fine-tuning")
+            if (run_dir / "checkpoints").exists():
+                raise UnmaskError(f"--run-dir {run_dir} already holds a run; pass --resume to continue it or choose a new folder")
+            model_cfg, train_cfg = finetune_configs(init_from, **given)
+            data_dir = pairs_folder(run_dir, init_from, pairs, val_pairs, length, model_cfg.context_len)
+        typer.echo(f"fine-tuning {train_cfg.objective.upper()} {model_cfg.name} on {data_dir}", err=True)
+        result = run_training(run_dir, model_cfg, train_cfg, data_dir, resume=resume, device=device)
     typer.echo(f"done: {result.steps} steps, last loss {result.final_loss:.4f} nats/response token -> {run_dir}", err=True)
