@@ -362,3 +362,18 @@ def test_time_conditioned_chain_samplers_use_their_chain_time():
     assert (out.tokens != 7).all() and out.nfe == 9 == len(model.seen)
     times = torch.stack([t for _, t, _ in model.seen])  # (calls, B)
     assert (times > 0).all() and (times < 1).all() and (times[1:] < times[:-1]).all()
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float64, 1e-5), (torch.bfloat16, 0.1)])
+def test_time_conditioned_model_runs_in_bf16_and_float64(dtype, atol):
+    """The time embedding follows the weights' dtype: the same logits as in float32 (to the dtype's
+    precision), and a sampler runs through it."""
+    model = time_conditioned_transformer()
+    x = torch.tensor([[1, 2, 7, 7, 3, 7, 7, 7, 7, 7]] * 2)
+    t = torch.tensor([0.3, 0.8])
+    want = model(x, t=t)
+    other = model.to(dtype)
+    got = other(x, t=t.to(dtype))
+    assert got.dtype == dtype and torch.allclose(got.float(), want, atol=atol)
+    out = first_hitting(other, x, torch.Generator().manual_seed(0), FirstHittingConfig())
+    assert (out.tokens != 7).all()

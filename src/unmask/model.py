@@ -182,10 +182,14 @@ class TimeEmbedding(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(self.dim, n_embd), nn.SiLU(), nn.Linear(n_embd, n_embd))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """t (B,) -> (B, n_embd) in the weights' dtype; the angles (up to 1000 rad) are computed in
+        float32 at least, since bf16 would round them to whole radians."""
+        weight = self.mlp[0].weight.dtype
+        dtype = torch.promote_types(weight, torch.float32)
         half = self.dim // 2
-        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-        angles = 1000.0 * t.float()[:, None] * freqs
-        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1))
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=dtype) / half)
+        angles = 1000.0 * t.to(dtype)[:, None] * freqs
+        return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=-1).to(weight))
 
 
 class Transformer(nn.Module):
