@@ -6,8 +6,9 @@ L masked tokens, distributionally identical to the continuous-time chain (no fac
 and one categorical over V per event instead of L x (V + 1). With a time-agnostic network it is
 random-order AO-ARM decoding; the time law matters only to a time-conditioned network, which is
 called at the hitting time tau (the state is still x on (tau, t]). The parallel variant unmasks k
-positions per call (k = 1 is exact), all at the time of the first of the k events, and the next
-time is drawn from there. The per-row times are part of the state.
+positions per call (k = 1 is exact): the k event times are chained, the network is called at the
+first of them and the row's time moves to the last, so call j happens at event jk + 1 of the exact
+chain. The per-row times are part of the state.
 """
 
 from __future__ import annotations
@@ -44,16 +45,26 @@ def start(model, x: torch.Tensor, config: FirstHittingConfig, eligible=None, cac
     return start_state(model, x, eligible, cache, cls=FirstHittingState, t=torch.ones(x.shape[0], dtype=torch.float64, device=x.device))
 
 
+def event_mask_probs(m: torch.Tensor, n: torch.Tensor, k: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """1 - alpha at the first and at the last of the next min(k, n) unmask events of each row, from
+    1 - alpha(t) = m (B,) with n (B,) masked positions: each event is the first of the remaining
+    exponential-race events, m_i = m_(i-1) u_i^(1 / (n - i + 1)) (Zheng et al., Prop. 4.1)."""
+    u = torch.rand((m.shape[0], k), generator=generator, dtype=torch.float64, device=m.device)
+    left = n[:, None] - torch.arange(k, device=m.device)  # masked positions before each event
+    log_u = torch.where(left > 0, u.log() / left.clamp(min=1).double(), 0.0)
+    return m * log_u[:, 0].exp(), m * log_u.sum(dim=1).exp()
+
+
 def step(model, state: FirstHittingState, generator: torch.Generator, config: FirstHittingConfig, cond: Conditioning | None = None) -> FirstHittingState:
+    """Unmask min(k, n) uniformly chosen positions per row; the network is called at the time of the
+    first of those events (the state is unchanged until then) and the row's time moves to the last."""
     schedule, x = Schedule(config.schedule), state.tokens
     can = open_positions(x, model.config.mask_id, state.eligible)
     n = can.sum(dim=1)
-    # next unmask time: the first of n exponential-race events, 1 - alpha(tau) = (1 - alpha(t)) u^(1/n)
-    u = torch.rand(x.shape[0], generator=generator, dtype=torch.float64, device=x.device)
-    m = schedule.mask_prob(state.t) * u ** (1.0 / n.clamp(min=1).double())
-    t = torch.where(n > 0, schedule.time_for_mask_prob(m), state.t)
+    first, last = event_mask_probs(schedule.mask_prob(state.t), n, config.k, generator)
+    call, t = (torch.where(n > 0, schedule.time_for_mask_prob(m), state.t) for m in (first, last))
     pick = random_subset(can, torch.full_like(n, config.k), generator)
-    logits, called, cache = predict(model, state, pick, cond, config.cfg_scale, t.float())
+    logits, called, cache = predict(model, state, pick, cond, config.cfg_scale, call.float())
     new = fill(x, pick, logits, generator, config)
     done = not bool(open_positions(new, model.config.mask_id, state.eligible).any())
     return state.advance(new, called, cache, done=done, t=t)
