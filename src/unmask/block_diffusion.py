@@ -1,4 +1,4 @@
-"""Block diffusion (BD3-LM, Arriola et al. 2025): block-causal training and likelihood. Reference section 7.
+"""Block diffusion (BD3-LM, Arriola et al. 2025): block-causal training and likelihood. docs/algorithms.md, 'Block diffusion (BD3-LM)'.
 
 log p(x) = sum_b log p(x^b | x^{<b}) over the B = L / L' blocks of L' tokens. Each block gets its
 own time t_b and is masked with the schedule; the loss scores its masked tokens given the noisy
@@ -145,7 +145,7 @@ def corrupt_blocks_k(
     u: torch.Tensor | None = None,
     low_discrepancy: bool = True,
 ) -> BlockCorruption:
-    """k-DCE per block (reference section 2, within each block): k_b = ceil(u_b n_b) of the n_b
+    """k-DCE per block (docs/algorithms.md, 'MDM loss: t-DCE and k-DCE', within each block): k_b = ceil(u_b n_b) of the n_b
     tokens of block b masked, chosen uniformly, weight n_b / k_b; u_b = beta + (omega - beta) U(0, 1].
     Over the full range the same bound as :func:`corrupt_blocks` for a time-agnostic network, with
     a far smaller variance for small blocks (L' = 1: exactly the AR NLL, zero variance)."""

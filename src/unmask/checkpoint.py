@@ -1,6 +1,6 @@
 """One save/load pair for run folders. No pickle anywhere: safetensors for tensors, JSON for the rest.
 
-Layout of a run folder (see README):
+Layout of a run folder (see docs/training.md, 'The run folder'):
 
     RUN/config.json                        resolved RunConfig (model + train + data provenance)
     RUN/train.lock                         locked by the one process writing the run; holds its PID

@@ -1,4 +1,4 @@
-"""Unsupervised classifier-free guidance (SMDM; reference section 5).
+"""Unsupervised classifier-free guidance (SMDM; docs/algorithms.md, 'Unsupervised classifier-free guidance').
 
 The unconditional model is the SAME network with every prompt token replaced by MASK (the
 prompt's length is known, its content is not). Guided logits

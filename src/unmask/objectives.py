@@ -1,4 +1,4 @@
-"""Training objectives: MDM t-DCE and k-DCE, AR next-token cross-entropy. Reference section 2.
+"""Training objectives: MDM t-DCE and k-DCE, AR next-token cross-entropy. docs/algorithms.md, 'MDM loss: t-DCE and k-DCE'.
 
 Every loss returns per-sequence losses in nats per token, shape (B,); their mean is the training
 loss. The MDM values are unbiased estimates of the negative ELBO (an upper bound on the NLL); the
@@ -103,7 +103,7 @@ def corrupt_response(
     u: torch.Tensor | None = None,
     low_discrepancy: bool = True,
 ) -> Corruption:
-    """SFT noise of rows x0 (B, L) (reference section 2): only the response region ``response``
+    """SFT noise of rows x0 (B, L) (docs/algorithms.md, 'Conditional bound and fine-tuning'): only the response region ``response``
     (B, L) bool, R_b positions of row b, is masked (t-DCE: each with p = 1 - alpha(t); k-DCE:
     exactly k ~ U{1..R_b}), and the loss is normalised by R_b: the negative conditional ELBO of
     the response in nats per response token. The prompt is never masked, except that with

@@ -1,4 +1,4 @@
-"""Masking schedules alpha(t) and the forward (noising) process. Reference section 1.
+"""Masking schedules alpha(t) and the forward (noising) process. docs/algorithms.md, 'Masking schedule'.
 
 alpha(t) is the probability that a token is still clean at time t in [0, 1]:
 linear (log-linear) 1 - alpha(t) = (1 - eps) t, or cosine 1 - alpha(t) = 1 - cos(pi t / 2).
@@ -24,7 +24,7 @@ class Schedule:
     eps = 1e-3 is a training convenience (MDLM's log-linear schedule). It is wrong for evaluation:
     with the mask probability capped at 1 - eps the ELBO integral stops short of the fully masked
     end and misses about eps x (the loss with every token masked), so the estimate falls below the
-    bound. The Monte Carlo ELBO therefore integrates with eps = 0 (reference section 2).
+    bound. The Monte Carlo ELBO therefore integrates with eps = 0 (docs/algorithms.md, 'Monte Carlo estimation').
     """
 
     kind: str = "linear"
@@ -104,7 +104,7 @@ def add_noise(x0: torch.Tensor, mask_prob: torch.Tensor, mask_id: int, generator
 
 def mask_exactly(x0: torch.Tensor, k: torch.Tensor, mask_id: int, generator: torch.Generator,
                  eligible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask exactly k[b] uniformly chosen positions of row b of x0 (B, L) (k-DCE, reference section 2);
+    """Mask exactly k[b] uniformly chosen positions of row b of x0 (B, L) (k-DCE; docs/algorithms.md, 'MDM loss: t-DCE and k-DCE');
     with ``eligible`` (B, L) bool, k[b] of row b's eligible positions (all of them if it has fewer)."""
     b, l = x0.shape
     keys = torch.rand((b, l), generator=generator)

@@ -1,4 +1,4 @@
-"""Prompt/response pairs for supervised fine-tuning (SFT; reference section 2).
+"""Prompt/response pairs for supervised fine-tuning (SFT; docs/algorithms.md, 'Conditional bound and fine-tuning').
 
 A pair becomes one row of ``length`` tokens, ``[EOS ; prompt ; response ; EOS ... EOS]``: the
 separator every training document follows, the prompt, then the response padded with EOS to the

@@ -1,5 +1,5 @@
 """Generation quality: generative perplexity under a judge AR model, always with unigram entropy
-and distinct-n (lower temperature lowers gen-PPL AND entropy; reference section 6)."""
+and distinct-n (lower temperature lowers gen-PPL AND entropy; docs/algorithms.md, 'Generative perplexity and entropy')."""
 
 from __future__ import annotations
 

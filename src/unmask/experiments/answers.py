@@ -6,7 +6,7 @@ follows). Pairs of equal total length go through the network together, so nothin
 * :func:`answer_logprobs`: log p(answer | prompt). AR: exact, one forward. MDM: the exact chain
   rule with the answer decoded left to right (:func:`unmask.likelihood.chain_rule`), optionally
   with unsupervised classifier-free guidance of scale w (the prompt replaced by MASK in the
-  unconditional pass, the EOS separator kept, as the samplers do; reference section 5).
+  unconditional pass, the EOS separator kept, as the samplers do; docs/algorithms.md, 'Unsupervised classifier-free guidance').
 * :func:`complete`: the greedy answer of a given length. AR: argmax token by token. MDM:
   confidence decoding at temperature 0, one token per network call, with guidance scale w, in
   any order or left to right.

@@ -1,4 +1,4 @@
-"""IsoFLOP fits (Hoffmann et al. approach 2, as SMDM uses it; reference section 8).
+"""IsoFLOP fits (Hoffmann et al. approach 2, as SMDM uses it; docs/algorithms.md, 'Scaling-law fit').
 
 Per compute budget C: a parabola of the final loss in log N; its vertex is (N*(C), L*(C)).
 Across budgets: straight lines in log-log space, L*(C) = A C^(-a) and N*(C) = B C^(b).

@@ -1,4 +1,4 @@
-"""IsoFLOP scaling laws of MDM and AR, and the compute gap between them (SMDM; reference section 8).
+"""IsoFLOP scaling laws of MDM and AR, and the compute gap between them (SMDM; docs/algorithms.md, 'Scaling-law fit').
 
 For every compute budget C of a grid and every model size of the grid's depth dial (width =
 ``aspect`` x depth, heads of ``head_dim``), one MDM and one AR run train on D = C / (6 N) tokens,
@@ -74,7 +74,7 @@ class Grid:
 
 
 GRIDS: dict[str, Grid] = {
-    # about an hour on 2 CPU cores (README): 3 budgets x 5 sizes (width 32 to 96, 33k to 660k
+    # about an hour on 2 CPU cores (docs/experiments.md): 3 budgets x 5 sizes (width 32 to 96, 33k to 660k
     # non-embedding parameters, around ~20 tokens per parameter at these budgets) x 2 models,
     # 1024-token BPE, 16 x 64 tokens per step
     "cpu": Grid(budgets=(3e11, 1e12, 3e12), depths=(2, 3, 4, 5, 6), aspect=16, head_dim=16, context_len=64, vocab_size=1024),

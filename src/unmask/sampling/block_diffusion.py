@@ -1,4 +1,4 @@
-"""Block-diffusion decoding (BD3-LM) with an exact KV cache of the finished blocks. Reference section 7.
+"""Block-diffusion decoding (BD3-LM) with an exact KV cache of the finished blocks. docs/algorithms.md, 'Block diffusion (BD3-LM)'.
 
 A block model (``ModelConfig.block_causal = L'``) lets a position see its own block and earlier
 ones only, so a noisy block never influences an earlier block: once a block is decoded, its

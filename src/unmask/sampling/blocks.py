@@ -1,4 +1,4 @@
-"""Semi-autoregressive block decoding (LLaDA, SMDM) and the decoding driver. Reference section 4.
+"""Semi-autoregressive block decoding (LLaDA, SMDM) and the decoding driver. docs/algorithms.md, 'Semi-autoregressive blocks'.
 
 The generation region [start, L) of the canvas [prompt ; MASK x gen_len] is split into blocks of
 ``block_len`` columns, decoded left to right; inside a block any sampler runs with the positions

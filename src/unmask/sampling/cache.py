@@ -1,4 +1,4 @@
-"""KV caches for MDM decoding. Reference section 4.
+"""KV caches for MDM decoding. docs/algorithms.md, 'KV caches'.
 
 An MDM attends bidirectionally, so a position's keys/values change whenever any token changes: every
 cache below is an approximation (report quality next to speed), except where the model's attention

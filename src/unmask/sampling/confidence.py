@@ -1,4 +1,4 @@
-"""Confidence-ordered decoding (MaskGIT, LLaDA, Dream). Reference section 4.
+"""Confidence-ordered decoding (MaskGIT, LLaDA, Dream). docs/algorithms.md, 'Confidence decoding'.
 
 Each step predicts every masked position (x0 drawn at the sampling temperature, top-k/top-p applied;
 argmax at 0), scores it under the network's own distribution p = softmax(logits) (no temperature,

@@ -1,4 +1,4 @@
-"""First-hitting sampler (Zheng et al., Prop. 4.1). Reference section 4.
+"""First-hitting sampler (Zheng et al., Prop. 4.1). docs/algorithms.md, 'First-hitting sampler'.
 
 With n masked tokens at time t the next unmasking time solves 1 - alpha(tau) = (1 - alpha(t)) u^(1/n);
 then ONE uniformly chosen masked position takes a token from p_theta. Exactly L network calls for

@@ -1,4 +1,4 @@
-"""Threshold parallel decoding (Fast-dLLM). Reference section 4.
+"""Threshold parallel decoding (Fast-dLLM). docs/algorithms.md, 'Threshold decoding'.
 
 Each step draws a token x0 at every masked (eligible) position (temperature, top-k, top-p; argmax at
 temperature 0, the default) and commits those whose probability p(x0) under the network's own
