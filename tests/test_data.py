@@ -193,8 +193,11 @@ def test_hash_split_never_duplicates_and_needs_two_documents(tmp_path):
     with pytest.raises(UnmaskError, match="mine exists and is not a prepared data folder"):
         prepare_dataset(tmp_path / "mine", tok, docs, progress=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
-    # re-preparing replaces an earlier prepared folder
-    prepare_dataset(out, tok, docs * 3, ["a b c"], progress=False)
+    # an earlier prepared folder is replaced only on request
+    with pytest.raises(UnmaskError, match=r"--out .*d already holds prepared data; pass --overwrite"):
+        prepare_dataset(out, tok, docs * 3, ["a b c"], progress=False)
+    assert json.loads((out / "meta.json").read_text())["splits"]["train"]["num_documents"] == 1
+    prepare_dataset(out, tok, docs * 3, ["a b c"], progress=False, overwrite=True)
     assert json.loads((out / "meta.json").read_text())["splits"]["train"]["num_documents"] == 6
 
 
@@ -256,3 +259,46 @@ def test_single_document_holds_out_the_last_fraction_of_its_text(tmp_path):
     out = prepare_dataset(tmp_path / "u", tok, [uneven], val_fraction=0.05, progress=False)
     val = TokenDataset(out, "val")
     assert tok.decode(np.concatenate(val.shards)[:-1].tolist()) == "a much longer line of text at the end of the file\n"
+
+
+def test_cli_prepare_refuses_an_existing_folder_unless_overwrite(corpus, tmp_path):
+    """`unmask data prepare` never replaces prepared data silently: a run trained on it could not
+    resume on the same tokens."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    unmask = str(Path(sys.executable).with_name("unmask"))
+    out = tmp_path / "prepared"
+
+    def prepare(*extra):
+        return subprocess.run([unmask, "data", "prepare", str(corpus), "--out", str(out), "--workers", "0", *extra],
+                              capture_output=True, text=True, timeout=300)
+
+    assert prepare().returncode == 0
+    before = (out / "meta.json").read_text()
+    again = prepare()
+    assert again.returncode == 2, again.stderr
+    assert again.stderr.strip() == f"error: --out {out} already holds prepared data; pass --overwrite to replace it (runs trained on it " \
+                                   "will then refuse to --resume on it) or give another --out"
+    assert (out / "meta.json").read_text() == before
+    replaced = prepare("--overwrite", "--val-fraction", "0.5")
+    assert replaced.returncode == 0, replaced.stderr
+    assert json.loads((out / "meta.json").read_text())["fingerprint"] != json.loads(before)["fingerprint"]
+
+
+def test_content_fingerprint_follows_the_tokens(corpus, tmp_path):
+    """meta.json's fingerprint hashes every shard (name, size, sha256): the same corpus gives the same
+    one whatever the workers or the folder, other documents another."""
+    import hashlib
+
+    tok = train_bpe([p.read_text() for p in corpus.iterdir()], vocab_size=300)
+    a = prepare_dataset(tmp_path / "a", tok, read_documents([corpus]), val_fraction=0.3, progress=False)
+    b = prepare_dataset(tmp_path / "b", tok, read_documents([corpus], lazy=True), val_fraction=0.3, progress=False, workers=2)
+    c = prepare_dataset(tmp_path / "c", tok, read_documents([corpus]), val_fraction=0.5, progress=False)
+    meta = {name: json.loads((path / "meta.json").read_text()) for name, path in (("a", a), ("b", b), ("c", c))}
+    assert meta["a"]["fingerprint"] == meta["b"]["fingerprint"] != meta["c"]["fingerprint"]
+    for split in ("train", "val"):
+        files = meta["a"]["splits"][split]["shards"]
+        assert meta["a"]["splits"][split]["sha256"] == [hashlib.sha256((a / f).read_bytes()).hexdigest() for f in files]
+    assert TokenDataset(a, "train").fingerprint == meta["a"]["fingerprint"]

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -101,3 +102,47 @@ def test_resume_with_more_steps_keeps_the_learning_rate_continuous(runs):
         assert r["lr"] == pytest.approx(floor + (start - floor) * 0.5 * (1 + math.cos(math.pi * progress)), rel=1e-12)
     saved = json.loads((root / "extended" / "config.json").read_text())["train"]
     assert saved["steps"] == new_steps and saved["steps_changes"] == [[killed_at, STEPS]]
+
+
+UNMASK = str(Path(sys.executable).with_name("unmask"))  # the installed console script
+SHORT = ["--preset", "tiny", "--context-len", "16", "--batch-size", "2", "--precision", "fp32", "--eval-every", "1000", "--log-every", "1"]
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([UNMASK, *args], env=env or ENV, capture_output=True, text=True, timeout=300)
+
+
+def test_resume_refuses_data_prepared_again(tmp_path):
+    """A data folder prepared again (other documents, same tokenizer) is refused on --resume: the run
+    recorded the content fingerprint of the shards it trained on."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(8):
+        (corpus / f"{i}.txt").write_text(f"Document {i}. " + "Some words of text, and more words. " * 40)
+    data = tmp_path / "data"
+    assert cli("data", "prepare", str(corpus), "--out", str(data), "--workers", "0").returncode == 0
+    run = cli("train", "--run-dir", str(tmp_path / "run"), "--data", str(data), "--steps", "2", *SHORT)
+    assert run.returncode == 0, run.stderr[-2000:]
+    recorded = json.loads((tmp_path / "run" / "config.json").read_text())["data_fingerprint"]
+    assert recorded == json.loads((data / "meta.json").read_text())["fingerprint"]
+    (corpus / "0.txt").write_text("Another document altogether. " * 40)
+    assert cli("data", "prepare", str(corpus), "--out", str(data), "--workers", "0", "--overwrite").returncode == 0
+    resumed = cli("train", "--run-dir", str(tmp_path / "run"), "--resume", "--steps", "3")
+    assert resumed.returncode == 2, resumed.stderr[-2000:]
+    assert resumed.stderr.strip().splitlines()[-1].startswith(f"error: --resume: the data in {data.resolve()} changed"), resumed.stderr
+    assert recorded in resumed.stderr
+
+
+def test_resume_rebuilds_the_embedded_corpus_and_its_fingerprint(tmp_path):
+    """The embedded corpus is rebuilt where the run had it when its cache was removed, with the same
+    content fingerprint, so the run resumes on it."""
+    env = ENV | {"UNMASK_CACHE": str(tmp_path / "cache")}
+    run = cli("train", "--run-dir", str(tmp_path / "run"), "--steps", "2", *SHORT, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["data_fingerprint"] and Path(saved["data_dir"]).parent == tmp_path / "cache"
+    shutil.rmtree(tmp_path / "cache")
+    resumed = cli("train", "--run-dir", str(tmp_path / "run"), "--resume", "--steps", "3", env=env)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((Path(saved["data_dir"]) / "meta.json").read_text())["fingerprint"] == saved["data_fingerprint"]
+    assert [r["step"] for r in records(tmp_path / "run")] == [1, 2, 3]

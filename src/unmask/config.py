@@ -286,6 +286,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data_dir: str = ""
     tokenizer_fingerprint: str = ""
+    data_fingerprint: str = ""  # content fingerprint of the data folder's shards ("" for older runs: not checked)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -293,6 +294,7 @@ class RunConfig:
             "train": self.train.to_dict(),
             "data_dir": self.data_dir,
             "tokenizer_fingerprint": self.tokenizer_fingerprint,
+            "data_fingerprint": self.data_fingerprint,
         }
 
     @classmethod
@@ -305,4 +307,5 @@ class RunConfig:
             train=TrainConfig.from_dict(data.get("train", {})),
             data_dir=data.get("data_dir", ""),
             tokenizer_fingerprint=data.get("tokenizer_fingerprint", ""),
+            data_fingerprint=data.get("data_fingerprint", ""),
         )

@@ -187,12 +187,15 @@ def changed_settings_error(refused: list[str]) -> UnmaskError:
     )
 
 
-def resume_config(saved: RunConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, step: int, data_dir: Path, fingerprint: str) -> tuple[TrainConfig, list[str]]:
+def resume_config(saved: RunConfig, model_cfg: ModelConfig, train_cfg: TrainConfig, step: int, data_dir: Path, fingerprint: str,
+                  data_fingerprint: str = "") -> tuple[TrainConfig, list[str]]:
     """The training config a resumed run continues with, and the notices to print.
 
-    ``saved`` is the config of the checkpoint at ``step``. The model, the data and every training
-    setting must equal the saved ones, except OPERATIONAL settings and ``steps``: a new length
-    keeps the LR continuous (see :func:`learning_rate`). Anything else raises UnmaskError naming it.
+    ``saved`` is the config of the checkpoint at ``step``. The model, the data (its tokenizer's
+    ``fingerprint`` and, when the run recorded one, the content fingerprint of its shards) and
+    every training setting must equal the saved ones, except OPERATIONAL settings and ``steps``:
+    a new length keeps the LR continuous (see :func:`learning_rate`). Anything else raises
+    UnmaskError naming it.
     """
     if model_cfg != saved.model:
         diffs = [f"{f.name} (saved {getattr(saved.model, f.name)!r}, given {getattr(model_cfg, f.name)!r})"
@@ -202,6 +205,11 @@ def resume_config(saved: RunConfig, model_cfg: ModelConfig, train_cfg: TrainConf
         raise UnmaskError(
             f"--resume: the data folder {data_dir} was made with another tokenizer than the run's data {saved.data_dir} "
             f"(fingerprint {fingerprint}, saved {saved.tokenizer_fingerprint}); pass --data with the run's prepared data"
+        )
+    if saved.data_fingerprint and data_fingerprint != saved.data_fingerprint:
+        raise UnmaskError(
+            f"--resume: the data in {data_dir} changed since the run trained on it (content fingerprint {data_fingerprint or 'none'}, "
+            f"the run's {saved.data_fingerprint}): it was prepared again; pass --data with the data the run was trained on, or start a new --run-dir"
         )
     notices = []
     if str(data_dir) != saved.data_dir:
@@ -311,6 +319,11 @@ def _run_writer(run_dir: Path, world, resume: bool) -> Iterator[None]:
         yield
 
 
+def _content(data: TokenDataset | PairDataset) -> str:
+    """The content fingerprint of a data folder ("" for pairs and folders prepared without one)."""
+    return getattr(data, "fingerprint", "")
+
+
 def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir, resume: bool,
            progress: bool, stop_after: int | None) -> TrainResult:
     dataset = PairDataset if train_cfg.sft else TokenDataset
@@ -327,7 +340,7 @@ def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, trai
             weights, saved, _ = load_weights(ckpt)
             state = load_trainer_state(ckpt)
             ema_weights = load_ema(ckpt)
-        train_cfg, notices = resume_config(saved, model_cfg, train_cfg, state.step, data_dir, tokenizer.fingerprint)
+        train_cfg, notices = resume_config(saved, model_cfg, train_cfg, state.step, data_dir, tokenizer.fingerprint, _content(train_data))
         if world.is_main:
             for notice in notices:
                 print(f"note: {notice}", file=sys.stderr)
@@ -359,7 +372,8 @@ def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, trai
         if length > model_cfg.context_len:
             raise UnmaskError(f"the pairs of {data_dir} are rows of {length} tokens, longer than the model's context of {model_cfg.context_len}")
     micro_bs, accum = batch_layout(train_cfg, length, world.world_size)
-    config = RunConfig(model=model_cfg, train=train_cfg, data_dir=str(data_dir), tokenizer_fingerprint=tokenizer.fingerprint)
+    config = RunConfig(model=model_cfg, train=train_cfg, data_dir=str(data_dir), tokenizer_fingerprint=tokenizer.fingerprint,
+                       data_fingerprint=_content(train_data))
 
     torch.manual_seed(train_cfg.seed)
     model = Transformer(model_cfg)

@@ -24,16 +24,19 @@ def prepare(
     hf_dataset: Optional[str] = typer.Option(None, help="Name of an HF dataset (needs network and `pip install 'unmask[hf]'`)."),
     hf_config: Optional[str] = typer.Option(None, help="HF dataset configuration."),
     hf_split: str = typer.Option("train", help="HF dataset split."),
-    workers: int = typer.Option(min(4, os.cpu_count() or 1), help="Tokenising processes (0: the main process only)."),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), min=0, help="Tokenising processes (0: the main process only)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace prepared data already in --out (runs trained on it then refuse to --resume on it)."),
 ) -> None:
     """Tokenise a corpus into packed shards for `unmask train --data`."""
     from unmask.data import TokenDataset, hf_documents, load_tokenizer, prepare_dataset, read_documents, train_bpe
+    from unmask.data.shards import check_out_dir
     from unmask.data.stream import doc_chunks, pieces
 
     if not inputs and not hf_dataset:
         raise UnmaskError("data prepare: give input files/folders or --hf-dataset NAME")
     if not 0 < val_fraction < 1:
         raise UnmaskError(f"--val-fraction={val_fraction} must be between 0 and 1")
+    check_out_dir(out, overwrite)  # before tokenising, not after
     # streamed: files are read lazily and HF datasets record by record, so memory stays bounded
     def documents():
         return hf_documents(hf_dataset, hf_config, hf_split, text_field) if hf_dataset else read_documents(inputs, text_field, lazy=True)
@@ -48,7 +51,7 @@ def prepare(
             tok = train_bpe((piece for doc in documents() for piece in pieces(doc_chunks(doc))), vocab_size)
     else:
         tok = load_tokenizer(tokenizer)
-    path = prepare_dataset(out, tok, docs, val_docs, val_fraction=val_fraction, workers=workers)
+    path = prepare_dataset(out, tok, docs, val_docs, val_fraction=val_fraction, workers=workers, overwrite=overwrite)
     meta = TokenDataset(path, "train").meta
     train, val = meta["splits"]["train"], meta["splits"]["val"]
     typer.echo(

@@ -1,7 +1,8 @@
 """Packed token shards: documents joined with EOS into flat uint16/uint32 arrays, memory-mapped.
 
 A prepared data folder holds ``meta.json``, ``tokenizer.json`` and ``{train,val}_NNN.bin`` raw
-numpy arrays. Training reads uniformly random windows; evaluation reads non-overlapping windows
+numpy arrays; ``meta.json`` records each shard's SHA-256 and a fingerprint of them all, which a run
+records so that it never resumes on other data. Training reads uniformly random windows; evaluation reads non-overlapping windows
 spread evenly over a split, the same for every model, so every model is scored on the same tokens.
 """
 
@@ -76,6 +77,7 @@ class _ShardWriter:
     def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
         self.folder, self.split, self.dtype, self.shard_tokens = folder, split, dtype, shard_tokens
         self.names: list[str] = []
+        self.hashes: list = []  # one running SHA-256 per shard
         self.file = None
         self.in_shard = 0
         self.num_tokens = 0
@@ -85,8 +87,11 @@ class _ShardWriter:
         """Tokens of the current document (a part of it, or all)."""
         if self.file is None:
             self.names.append(f"{self.split}_{len(self.names):03d}.bin")
+            self.hashes.append(hashlib.sha256())
             self.file = open(self.folder / self.names[-1], "wb")
-        self.file.write(np.asarray(ids).astype(self.dtype, copy=False).tobytes())
+        data = np.asarray(ids).astype(self.dtype, copy=False).tobytes()
+        self.file.write(data)
+        self.hashes[-1].update(data)
         self.in_shard += len(ids)
         self.num_tokens += len(ids)
 
@@ -104,13 +109,25 @@ class _ShardWriter:
         self.file, self.in_shard = None, 0
 
     def meta(self) -> dict:
-        return {"shards": self.names, "num_tokens": self.num_tokens, "num_documents": self.num_documents}
+        return {"shards": self.names, "sha256": [h.hexdigest() for h in self.hashes], "num_tokens": self.num_tokens,
+                "num_documents": self.num_documents}
 
 
-def _check_out_dir(out: Path) -> None:
-    # prepare_dataset replaces `out`; refuse to delete anything that is not a previous prepared folder
+def content_fingerprint(splits: dict, tokenizer_fingerprint: str) -> str:
+    """A short hash of the tokens of a prepared folder: of the tokenizer and every shard's name and
+    SHA-256 (sizes follow from the token counts). Equal for the same corpus prepared again anywhere."""
+    listing = json.dumps({"tokenizer": tokenizer_fingerprint, "splits": {s: [m["shards"], m["sha256"], m["num_tokens"]]
+                                                                          for s, m in sorted(splits.items())}}, sort_keys=True)
+    return hashlib.sha256(listing.encode("utf-8")).hexdigest()[:16]
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    # refuse to delete anything that is not a previous prepared folder, and that one unless asked to
     if out.exists() and not (out / "meta.json").is_file() and (not out.is_dir() or any(out.iterdir())):
         raise UnmaskError(f"--out {out} exists and is not a prepared data folder; give a new or empty folder")
+    if (out / "meta.json").is_file() and not overwrite:
+        raise UnmaskError(f"--out {out} already holds prepared data; pass --overwrite to replace it (runs trained on it will then "
+                          "refuse to --resume on it) or give another --out")
 
 
 def _publish(tmp: Path, out: Path, replace: bool) -> None:
@@ -138,6 +155,7 @@ def prepare_dataset(
     shard_tokens: int = 2**26,
     progress: bool = True,
     workers: int = 0,
+    overwrite: bool = False,
 ) -> Path:
     """Tokenise documents into a prepared data folder and return its path.
 
@@ -147,15 +165,18 @@ def prepare_dataset(
     ``val_docs``, a ``val_fraction`` of the documents, chosen by a hash of their text, is held out,
     with at least one document on each side; a corpus of one document (one big text file) instead
     holds out the last ``val_fraction`` of its text, cut at a line start. ``meta.json`` says which
-    was done under "validation". The folder is built next to ``out_dir`` and renamed into place,
-    replacing an earlier prepared folder there.
+    was done under "validation", and under "fingerprint" a hash of the shards' contents
+    (:func:`content_fingerprint`). The folder is built next to ``out_dir`` and renamed into place;
+    an earlier prepared folder there is an UnmaskError unless ``overwrite``.
 
     Streaming (:mod:`unmask.data.stream`): documents may be strings or lazily read
     :class:`~unmask.data.stream.TextFile` s, sources may be one-pass iterators (HF streaming),
     ``workers`` processes tokenise (0: this process), tokens go to the shard files as they come,
     and memory does not grow with the corpus.
     """
-    return _prepare(Path(out_dir), tokenizer, train_docs, val_docs, val_fraction, shard_tokens, progress, replace=True, workers=workers)
+    out = Path(out_dir)
+    check_out_dir(out, overwrite)
+    return _prepare(out, tokenizer, train_docs, val_docs, val_fraction, shard_tokens, progress, replace=overwrite, workers=workers)
 
 
 def _tagged(texts: Iterable[str], target: str) -> Iterator[tuple[str, tuple[str, bool]]]:
@@ -186,7 +207,7 @@ def _prepare(
         raise UnmaskError(f"shard_tokens={shard_tokens} must be positive")
     if workers < 0:
         raise UnmaskError(f"--workers={workers} must be >= 0 (0: tokenise in the main process)")
-    _check_out_dir(out)
+    check_out_dir(out, overwrite=True)  # the caller decided whether an earlier folder may go
     dtype = np.dtype(np.uint16 if max(tokenizer.mask_id, tokenizer.vocab_size - 1) < 2**16 else np.uint32)
     eos = tokenizer.eos_id
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -258,6 +279,7 @@ def _prepare(
             "eos_id": tokenizer.eos_id, "tokenizer_fingerprint": tokenizer.fingerprint,
             "splits": {s: w.meta() for s, w in writers.items()}, "validation": how,
         }
+        meta["fingerprint"] = content_fingerprint(meta["splits"], tokenizer.fingerprint)
         if held:
             held["spill"].remove()
         tokenizer.save(tmp)
@@ -302,6 +324,8 @@ class TokenDataset:
                 raise UnmaskError(f"shard {self.dir / name} listed in meta.json is missing; prepare the folder again")
             self.shards.append(np.memmap(self.dir / name, dtype=dtype, mode="r"))
         self.num_tokens: int = sum(len(s) for s in self.shards)
+        # the content fingerprint (folders prepared before it was recorded have none)
+        self.fingerprint: str = self.meta.get("fingerprint", "")
 
     @cached_property
     def tokenizer(self) -> Tokenizer:
