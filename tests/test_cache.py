@@ -9,7 +9,7 @@ import torch
 from unmask.config import ModelConfig
 from unmask.model import KVCache, Transformer
 from unmask.sampling import (
-    AncestralConfig, CacheConfig, ConfidenceConfig, FirstHittingConfig, ThresholdConfig, ancestral, cached_ancestral, confidence,
+    AncestralConfig, CacheConfig, ConfidenceConfig, FirstHittingConfig, ThresholdConfig, ancestral, confidence,
     first_hitting, threshold,
 )
 from unmask.sampling.generate import SamplerSpec, make_canvas
@@ -19,7 +19,6 @@ SAMPLERS = {
     "threshold": (threshold, ThresholdConfig(tau=0.3, temperature=1.0)),
     "first-hitting": (first_hitting, FirstHittingConfig(k=2)),
     "ancestral": (ancestral, AncestralConfig(steps=12)),
-    "cached": (cached_ancestral, AncestralConfig(steps=24)),
 }
 
 

@@ -13,7 +13,7 @@ from unmask.model import Transformer
 from unmask.oracle import OracleModel, chi_square_counts
 from unmask.sampling import (
     AncestralConfig, ARConfig, Conditioning, ConfidenceConfig, FirstHittingConfig, ThresholdConfig, ancestral, ar_sample,
-    cached_ancestral, confidence, exponential_race, first_hitting, semi_autoregressive, threshold,
+    confidence, exponential_race, first_hitting, semi_autoregressive, threshold,
 )
 from unmask.sampling.base import categorical
 from unmask.sampling.confidence import confidence_scores
@@ -49,15 +49,10 @@ def masks(oracle, n):
     return torch.full((n, oracle.config.context_len), oracle.config.mask_id)
 
 
-@pytest.mark.parametrize("name", ["cached", "first-hitting"])
-def test_samplers_reproduce_the_distribution(oracle, name):
+def test_first_hitting_reproduces_the_distribution(oracle):
     gen = torch.Generator().manual_seed(0)
-    x = masks(oracle, 8000)
-    if name == "cached":
-        out = cached_ancestral(oracle, x, gen, AncestralConfig(steps=256))
-    else:
-        out = first_hitting(oracle, x, gen, FirstHittingConfig(k=1))
-        assert out.nfe == 4  # exactly L network calls
+    out = first_hitting(oracle, masks(oracle, 8000), gen, FirstHittingConfig(k=1))
+    assert out.nfe == 4  # exactly L network calls
     assert (out.tokens != oracle.config.mask_id).all()
     assert pvalue(oracle, out.tokens) > 1e-3
 
@@ -81,11 +76,12 @@ def test_parallel_first_hitting_is_biased_with_k_equal_length(oracle):
 
 
 @pytest.mark.parametrize("n,l", [(64, 16), (128, 32), (32, 64)])
-def test_cached_expected_nfe(n, l):
-    """Mean calls per row within 2% of n (1 - (1 - 1/n)^l) (RADD)."""
+def test_ancestral_skips_steps_where_nothing_unmasks(n, l):
+    """RADD's caching: a row's network call is needed only at a step where one of its tokens
+    unmasks. Mean calls per row within 2% of n (1 - (1 - 1/n)^l)."""
     fake = FixedLogits(torch.zeros(1, l, 5))
     x = torch.full((3000, l), fake.config.mask_id)
-    out = cached_ancestral(fake, x, torch.Generator().manual_seed(n + l), AncestralConfig(steps=n))
+    out = ancestral(fake, x, torch.Generator().manual_seed(n + l), AncestralConfig(steps=n))
     expected = n * (1 - (1 - 1 / n) ** l)
     assert abs(out.row_nfe.double().mean().item() - expected) < 0.02 * expected
     assert out.nfe <= n
@@ -296,8 +292,6 @@ def test_config_errors_name_the_flag():
         ConfidenceConfig(score="vibes")
     with pytest.raises(UnmaskError, match="--top-p"):
         AncestralConfig(top_p=0)
-    with pytest.raises(UnmaskError, match="--sampler cached needs a time-agnostic model"):
-        cached_ancestral(time_conditioned_transformer(), torch.full((1, 10), 7), torch.Generator())
 
 
 def test_scores_by_hand():
@@ -377,3 +371,18 @@ def test_time_conditioned_model_runs_in_bf16_and_float64(dtype, atol):
     assert got.dtype == dtype and torch.allclose(got.float(), want, atol=atol)
     out = first_hitting(other, x, torch.Generator().manual_seed(0), FirstHittingConfig())
     assert (out.tokens != 7).all()
+
+
+def test_cached_is_another_name_of_ancestral():
+    """``--sampler cached`` (RADD's caching) runs the ancestral sampler, which already calls the
+    network only on rows where a token unmasks: the same spec, tokens and calls, time-conditioned
+    networks included."""
+    from unmask.sampling.generate import SamplerSpec
+
+    model = time_conditioned_transformer()
+    x = torch.full((4, 10), 7)
+    x[:, 0] = 1
+    cached, plain = (SamplerSpec.from_options(name, steps=16) for name in ("cached", "ancestral"))
+    assert cached == plain and cached.sampler == "ancestral" and SamplerSpec("cached").sampler == "ancestral"
+    a, b = (spec.run(model, x, torch.Generator().manual_seed(0)) for spec in (cached, plain))
+    assert torch.equal(a.tokens, b.tokens) and a.nfe == b.nfe and torch.equal(a.row_nfe, b.row_nfe)

@@ -22,7 +22,7 @@ from typing import Callable, Literal
 
 import torch
 
-from unmask.errors import UnmaskError
+from unmask.errors import UnmaskError, check_number
 from unmask.guidance import combine, network_time
 from unmask.sampling.cache import CanvasCache, fed_index
 
@@ -68,18 +68,14 @@ class SamplerConfig:
     temperature: float = 1.0
     top_k: int = 0  # 0: off
     top_p: float = 1.0  # 1: off
-    precision: Precision = "float64"  # float32 only for ablations: biased (reference section 4)
+    precision: Precision = "float64"  # float32 only for ablations: biased (docs/algorithms.md, 'Categorical sampling precision')
     cfg_scale: float = 0.0  # unsupervised classifier-free guidance w
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise UnmaskError(f"--temperature={self.temperature} must be >= 0")
-        if self.top_k < 0:
-            raise UnmaskError(f"--top-k={self.top_k} must be >= 0 (0 switches it off)")
-        if not 0 < self.top_p <= 1:
-            raise UnmaskError(f"--top-p={self.top_p} must be in (0, 1]")
-        if self.cfg_scale < 0:
-            raise UnmaskError(f"--cfg={self.cfg_scale} must be >= 0")
+        check_number("--temperature", self.temperature, ">= 0")
+        check_number("--top-k", self.top_k, ">= 0", " (0 switches it off)")
+        check_number("--top-p", self.top_p, "(0, 1]")
+        check_number("--cfg", self.cfg_scale, ">= 0")
         dtype_of(self.precision)
 
 
@@ -134,7 +130,7 @@ def predict(
     if guided:
         if cond.prompt_mask is None or not cond.prompt_mask.any():
             raise UnmaskError("--cfg needs a prompt: guidance contrasts the prompt with the prompt replaced by MASK")
-        # the unconditional half: the same rows with the prompt replaced by MASK (reference section 5)
+        # the unconditional half: the same rows with the prompt replaced by MASK (docs/algorithms.md, 'Unsupervised classifier-free guidance')
         tokens = torch.cat([tokens, torch.where(pick(cond.prompt_mask), mask_id, tokens)])
         key_mask, positions, wanted = (None if v is None else torch.cat([v, v]) for v in (key_mask, positions, wanted))
         t = None if t is None else torch.cat([t, t])
@@ -174,8 +170,8 @@ def exponential_race(log_weights: torch.Tensor, generator: torch.Generator, prec
     """Index of a categorical draw over the last dim, proportional to exp(log_weights), by the
     exponential race: argmax_i log w_i - log E_i with E_i ~ Exp(1) (equivalently Gumbel-max).
 
-    In float32 the noise saturates near 16.6 and rare events are under-sampled (Zheng et al.,
-    reference section 4): that is the ``precision="float32"`` ablation. The samplers' exact float64
+    In float32 the noise saturates near 16.6 and rare events are under-sampled (Zheng et al.;
+    docs/algorithms.md, 'Categorical sampling precision'): that is the ``precision="float32"`` ablation. The samplers' exact float64
     draw is :func:`categorical` (the same distribution at a third of the cost).
     """
     dtype = dtype_of(precision)

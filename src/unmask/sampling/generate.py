@@ -25,12 +25,14 @@ from unmask.sampling.ar import ARConfig, ar_sample, positions_from
 from unmask.sampling.base import Conditioning, SampleOutput, Sampler, SamplerConfig, StepCallback
 from unmask.sampling.blocks import semi_autoregressive
 from unmask.sampling.cache import CacheConfig
-from unmask.sampling.cached import cached_ancestral
 from unmask.sampling.confidence import confidence
 from unmask.sampling.first_hitting import first_hitting
 from unmask.sampling.threshold import threshold
 
-SAMPLERS: dict[str, Sampler] = {s.name: s for s in (ancestral, cached_ancestral, first_hitting, confidence, threshold)}
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (ancestral, first_hitting, confidence, threshold)}
+# other names of a sampler: RADD's cached sampler is the ancestral one, which already calls the
+# network only on rows where a token unmasks (a row that does not move needs no new output)
+ALIASES = {"cached": "ancestral"}
 INFILL = re.compile(r"\[MASK(?::(\d+))?\]")
 # the command-line flag of every sampler option, for error messages
 FLAGS = {
@@ -53,8 +55,7 @@ class SamplerSpec:
     cache: CacheConfig = CacheConfig()
 
     def __post_init__(self) -> None:
-        if self.sampler not in SAMPLERS:
-            raise UnmaskError(f"--sampler {self.sampler!r} is not one of: {', '.join(SAMPLERS)}")
+        object.__setattr__(self, "sampler", sampler_name(self.sampler))
         if self.config is not None and not isinstance(self.config, SAMPLERS[self.sampler].config):
             raise UnmaskError(f"--sampler {self.sampler} takes a {SAMPLERS[self.sampler].config.__name__}, not a {type(self.config).__name__}")
         if self.block_len < 0:
@@ -65,9 +66,7 @@ class SamplerSpec:
                      cache_refresh: int | None = None, **options) -> "SamplerSpec":
         """The spec from command-line style options; None means "not given" (the sampler's default).
         A given option that the sampler does not take is refused, naming its flag."""
-        sampler = sampler or "ancestral"
-        if sampler not in SAMPLERS:
-            raise UnmaskError(f"--sampler {sampler!r} is not one of: {', '.join(SAMPLERS)}")
+        sampler = sampler_name(sampler)
         given = {name: value for name, value in options.items() if value is not None}
         unknown = sorted(set(given) - set(FLAGS))
         if unknown:
@@ -104,6 +103,14 @@ class SamplerSpec:
             return SAMPLERS[self.sampler](model, x, generator, self.sampler_config(), cond, callback)
         return semi_autoregressive(model, x, generator, SAMPLERS[self.sampler], self.sampler_config(gen_len // block_len),
                                    block_len, start, cond, callback, stop_token, self.cache)
+
+
+def sampler_name(name: str | None) -> str:
+    """The sampler that ``name`` (None: ancestral) stands for: a key of SAMPLERS, or an alias of one."""
+    name = ALIASES.get(name or "ancestral", name or "ancestral")
+    if name not in SAMPLERS:
+        raise UnmaskError(f"--sampler {name!r} is not one of: {', '.join(SAMPLERS)} (cached: another name of ancestral)")
+    return name
 
 
 def make_canvas(
@@ -189,7 +196,7 @@ def check_options(causal: bool, length: int | None, kv_cache: bool | None, given
     elif kv_cache is not None:
         raise UnmaskError(
             f"--{'' if kv_cache else 'no-'}kv-cache applies to AR models; this checkpoint is an MDM "
-            "(use --cache prefix|dual|delayed, or --sampler cached, for the MDM's caches)"
+            "(use --cache prefix|dual|delayed for the MDM's caches)"
         )
 
 
@@ -202,6 +209,7 @@ def spec_for(model_config, train_config, length: int, **options) -> SamplerSpec:
     that depend on the checkpoint: ``steps`` = the generation ``length`` (samplers that take steps)
     and the schedule the model was trained with (samplers that take one)."""
     name = options.get("sampler") or "ancestral"
+    name = ALIASES.get(name, name)
     takes = {f.name for f in fields(SAMPLERS[name].config)} if name in SAMPLERS else set()
     if "schedule" in takes:
         options.setdefault("schedule", train_config.schedule)
