@@ -127,6 +127,22 @@ def test_cache_feeds_fewer_positions():
     assert calls[:3] == [20, 16, 16]  # refresh, then block + suffix
 
 
+@pytest.mark.parametrize("refresh,full", [(0, [0, 4, 8, 12]), (3, [0, 3, 4, 7, 8, 11, 12, 15])])
+def test_delayed_cache_refreshes_at_each_block_start_and_every_refresh_calls(refresh, full):
+    """As dKV-Cache's semi-autoregressive decoding, which starts every block from a full forward:
+    4 blocks of 4 calls, a full forward (20 positions) at each block start, and with
+    --cache-refresh N also at the N-th call after the last; the other calls feed the masked
+    positions and those decoded at the call before."""
+    calls = []
+    model = tiny()
+    original = model.forward
+    model.forward = lambda tokens, **kw: calls.append(tokens.shape[1]) or original(tokens, **kw)
+    x, cond, width = canvas(model, [[1, 2, 3]], 16)
+    out = decode(model, x, cond, "confidence", CacheConfig("delayed", refresh=refresh), start=width)
+    assert len(calls) == out.nfe == 16
+    assert [i for i, n in enumerate(calls) if n == 20] == full
+
+
 def test_rows_that_stop_leave_the_batch():
     for seed in range(20):  # a model and a stop token that row 0 produces in its first block and row 1 nowhere in its first three
         model = tiny(seed=seed)

@@ -12,8 +12,11 @@ keys/values come from the cache.
   the block.
 * dual (Fast-dLLM): the same, but the other steps feed the block only and also reuse the suffix.
 * delayed (dKV-Cache): masked positions are fed at every step; a decoded token's keys/values are
-  computed once more, at the step after it was decoded (now as the token, not MASK), and then reused;
-  a full forward every ``refresh`` calls.
+  computed once more, at the step after it was decoded (now as the token, not MASK), and then reused.
+
+Every cache does a full forward at each block start (as dKV-Cache's semi-autoregressive decoding,
+which starts every block without a cache) and, with ``refresh`` = N > 0, at every N-th call of a row
+since its last full forward.
 
 With ``refresh=1`` every call is a full forward and every cache gives exactly the uncached tokens.
 Rows decode independently: each row has its own refresh count, and a forward over rows that feed
@@ -36,7 +39,7 @@ CACHES = ("none", "prefix", "dual", "delayed")
 @dataclass(frozen=True)
 class CacheConfig:
     kind: str = "none"  # none, prefix, dual or delayed
-    refresh: int = 0  # a full forward every N calls of a row (0: prefix/dual at block starts only, delayed never again)
+    refresh: int = 0  # a full forward every N calls of a row (0: at block starts only)
 
     def __post_init__(self) -> None:
         if self.kind not in CACHES:
