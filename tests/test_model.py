@@ -103,8 +103,9 @@ def test_forward_refuses_more_positions_than_the_context():
     model = Transformer(tiny(causal=True))
     with pytest.raises(UnmaskError, match="17 positions.*context_len=16"):
         model(torch.zeros(1, 17, dtype=torch.long))
-    with pytest.raises(UnmaskError, match="context_len=16"):
-        model(torch.zeros(1, 4, dtype=torch.long), positions=torch.arange(14, 18)[None])
+    with pytest.raises(UnmaskError, match="17 positions.*context_len=16"):
+        model(torch.zeros(1, 4, dtype=torch.long), positions=torch.tensor([[0, 5, 10, 16]]))
+    model(torch.zeros(1, 16, dtype=torch.long), positions=torch.arange(20, 36)[None])  # a window further on
     cache = KVCache.empty(model.config, 1, 20, "cpu", torch.float32)
     model(torch.zeros(1, 16, dtype=torch.long), kv_cache=cache)
     with pytest.raises(UnmaskError, match="context_len=16"):

@@ -254,8 +254,9 @@ class Transformer(nn.Module):
             (B, L, vocab_size) logits, or (N, vocab_size) for the N ``logits_at`` positions in
             row-major order (in the autocast dtype when autocast is on).
         Raises:
-            UnmaskError: for a position at or beyond ``config.context_len`` (an input, with the
-                cache, longer than the context).
+            UnmaskError: for positions spanning more than ``config.context_len`` (an input, with
+                the AR cache's slots, longer than the context). Positions may start anywhere
+                (block diffusion's window over a long canvas).
         """
         b, l = tokens.shape
         cfg = self.config
@@ -265,7 +266,8 @@ class Transformer(nn.Module):
         # slot of every query and of every key: the causal, block-causal and window masks are over slots
         q_slot = cache_index if cache_index is not None else torch.arange(start, start + l, device=tokens.device).expand(b, l)
         num_keys = kv_cache.k[0].shape[2] if cache_index is not None else start + l
-        self._check_context(start + l if positions is None and cache_index is None else None, positions if positions is not None else q_slot)
+        placed = positions if positions is not None else cache_index
+        self._check_context(start + l if kv_cache is not None and cache_index is None or placed is None else placed)
         if positions is None:
             positions = q_slot
         cos, sin = rotary_tables(positions, rope_frequencies(cfg, tokens.device))
@@ -321,15 +323,15 @@ class Transformer(nn.Module):
             logits = logits.index_fill(-1, torch.tensor([cfg.mask_token_id], device=logits.device), NEVER_LOGIT)
         return logits
 
-    def _check_context(self, length: int | None, positions: torch.Tensor) -> None:
-        """Refuse positions the config does not cover: ``length`` when known from the shapes, else
-        the largest of ``positions`` (B, L)."""
-        if length is None:
-            length = int(positions.max()) + 1 if positions.numel() else 0
-        if length > self.config.context_len:
+    def _check_context(self, span: int | torch.Tensor) -> None:
+        """Refuse a forward whose positions span more than ``config.context_len``: ``span`` is the
+        number of slots (the AR cache's and the new ones), or the positions (B, L) given."""
+        if torch.is_tensor(span):
+            span = int(span.max() - span.min()) + 1 if span.numel() else 0
+        if span > self.config.context_len:
             raise UnmaskError(
-                f"input of {length} positions exceeds the model's context_len={self.config.context_len}; "
-                f"feed at most {self.config.context_len} positions (0..{self.config.context_len - 1})"
+                f"input spanning {span} positions exceeds the model's context_len={self.config.context_len}; "
+                f"feed at most {self.config.context_len} consecutive positions"
             )
 
     def num_params(self) -> int:
