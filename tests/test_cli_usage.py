@@ -169,7 +169,8 @@ def test_bad_numbers_are_refused(capsys, run, tmp_path, argv, named):
         pytest.importorskip("lm_eval")
     code = main(fill(argv, run, tmp_path))
     assert_one_error_line(code, capsys.readouterr().err, named)
-    assert not (tmp_path / "new").exists()  # no run folder, config.json or results left behind
+    # no config.json, checkpoints, pairs or results left behind (fine-tuning takes the run's lock first)
+    assert [p.name for p in (tmp_path / "new").glob("**/*")] in ([], ["train.lock"])
 
 
 # --- the Python API refuses the same values, naming the parameter
@@ -201,15 +202,16 @@ def test_sampler_configs_refuse_non_finite_values(options, named):
 def test_evaluation_refuses_non_positive_sizes(run):
     import torch
 
+    from unmask.checkpoint import load_model
     from unmask.evaluation import evaluate_checkpoint
-    from unmask.likelihood import ar_nll
+    from unmask.likelihood import mc_elbo
 
     for kwargs, named in [({"batch_size": 0}, "--batch-size"), ({"batch_size": -3}, "--batch-size"), ({"draws": 1}, "--draws"),
                           ({"windows": 0}, "--windows")]:
         with pytest.raises(UnmaskError, match=named):
             evaluate_checkpoint(run["run"], progress=False, **kwargs)
     with pytest.raises(UnmaskError, match="--batch-size"):
-        ar_nll(None, torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, dtype=torch.long), batch_size=0)
+        mc_elbo(load_model(run["run"])[0], torch.zeros(2, 8, dtype=torch.long), draws=2, batch_size=0)
 
 
 def test_server_limits_and_experiment_settings_refuse_non_finite_values():

@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from unmask.errors import UnmaskError
+from unmask.errors import UnmaskError, check_number
 
 Objective = Literal["mdm", "ar", "bd3"]
 
@@ -72,13 +72,13 @@ class ModelConfig:
     sliding_window: int = 0
 
     def __post_init__(self) -> None:
+        for key in ("vocab_size", "context_len", "n_layer", "n_head", "n_embd", "rope_theta", "norm_eps"):
+            check_number(f"model {key}", getattr(self, key), "> 0")
+        check_number("model init_std", self.init_std, ">= 0")
         if self.n_embd % self.n_head:
             raise UnmaskError(f"model n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if (self.n_embd // self.n_head) % 2:
             raise UnmaskError(f"model head dim {self.n_embd // self.n_head} must be even for rotary positions")
-        for key in ("vocab_size", "context_len", "n_layer", "n_head", "n_embd"):
-            if getattr(self, key) <= 0:
-                raise UnmaskError(f"model {key}={getattr(self, key)} must be positive")
         if self.block_causal < 0:
             raise UnmaskError(f"model block_causal={self.block_causal} must be >= 0 (0: off)")
         if self.causal and self.time_conditioning:
@@ -169,6 +169,18 @@ OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# TrainConfig's numbers: (the flag or field name in messages, the values it may take; see check_number)
+TRAIN_NUMBERS: dict[str, tuple[str, str]] = {
+    "steps": ("--steps", "> 0"), "batch_size": ("--batch-size", "> 0"), "grad_accum": ("--grad-accum", "> 0"),
+    "lr": ("--lr", "> 0"), "min_lr_ratio": ("min_lr_ratio", "[0, 1]"), "warmup_steps": ("--warmup-steps", ">= 0"),
+    "weight_decay": ("--weight-decay", ">= 0"), "beta1": ("beta1", "[0, 1)"), "beta2": ("beta2", "[0, 1)"),
+    "grad_clip": ("grad_clip", "> 0"), "seed": ("--seed", ">= 0"), "eval_every": ("--eval-every", "> 0"),
+    "eval_windows": ("eval_windows", "> 0"), "eval_draws": ("eval_draws", "> 0"), "checkpoint_every": ("--checkpoint-every", "> 0"),
+    "keep_checkpoints": ("keep_checkpoints", "> 0"), "log_every": ("--log-every", "> 0"),
+    "global_batch_tokens": ("--global-batch-tokens", ">= 0"), "ema": ("--ema", "[0, 1)"), "anneal_steps": ("--anneal-attention", ">= 0"),
+}  # the mask rates and --cfg-dropout have checks of their own below
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The training loop's settings. Batches hold ``batch_size * grad_accum`` sequences per step."""
@@ -243,21 +255,12 @@ class TrainConfig:
             raise UnmaskError(f"--schedule {self.schedule!r} is not one of: linear, cosine")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise UnmaskError(f"--precision {self.precision!r} is not one of: auto, bf16, fp32")
-        for key in ("steps", "batch_size", "grad_accum", "eval_every", "checkpoint_every", "log_every", "keep_checkpoints"):
-            if getattr(self, key) <= 0:
-                raise UnmaskError(f"--{key.replace('_', '-')}={getattr(self, key)} must be a positive integer")
-        if self.lr <= 0:
-            raise UnmaskError(f"--lr={self.lr} must be positive")
-        if self.warmup_steps < 0:
-            raise UnmaskError(f"--warmup-steps={self.warmup_steps} must be >= 0")
+        for key, (name, rule) in TRAIN_NUMBERS.items():
+            check_number(name, getattr(self, key), rule)
         if self.parallel not in ("ddp", "fsdp"):
             raise UnmaskError(f"--parallel {self.parallel!r} is not one of: ddp, fsdp")
-        if self.global_batch_tokens < 0:
-            raise UnmaskError(f"--global-batch-tokens={self.global_batch_tokens} must be >= 0 (0: batch size x grad accum x processes)")
-        if not 0 <= self.ema < 1:
-            raise UnmaskError(f"--ema={self.ema} must be in [0, 1) (0: off; e.g. 0.9999)")
-        if self.anneal_steps < 0 or (self.anneal_steps and self.objective != "mdm"):
-            raise UnmaskError(f"--anneal-attention={self.anneal_steps} must be >= 0, and is for --objective mdm only")
+        if self.anneal_steps and self.objective != "mdm":
+            raise UnmaskError(f"--anneal-attention={self.anneal_steps} is for --objective mdm only")
         if self.sft and self.objective not in ("mdm", "ar"):
             raise UnmaskError(f"fine-tuning on pairs is for an MDM or AR model, not --objective {self.objective}")
         if not 0 <= self.cfg_dropout < 1 or (self.cfg_dropout and not (self.sft and self.objective == "mdm")):

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from unmask.errors import UnmaskError
+from unmask.errors import UnmaskError, check_number
 from unmask.objectives import ar_loss, device_of, k_dce, t_dce
 from unmask.schedule import Schedule, mask_exactly
 
@@ -42,8 +42,9 @@ class LikelihoodResult:
 
 
 def _batches(n: int, batch_size: int):
-    for start in range(0, n, batch_size):
-        yield slice(start, min(start + batch_size, n))
+    """Slices of ``batch_size`` rows covering ``n`` (checked here, before any work, for every estimator)."""
+    check_number("--batch-size", batch_size, "> 0")
+    return (slice(start, min(start + batch_size, n)) for start in range(0, n, batch_size))
 
 
 def _groups(windows: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -60,11 +60,11 @@ def print_infilling(mdm_dir: Path, ar_dir: Path, data_dir: Path, spans: int, exa
 def demo(
     run_root: Path = typer.Option(Path("runs/demo"), help="Where the two runs are written (re-running resumes them)."),
     preset: str = typer.Option("tiny"),
-    steps: int = typer.Option(600, help="Training steps for each model."),
-    draws: int = typer.Option(16, help="MC draws for the MDM bound."),
-    spans: int = typer.Option(256, help="Held-out windows for the infilling comparison."),
-    examples: int = typer.Option(3, help="Infilled lines to print."),
-    seed: int = typer.Option(0),
+    steps: int = typer.Option(600, min=1, help="Training steps for each model."),
+    draws: int = typer.Option(16, min=2, help="MC draws for the MDM bound."),
+    spans: int = typer.Option(256, min=1, help="Held-out windows for the infilling comparison."),
+    examples: int = typer.Option(3, min=0, help="Infilled lines to print."),
+    seed: int = typer.Option(0, min=0),
 ) -> None:
     """Train a tiny MDM and AR model on the embedded corpus; compare likelihoods, infilling and samples."""
     from unmask.data import TokenDataset, default_dataset

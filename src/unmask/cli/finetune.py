@@ -49,20 +49,20 @@ def finetune(
                                              "published checkpoint first). Its network, tokenizer and objective are kept."),
     pairs: Optional[Path] = typer.Option(None, help="JSONL training pairs, one {\"prompt\": ..., \"response\": ...} per line."),
     val_pairs: Optional[Path] = typer.Option(None, help="JSONL held-out pairs (default: 5% of --pairs)."),
-    length: Optional[int] = typer.Option(None, help="Tokens per row [EOS ; prompt ; response ; EOS pads] (default: the longest pair + 2); "
+    length: Optional[int] = typer.Option(None, min=1, help="Tokens per row [EOS ; prompt ; response ; EOS pads] (default: the longest pair + 2); "
                                          "responses are padded with EOS to the end of the row and the pads are learned."),
     cfg_dropout: Optional[float] = typer.Option(None, help="MDM: probability of replacing a row's prompt by MASK (0: guidance is SMDM's "
                                                 "unsupervised CFG; 0.1: standard CFG) (default 0)."),
-    steps: Optional[int] = typer.Option(None, help=f"Optimizer steps (default {DEFAULT_STEPS})."),
-    batch_size: Optional[int] = typer.Option(None, help="Rows per micro-batch (default 16)."),
+    steps: Optional[int] = typer.Option(None, min=1, help=f"Optimizer steps (default {DEFAULT_STEPS})."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="Rows per micro-batch (default 16)."),
     lr: Optional[float] = typer.Option(None, help=f"Peak learning rate (default {DEFAULT_LR:g}); warmup 1% of the steps, cosine to 10%."),
-    warmup_steps: Optional[int] = typer.Option(None, help="Linear warmup steps (default 1% of --steps)."),
+    warmup_steps: Optional[int] = typer.Option(None, min=0, help="Linear warmup steps (default 1% of --steps)."),
     loss: Optional[str] = typer.Option(None, help="MDM objective over the response: t-dce or k-dce (default k-dce)."),
     precision: Optional[str] = typer.Option(None, help="auto, bf16 or fp32 (default auto)."),
-    seed: Optional[int] = typer.Option(None, help="Seed of the data order, masking and dropout (default 0)."),
-    eval_every: Optional[int] = typer.Option(None, help="Score the held-out pairs every N steps (default 100)."),
-    checkpoint_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps (default 200)."),
-    log_every: Optional[int] = typer.Option(None, help="Append a metrics line every N steps (default 10)."),
+    seed: Optional[int] = typer.Option(None, min=0, help="Seed of the data order, masking and dropout (default 0)."),
+    eval_every: Optional[int] = typer.Option(None, min=1, help="Score the held-out pairs every N steps (default 100)."),
+    checkpoint_every: Optional[int] = typer.Option(None, min=1, help="Checkpoint every N steps (default 200)."),
+    log_every: Optional[int] = typer.Option(None, min=1, help="Append a metrics line every N steps (default 10)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     resume: bool = typer.Option(False, help="Continue RUN from its latest checkpoint (only --steps and the logging settings may change)."),
 ) -> None:

@@ -15,15 +15,16 @@ from unmask.cli.app import app
 def serve(
     checkpoint: Path = typer.Option(..., help="Run folder or checkpoints/step_* folder (MDM or AR)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
-    port: int = typer.Option(8000, help="Port to listen on (0: any free port)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on (0: any free port)."),
     device: str = typer.Option("auto"),
     name: Optional[str] = typer.Option(None, help="Model id clients pass as `model` (default: the run folder's name)."),
-    max_tokens: int = typer.Option(256, help="Most tokens a request may ask for per choice."),
-    max_n: int = typer.Option(8, help="Most choices per prompt (n)."),
-    max_steps: int = typer.Option(1024, help="Most MDM steps per request."),
-    max_active: int = typer.Option(16, help="Requests decoded together (calls of the same shape share one forward per step)."),
-    max_queue: int = typer.Option(64, help="Requests waiting for a slot before new ones get 429."),
+    max_tokens: int = typer.Option(256, min=1, help="Most tokens a request may ask for per choice."),
+    max_n: int = typer.Option(8, min=1, help="Most choices per prompt (n)."),
+    max_steps: int = typer.Option(1024, min=1, help="Most MDM steps per request."),
+    max_active: int = typer.Option(16, min=1, help="Requests decoded together (calls of the same shape share one forward per step)."),
+    max_queue: int = typer.Option(64, min=1, help="Requests waiting for a slot before new ones get 429."),
     timeout: float = typer.Option(300.0, help="Seconds a request may take from arrival (waiting included)."),
+    max_body_bytes: int = typer.Option(1 << 20, min=1, help="Largest request body read (bytes); larger ones get 413 before they are parsed."),
 ) -> None:
     """Serve a checkpoint over HTTP: /v1/completions, /v1/chat/completions, /v1/models, /health, and a page at /."""
     from unmask.errors import UnmaskError

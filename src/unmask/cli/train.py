@@ -66,32 +66,32 @@ def train(
     run_dir: Path = typer.Option(..., help="Folder for config, metrics.jsonl and checkpoints."),
     preset: Optional[str] = typer.Option(None, help=f"Model size: {', '.join(PRESETS)} (default tiny)."),
     objective: Optional[str] = typer.Option(None, help=f"mdm (masked diffusion), ar (autoregressive baseline) or bd3 (block diffusion) (default {_T.objective})."),
-    block_size: Optional[int] = typer.Option(None, help="bd3: tokens per block L' (1: the AR NLL; the context length: the MDM); must divide the context."),
+    block_size: Optional[int] = typer.Option(None, min=1, help="bd3: tokens per block L' (1: the AR NLL; the context length: the MDM); must divide the context."),
     mask_rate_min: Optional[float] = typer.Option(None, help="bd3: clipped schedule, lowest block time / mask rate beta (default 0)."),
     mask_rate_max: Optional[float] = typer.Option(None, help="bd3: clipped schedule, highest block time / mask rate omega (default 1)."),
     flex_attention: Optional[bool] = typer.Option(None, "--flex-attention", help="bd3: run the 2L training forward through FlexAttention (GPU; default: SDPA with a boolean mask)."),
     data: Optional[Path] = typer.Option(None, help="Folder from `unmask data prepare`; default: the embedded Shakespeare corpus (on --resume: the run's)."),
     steps: Optional[int] = typer.Option(
-        None, help=f"Optimizer steps (default {_T.steps}). On --resume a new length: the LR continues from its current value "
+        None, min=1, help=f"Optimizer steps (default {_T.steps}). On --resume a new length: the LR continues from its current value "
         "along a cosine to its floor at the new end.",
     ),
-    batch_size: Optional[int] = typer.Option(None, help=f"Sequences per micro-batch, per process (default {_T.batch_size})."),
-    grad_accum: Optional[int] = typer.Option(None, help=f"Micro-batches per optimizer step (default {_T.grad_accum})."),
+    batch_size: Optional[int] = typer.Option(None, min=1, help=f"Sequences per micro-batch, per process (default {_T.batch_size})."),
+    grad_accum: Optional[int] = typer.Option(None, min=1, help=f"Micro-batches per optimizer step (default {_T.grad_accum})."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default per objective: " + ", ".join(f"{o} {d['lr']:g}" for o, d in OBJECTIVE_DEFAULTS.items()) + ")."),
-    warmup_steps: Optional[int] = typer.Option(None, help=f"Linear warmup steps (default {_T.warmup_steps})."),
+    warmup_steps: Optional[int] = typer.Option(None, min=0, help=f"Linear warmup steps (default {_T.warmup_steps})."),
     weight_decay: Optional[float] = typer.Option(None, help=f"AdamW weight decay (default {_T.weight_decay})."),
     loss: Optional[str] = typer.Option(None, help=f"MDM objective: t-dce or k-dce (default {OBJECTIVE_DEFAULTS['mdm']['loss']}; bd3: per block, default t-dce)."),
     schedule: Optional[str] = typer.Option(None, help=f"MDM masking schedule: linear or cosine (default {_T.schedule})."),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 autocast where supported), bf16 or fp32 (default auto)."),
-    context_len: Optional[int] = typer.Option(None, help="Override the preset's context length."),
+    context_len: Optional[int] = typer.Option(None, min=1, help="Override the preset's context length."),
     time_conditioning: Optional[bool] = typer.Option(None, help="Give the MDM network the time t (default: time-agnostic)."),
-    seed: Optional[int] = typer.Option(None, help=f"Seed of the weights, data order and masking noise (default {_T.seed})."),
-    eval_every: Optional[int] = typer.Option(None, help=f"Validate every N steps (default {_T.eval_every})."),
-    checkpoint_every: Optional[int] = typer.Option(None, help=f"Checkpoint every N steps (default {_T.checkpoint_every})."),
-    log_every: Optional[int] = typer.Option(None, help=f"Append a metrics line every N steps (default {_T.log_every})."),
+    seed: Optional[int] = typer.Option(None, min=0, help=f"Seed of the weights, data order and masking noise (default {_T.seed})."),
+    eval_every: Optional[int] = typer.Option(None, min=1, help=f"Validate every N steps (default {_T.eval_every})."),
+    checkpoint_every: Optional[int] = typer.Option(None, min=1, help=f"Checkpoint every N steps (default {_T.checkpoint_every})."),
+    log_every: Optional[int] = typer.Option(None, min=1, help=f"Append a metrics line every N steps (default {_T.log_every})."),
     parallel: Optional[str] = typer.Option(None, help="Data parallelism under torchrun: ddp (replicated weights) or fsdp (FSDP2: weights, "
                                             "gradients and optimizer sharded; sharded checkpoints) (default ddp)."),
-    global_batch_tokens: Optional[int] = typer.Option(None, help="Tokens per optimizer step whatever the number of processes (a multiple of "
+    global_batch_tokens: Optional[int] = typer.Option(None, min=0, help="Tokens per optimizer step whatever the number of processes (a multiple of "
                                                       "context length x processes x --batch-size); --grad-accum is then derived. "
                                                       "A run with it may resume on another number of processes."),
     compile: Optional[bool] = typer.Option(None, help="torch.compile each block (checkpoints keep the plain weights)."),
@@ -108,7 +108,7 @@ def train(
         None, help="With --init-from: logits of position i from position i - 1, as in the AR model (Dream) (default: the source's own).",
     ),
     anneal_attention: Optional[int] = typer.Option(
-        None, help="MDM: anneal the attention mask from causal to bidirectional over N steps (DiffuLLaMA) (default 0: off).",
+        None, min=0, help="MDM: anneal the attention mask from causal to bidirectional over N steps (DiffuLLaMA) (default 0: off).",
     ),
     resume: bool = typer.Option(
         False, help="Continue RUN exactly as it was configured, from its latest checkpoint. Only --steps, --eval-every, "

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from unmask.checkpoint import checkpoint_tokenizer, load_model
 from unmask.data import Tokenizer
 from unmask.device import pick_device
-from unmask.errors import UnmaskError
+from unmask.errors import UnmaskError, check_number
 from unmask.likelihood import chain_rule, conditional_elbo
 from unmask.objectives import device_of, token_nll
 from unmask.config import TrainConfig
@@ -69,8 +69,9 @@ class UnmaskLM(LM):
         if method not in ("chain-rule", "mc"):
             raise UnmaskError(f"--method {method!r} is not one of: chain-rule, mc")
         cfg_scale = sampling.get("cfg_scale") or 0.0
-        if cfg_scale < 0:
-            raise UnmaskError(f"--cfg={cfg_scale} must be >= 0")
+        check_number("--cfg", cfg_scale, ">= 0")
+        check_number("--draws", draws, ">= 2")
+        check_number("--batch-size", batch_size, "> 0")
         if model is None:
             self.model, config = load_model(checkpoint, pick_device(device))
             self.model_config, train_config = config.model, config.train

@@ -19,7 +19,7 @@ from unmask.checkpoint import checkpoint_tokenizer, load_model
 from unmask.data import TokenDataset, default_dataset, read_documents
 from unmask.data.shards import spread
 from unmask.device import pick_device
-from unmask.errors import UnmaskError
+from unmask.errors import UnmaskError, check_number
 from unmask.evaluation.corpora import ZERO_SHOT, detokenizer, packed_windows, unpacked_windows, zero_shot_documents
 from unmask.likelihood import LikelihoodResult, ar_nll, chain_rule_nll, mc_elbo
 from unmask.schedule import Schedule
@@ -74,8 +74,9 @@ def evaluate_checkpoint(
     """
     if estimator is not None and estimator not in ESTIMATORS:
         raise UnmaskError(f"--estimator {estimator!r} is not one of: {', '.join(ESTIMATORS)}")
-    if windows is not None and windows < 1:
-        raise UnmaskError(f"--windows={windows} must be a positive integer")
+    for flag, value, rule in (("--windows", windows, "> 0"), ("--limit-documents", limit_documents, "> 0"),
+                              ("--draws", draws, ">= 2"), ("--batch-size", batch_size, "> 0")):
+        check_number(flag, value, rule)
     model, cfg = load_model(checkpoint, pick_device(device), weights=weights)  # weights: auto (EMA when kept), ema or raw
     estimator = estimator or cfg.train.loss
     length = cfg.model.context_len

@@ -36,7 +36,7 @@ from typing import Any
 
 from unmask.config import ModelConfig, TrainConfig
 from unmask.data.pairs import Pair, encode_pair, prepare_pairs
-from unmask.errors import UnmaskError
+from unmask.errors import UnmaskError, check_number
 from unmask.experiments import facts as facts_mod
 from unmask.experiments import reverse_curse
 from unmask.experiments.answers import answer_logprobs, complete
@@ -68,8 +68,12 @@ class Settings:
     def __post_init__(self) -> None:
         if not self.seeds:
             raise UnmaskError("--seeds must name at least one seed")
-        if any(w < 0 for w in self.cfg_scales) or not self.cfg_scales:
-            raise UnmaskError(f"--cfg-scales {list(self.cfg_scales)}: give guidance scales >= 0")
+        if not self.cfg_scales:
+            raise UnmaskError("--cfg-scales must name at least one guidance scale")
+        for w in self.cfg_scales:
+            check_number("--cfg-scales", w, ">= 0")
+        check_number("--sft-lr", self.sft_lr, "> 0")
+        check_number("lr", self.lr, "> 0")
         if not 0 < self.cfg_dropout < 1:
             raise UnmaskError(f"--cfg-dropout={self.cfg_dropout} must be in (0, 1) (the dropout-0 model is always trained)")
         if self.distractors < 1:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from unmask.config import ModelConfig, TrainConfig
-from unmask.errors import UnmaskError
+from unmask.errors import UnmaskError, check_number
 from unmask.experiments import facts as facts_mod
 from unmask.experiments.answers import answer_logprobs, complete
 from unmask.experiments.runner import RunSpec, md_table, pyplot, run_grid, seed_rows, write_outputs
@@ -55,8 +55,9 @@ class Settings:
             raise UnmaskError("--seeds must name at least one seed")
         if self.distractors < 1:
             raise UnmaskError(f"--distractors={self.distractors} must be >= 1")
-        if any(w < 0 for w in self.cfg_scales):
-            raise UnmaskError(f"--cfg-scales {list(self.cfg_scales)}: guidance scales must be >= 0")
+        for w in self.cfg_scales:
+            check_number("--cfg-scales", w, ">= 0")
+        check_number("lr", self.lr, "> 0")
 
 
 def _text_documents(chars: int) -> list[str]:

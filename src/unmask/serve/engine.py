@@ -18,7 +18,7 @@ import torch
 
 from unmask.checkpoint import checkpoint_tokenizer, load_model
 from unmask.device import pick_device
-from unmask.errors import UnmaskError
+from unmask.errors import UnmaskError, check_number
 from unmask.sampling.ar import ARConfig, ar_sample, positions_from
 from unmask.sampling.base import Conditioning, SamplerState
 from unmask.sampling.cache import CACHES
@@ -51,8 +51,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if getattr(self, f.name) <= 0:
-                raise UnmaskError(f"--{f.name.replace('_', '-')}={getattr(self, f.name)} must be positive")
+            check_number(f"--{f.name.replace('_', '-')}", getattr(self, f.name), "> 0")
 
 
 @dataclass
