@@ -27,7 +27,8 @@ def import_(
     ckpt, run = import_checkpoint(path, out, as_=as_, dtype=dtype, tokenizer=tokenizer)
     cfg = run.model
     what = "AR (causal)" if cfg.causal else f"MDM (bidirectional, MASK id {cfg.mask_id}{', logits shifted' if cfg.shift_logits else ''})"
-    typer.echo(f"{path} -> {ckpt}: {what}, {cfg.total_params() / 1e6:,.1f}M params, vocab {cfg.vocab_size}", err=True)
+    window = f", sliding window {cfg.sliding_window}" if cfg.sliding_window else ""
+    typer.echo(f"{path} -> {ckpt}: {what}, {cfg.total_params() / 1e6:,.1f}M params, vocab {cfg.vocab_size}, context {cfg.context_len}{window}", err=True)
 
 
 @app.command("export")

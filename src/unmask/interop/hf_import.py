@@ -18,6 +18,7 @@ from unmask.config import ModelConfig, RunConfig, TrainConfig
 from unmask.data.tokenizer import MASK, MASK_NAMES, Tokenizer
 from unmask.errors import UnmaskError
 from unmask.interop.layouts import Layout, detect_layout, model_config
+from unmask.interop.staging import staged
 from unmask.interop.tensors import TensorReader, write_streaming
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -30,9 +31,12 @@ def read_config(folder: Path) -> dict:
     if not file.is_file():
         raise UnmaskError(f"{folder} has no config.json; pass a folder saved with save_pretrained (config.json + *.safetensors)")
     try:
-        return json.loads(file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        config = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise UnmaskError(f"cannot read {file}: {exc}") from None
+    if not isinstance(config, dict):
+        raise UnmaskError(f"{file}: config.json must be a JSON object ({{\"architectures\": [...], ...}}), got {json.dumps(config)[:60]}")
+    return config
 
 
 def _meta_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -204,15 +208,15 @@ def import_checkpoint(
     tok = conv.tokenizer(tokenizer)
     objective = "ar" if conv.config.causal else "mdm"
     run = RunConfig(model=conv.config, train=TrainConfig(objective=objective), data_dir="", tokenizer_fingerprint=tok.fingerprint)
-    out.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out / "config.json", json.dumps(run.to_dict(), indent=2) + "\n")
-    specs = conv.specs()
+    with staged(out) as tmp:  # a failed import leaves --out as it was
+        write_text_atomic(tmp / "config.json", json.dumps(run.to_dict(), indent=2) + "\n")
+        specs = conv.specs()
 
-    def write(file: Path, metadata: dict[str, str]) -> None:
-        write_streaming(file, specs, _progress(conv.tensors(), len(specs), f"import {conv.layout.name}"), metadata)
+        def write(file: Path, metadata: dict[str, str]) -> None:
+            write_streaming(file, specs, _progress(conv.tensors(), len(specs), f"import {conv.layout.name}"), metadata)
 
-    ckpt = save_checkpoint(out, None, run, TrainerState(step=0, tokens=0), tok.to_json(), write_weights=write)
-    return ckpt, run
+        ckpt = save_checkpoint(tmp, None, run, TrainerState(step=0, tokens=0), tok.to_json(), write_weights=write)
+    return out / ckpt.relative_to(tmp), run
 
 
 def _progress(items: Iterator, total: int, desc: str) -> Iterator:
