@@ -341,6 +341,25 @@ def test_time_conditioned_step_samplers_use_the_masked_fraction(sampler, cfg_sca
         assert torch.equal(t, ((tokens == 7) & key_mask).sum(dim=1).float() / real)
 
 
+@pytest.mark.parametrize("name", ["ancestral", "first-hitting"])
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+def test_time_conditioned_chain_samplers_in_blocks_get_the_canvas_time(name, cfg_scale):
+    """With --block-len a chain covers one block and its clock restarts at 1 in each, which says
+    nothing of the rest of the canvas: the network gets the masked fraction of its input row
+    (padding excluded; the unconditional CFG half its own), as in confidence steps."""
+    from unmask.sampling.generate import SamplerSpec, make_canvas
+
+    model = time_conditioned_transformer()
+    x, cond, width = make_canvas([[1, 2, 3, 4], [5, 6]], 6, mask_id=7, pad_id=0)
+    steps = {"steps": 12} if name == "ancestral" else {}
+    spec = SamplerSpec.from_options(name, block_len=2, cfg_scale=cfg_scale, **steps)
+    out = spec.run(model, x, torch.Generator().manual_seed(0), cond, start=width)
+    assert (out.tokens[:, width:] != 7).all() and len(model.seen) == out.nfe > 3
+    for tokens, t, key_mask in model.seen:
+        real = key_mask.sum(dim=1).float()
+        assert torch.equal(t.float(), ((tokens == 7) & key_mask).sum(dim=1).float() / real)
+
+
 def test_time_conditioned_chain_samplers_use_their_chain_time():
     """Ancestral: the grid time t of the step from t to s; first-hitting: the hitting times, strictly
     decreasing in (0, 1) (their exact law is tested on a time-conditioned oracle)."""

@@ -85,18 +85,22 @@ class Conditioning:
 
     key_mask (B, L): False at padding (never attended to, never generated); positions (B, L):
     rotary positions derived from the key mask; prompt_mask (B, L): the user-given tokens that
-    the unconditional pass of classifier-free guidance replaces by MASK.
+    the unconditional pass of classifier-free guidance replaces by MASK; canvas_time: a
+    time-conditioned network gets the masked fraction of its input row even from a sampler with a
+    chain time (ancestral, first-hitting), because the sampler decodes one block of several and its
+    chain's clock, restarted at 1 in each block, says nothing of the rest of the canvas.
     """
 
     key_mask: torch.Tensor | None = None
     positions: torch.Tensor | None = None
     prompt_mask: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
+    canvas_time: bool = False
 
     def rows(self, index: torch.Tensor) -> "Conditioning":
         """The conditioning of a subset of rows."""
         pick = lambda v: None if v is None else v[index]  # noqa: E731
-        return Conditioning(pick(self.key_mask), pick(self.positions), pick(self.prompt_mask), self.extra)
+        return replace(self, key_mask=pick(self.key_mask), positions=pick(self.positions), prompt_mask=pick(self.prompt_mask))
 
 
 def start_state(model, x: torch.Tensor, eligible: torch.Tensor | None = None, cache: CanvasCache | None = None, **extra) -> SamplerState:
@@ -113,11 +117,13 @@ def predict(
     with padding masks, positions, guidance and the state's KV cache applied.
 
     One forward over the rows with a wanted position; returns (logits, called (B,) bool, cache after).
-    ``t`` (B,): the chain time a time-conditioned network is given (ancestral, first-hitting); None:
-    the masked fraction of each row's real positions (:func:`unmask.guidance.network_time`).
+    ``t`` (B,): the chain time a time-conditioned network is given (ancestral, first-hitting); None,
+    or ``cond.canvas_time``: the masked fraction of each row's real positions
+    (:func:`unmask.guidance.network_time`).
     """
     x, mask_id = state.tokens, model.config.mask_id
     cond = cond or Conditioning()
+    t = None if cond.canvas_time else t
     called = want.any(dim=1)
     if not bool(called.any()):
         return torch.empty((0, model.config.vocab_size), device=x.device), called, state.cache

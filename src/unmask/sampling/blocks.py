@@ -2,13 +2,17 @@
 
 The generation region [start, L) of the canvas [prompt ; MASK x gen_len] is split into blocks of
 ``block_len`` columns, decoded left to right; inside a block any sampler runs with the positions
-right of the block not eligible (they stay MASK and are seen as MASK). A KV cache of the canvas
+right of the block not eligible (they stay MASK and are seen as MASK); with several blocks a
+time-conditioned network gets the canvas's masked fraction (``Conditioning.canvas_time``), never a
+chain time restarted in each block. A KV cache of the canvas
 (:mod:`unmask.sampling.cache`) lives across blocks and is refreshed at each block start. With a
 stop token (EOS), a row that has produced it in a completed block leaves the working batch (its
 remaining MASKs become the stop token), so a batch does not wait for its slowest row.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -41,7 +45,7 @@ def semi_autoregressive(
     tokens = x.clone()
     active = torch.arange(b, device=x.device)  # rows still decoding
     kv = None if cache.kind == "none" else CanvasCache.create(model, x, cache, guided=bool(config.cfg_scale))
-    work_cond, steps, nfe = cond, 0, 0
+    work_cond, steps, nfe = block_conditioning(cond, gen_len // block_len), 0, 0
     row_nfe = torch.zeros(b, dtype=torch.long, device=x.device)
     cols = torch.arange(length, device=x.device)
     for b0 in range(start, length, block_len):
@@ -65,6 +69,14 @@ def semi_autoregressive(
             if active.numel() == 0:
                 break
     return SampleOutput(tokens, nfe, steps, row_nfe)
+
+
+def block_conditioning(cond: Conditioning | None, num_blocks: int) -> Conditioning | None:
+    """``cond`` for decoding ``num_blocks`` blocks: with more than one, a chain sampler's clock
+    covers a block only and the network gets the canvas's masked fraction (``canvas_time``)."""
+    if num_blocks == 1:
+        return cond
+    return replace(cond or Conditioning(), canvas_time=True)
 
 
 def leave(tokens: torch.Tensor, active: torch.Tensor, stopped: torch.Tensor, stop_token: int, mask_id: int, cond, cache):
