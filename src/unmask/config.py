@@ -160,12 +160,12 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 # Settings left unset take each objective's own best on validation at the demo budget (tiny preset,
-# 600 steps of 16 x 128 tokens; benchmarks/mdm_training_sweep.py and README "Benchmarks"): the MDM
+# 600 steps of 16 x 128 tokens; benchmarks/mdm_training_sweep.py; docs/benchmarks.md, 'MDM training settings'): the MDM
 # at a lower learning rate than the AR model, with k-DCE (the same bound, smaller loss spikes).
 OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
     "mdm": {"lr": 2e-3, "loss": "k-dce"},
     "ar": {"lr": 5e-3, "loss": "t-dce"},  # the AR model has no masking loss; recorded for completeness
-    "bd3": {"lr": 2e-3, "loss": "t-dce"},  # block diffusion: one t per block (reference section 7)
+    "bd3": {"lr": 2e-3, "loss": "t-dce"},  # block diffusion: one t per block (docs/algorithms.md, 'Block diffusion (BD3-LM)')
 }
 
 
@@ -186,7 +186,7 @@ class TrainConfig:
     """The training loop's settings. Batches hold ``batch_size * grad_accum`` sequences per step."""
 
     objective: Objective = "mdm"
-    loss: Literal["t-dce", "k-dce"] | None = None  # MDM objective (reference section 2); None: the objective's default
+    loss: Literal["t-dce", "k-dce"] | None = None  # MDM objective (docs/algorithms.md, 'MDM loss: t-DCE and k-DCE'); None: the objective's default
     schedule: Literal["linear", "cosine"] = "linear"
     low_discrepancy: bool = True
     steps: int = 1000
@@ -210,7 +210,7 @@ class TrainConfig:
     # (step, steps before) for every resume that changed ``steps``: from that step the cosine runs
     # from the LR reached there to the new end. Recorded so that the LR stays a function of the config.
     steps_changes: tuple[tuple[int, int], ...] = ()
-    # Scale (README "Training on many GPUs"): data parallelism applied from outside the model
+    # Scale (docs/training.md, 'Training on many GPUs'): data parallelism applied from outside the model
     parallel: Literal["ddp", "fsdp"] = "ddp"
     # > 0: tokens per optimizer step, whatever the number of processes; grad_accum is then derived
     # as global_batch_tokens / (context_len * processes * batch_size)
@@ -222,13 +222,13 @@ class TrainConfig:
     # (unmask.adaptation), or an MDM fine-tuned into a block model (bd3); and anneal the attention mask from causal to bidirectional over this many steps (DiffuLLaMA)
     init_from: str = ""
     anneal_steps: int = 0
-    # block diffusion (objective bd3, reference section 7): tokens per block L', and the clipped
+    # block diffusion (objective bd3; docs/algorithms.md, 'Block diffusion (BD3-LM)'): tokens per block L', and the clipped
     # range [beta, omega] of each block's time t (the mask rate, for the linear schedule)
     block_size: int = 0
     mask_rate_min: float = 0.0
     mask_rate_max: float = 1.0
     flex_attention: bool = False  # bd3: the 2L training forward through FlexAttention instead of SDPA + boolean mask
-    # supervised fine-tuning (``unmask finetune``, reference section 2): the data is a pairs folder
+    # supervised fine-tuning (``unmask finetune``; docs/algorithms.md, 'Conditional bound and fine-tuning'): the data is a pairs folder
     # (unmask.data.pairs), only responses are learned; an MDM's prompt is replaced by MASK with
     # probability cfg_dropout (0: unsupervised CFG at sampling time, as SMDM; 0.1: standard CFG)
     sft: bool = False

@@ -1,4 +1,4 @@
-"""Likelihood evaluation. Reference section 3.
+"""Likelihood evaluation. docs/algorithms.md, 'Monte Carlo estimation' and 'Exact chain rule'.
 
 MDM: Monte Carlo ELBO (an upper bound on the NLL) over K stratified draws, with its standard
 error. AR: exact NLL. Both score the same tokens: ``windows`` (N, L) of held-out text; the AR
@@ -68,7 +68,7 @@ def mc_elbo(
 ) -> LikelihoodResult:
     """Monte Carlo negative ELBO in nats/token of an MDM on windows (N, L) (or a list of such groups).
 
-    Sequence s gets the stratified times t_sj = (u_s + j/K) mod 1, j < K (reference section 3),
+    Sequence s gets the stratified times t_sj = (u_s + j/K) mod 1, j < K (docs/algorithms.md, 'Monte Carlo estimation'),
     so draw j alone is an unbiased estimate over the whole set. The reported standard error is
     std_j / sqrt(K) over those K per-draw estimates; stratification makes the draws negatively
     correlated, so this SE is conservative. ``estimator``: "t-dce"; "k-dce" masks k = ceil(t L)

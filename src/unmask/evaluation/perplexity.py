@@ -66,7 +66,7 @@ def evaluate_checkpoint(
     limit_documents: int | None = None,
     weights: str = "auto",
 ) -> dict:
-    """Likelihood of a run/checkpoint; returns the JSON-ready dict documented in the README.
+    """Likelihood of a run/checkpoint; returns the JSON-ready dict documented in docs/likelihood.md.
 
     ``data``/``split``: a prepared folder (default: the run's own data, else the embedded corpus).
     ``text``: local .txt/.jsonl files instead; ``dataset``: a named zero-shot set instead (online).
