@@ -258,6 +258,39 @@ def test_block_cache_feeds_a_finished_block_once_then_only_the_current_block():
     assert cache.written[0].tolist() == [1] * 4 + [2] * 8 + [0] * 5
 
 
+# deterministic options of every sampler: temperature 0, and first-hitting/ancestral unmasking a
+# whole block per call (k = L', one step per block), so a row's tokens cannot depend on the draws
+ALONE_OPTIONS = {
+    "first-hitting": {"k": 4, "temperature": 0.0},
+    "ancestral": {"steps": 3, "temperature": 0.0},
+    "confidence": {"steps": 9, "temperature": 0.0},
+    "threshold": {"tau": 0.3},
+}
+
+
+@pytest.mark.parametrize("cache", ["block", "none"])
+@pytest.mark.parametrize("name,context", [(name, 32) for name in ALONE_OPTIONS] + [("confidence", 16), ("first-hitting", 16)])
+def test_every_row_decodes_alone_as_in_a_batch_of_prompts_of_different_lengths(name, context, cache):
+    """Blocks follow each row's positions, not the canvas columns that left padding shifts: a
+    row's tokens and calls do not depend on the other rows' prompt lengths (context 16: beyond
+    the context, through the sliding window)."""
+    from unmask.sampling.block_diffusion import run_spec
+    from unmask.sampling.generate import SamplerSpec
+
+    model = tiny(4, seed=8, context_len=context)
+    prompts, length = [[1, 2], [4, 5, 6, 7, 8], [9], [3, 3, 3]], 10 if context == 32 else 20
+    spec = SamplerSpec.from_options(name, **ALONE_OPTIONS[name])
+    x, cond, width = make_canvas(prompts, length, model.config.mask_id, pad_id=0, separator=0)
+    assert len({len(p) % 4 for p in prompts}) > 1  # the prompts end at different offsets in a block
+    batch = run_spec(spec, model, x, torch.Generator().manual_seed(0), cond, start=width, cache=cache)
+    for row, prompt in enumerate(prompts):
+        x1, cond1, width1 = make_canvas([prompt], length, model.config.mask_id, pad_id=0, separator=0)
+        alone = run_spec(spec, model, x1, torch.Generator().manual_seed(0), cond1, start=width1, cache=cache)
+        assert torch.equal(batch.tokens[row, width:], alone.tokens[0, width1:]), row
+        assert torch.equal(batch.tokens[row, :width], x[row, :width])  # prompt and padding untouched
+        assert batch.row_nfe[row] == alone.row_nfe[0], row
+
+
 def test_rows_that_stop_leave_the_batch_and_tokens_match_until_then():
     for seed in range(30):
         model = tiny(4, seed=seed)

@@ -2,9 +2,11 @@
 
 A block model (``ModelConfig.block_causal = L'``) lets a position see its own block and earlier
 ones only, so a noisy block never influences an earlier block: once a block is decoded, its
-keys/values are final. The driver decodes the blocks of the canvas (aligned on the model's block
-grid of slots) left to right; inside a block any sampler runs (first-hitting, confidence,
-threshold, ...) with only the block eligible. With the cache (:class:`BlockCache`), every network
+keys/values are final. The driver decodes the blocks of the canvas left to right, on the model's
+block grid of each row's positions: a left-padded row is moved left by its padding for the
+decoding (its real tokens at slots = positions, the padding at the right end, hidden by the key
+mask), so a row decodes as it would alone whatever the other rows' prompt lengths. Inside a block
+any sampler runs (first-hitting, confidence, threshold, ...) with only the block eligible. With the cache (:class:`BlockCache`), every network
 call feeds the current block only, plus, at a block's first call, the blocks finished since the
 last call, whose keys/values are written then, with their final tokens, and never recomputed.
 This is exact: the tokens equal the uncached decoding (every call a full forward) for a fixed seed.
@@ -102,11 +104,38 @@ def block_spans(start: int, length: int, block_size: int) -> list[tuple[int, int
     return spans
 
 
-def _window_cond(cond: Conditioning | None, w0: int, w1: int, positions: torch.Tensor) -> Conditioning:
+def on_positions(cond: Conditioning | None, rows: int, device) -> tuple[torch.Tensor, Conditioning]:
+    """Each row's left padding (B,) (the count of slots before its first real one) and the
+    conditioning of the rows moved left by it, so that a real token's slot is its position and
+    the padding sits at the right end (still hidden by the key mask). A chain sampler's clock covers
+    one block, so the network gets the canvas's masked fraction (``canvas_time``)."""
+    if cond is None or cond.key_mask is None:
+        pad = torch.zeros(rows, dtype=torch.long, device=device)
+        return pad, replace(cond or Conditioning(), positions=None, canvas_time=True)
+    pad = cond.key_mask.long().argmax(dim=1)
+    move = lambda v: None if v is None else roll_rows(v, pad)  # noqa: E731
+    return pad, replace(cond, key_mask=move(cond.key_mask), positions=None, prompt_mask=move(cond.prompt_mask), canvas_time=True)
+
+
+def roll_rows(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    """Row b of x (B, L) rotated left by shift[b] (right by -shift[b])."""
+    cols = torch.arange(x.shape[1], device=x.device)
+    return x.gather(1, (cols[None] + shift[:, None]) % x.shape[1])
+
+
+def _window_cond(cond: Conditioning, w0: int, w1: int, rows: int, device) -> Conditioning:
+    """The conditioning of columns [w0, w1) of ``rows`` rows laid out on their positions (slot = position)."""
     pick = lambda v: None if v is None else v[:, w0:w1]  # noqa: E731
-    if cond is None:
-        return Conditioning(positions=positions)
-    return Conditioning(pick(cond.key_mask), positions if cond.positions is None else pick(cond.positions), pick(cond.prompt_mask), cond.extra)
+    positions = torch.arange(w0, w1, device=device)[None].expand(rows, -1)
+    return replace(cond, key_mask=pick(cond.key_mask), positions=positions, prompt_mask=pick(cond.prompt_mask))
+
+
+def block_steps(config, size: int, gen_len: int):
+    """The config of every block: a ``steps`` option (the total over ``gen_len`` tokens) becomes
+    steps x L' / gen_len per block, at least 1, the same for a partial block (the rest of the block
+    a prompt ends in, a shorter last block), so a row's steps do not depend on the other rows."""
+    steps = getattr(config, "steps", None)
+    return config if steps is None else replace(config, steps=max(1, round(steps * size / max(gen_len, 1))))
 
 
 @torch.no_grad()
@@ -124,10 +153,11 @@ def block_diffusion_decode(
     window: int | None = None,
 ) -> SampleOutput:
     """Decode columns [start, L) of x (B, L) block by block with ``sampler`` (its config; a
-    ``steps`` option is the total, shared over the blocks by their sizes). ``cache``: the exact
-    cache of finished blocks. ``window``: the most columns a call sees (default: the model's
-    context, whole blocks). With ``stop_token``, a row that produced it leaves the batch after
-    that block and its remaining MASKs become the stop token."""
+    ``steps`` option is the total, see :func:`block_steps`). ``cond``: left padding (its key mask)
+    and the prompt; blocks follow each row's positions, so a row decodes as it would alone.
+    ``cache``: the exact cache of finished blocks. ``window``: the most columns a call sees
+    (default: the model's context, whole blocks). With ``stop_token``, a row that produced it
+    leaves the batch after that block and its remaining MASKs become the stop token."""
     size = model.config.block_causal
     if size < 1:
         raise UnmaskError("block-diffusion decoding needs a block model (ModelConfig.block_causal > 0, `unmask train --objective bd3`)")
@@ -139,35 +169,30 @@ def block_diffusion_decode(
     if window < size:
         raise UnmaskError(f"the window of {window} columns holds no whole block of {size}")
     guided = bool(getattr(config, "cfg_scale", 0.0))
-    tokens = x.clone()
-    active = torch.arange(b, device=x.device)
-    steps_total = getattr(config, "steps", None)
-    gen_len = max(length - start, 1)
-    work_cond, steps, nfe, kv, w_prev = cond, 0, 0, None, 0
-    row_nfe = torch.zeros(b, dtype=torch.long, device=x.device)
+    pad, work_cond = on_positions(cond, b, x.device)
+    tokens = roll_rows(x, pad)
     cols = torch.arange(length, device=x.device)
-    for b0, b1 in block_spans(start, length, size):
+    region = (cols[None] >= start - pad[:, None]) & (cols[None] < length - pad[:, None])  # each row's generated columns
+    block_cfg = block_steps(config, size, length - start)
+    active = torch.arange(b, device=x.device)
+    steps, nfe, kv, w_prev = 0, 0, None, 0
+    row_nfe = torch.zeros(b, dtype=torch.long, device=x.device)
+    for b0, b1 in block_spans(int((start - pad).min()), length, size):
         w0 = max(0, -(-(b1 - window) // size) * size)  # the window's first column, on the block grid
         if kv is None and cache:
             kv = BlockCache.create(model, tokens[active][:, w0:b1], guided)
         elif kv is not None and (w0 != w_prev or kv.valid.shape[1] != b1 - w0):
             kv = kv.shifted(w0 - w_prev, b1 - w0)
         w_prev = w0
-        block_cfg = config
-        if steps_total is not None:
-            block_cfg = replace(config, steps=max(1, round(steps_total * (b1 - b0) / gen_len)))
-        view_cols = cols[w0:b1]
-        eligible = ((view_cols >= b0) & (view_cols < b1))[None].expand(active.numel(), b1 - w0)
-        view_cond = None
-        if work_cond is not None or w0 > 0:
-            view_cond = _window_cond(work_cond, w0, b1, view_cols[None].expand(active.numel(), -1))
+        eligible = region[active][:, w0:b1] & (cols[w0:b1] >= b0)
 
         def whole(s: SamplerState, done=(steps, nfe), rows=active, w=(w0, b1)) -> None:
             full = tokens.clone()
             full[rows, w[0] : w[1]] = s.tokens
-            callback(SamplerState(full, step=done[0] + s.step, nfe=done[1] + s.nfe))
+            callback(SamplerState(roll_rows(full, -pad), step=done[0] + s.step, nfe=done[1] + s.nfe))
 
-        state = sampler.run(model, tokens[active][:, w0:b1], generator, block_cfg, view_cond, whole if callback else None, eligible, kv)
+        state = sampler.run(model, tokens[active][:, w0:b1], generator, block_cfg, _window_cond(work_cond, w0, b1, active.numel(), x.device),
+                            whole if callback else None, eligible, kv)
         part = tokens[active]
         part[:, w0:b1] = state.tokens
         tokens[active] = part
@@ -175,12 +200,12 @@ def block_diffusion_decode(
         row_nfe[active] += state.row_nfe
         if stop_token is None:
             continue
-        stopped = (tokens[active][:, start:b1] == stop_token).any(dim=1)
+        stopped = ((tokens[active] == stop_token) & region[active] & (cols < b1)).any(dim=1)
         if bool(stopped.any()):
             active, work_cond, kv = leave(tokens, active, stopped, stop_token, model.config.mask_id, work_cond, kv)
             if active.numel() == 0:
                 break
-    return SampleOutput(tokens, nfe, steps, row_nfe)
+    return SampleOutput(roll_rows(tokens, -pad), nfe, steps, row_nfe)
 
 
 def run_spec(spec, model, x: torch.Tensor, generator: torch.Generator, cond: Conditioning | None = None,
