@@ -10,6 +10,11 @@ published tensor names, compared with an independent reference built from ``tran
 from __future__ import annotations
 
 import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +32,19 @@ from unmask.sampling.ar import ARConfig, ar_sample  # noqa: E402
 
 V = 96
 TOL = dict(atol=2e-5, rtol=1e-4)
+UNMASK = str(Path(sys.executable).with_name("unmask"))  # the installed console script
+
+
+def unmask(*args) -> subprocess.CompletedProcess:
+    """Run the ``unmask`` command as a user does."""
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run([UNMASK, *map(str, args)], capture_output=True, text=True, timeout=300, env=env)
+
+
+def refused(proc: subprocess.CompletedProcess) -> str:
+    """The one-line error of a refused command (exit status 2, no traceback)."""
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    return proc.stderr
 
 
 def word_tokenizer(n: int, specials: dict[int, str] | None = None) -> HFTokenizer:
@@ -75,7 +93,12 @@ CAUSAL_CASES = {
         ),
     ),
     "qwen2-bias": lambda: random_hf(transformers.Qwen2ForCausalLM, small(transformers.Qwen2Config, num_key_value_heads=2, tie_word_embeddings=False)),
-    "mistral": lambda: random_hf(transformers.MistralForCausalLM, small(transformers.MistralConfig, num_key_value_heads=1, sliding_window=32)),
+    # a window shorter than the inputs below: attention past it must be Mistral's
+    "mistral": lambda: random_hf(transformers.MistralForCausalLM, small(transformers.MistralConfig, num_key_value_heads=1, sliding_window=5)),
+    "qwen2-window": lambda: random_hf(
+        transformers.Qwen2ForCausalLM,
+        small(transformers.Qwen2Config, num_key_value_heads=2, use_sliding_window=True, sliding_window=6, max_window_layers=0),
+    ),
 }
 
 
@@ -155,12 +178,7 @@ def test_export_mdm_round_trip_and_records_bidirectional(tmp_path):
     assert run.model == cfg
     for k, v in model.state_dict().items():
         assert torch.equal(again.state_dict()[k], v), k
-    # what transformers computes from the exported folder is the LLaMA network with full attention
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
-    x = tokens(vocab=tok.vocab_size)
-    x[:, 3] = cfg.mask_id
-    with torch.no_grad():
-        torch.testing.assert_close(bidirectional(hf, x)[..., : cfg.vocab_size], model(x), **TOL)
+    assert meta["model_type"] == "unmask_mdm"  # transformers runs it with the folder's code (tests below)
 
 
 # ---- LLaDA and Dream layouts: synthetic folders with the published tensor names --------------------
@@ -359,3 +377,246 @@ def test_import_streams_one_tensor_at_a_time(tmp_path, monkeypatch):
     folder = save_hf(CAUSAL_CASES["qwen2-bias"](), tmp_path / "hf", word_tokenizer(V))
     import_checkpoint(folder, tmp_path / "run")
     assert (seen["count"], seen["peak"]) == (1 + 2 * 7 + 1 + 1, 1)  # embed, 7 per layer, norm, head; only the last one alive
+
+
+# ---- sliding windows: attention, not a shorter context ----------------------------------------------
+
+
+def test_mistral_sliding_window_is_attention_not_a_shorter_context(tmp_path):
+    hf = random_hf(transformers.MistralForCausalLM, small(transformers.MistralConfig, num_key_value_heads=2, sliding_window=16))
+    proc = unmask("import", save_hf(hf, tmp_path / "hf", word_tokenizer(V)), "--out", tmp_path / "run")
+    assert proc.returncode == 0, proc.stderr
+    assert "context 64, sliding window 16" in proc.stderr
+    model, run = load_model(tmp_path / "run")
+    assert (run.model.context_len, run.model.sliding_window) == (64, 16)
+    x = tokens(l=64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, **TOL)
+        prompt = tokens(1, 8, seed=3)  # decoded with the KV cache, 16 positions past the window
+        ours = ar_sample(model, prompt, torch.Generator(), ARConfig(max_new_tokens=24, temperature=0.0)).tokens
+        theirs = hf.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(ours, theirs)
+    with pytest.raises(UnmaskError, match="65 positions.*context_len=64"):
+        model(tokens(l=65))
+
+
+def test_layers_that_mix_full_and_window_attention_are_refused(tmp_path):
+    folder = save_hf(CAUSAL_CASES["qwen2-window"](), tmp_path / "hf", word_tokenizer(V))
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "max_window_layers": 1, "layer_types": ["full_attention", "sliding_attention"]}))
+    assert "layer_types" in refused(unmask("import", folder, "--out", tmp_path / "run"))
+    config.pop("layer_types")  # the older form: layers from max_window_layers on use the window
+    (folder / "config.json").write_text(json.dumps({**config, "max_window_layers": 1}))
+    assert "max_window_layers" in refused(unmask("import", folder, "--out", tmp_path / "run"))
+    (folder / "config.json").write_text(json.dumps({**config, "use_sliding_window": False, "max_window_layers": 1}))
+    assert Conversion(folder).config.sliding_window == 0
+
+
+def test_mistral_as_mdm_has_a_symmetric_window(tmp_path):
+    hf = CAUSAL_CASES["mistral"]()  # window 5: an MDM query sees keys at most 4 positions away on either side
+    import_checkpoint(save_hf(hf, tmp_path / "hf", word_tokenizer(V)), tmp_path / "run", as_="mdm")
+    model, run = load_model(tmp_path / "run")
+    assert (run.model.causal, run.model.sliding_window) == (False, 5)
+    x = tokens(l=20)
+    x[:, 6] = run.model.mask_id
+    i = torch.arange(20)
+    near = ((i[:, None] - i[None, :]).abs() < 5).expand(2, 1, 20, 20)
+    emb = hf.get_input_embeddings()
+    with torch.no_grad():  # transformers' Mistral given that mask, MASK's input row appended to its embedding
+        hf.set_input_embeddings(torch.nn.Embedding.from_pretrained(torch.cat([emb.weight, model.embed.weight[V:]])))
+        torch.testing.assert_close(model(x), hf(x, attention_mask=near).logits, **TOL)
+
+
+@pytest.mark.parametrize("case,cls", [("mistral", "MistralForCausalLM"), ("qwen2-window", "Qwen2ForCausalLM")])
+def test_export_windowed_ar_run_keeps_the_window(tmp_path, case, cls):
+    hf = CAUSAL_CASES[case]()
+    import_checkpoint(save_hf(hf, tmp_path / "hf", word_tokenizer(V)), tmp_path / "run")
+    proc = unmask("export", tmp_path / "run", "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    assert type(back).__name__ == cls
+    model, _ = load_model(tmp_path / "run")
+    x = tokens(l=24)
+    with torch.no_grad():
+        torch.testing.assert_close(back(x).logits, model(x), **TOL)
+        torch.testing.assert_close(back(x).logits, hf(x).logits, **TOL)
+
+
+# ---- malformed folders and failed imports ------------------------------------------------------------
+
+
+def test_malformed_config_json_is_refused_by_name(tmp_path):
+    folder = save_hf(CAUSAL_CASES["qwen2-bias"](), tmp_path / "hf", word_tokenizer(V))
+    good = {k: v for k, v in json.loads((folder / "config.json").read_text()).items() if k != "rope_parameters"}
+    cases = {
+        "[1, 2]": "config.json must be a JSON object",
+        json.dumps({**good, "rope_theta": None}): "rope_theta",
+        json.dumps({**good, "num_hidden_layers": "two"}): "num_hidden_layers",
+        json.dumps({**good, "rope_scaling": "llama3"}): "rope_scaling",
+    }
+    for text, named in cases.items():
+        (folder / "config.json").write_text(text)
+        assert named in refused(unmask("import", folder, "--out", tmp_path / "run"))
+        assert not (tmp_path / "run").exists()
+    (folder / "config.json").write_text("[1, 2]")
+    err = refused(unmask("train", "--run-dir", tmp_path / "t", "--init-from", folder, "--data", tmp_path / "nodata", "--steps", "1"))
+    assert "config.json must be a JSON object" in err
+
+
+def test_failed_import_leaves_nothing_in_out(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = save_hf(CAUSAL_CASES["qwen2-bias"](), tmp_path / "hf", word_tokenizer(V))
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"].to(torch.int32)  # e.g. a quantized tensor
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    assert "model.norm.weight" in refused(unmask("import", folder, "--out", tmp_path / "new" / "run"))
+    assert not (tmp_path / "new").exists() or not any((tmp_path / "new").iterdir())
+    (tmp_path / "mine").mkdir()  # an existing --out that holds no run is still written into, and kept on failure
+    (tmp_path / "mine" / "notes.txt").write_text("kept")
+    refused(unmask("import", folder, "--out", tmp_path / "mine"))
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["notes.txt"]
+    save_hf(CAUSAL_CASES["qwen2-bias"](), tmp_path / "hf", word_tokenizer(V))
+    assert unmask("import", folder, "--out", tmp_path / "mine").returncode == 0
+    assert sorted(p.name for p in (tmp_path / "mine").iterdir()) == ["checkpoints", "config.json", "notes.txt"]
+    assert "already holds a run" in refused(unmask("import", folder, "--out", tmp_path / "mine"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "mine"] + (["new"] if (tmp_path / "new").exists() else [])
+
+
+def test_import_interrupted_mid_write_leaves_nothing(tmp_path, monkeypatch):
+    import unmask.interop.hf_import as hf_import
+
+    real = hf_import.write_streaming
+
+    def full_disk(items):
+        for n, item in enumerate(items):
+            if n == 5:
+                raise OSError(28, "No space left on device")
+            yield item
+
+    monkeypatch.setattr(hf_import, "write_streaming", lambda path, specs, items, meta: real(path, specs, full_disk(items), meta))
+    folder = save_hf(CAUSAL_CASES["qwen2-bias"](), tmp_path / "hf", word_tokenizer(V))
+    with pytest.raises(OSError, match="No space"):
+        import_checkpoint(folder, tmp_path / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+
+
+# ---- exported MDMs load in transformers as bidirectional models (custom code), never as causal ones ----
+
+
+def trained_layout_mdm(tmp_path):
+    """A run in the trained layout: MASK an extra input row, q/k/v biases, grouped-query attention."""
+    from unmask.checkpoint import TrainerState, save_checkpoint
+    from unmask.config import ModelConfig, RunConfig, TrainConfig
+
+    cfg = ModelConfig(vocab_size=V, context_len=32, n_layer=2, n_head=4, n_embd=32, qkv_bias=True, n_kv_head=2)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))  # norms and biases away from 1 and 0
+    save_checkpoint(tmp_path / "run", model, RunConfig(model=cfg, train=TrainConfig(objective="mdm")), TrainerState(0, 0), word_tokenizer(V).to_str())
+    return tmp_path / "run"
+
+
+def dream_run(tmp_path):
+    import_checkpoint(dream_folder(tmp_path)[0], tmp_path / "run")
+    return tmp_path / "run"
+
+
+def windowed_mdm_run(tmp_path):
+    import_checkpoint(save_hf(CAUSAL_CASES["mistral"](), tmp_path / "hf", word_tokenizer(V)), tmp_path / "run", as_="mdm")
+    return tmp_path / "run"
+
+
+MDM_RUNS = {"trained-layout": trained_layout_mdm, "dream-shift-mask-inside": dream_run, "mistral-window": windowed_mdm_run}
+
+
+@pytest.mark.parametrize("case", sorted(MDM_RUNS))
+def test_exported_mdm_loads_bidirectional_with_remote_code(tmp_path, case):
+    run = MDM_RUNS[case](tmp_path)
+    proc = unmask("export", run, "--out", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr
+    model, cfg = load_model(run)
+    cfg = cfg.model
+    hf = transformers.AutoModel.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    x = tokens(l=16)
+    x[:, 3:6] = cfg.mask_id
+    pad = torch.ones_like(x, dtype=torch.bool)
+    pad[1, :4] = False  # a padded row: no query attends to the padding
+    with torch.no_grad():
+        ours, theirs = model(x, key_mask=pad), hf(x, attention_mask=pad.long()).logits
+    keep = torch.arange(cfg.vocab_size) != cfg.mask_id
+    torch.testing.assert_close(theirs[..., : cfg.vocab_size][..., keep], ours[..., keep], **TOL)
+    assert (theirs[..., cfg.mask_id] == float("-inf")).all()  # MASK is never predicted
+    assert theirs.shape[-1] == cfg.embed_rows
+    with torch.no_grad():  # without padding, an all-ones mask and no mask agree
+        torch.testing.assert_close(hf(x).logits, hf(x, attention_mask=torch.ones_like(x)).logits)
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def test_exported_mdm_is_never_loaded_as_a_causal_model(tmp_path):
+    run = trained_layout_mdm(tmp_path)
+    assert unmask("export", run, "--out", tmp_path / "out").returncode == 0
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    records = Records()
+    logging.getLogger("transformers").addHandler(records)
+    try:
+        transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    finally:
+        logging.getLogger("transformers").removeHandler(records)
+    assert any("unmask_mdm" in m for m in records.messages), records.messages
+
+
+# ---- exported folders carry their tokenizer and generation settings ---------------------------------
+
+
+def counting_ar_run(tmp_path):
+    """An AR run that surely emits EOS: with zero attention/MLP outputs and a one-hot embedding, the
+    next token is a function of the current one: w1 -> w2 -> ... -> w10 -> EOS (id 0)."""
+    from unmask.checkpoint import TrainerState, save_checkpoint
+    from unmask.config import ModelConfig, RunConfig, TrainConfig
+
+    cfg = ModelConfig(vocab_size=V, context_len=64, n_layer=1, n_head=4, n_embd=128, causal=True)
+    model = Transformer(cfg)
+    nxt = [i + 1 for i in range(V)]
+    nxt[10], nxt[V - 1] = 0, 1
+    with torch.no_grad():
+        model.embed.weight.copy_(torch.eye(V + 1, 128))
+        model.blocks[0].attn.proj.weight.zero_()
+        model.blocks[0].mlp.down.weight.zero_()
+        model.head.weight.zero_()
+        model.head.weight[nxt, torch.arange(V)] = 1.0
+    save_checkpoint(tmp_path / "run", model, RunConfig(model=cfg, train=TrainConfig(objective="ar")), TrainerState(0, 0), word_tokenizer(V).to_str())
+    return tmp_path / "run", model
+
+
+def test_exported_ar_run_generates_until_eos_in_transformers(tmp_path):
+    run, model = counting_ar_run(tmp_path)
+    assert unmask("export", run, "--out", tmp_path / "out").returncode == 0
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert (tok.eos_token, tok.eos_token_id, tok.pad_token_id) == ("<|endoftext|>", 0, 0)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    prompt = tok("w3", return_tensors="pt")["input_ids"]
+    assert prompt.tolist() == [[3]]
+    with torch.no_grad():
+        ours = ar_sample(model, prompt, torch.Generator(), ARConfig(max_new_tokens=8, temperature=0.0)).tokens
+        out = hf.generate(prompt, max_new_tokens=20, do_sample=False)  # EOS and padding from generation_config.json
+    assert out[0].tolist() == ours[0].tolist() == [3, 4, 5, 6, 7, 8, 9, 10, 0]
+    assert tok.decode(out[0], skip_special_tokens=True) == "w3 w4 w5 w6 w7 w8 w9 w10"
+
+
+def test_exported_mdm_tokenizer_names_mask(tmp_path):
+    assert unmask("export", trained_layout_mdm(tmp_path), "--out", tmp_path / "out").returncode == 0
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert (tok.eos_token_id, tok.pad_token_id, tok.mask_token, tok.mask_token_id) == (0, 0, "<|mask|>", V)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["mask_token_id"] == V

@@ -1,17 +1,20 @@
-"""Export a run as a LLaMA-layout folder (``config.json``, ``model.safetensors``, ``tokenizer.json``).
+"""Export a run as a LLaMA-layout folder that ``transformers`` loads.
 
-An AR run becomes a ``LlamaForCausalLM`` that ``transformers`` loads natively (same logits). An
-MDM run is written in the same layout, but its network is bidirectional: ``transformers`` would
-run it causally, so its ``config.json`` says so under ``"unmask"`` (objective, MASK id, logit shift,
-the exact ModelConfig) and names the way back in: ``unmask import DIR --out RUN``. An MDM whose
-MASK is an extra input row gets ``vocab_size + 1`` embedding rows and a zero head row for MASK
-(the layout needs equal sizes); the import drops that row again.
+The folder holds ``config.json``, ``model.safetensors``, ``tokenizer.json`` with
+``tokenizer_config.json`` and ``special_tokens_map.json`` (EOS, padding, an MDM's MASK) and
+``generation_config.json`` (``generate()`` stops at EOS). An AR run becomes a ``LlamaForCausalLM``
+(with a sliding window: ``MistralForCausalLM``, or ``Qwen2ForCausalLM`` with q/k/v biases) that
+``transformers`` loads natively with the same logits. An MDM is published as LLaDA and Dream are,
+with its own code: ``model_type`` ``unmask_mdm``, which ``transformers`` loads only with
+``trust_remote_code=True`` (``modeling_unmask.py``, a bidirectional LLaMA), never as a causal
+model. Its MASK, when an extra input row, gets row ``vocab_size`` of the embedding and a zero head
+row (the layout needs equal sizes). ``config.json`` also records the exact ModelConfig under
+``"unmask"``, so ``unmask import`` of the folder restores the run exactly.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -20,19 +23,47 @@ import torch
 
 from unmask.checkpoint import checkpoint_tokenizer, resolve_checkpoint
 from unmask.config import ModelConfig, RunConfig
+from unmask.data.tokenizer import Tokenizer
 from unmask.errors import UnmaskError
 from unmask.interop.hf_import import DTYPES, _progress
+from unmask.interop.layouts import MDM_ARCHITECTURE, MDM_MODEL_TYPE
+from unmask.interop.staging import staged
 from unmask.interop.tensors import DTYPE_NAMES, TensorReader, write_streaming
 
 _TORCH_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+MODELING = Path(__file__).with_name("modeling_unmask.py")  # an MDM's code, copied into its folder
+
+
+def architecture(cfg: ModelConfig) -> tuple[str, str]:
+    """(class, model_type) that ``transformers`` runs the network as."""
+    if not cfg.causal:
+        return MDM_ARCHITECTURE, MDM_MODEL_TYPE
+    if not cfg.sliding_window:
+        return "LlamaForCausalLM", "llama"
+    return ("Qwen2ForCausalLM", "qwen2") if cfg.qkv_bias else ("MistralForCausalLM", "mistral")
+
+
+def _output_bias(cfg: ModelConfig) -> bool:
+    """LLaMA's ``attention_bias`` also biases the output projection: written as zeros (Qwen2 has none)."""
+    return cfg.qkv_bias and architecture(cfg)[1] != "qwen2"
+
+
+def _window_fields(cfg: ModelConfig) -> dict:
+    kind = architecture(cfg)[1]
+    if kind == "qwen2":  # every layer windowed
+        return {"use_sliding_window": True, "sliding_window": cfg.sliding_window, "max_window_layers": 0}
+    if kind in ("mistral", MDM_MODEL_TYPE):
+        return {"sliding_window": cfg.sliding_window or None}
+    return {}
 
 
 def hf_config(cfg: ModelConfig, dtype: torch.dtype, eos_id: int, pad_id: int, objective: str) -> dict:
-    """The ``LlamaForCausalLM`` config.json of a model."""
+    """The ``config.json`` of a model (see :func:`architecture`)."""
     mdm = objective == "mdm"
+    cls, kind = architecture(cfg)
     out = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [cls],
+        "model_type": kind,
         "vocab_size": cfg.embed_rows if mdm else cfg.vocab_size,
         "hidden_size": cfg.n_embd,
         "intermediate_size": cfg.ffn_dim,
@@ -44,15 +75,16 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype, eos_id: int, pad_id: int, ob
         "max_position_embeddings": cfg.context_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,
-        "rope_scaling": None,
         "attention_bias": cfg.qkv_bias,  # LLaMA's flag also adds an output bias: exported as zeros
         "mlp_bias": False,
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std,
+        "bos_token_id": eos_id,  # unmask starts a text after EOS
         "eos_token_id": eos_id,
         "pad_token_id": pad_id,
         "torch_dtype": _TORCH_NAMES[dtype],
         "use_cache": not mdm,
+        **_window_fields(cfg),
     }
     if cfg.rope_scaling == "llama3":
         out["rope_scaling"] = {
@@ -62,20 +94,37 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype, eos_id: int, pad_id: int, ob
             "high_freq_factor": cfg.rope_high_freq_factor,
             "original_max_position_embeddings": cfg.rope_original_context,
         }
+    if mdm:
+        module = MODELING.stem
+        out["auto_map"] = {
+            "AutoConfig": f"{module}.UnmaskConfig",
+            "AutoModel": f"{module}.{MDM_ARCHITECTURE}",
+            "AutoModelForMaskedLM": f"{module}.{MDM_ARCHITECTURE}",
+        }
+        out |= {"mask_token_id": cfg.mask_id, "shift_logits": cfg.shift_logits}
     out["unmask"] = {
         "objective": objective,
         "bidirectional": not cfg.causal,
         "mask_token_id": cfg.mask_id if mdm else None,
         "shift_logits": cfg.shift_logits,
         "model": cfg.to_dict(),
-        "load_with": "unmask import THIS_FOLDER --out RUN" + ("" if mdm else "   (or transformers AutoModelForCausalLM)"),
+        "load_with": "unmask import THIS_FOLDER --out RUN, or transformers "
+        + ("AutoModel.from_pretrained(THIS_FOLDER, trust_remote_code=True) (bidirectional)" if mdm else "AutoModelForCausalLM"),
     }
-    if mdm:
-        out["unmask"]["warning"] = (
-            "a masked diffusion model: attention is bidirectional, which LlamaForCausalLM does not do; "
-            "load it with unmask, or pass a full (non-causal) attention mask yourself"
-        )
     return out
+
+
+def tokenizer_files(tok: Tokenizer, context: int, mdm: bool) -> dict[str, dict]:
+    """``tokenizer_config.json``, ``special_tokens_map.json`` and ``generation_config.json``: the
+    special tokens ``transformers`` reads (EOS, padding, an MDM's MASK) and that ``generate()`` stops at EOS."""
+    special = {"bos_token": tok.hf.id_to_token(tok.eos_id), "eos_token": tok.hf.id_to_token(tok.eos_id), "pad_token": tok.hf.id_to_token(tok.pad_id)}
+    if mdm:
+        special["mask_token"] = tok.hf.id_to_token(tok.mask_id)
+    return {
+        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", **special, "model_max_length": context, "clean_up_tokenization_spaces": False},
+        "special_tokens_map.json": special,
+        "generation_config.json": {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id},
+    }
 
 
 def _tensors(cfg: ModelConfig, reader: TensorReader, mdm: bool, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
@@ -99,7 +148,7 @@ def _tensors(cfg: ModelConfig, reader: TensorReader, mdm: bool, dtype: torch.dty
             for name, part in zip("qkv", bias.split([q_rows, kv_rows, kv_rows])):
                 yield o + f"self_attn.{name}_proj.bias", part.contiguous()
         yield o + "self_attn.o_proj.weight", get(p + "attn.proj.weight")
-        if cfg.qkv_bias:
+        if _output_bias(cfg):
             yield o + "self_attn.o_proj.bias", torch.zeros(cfg.n_embd, dtype=dtype)
         yield o + "post_attention_layernorm.weight", get(p + "mlp_norm.weight")
         gate, up = get(p + "mlp.gate_up.weight").split([f, f])
@@ -125,7 +174,7 @@ def _specs(cfg: ModelConfig, mdm: bool, dtype: torch.dtype) -> list[tuple[str, t
         if cfg.qkv_bias:
             specs += [(o + f"self_attn.{n}_proj.bias", (h * hd,)) for n, h in (("q", cfg.n_head), ("k", cfg.kv_heads), ("v", cfg.kv_heads))]
         specs += [(o + "self_attn.o_proj.weight", (d, d))]
-        if cfg.qkv_bias:
+        if _output_bias(cfg):
             specs += [(o + "self_attn.o_proj.bias", (d,))]
         specs += [(o + "post_attention_layernorm.weight", (d,)), (o + "mlp.gate_proj.weight", (f, d)), (o + "mlp.up_proj.weight", (f, d))]
         specs += [(o + "mlp.down_proj.weight", (d, f))]
@@ -141,7 +190,7 @@ def export_run(run: str | Path, out: str | Path, dtype: str | None = None) -> Pa
 
     ckpt = resolve_checkpoint(run)
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()):
         raise UnmaskError(f"--out {out} exists and is not empty; choose a new folder")
     if dtype is not None and dtype not in DTYPES:
         raise UnmaskError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)} (or leave it out to keep the run's)")
@@ -159,15 +208,13 @@ def export_run(run: str | Path, out: str | Path, dtype: str | None = None) -> Pa
     mdm = not cfg.causal
     tok = checkpoint_tokenizer(ckpt)
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     specs = _specs(cfg, mdm, cast)
-    write_streaming(tmp / "model.safetensors", specs, _progress(_tensors(cfg, reader, mdm, cast), len(specs), "export"), {"format": "pt"})
-    config = hf_config(cfg, cast, tok.eos_id, tok.pad_id, "mdm" if mdm else "ar")
-    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    (tmp / "tokenizer.json").write_text(tok.to_json(), encoding="utf-8")
-    if out.exists():
-        out.rmdir()  # empty, checked above
-    os.rename(tmp, out)
+    files = {"config.json": hf_config(cfg, cast, tok.eos_id, tok.pad_id, "mdm" if mdm else "ar"), **tokenizer_files(tok, cfg.context_len, mdm)}
+    with staged(out) as tmp:  # a failed export leaves --out as it was
+        write_streaming(tmp / "model.safetensors", specs, _progress(_tensors(cfg, reader, mdm, cast), len(specs), "export"), {"format": "pt"})
+        for name, content in files.items():
+            (tmp / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
+        (tmp / "tokenizer.json").write_text(tok.to_json(), encoding="utf-8")
+        if mdm:
+            shutil.copyfile(MODELING, tmp / MODELING.name)
     return out
