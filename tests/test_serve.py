@@ -4,7 +4,10 @@ a client goes away, the official openai client, and a bounded load test."""
 
 import asyncio
 import json
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -12,71 +15,9 @@ import torch
 pytest.importorskip("fastapi", reason="the server needs the [serve] extra")
 httpx = pytest.importorskip("httpx")
 
-from unmask import ModelConfig, TrainConfig, train  # noqa: E402
-from unmask.serve.app import create_app  # noqa: E402
+from serving import LIMITS, ar, complete, events, mdm, model_id, post, post_raw, runs, served, statuses_documented  # noqa: E402,F401
 from unmask.serve.engine import Engine, Limits  # noqa: E402
 from unmask.serve.load import load_test, summary  # noqa: E402
-from unmask.serve.run import serve_in_background  # noqa: E402
-
-LIMITS = Limits(max_tokens=48, max_n=4, max_prompts=4, max_steps=64, max_active=8, max_queue=32, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, small_data):
-    """A tiny MDM and AR checkpoint (a few training steps: the tests need a network, not a good one)."""
-    root = tmp_path_factory.mktemp("serve_runs")
-    for objective in ("mdm", "ar"):
-        cfg = ModelConfig.from_name("tiny", context_len=64, vocab_size=512, causal=objective == "ar")
-        train(root / objective, cfg, TrainConfig(objective=objective, steps=2, batch_size=4, eval_every=2, checkpoint_every=2),
-              small_data, progress=False)
-    return root
-
-
-@pytest.fixture(scope="module")
-def mdm(runs):
-    engine = Engine(runs / "mdm", "cpu", LIMITS)
-    with serve_in_background(create_app(engine)) as url:
-        yield url
-
-
-@pytest.fixture(scope="module")
-def ar(runs):
-    engine = Engine(runs / "ar", "cpu", LIMITS)
-    with serve_in_background(create_app(engine)) as url:
-        yield url
-
-
-def post(url, body, path="/v1/completions"):
-    return httpx.post(url + path, json=body, timeout=60)
-
-
-def complete(url, **body):
-    res = post(url, {"model": model_id(url), **body})
-    assert res.status_code == 200, res.text
-    return res.json()
-
-
-def model_id(url):
-    return httpx.get(url + "/v1/models").json()["data"][0]["id"]
-
-
-def events(url, body, path="/v1/completions"):
-    """The server-sent events of a streamed request: [(event name or None, parsed data or '[DONE]')]."""
-    out = []
-    with httpx.stream("POST", url + path, json={"model": model_id(url), **body}, timeout=60) as res:
-        assert res.status_code == 200
-        assert res.headers["content-type"].startswith("text/event-stream")
-        for block in res.read().decode().split("\n\n"):
-            if not block.strip():
-                continue
-            name, data = None, ""
-            for line in block.split("\n"):
-                if line.startswith("event: "):
-                    name = line[7:]
-                elif line.startswith("data: "):
-                    data += line[6:]
-            out.append((name, data if data == "[DONE]" else json.loads(data)))
-    return out
 
 
 def test_models_health_and_page(mdm):
@@ -234,12 +175,77 @@ def test_concurrent_requests_equal_one_at_a_time(request, server, requests):
     ({"prompt": ["a"] * 5}, 400, "prompt"),
     ({"prompt": 5}, 400, "prompt"),
     ({"model": "gpt-4", "prompt": "x"}, 404, "model"),
+    # text the tokenizer cannot take: lone surrogates (valid JSON escapes, not Unicode text) and NUL
+    ({"prompt": "a\ud800"}, 400, "prompt"),
+    ({"prompt": ["fine", "b\udfff c"]}, 400, "prompt"),
+    ({"prompt": "a\u0000b"}, 400, "prompt"),
+    ({"prompt": "To be [MASK:2] \ud83d", "infill": True}, 400, "prompt"),
+    ({"prompt": "x", "stop": ["\ud800"]}, 400, "stop"),
+    ({"prompt": "x", "user": "\x00"}, 400, "user"),
+    # stop strings cut a continuation; an infilled template has none
+    ({"prompt": "To be [MASK:2] not.", "infill": True, "stop": ["x"]}, 400, "stop"),
+    # strict types, as the OpenAI API: no strings, booleans or floats for integers, no strings for booleans
+    ({"prompt": "x", "max_tokens": "4"}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": True}, 400, "max_tokens"),
+    ({"prompt": "x", "max_tokens": 4.0}, 400, "max_tokens"),
+    ({"prompt": "x", "n": "1"}, 400, "n"),
+    ({"prompt": "x", "seed": 1.5}, 400, "seed"),
+    ({"prompt": "x", "stream": "yes"}, 400, "stream"),
+    ({"prompt": "x", "stream": 1}, 400, "stream"),
+    ({"prompt": "x", "infill": "false"}, 400, "infill"),
+    ({"prompt": "x", "temperature": "0.5"}, 400, "temperature"),
+    ({"prompt": "x", "temperature": True}, 400, "temperature"),
 ])
 def test_bad_input_is_a_4xx_naming_the_field(mdm, body, status, param):
-    res = post(mdm, {"model": "mdm", **body})
+    res = post_raw(mdm, json.dumps({"model": "mdm", **body}).encode())
     assert res.status_code == status, res.text
     err = res.json()["error"]
-    assert err["param"] == param and err["message"] and err["type"]
+    assert err["param"] == param and param in err["message"] and err["type"], err
+
+
+@pytest.mark.parametrize("message", [{"role": "user", "content": "a\ud800"}, {"role": "user", "content": "\u0000"},
+                                     {"role": "user", "content": [{"type": "text", "text": "\udc00"}]}])
+def test_bad_chat_text_is_a_400_naming_messages(mdm, message):
+    res = post_raw(mdm, json.dumps({"model": "mdm", "messages": [message]}).encode(), "/v1/chat/completions")
+    assert res.status_code == 400, res.text
+    err = res.json()["error"]
+    assert err["param"] == "messages" and "messages.0.content" in err["message"], err
+
+
+def test_temperature_may_be_an_integer(mdm):
+    """JSON has one number type: 1 is a valid float, as in the OpenAI API."""
+    assert complete(mdm, prompt="x", max_tokens=4, temperature=1, top_p=1)["choices"]
+
+
+@pytest.mark.parametrize("server,room", [("mdm", 64), ("ar", 65)])
+def test_context_error_counts_the_prompt_and_its_separator_once(request, runs, server, room):
+    """A canvas is [separator; prompt; max_tokens new]: it must fit the context (an AR model never
+    feeds its last new token back, so it takes one position more)."""
+    from unmask.checkpoint import checkpoint_tokenizer
+
+    url = request.getfixturevalue(server)
+    prompt = "ROMEO. Good morrow, cousin."
+    tokens = len(checkpoint_tokenizer(runs / server).encode(prompt))
+    fits = room - 1 - tokens
+    assert complete(url, prompt=prompt, max_tokens=fits)["choices"]
+    res = post(url, {"model": server, "prompt": prompt, "max_tokens": fits + 1})
+    assert res.status_code == 400 and res.json()["error"]["param"] == "max_tokens"
+    message = res.json()["error"]["message"]
+    assert f"prompt of {tokens} tokens + 1 separator + max_tokens {fits + 1} = {room + 1} positions" in message, message
+    assert f"at most {room}" in message, message
+
+
+def test_infill_context_error_counts_the_template_and_its_separator_once(mdm, runs):
+    from unmask.checkpoint import checkpoint_tokenizer
+    from unmask.sampling.generate import infill_ids
+
+    template = "ROMEO. Good morrow, cousin. [MASK:30] my love, [MASK:10] the night. JULIET. Good night, good night."
+    tokens = len(infill_ids(template, checkpoint_tokenizer(runs / "mdm")))
+    assert tokens + 1 > 64 and template.count("MASK") == 2  # 40 blanks: within the server's max_tokens
+    res = post(mdm, {"model": "mdm", "prompt": template, "infill": True})
+    assert res.status_code == 400 and res.json()["error"]["param"] == "prompt"
+    message = res.json()["error"]["message"]
+    assert f"template of {tokens} tokens + 1 separator = {tokens + 1} positions" in message, message
 
 
 @pytest.mark.parametrize("body,param", [({"block_length": 4}, "block_length"), ({"sampler": "confidence"}, "sampler"),
@@ -250,10 +256,72 @@ def test_mdm_fields_are_refused_on_an_ar_checkpoint(ar, body, param):
 
 
 def test_malformed_bodies(mdm):
-    for raw in (b'{"model": "mdm",', b"[1, 2]", b"", b'"text"'):
-        res = httpx.post(mdm + "/v1/completions", content=raw, headers={"content-type": "application/json"})
+    for raw in (b'{"model": "mdm",', b"[1, 2]", b"", b'"text"', b'{"model": "mdm", "prompt": "a\x00"}'):
+        res = post_raw(mdm, raw)
         assert res.status_code == 400 and "error" in res.json(), raw
     assert httpx.get(mdm + "/v1/nothing").json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("raw", [b'{"model": "mdm", "prompt": "a\xff"}', b'{"model": "mdm", "prompt": "\xed\xa0\x80"}',
+                                 b'{"model": "mdm", "prompt": "\xc3"}', b"\xfe\xff"])
+def test_a_body_that_is_not_utf8_is_a_400(mdm, raw):
+    res = post_raw(mdm, raw)
+    assert res.status_code == 400, res.text
+    assert "UTF-8" in res.json()["error"]["message"]
+
+
+def test_a_body_over_the_limit_is_a_413_before_it_is_parsed(mdm):
+    """Malformed JSON over the limit gets 413, not 400: the body is measured, not parsed, whether its
+    size is declared (Content-Length) or only counted as it arrives (chunked)."""
+    limit = LIMITS.max_body_bytes
+    over = b'{"model": "mdm", "prompt": "' + b"x" * limit
+    for content in (over, iter([over[i : i + 65536] for i in range(0, len(over), 65536)])):
+        res = httpx.post(mdm + "/v1/completions", content=content, headers={"content-type": "application/json"}, timeout=60)
+        assert res.status_code == 413, res.text
+        err = res.json()["error"]
+        assert str(limit) in err["message"] and "--max-body-bytes" in err["message"], err
+    huge = httpx.post(mdm + "/v1/completions", content=b"{" * (16 << 20), headers={"content-type": "application/json"}, timeout=60)
+    assert huge.status_code == 413
+    at_limit = json.dumps({"model": "mdm", "prompt": "x"}).encode()
+    at_limit = at_limit[:-2] + b"x" * (limit - len(at_limit)) + b'"}'
+    assert len(at_limit) == limit
+    res = post_raw(mdm, at_limit)  # read and parsed: refused for its length in tokens, not its size in bytes
+    assert res.status_code == 400 and res.json()["error"]["param"] == "prompt", res.text
+
+
+class GatedTokenizer:
+    """The tokenizer, holding every encode at its start until the test opens the gate."""
+
+    def __init__(self, inner):
+        self.inner, self.entered, self.gate = inner, threading.Event(), threading.Event()
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def encode(self, text):
+        self.entered.set()
+        self.gate.wait(60)
+        return self.inner.encode(text)
+
+
+def test_health_answers_within_100ms_while_a_maximal_request_is_tokenised(runs):
+    engine = Engine(runs / "mdm", "cpu", LIMITS)
+    engine.tok = gated = GatedTokenizer(engine.tok)
+    raw = json.dumps({"model": "mdm", "prompt": ""}).encode()
+    fill = LIMITS.max_body_bytes - len(raw)
+    raw = raw[:-2] + (b"To be, or not to be. " * fill)[:fill] + b'"}'  # exactly the largest body the server reads
+    with served(engine) as url, ThreadPoolExecutor(1) as pool:
+        try:
+            pending = pool.submit(post_raw, url, raw)
+            assert gated.entered.wait(60)
+            started = time.perf_counter()
+            health = httpx.get(url + "/health", timeout=5)
+            seconds = time.perf_counter() - started
+        finally:
+            gated.gate.set()
+        assert health.status_code == 200 and seconds < 0.1, seconds
+        res = pending.result()
+        assert res.status_code == 400 and res.json()["error"]["param"] == "prompt"
 
 
 class SlowNetwork(torch.nn.Module):
@@ -272,7 +340,7 @@ def test_health_answers_while_decoding_and_a_gone_client_frees_its_slot(runs):
     engine = Engine(runs / "mdm", "cpu", LIMITS)
     engine.scheduler.model = SlowNetwork(engine.model)
     body = {"model": "mdm", "prompt": "ROMEO.", "max_tokens": 32, "steps": 64, "stream": True, "stream_canvas": True, "seed": 1}
-    with serve_in_background(create_app(engine)) as url:
+    with served(engine) as url:
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as res:
             lines = res.iter_lines()
             assert next(lines).startswith("event: canvas")
@@ -307,13 +375,13 @@ def test_full_queue_gets_429_and_a_slow_request_504(runs):
             third = await client.post(url + "/v1/completions", json=body)
             return (await first).status_code, (await second).status_code, third
 
-    with serve_in_background(create_app(engine)) as url:
+    with served(engine) as url:
         first, second, third = asyncio.run(three(url))
         assert (first, second, third.status_code) == (200, 200, 429)
         assert third.json()["error"]["type"] == "rate_limit_exceeded"
     engine = Engine(runs / "mdm", "cpu", Limits(timeout=0.2))
     engine.scheduler.model = SlowNetwork(engine.model)
-    with serve_in_background(create_app(engine)) as url:
+    with served(engine) as url:
         res = post(url, body)
         assert res.status_code == 504 and res.json()["error"]["type"] == "timeout"
         assert httpx.get(url + "/health").json()["running"] == 0
@@ -352,34 +420,122 @@ def test_load_200_requests_from_8_clients(mdm):
 @pytest.fixture(scope="module")
 def small_mdm(runs):
     """A server with tight limits: generated requests are refused or decoded quickly."""
-    engine = Engine(runs / "mdm", "cpu", Limits(max_tokens=8, max_n=2, max_prompts=2, max_steps=8, max_active=4, max_queue=8, timeout=60))
-    with serve_in_background(create_app(engine)) as url:
+    engine = Engine(runs / "mdm", "cpu", Limits(max_tokens=16, max_n=2, max_prompts=2, max_steps=8, max_active=4, max_queue=8, timeout=60))
+    with served(engine) as url:
         yield url
+
+
+# text a JSON string can carry but a tokenizer cannot take: lone surrogates (escaped in JSON; as raw
+# bytes they make the body invalid UTF-8) and NUL
+HAZARDS = ["\ud800", "\udfff", "\ud83d", "\x00"]
+
+
+def string_paths(value, path=()):
+    """The paths (keys and indices) to the strings of a JSON document, the model id left out (a
+    hazard there would only make a 404)."""
+    if isinstance(value, str):
+        yield path
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from string_paths(item, (*path, i))
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if path or key != "model":
+                yield from string_paths(item, (*path, key))
+
+
+def spiked(data, body):
+    """``body`` (a JSON document) with a hazard drawn into one of its strings."""
+    from hypothesis import strategies as st
+
+    paths = list(string_paths(body))
+    if not paths:
+        return body
+    path = data.draw(st.sampled_from(paths))
+
+    def spike(value, rest):
+        if not rest:
+            at = data.draw(st.integers(0, len(value)))
+            return value[:at] + data.draw(st.sampled_from(HAZARDS)) + value[at:]
+        copy = list(value) if isinstance(value, list) else dict(value)
+        copy[rest[0]] = spike(value[rest[0]], rest[1:])
+        return copy
+
+    return spike(body, path)
 
 
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_openapi_schema_property_based_no_5xx(small_mdm, mode):
-    """Requests generated from the OpenAPI schema (fitting it, and violating it) never get a 5xx."""
+    """Requests generated from the OpenAPI schema (fitting it, and violating it), then the same with
+    lone surrogates and NUL drawn into their strings (sent escaped, and as bytes that are not UTF-8),
+    never get a 5xx; every answer has a documented status (statuses_documented checks the spiked
+    ones), media type and schema."""
     schemathesis = pytest.importorskip("schemathesis")
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
     from schemathesis.checks import not_a_server_error
     from schemathesis.generation.modes import GenerationMode
+    from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance, status_code_conformance
 
+    checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
     schema = schemathesis.openapi.from_url(small_mdm + "/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health"}
+    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions", "/v1/models", "/v1/models/{model}", "/health"}
     for operation in operations:
         if mode == "negative" and operation.method.lower() != "post":
-            continue  # nothing to violate in a GET without parameters
+            continue  # nothing to violate in a GET without a body
         strategy = operation.as_strategy(GenerationMode(mode))
 
         @settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck))
         @given(data=st.data())
         def check(data):
-            data.draw(strategy).call_and_validate(checks=[not_a_server_error])
+            case = data.draw(strategy)
+            case.call_and_validate(checks=checks)
+            if operation.method.lower() == "post" and not isinstance(case.body, bytes):  # bytes: a body that is not JSON
+                body = spiked(data, case.body)
+                for raw in (json.dumps(body).encode(), json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")):
+                    res = post_raw(small_mdm, raw, operation.path)
+                    assert res.status_code < 500, res.text
+                    operation.validate_response(res)
 
         check()
+
+
+def test_openapi_document_lists_what_the_server_answers(mdm):
+    """Statuses (400, never 422), media types (a streamed 200 is text/event-stream), and a
+    description for every field; real answers, streamed ones included, fit the document."""
+    schemathesis = pytest.importorskip("schemathesis")
+    doc = httpx.get(mdm + "/openapi.json").json()
+    for path, methods in doc["paths"].items():
+        for method, operation in methods.items():
+            assert "422" not in operation["responses"], (method, path)
+    for path in ("/v1/completions", "/v1/chat/completions"):
+        responses = doc["paths"][path]["post"]["responses"]
+        assert set(responses) == {"200", "400", "404", "413", "429", "499", "504"}, path
+        assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}, path
+    assert set(doc["paths"]["/v1/models/{model}"]["get"]["responses"]) == {"200", "404"}
+    schemas = doc["components"]["schemas"]
+    assert not {"HTTPValidationError", "ValidationError"} & set(schemas)
+    undescribed = [f"{name}.{field}" for name, schema in schemas.items() for field, prop in schema.get("properties", {}).items()
+                   if not prop.get("description")]
+    assert not undescribed
+
+    api = schemathesis.openapi.from_dict(doc)
+    chat = [{"role": "user", "content": "Speak."}]
+    answers = [
+        ("/v1/completions", {"prompt": ["ROMEO.", "KING."], "max_tokens": 8, "n": 2, "stop": ["\n"], "seed": 1}),
+        ("/v1/completions", {"prompt": "ROMEO.", "max_tokens": 8, "stream": True, "stream_canvas": True, "stream_options": {"include_usage": True}}),
+        ("/v1/chat/completions", {"messages": chat, "max_tokens": 8}),
+        ("/v1/chat/completions", {"messages": chat, "max_tokens": 8, "n": 2, "stream": True, "stream_options": {"include_usage": True}}),
+        ("/v1/chat/completions", {"messages": chat, "max_tokens": 8, "stream": True, "stream_canvas": True}),
+        ("/v1/completions", {"prompt": "x", "max_tokens": 0}),
+    ]
+    for path, body in answers:
+        res = post(mdm, {"model": "mdm", **body}, path)
+        api[path]["POST"].validate_response(res)
+    for route, path in [("/v1/models", "/v1/models"), ("/v1/models/{model}", "/v1/models/mdm"), ("/v1/models/{model}", "/v1/models/gpt-4"),
+                        ("/health", "/health")]:
+        api[route]["GET"].validate_response(httpx.get(mdm + path))
 
 
 CHROMIUM = "/usr/bin/chromium"
@@ -387,9 +543,9 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--disable-sync", "--no-first-run"]
 
 
-def drive_page(url, screenshot, prompt, **fields):
-    """Open the page in headless Chromium, fill the form, generate; returns the masked count of every
-    frame drawn and the masked positions left on the page."""
+@contextmanager
+def browser_page(url, height=620):
+    """The page of the server at ``url`` in headless Chromium, once it has loaded the model."""
     sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test needs playwright (in the [dev] extra)")
     import os
 
@@ -399,26 +555,36 @@ def drive_page(url, screenshot, prompt, **fields):
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
         try:
-            page = browser.new_page(viewport={"width": 1000, "height": 620})
+            page = browser.new_page(viewport={"width": 1000, "height": height})
             page.goto(url + "/")
             page.wait_for_function("document.getElementById('model').textContent.includes('context')")
-            if fields.pop("infill", False):
-                page.check("input[value=infill]")
-            page.fill("#prompt", prompt)
-            for name, value in fields.items():
-                if name == "sampler":
-                    page.select_option("#sampler", value)
-                else:
-                    page.fill(f"#{name}", str(value))
-            page.click("#generate")
-            page.wait_for_selector("#status[data-state=done]", timeout=60000)
-            frames = page.evaluate("window.unmaskFrames")
-            left = page.locator("#canvas .mask").count()
-            text = page.inner_text("#canvas")
-            page.screenshot(path=str(screenshot))
+            yield page
         finally:
             browser.close()
-    return frames, left, text
+
+
+def generate(page, prompt, state="done", **fields):
+    """Fill the form and generate until the status is ``state``; returns the masked count of every
+    frame drawn, the masked positions left on the canvas and its text."""
+    if fields.pop("infill", False):
+        page.check("input[value=infill]")
+    page.fill("#prompt", prompt)
+    for name, value in fields.items():
+        if name == "sampler":
+            page.select_option("#sampler", value)
+        else:
+            page.fill(f"#{name}", str(value))
+    page.click("#generate")
+    page.wait_for_selector(f"#status[data-state={state}]", timeout=60000)
+    return page.evaluate("window.unmaskFrames"), page.locator("#canvas .mask").count(), page.inner_text("#canvas")
+
+
+def drive_page(url, screenshot, prompt, **fields):
+    """Open the page, generate once and take a screenshot."""
+    with browser_page(url) as page:
+        out = generate(page, prompt, **fields)
+        page.screenshot(path=str(screenshot))
+    return out
 
 
 def test_page_in_headless_chromium(mdm, tmp_path):
@@ -436,6 +602,22 @@ def test_page_fills_blanks_and_works_for_ar(mdm, ar, tmp_path):
     assert frames == [7, 6, 5, 4, 3, 2, 1, 0] and left == 0  # left to right, one token per step
 
 
+def test_page_shows_an_error_in_place_of_the_canvas(mdm, tmp_path):
+    """A refused request replaces the previous canvas by the error message, in view."""
+    with browser_page(mdm, height=480) as page:
+        generate(page, "KING RICHARD.", sampler="confidence", max_tokens=40, steps=8, seed=3)
+        assert page.locator("#canvas .tok").count() > 0
+        _, left, text = generate(page, "KING RICHARD.", state="error", max_tokens=16, block_length=5)
+        page.screenshot(path=str(tmp_path / "error.png"))
+        error = page.locator("#canvas .error")
+        assert error.is_visible() and "block_length" in error.inner_text()
+        assert page.locator("#canvas .tok").count() == 0 and left == 0 and "KING" not in text  # the stale canvas is gone
+        box, canvas = error.bounding_box(), page.locator("#canvas").bounding_box()
+        assert canvas["y"] <= box["y"] and box["y"] + box["height"] <= min(canvas["y"] + canvas["height"], 480)
+        generate(page, "KING RICHARD.", max_tokens=16, block_length=0, steps=8)  # the next request draws again
+        assert page.locator("#canvas .error").count() == 0 and page.locator("#canvas .tok").count() > 0
+
+
 def test_serve_command_errors(capsys, runs, tmp_path):
     import socket
 
@@ -451,5 +633,6 @@ def test_serve_command_errors(capsys, runs, tmp_path):
         assert "--port" in capsys.readouterr().err
     finally:
         taken.close()
-    assert main(["serve", "--checkpoint", str(runs / "mdm"), "--max-n", "0"]) == 2
-    assert "--max-n=0" in capsys.readouterr().err
+    for flag in ("--max-n", "--max-body-bytes"):
+        assert main(["serve", "--checkpoint", str(runs / "mdm"), flag, "0"]) == 2
+        assert flag in capsys.readouterr().err

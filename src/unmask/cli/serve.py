@@ -38,7 +38,7 @@ def serve(
     from unmask.serve.engine import Engine, Limits
     from unmask.serve.run import bind, serve_forever, url_of
 
-    limits = Limits(max_tokens, max_n, 8, max_steps, max_active, max_queue, timeout)
+    limits = Limits(max_tokens, max_n, 8, max_steps, max_active, max_queue, timeout, max_body_bytes=max_body_bytes)
     engine = Engine(checkpoint, device, limits, name)
     sock = bind(host, port)
     url = url_of(sock)

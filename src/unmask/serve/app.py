@@ -1,14 +1,17 @@
 """The HTTP API (FastAPI): OpenAI-style completions and chat completions, models, health, and the
-page at ``/``. Decoding runs in worker threads (one per running request, at most
-``Limits.max_active``), batched by the engine's scheduler, so the event loop stays free: /health
-answers while requests are decoded. Bad input is answered with 4xx and an OpenAI-style error body
-naming the field; nothing a client sends produces a 500.
+page at ``/``. Request bodies are measured before they are parsed (``Limits.max_body_bytes``, 413
+past it); checks and tokenisation run in a small thread pool and decoding in worker threads (one
+per running request, at most ``Limits.max_active``), batched by the engine's scheduler, so the
+event loop stays free: /health answers while requests are read, tokenised and decoded. Bad input is
+answered with 4xx and an OpenAI-style error body naming the field; nothing a client sends produces
+a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -18,32 +21,103 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from pydantic.json_schema import models_json_schema
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from unmask.errors import UnmaskError
 from unmask.serve.batcher import Cancelled, Ticket
 from unmask.serve.engine import Engine, Job, Params, RequestError
-from unmask.serve.schemas import ChatRequest, ChatResponse, CompletionRequest, CompletionResponse, ErrorBody
+from unmask.serve.schemas import (
+    CanvasFrame, ChatCompletionChunk, ChatRequest, ChatResponse, CompletionChunk, CompletionRequest, CompletionResponse, ErrorBody,
+    Health, ModelCard, ModelList,
+)
 
 STATIC = Path(__file__).with_name("static")
-ERRORS = {400: {"model": ErrorBody, "description": "Invalid request (the error names the field)"},
+PREPARE_THREADS = 4  # requests checked and tokenised at once: bounds the memory a burst of long prompts takes
+ERRORS = {400: {"model": ErrorBody, "description": "Invalid request: the error names the field (malformed JSON, a body that is not UTF-8, "
+                                                   "unknown fields, wrong types, values out of range, text the tokenizer cannot take)"},
           404: {"model": ErrorBody, "description": "Unknown model"},
+          413: {"model": ErrorBody, "description": "Request body larger than the server's --max-body-bytes"},
           429: {"model": ErrorBody, "description": "Queue full"},
+          499: {"model": ErrorBody, "description": "Cancelled: the client went away before the answer (no one receives it)"},
           504: {"model": ErrorBody, "description": "Request timed out"}}
+STREAM_EVENTS = {CompletionRequest: CompletionChunk, ChatRequest: ChatCompletionChunk}
+ROLES = {"developer": "System"}  # OpenAI's newer name for the system role
 
 
 def error_response(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error", code: str | None = None) -> JSONResponse:
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
+def refusal(exc: RequestError) -> JSONResponse:
+    return error_response(exc.status, exc.message, exc.param, exc.kind, exc.code)
+
+
 def chat_prompt(messages) -> str:
     """Plain prompt formatting (checkpoints carry no chat template): one ``Role: content`` line per
-    message, then ``Assistant:``, which the model continues."""
-    return "".join(f"{m.role.capitalize()}: {m.content}\n" for m in messages) + "Assistant:"
+    message (``Role (name): content`` for a named speaker; text parts joined by line breaks), then
+    ``Assistant:``, which the model continues."""
+    def line(m) -> str:
+        role = ROLES.get(m.role, m.role.capitalize())
+        text = m.content if isinstance(m.content, str) else "\n".join(part.text for part in m.content)
+        return f"{role} ({m.name}): {text}\n" if m.name else f"{role}: {text}\n"
+
+    return "".join(map(line, messages)) + "Assistant:"
 
 
 def _sse(data: dict, event: str | None = None) -> str:
     return (f"event: {event}\n" if event else "") + f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class BodyLimit:
+    """ASGI middleware: reads a POST body before the app parses it. Past ``max_bytes`` (declared by
+    Content-Length, or counted as it arrives) the answer is 413 at once; a body that is not UTF-8
+    (JSON's encoding) gets 400. The app then reads the body from memory."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            return await self.app(scope, receive, send)
+        try:
+            body = await self.read(scope, receive)
+        except RequestError as exc:
+            return await refusal(exc)(scope, receive, send)
+        if body is None:
+            return  # the client went away while sending
+        pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def replay():
+            return pending.pop() if pending else await receive()
+
+        await self.app(scope, replay, send)
+
+    async def read(self, scope, receive) -> bytes | None:
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            raise self.too_large(int(declared))
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                raise self.too_large(len(body), "at least ")
+            if not message.get("more_body", False):
+                break
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise RequestError(f"the request body is not valid UTF-8 (byte {exc.start}: {exc.reason}); send JSON encoded as UTF-8",
+                               code="invalid_encoding") from None
+        return bytes(body)
+
+    def too_large(self, size: int, bound: str = "") -> RequestError:
+        return RequestError(f"request body of {bound}{size} bytes exceeds this server's limit of {self.max_bytes} bytes (--max-body-bytes)",
+                            None, 413, code="body_too_large")
 
 
 class Server:
@@ -52,11 +126,16 @@ class Server:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.pool = ThreadPoolExecutor(engine.limits.max_active, thread_name_prefix="unmask-request")
+        self.preparing = ThreadPoolExecutor(PREPARE_THREADS, thread_name_prefix="unmask-prepare")
         self.slots: asyncio.Semaphore | None = None
         self.waiting = 0
         self.running = 0
         self.served = 0
         self.cancelled = 0
+
+    async def prepare(self, params: Params) -> Job:
+        """The engine's checks and canvas of a request, off the event loop (tokenising a long prompt takes a while)."""
+        return await asyncio.get_running_loop().run_in_executor(self.preparing, self.engine.prepare, params)
 
     async def admit(self, ticket: Ticket) -> None:
         """Wait for a decoding slot; refuse when the queue is full or the request's time runs out."""
@@ -99,6 +178,87 @@ def failure(exc: BaseException) -> RequestError:
     raise exc
 
 
+def renamed(exc: RequestError, names: dict[str, str]) -> RequestError:
+    """``exc`` with the fields it names called as the client called them (chat: messages, not prompt)."""
+    new = names.get(exc.param)
+    if new is None:
+        return exc
+    return RequestError(re.sub(rf"\b{exc.param}\b", new, exc.message), new, exc.status, exc.kind, exc.code)
+
+
+def validation_error(errors: list[dict]) -> RequestError:
+    """The first problem pydantic found, naming the field. Where a field takes one of several types
+    (a string or a list), the error inside the type the value has is preferred to the type mismatches."""
+    first = next((e for e in errors if not e.get("type", "").endswith("_type")), errors[0] if errors else None)
+    if first is None:
+        return RequestError("invalid request")
+    # pydantic names the member of a union it tried ('str', 'list[str]', 'TextPart', 'function-after[...]'): not a field
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and (isinstance(p, int) or re.fullmatch(r"[a-z_][a-z0-9_]*", p)
+                                                                     and p not in ("str", "int", "float", "bool"))]
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return RequestError(f"malformed JSON body: {first.get('msg')}", code="json_invalid")
+    param = loc[0] if loc and not loc[0].isdigit() else None
+    where = ".".join(loc) or "body"
+    if kind == "extra_forbidden":
+        return RequestError(f"unknown field {where!r}", param, code="unknown_field")
+    cause = first.get("ctx", {}).get("error")
+    return RequestError(f"{where}: {cause if kind == 'value_error' and cause else first.get('msg')}", param, code=kind)
+
+
+def event_stream(chunk: type) -> dict:
+    """The text/event-stream content of a streamed 200: what each event's ``data`` holds."""
+    refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in (chunk, CanvasFrame, ErrorBody)]
+    return {"schema": {
+        "type": "object", "required": ["data"],
+        "description": f"Server-sent events: a {chunk.__name__} per piece of committed text (with stream_canvas also `event: canvas` "
+                       "CanvasFrame frames), an ErrorBody if decoding fails, then `data: [DONE]`.",
+        "properties": {
+            "event": {"type": "string", "enum": ["message", "canvas"],
+                      "description": "`canvas` for a CanvasFrame; absent otherwise (an SSE client reads `message`)."},
+            "data": {"type": "string", "description": "A JSON object, or `[DONE]` at the end.",
+                     "if": {"const": "[DONE]"}, "else": {"contentMediaType": "application/json", "contentSchema": {"anyOf": refs}}},
+        }}}
+
+
+# request fields bounded by the server's limits: field -> (Limits attribute, JSON-schema keyword, type it applies to)
+LIMITED = {"max_tokens": ("max_tokens", "maximum", "integer"), "max_completion_tokens": ("max_tokens", "maximum", "integer"),
+           "n": ("max_n", "maximum", "integer"), "steps": ("max_steps", "maximum", "integer"), "prompt": ("max_prompts", "maxItems", "array")}
+
+
+def bound(schema: dict, limits) -> None:
+    """Write the server's limits into a request schema (on the member of the right type of an anyOf)."""
+    for name, (limit, keyword, kind) in LIMITED.items():
+        prop = schema["properties"].get(name)
+        if prop is not None:
+            target = next((s for s in prop.get("anyOf", [prop]) if s.get("type") == kind), prop)
+            target[keyword] = getattr(limits, limit)
+
+
+def document(app: FastAPI, engine: Engine) -> dict:
+    """The OpenAPI document, as the server answers: bad input is a 400 (never FastAPI's 422),
+    streamed answers' events are described, ``model`` takes the served id and the fields the
+    server's limits bound say so."""
+    if app.openapi_schema is not None:
+        return app.openapi_schema
+    doc = FastAPI.openapi(app)
+    for methods in doc["paths"].values():
+        for operation in methods.values():
+            operation["responses"].pop("422", None)
+    schemas = doc["components"]["schemas"]
+    for name in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(name, None)
+    _, events = models_json_schema([(m, "serialization") for m in (CompletionChunk, ChatCompletionChunk, CanvasFrame)],
+                                   ref_template="#/components/schemas/{model}")
+    schemas.update(events["$defs"])
+    for request in STREAM_EVENTS:
+        model = schemas[request.__name__]["properties"]["model"]
+        model["enum"] = [engine.name]
+        model["description"] += f" This server: {engine.name!r}."
+        bound(schemas[request.__name__], engine.limits)
+    return doc
+
+
 def create_app(engine: Engine) -> FastAPI:
     """The FastAPI application serving ``engine``."""
     app = FastAPI(title="unmask", version="0.1.0", description=(
@@ -107,19 +267,12 @@ def create_app(engine: Engine) -> FastAPI:
     server = Server(engine)
     app.state.server = server
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    app.add_middleware(BodyLimit, max_bytes=engine.limits.max_body_bytes)
+    app.openapi = lambda: document(app, engine)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            return error_response(400, f"malformed JSON body: {first.get('msg')}", None, code="json_invalid")
-        param = loc[0] if loc and not loc[0].isdigit() else None
-        if first.get("type") == "extra_forbidden":
-            return error_response(400, f"unknown field {'.'.join(loc)!r}", param, code="unknown_field")
-        where = ".".join(loc) or "body"
-        return error_response(400, f"{where}: {first.get('msg')}", param, code=first.get("type"))
+        return refusal(validation_error(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -127,7 +280,7 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def refused(request: Request, exc: RequestError):
-        return error_response(exc.status, exc.message, exc.param, exc.kind)
+        return refusal(exc)
 
     @app.exception_handler(UnmaskError)
     async def unmask_error(request: Request, exc: UnmaskError):
@@ -137,46 +290,69 @@ def create_app(engine: Engine) -> FastAPI:
     async def page():
         return FileResponse(STATIC / "index.html")
 
-    @app.get("/health")
+    @app.get("/health", response_model=Health)
     async def health():
-        """Answers while requests are decoded: running and waiting requests, batching counters."""
+        """Answers while requests are read, tokenised and decoded: running and waiting requests, batching counters."""
         stats = dict(engine.scheduler.stats)
         stats["mean_requests_per_forward"] = stats["requests_per_forward"] / stats["forwards"] if stats["forwards"] else 0.0
         return {"status": "ok", "model": engine.name, "objective": engine.config.train.objective, "running": server.running,
                 "waiting": server.waiting, "served": server.served, "cancelled": server.cancelled, "batching": stats}
 
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{
-            "id": engine.name, "object": "model", "created": 0, "owned_by": "unmask", "objective": engine.config.train.objective,
-            "context_length": engine.context, "limits": vars(engine.limits)}]}
+    def card() -> dict:
+        return {"id": engine.name, "object": "model", "created": 0, "owned_by": "unmask", "objective": engine.config.train.objective,
+                "context_length": engine.context, "limits": vars(engine.limits)}
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses=ERRORS)
+    @app.get("/v1/models", response_model=ModelList)
+    async def models():
+        """The served model (one)."""
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{model}", response_model=ModelCard, responses={404: ERRORS[404]})
+    async def model(model: str):
+        """The served model, by its id."""
+        check_model(model)
+        return card()
+
+    @app.post("/v1/completions", response_model=CompletionResponse, responses={200: {"content": {"text/event-stream": event_stream(CompletionChunk)}}, **ERRORS})
     async def completions(body: CompletionRequest, request: Request):
         """Text completion. MDM checkpoints take the diffusion fields; with ``stream`` the answer is
         server-sent events (``stream_canvas`` adds ``event: canvas`` frames of the denoising)."""
-        return await respond(body, body.prompt if isinstance(body.prompt, list) else [body.prompt], "completion", request)
+        return await respond(body, body.prompt if isinstance(body.prompt, list) else [body.prompt], body.max_tokens, request)
 
-    @app.post("/v1/chat/completions", response_model=ChatResponse, responses=ERRORS)
+    @app.post("/v1/chat/completions", response_model=ChatResponse, responses={200: {"content": {"text/event-stream": event_stream(ChatCompletionChunk)}}, **ERRORS})
     async def chat_completions(body: ChatRequest, request: Request):
         """Chat completion: the messages are formatted as plain ``Role: content`` lines followed by
         ``Assistant:`` (checkpoints carry no chat template), and the model continues the text."""
-        return await respond(body, [chat_prompt(body.messages)], "chat", request)
+        if body.max_completion_tokens is None:
+            return await respond(body, [chat_prompt(body.messages)], body.max_tokens, request)
+        if "max_tokens" in body.model_fields_set:
+            raise RequestError("give max_completion_tokens or max_tokens (its older name), not both", "max_completion_tokens")
+        return await respond(body, [chat_prompt(body.messages)], body.max_completion_tokens, request, {"max_tokens": "max_completion_tokens"})
 
-    async def respond(body, prompts: list[str], kind: str, request: Request):
-        if body.model != engine.name:
-            raise RequestError(f"model {body.model!r} is not served here; this server serves {engine.name!r}", "model", 404, "model_not_found")
+    def check_model(name: str) -> None:
+        if name != engine.name:
+            raise RequestError(f"model {name!r} is not served here; this server serves {engine.name!r}", "model", 404, "model_not_found")
+
+    async def respond(body, prompts: list[str], max_tokens: int, request: Request, names: dict[str, str] | None = None):
+        check_model(body.model)
+        chat = isinstance(body, ChatRequest)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        params = Params(prompts, body.max_tokens, body.n, body.temperature, body.top_p, stop, body.seed, body.sampler, body.steps,
+        params = Params(prompts, max_tokens, body.n, body.temperature, body.top_p, stop, body.seed, body.sampler, body.steps,
                         body.block_length, body.threshold, body.cfg_scale, body.cache, getattr(body, "infill", False))
         if body.stream_canvas and not body.stream:
             raise RequestError("stream_canvas needs stream: true", "stream_canvas")
-        job = engine.prepare(params)
+        if body.stream_options is not None and not body.stream:
+            raise RequestError("stream_options needs stream: true", "stream_options")
+        try:
+            job = await server.prepare(params)
+        except RequestError as exc:
+            raise renamed(exc, {**(names or {}), **({"prompt": "messages"} if chat else {})}) from None
         ticket = Ticket(time.monotonic() + engine.limits.timeout)
         await server.admit(ticket)
-        ident = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         if body.stream:
-            return StreamingResponse(stream(job, ticket, ident, kind, body.stream_canvas), media_type="text/event-stream",
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return StreamingResponse(stream(job, ticket, ident, chat, body.stream_canvas, usage), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         fut = server.start(job, ticket)
         while not fut.done():
@@ -187,11 +363,9 @@ def create_app(engine: Engine) -> FastAPI:
             choices, info = fut.result()
         except BaseException as exc:  # noqa: BLE001
             raise failure(exc) from None
-        completion = sum(c.tokens for c in choices)
-        out = {"id": ident, "created": int(time.time()), "model": engine.name,
-               "usage": {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion, "total_tokens": job.prompt_tokens + completion},
+        out = {"id": ident, "created": int(time.time()), "model": engine.name, "usage": usage_of(job, choices),
                "nfe": info["nfe"], "steps": info["steps"], "seed": info["seed"]}
-        if kind == "chat":
+        if chat:
             out.update(object="chat.completion", choices=[
                 {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason} for i, c in enumerate(choices)])
         else:
@@ -199,21 +373,28 @@ def create_app(engine: Engine) -> FastAPI:
                 {"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason} for i, c in enumerate(choices)])
         return out
 
-    async def stream(job: Job, ticket: Ticket, ident: str, kind: str, canvas: bool):
+    def usage_of(job: Job, choices) -> dict:
+        completion = sum(c.tokens for c in choices)
+        return {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion, "total_tokens": job.prompt_tokens + completion}
+
+    async def stream(job: Job, ticket: Ticket, ident: str, chat: bool, canvas: bool, include_usage: bool):
         loop = asyncio.get_running_loop()
         frames: asyncio.Queue = asyncio.Queue()
-        created = int(time.time())
         fut = server.start(job, ticket, lambda frame: loop.call_soon_threadsafe(frames.put_nowait, frame))
         fut.add_done_callback(lambda _: frames.put_nowait(None))
         rows = job.x.shape[0]
         sent, finished = [""] * rows, [False] * rows
+        head = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()), "model": engine.name}
+        if include_usage:
+            head["usage"] = None
+
+        def event(choices: list[dict], **extra) -> str:
+            return _sse({**head, "choices": choices, **extra})
 
         def chunk(index: int, text: str, reason: str | None) -> str:
-            if kind == "chat":
-                choice = {"index": index, "delta": {"content": text}, "finish_reason": reason}
-                return _sse({"id": ident, "object": "chat.completion.chunk", "created": created, "model": engine.name, "choices": [choice]})
-            choice = {"text": text, "index": index, "logprobs": None, "finish_reason": reason}
-            return _sse({"id": ident, "object": "text_completion", "created": created, "model": engine.name, "choices": [choice]})
+            if chat:
+                return event([{"index": index, "delta": {"content": text}, "finish_reason": reason}])
+            return event([{"text": text, "index": index, "logprobs": None, "finish_reason": reason}])
 
         def advance(index: int, text: str, reason: str | None):
             if text.startswith(sent[index]) and (len(text) > len(sent[index]) or reason):
@@ -227,10 +408,9 @@ def create_app(engine: Engine) -> FastAPI:
             return None
 
         try:
-            if kind == "chat":
+            if chat:
                 for r in range(rows):
-                    yield _sse({"id": ident, "object": "chat.completion.chunk", "created": created, "model": engine.name,
-                                "choices": [{"index": r, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]})
+                    yield event([{"index": r, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
             while True:
                 frame = await frames.get()
                 if frame is None:
@@ -250,11 +430,13 @@ def create_app(engine: Engine) -> FastAPI:
                 choices, _ = fut.result()
             except BaseException as exc:  # noqa: BLE001
                 err = failure(exc)
-                yield _sse({"error": {"message": err.message, "type": err.kind, "param": err.param, "code": None}})
+                yield _sse({"error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.code}})
                 return
             for r, c in enumerate(choices):
                 if not finished[r]:
                     yield advance(r, c.text, c.finish_reason) or chunk(r, "", c.finish_reason)
+            if include_usage:
+                yield event([], usage=usage_of(job, choices))
             yield "data: [DONE]\n\n"
         finally:
             if not fut.done():

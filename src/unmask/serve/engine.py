@@ -29,16 +29,19 @@ from unmask.serve.batcher import Scheduler, Ticket
 class RequestError(Exception):
     """A request the server refuses: an OpenAI-style error with the field (``param``) at fault."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400, kind: str = "invalid_request_error") -> None:
+    def __init__(self, message: str, param: str | None = None, status: int = 400, kind: str = "invalid_request_error",
+                 code: str | None = None) -> None:
         super().__init__(message)
-        self.message, self.param, self.status, self.kind = message, param, status, kind
+        self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
 
 
 @dataclass(frozen=True)
 class Limits:
     """What one server accepts: new tokens, choices, prompts and steps per request; requests
     decoded together (``max_active``) and waiting (``max_queue``); seconds per request from arrival
-    (``timeout``); canvases are left-padded to a multiple of ``bucket`` columns."""
+    (``timeout``); canvases are left-padded to a multiple of ``bucket`` columns; request bodies
+    are read up to ``max_body_bytes`` (1 MiB by default: far more text than a context holds, and a
+    bound on what tokenising a request costs)."""
 
     max_tokens: int = 256
     max_n: int = 8
@@ -48,6 +51,7 @@ class Limits:
     max_queue: int = 64
     timeout: float = 300.0
     bucket: int = 16
+    max_body_bytes: int = 1 << 20
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -145,12 +149,14 @@ class Engine:
             return self._prepare_ar(p, seed)
         return self._prepare_mdm(p, seed)
 
-    def _check_room(self, prompt_len: int, new: int, room: int) -> None:
-        if prompt_len + new > room:
-            raise RequestError(
-                f"prompt of {prompt_len} tokens + max_tokens {new} (+ 1 separator) exceeds the model's context of "
-                f"{self.context} tokens; shorten the prompt or lower max_tokens", "prompt" if prompt_len >= room else "max_tokens",
-            )
+    def _check_room(self, prompt_len: int, new: int, room: int, what: str = "prompt") -> None:
+        """A canvas holds a separator, the prompt and ``new`` generated tokens in ``room`` positions."""
+        total = 1 + prompt_len + new
+        if total > room:
+            parts = f"{what} of {prompt_len} tokens + 1 separator" + (f" + max_tokens {new}" if new else "")
+            fed = "" if room == self.context else f" (a context of {self.context}; the last new token is never fed back)"
+            raise RequestError(f"{parts} = {total} positions; this model takes at most {room}{fed}: shorten the {what}"
+                               + (" or lower max_tokens" if new else ""), "prompt" if 1 + prompt_len >= room else "max_tokens")
 
     def _canvas(self, prompts: list[list[int]], n: int, gen: list[int] | None, new: int, room: int) -> tuple[torch.Tensor, Conditioning, int]:
         """Rows [PAD.. ; EOS ; prompt ; MASK x new] (or [PAD.. ; EOS ; template] with ``gen`` =
@@ -186,7 +192,7 @@ class Engine:
         ids = [self.tok.encode(t) if t else [] for t in p.prompts]
         longest = max(map(len, ids))
         room = self.context + 1  # the last new token is never fed back
-        self._check_room(longest + 1, p.max_tokens, room)
+        self._check_room(longest, p.max_tokens, room)
         x, cond, start = self._canvas(ids, p.n, None, 0, room - p.max_tokens)
         options = {k: v for k, v in {"temperature": p.temperature, "top_p": p.top_p}.items() if v is not None}
         ar = ARConfig(max_new_tokens=p.max_tokens, kv_cache=True, **options)  # the HTTP schema keeps both in range
@@ -212,6 +218,8 @@ class Engine:
                 raise RequestError("infill takes one prompt: a template with [MASK] or [MASK:n] spans", "prompt")
             if p.block_length is not None:
                 raise RequestError("block_length cannot be combined with infill (the spans are filled together)", "block_length")
+            if p.stop:
+                raise RequestError("stop cannot be combined with infill: the answer is the filled template, not a continuation to cut", "stop")
             template = p.prompts[0]
             if not INFILL.search(template):
                 raise RequestError("infill: the prompt has no [MASK] or [MASK:n] span to fill", "prompt")
@@ -219,12 +227,12 @@ class Engine:
             holes = ids.count(self.tok.mask_id)
             if not 1 <= holes <= self.limits.max_tokens:
                 raise RequestError(f"infill: the spans ask for {holes} tokens; this server fills 1 to {self.limits.max_tokens}", "prompt")
-            self._check_room(len(ids) + 1, 0, room)
+            self._check_room(len(ids), 0, room, "prompt template")
             x, cond, start = self._canvas([], p.n, ids, 0, room)
             length = x.shape[1] - start
         else:
             ids = [self.tok.encode(t) if t else [] for t in p.prompts]
-            self._check_room(max(map(len, ids)) + 1, p.max_tokens, room)
+            self._check_room(max(map(len, ids)), p.max_tokens, room)
             if p.block_length is not None and p.max_tokens % p.block_length:
                 raise RequestError(f"block_length={p.block_length} must divide max_tokens={p.max_tokens}", "block_length")
             x, cond, start = self._canvas(ids, p.n, None, p.max_tokens, room)

@@ -101,9 +101,20 @@ async function play(queue, state) {
   }
 }
 
+// an error replaces the canvas, where the user is looking, so no stale canvas is left beside it
+function showError(message) {
+  const box = document.createElement("div");
+  box.className = "error";
+  box.setAttribute("role", "alert");
+  box.textContent = message;
+  $("canvas").replaceChildren(box);
+  for (const id of ["step", "nfe", "masked", "rate"]) $(id).textContent = "–";
+  $("status").dataset.state = "error";
+  $("status").textContent = "error";
+}
+
 async function generate(event) {
   event.preventDefault();
-  $("error").hidden = true;
   $("generate").disabled = true;
   $("status").dataset.state = "running";
   $("status").textContent = "decoding…";
@@ -152,10 +163,7 @@ async function generate(event) {
   await player;
   $("generate").disabled = false;
   if (failed) {
-    $("error").textContent = String(failed.message || failed);
-    $("error").hidden = false;
-    $("status").dataset.state = "error";
-    $("status").textContent = "error";
+    showError(String(failed.message || failed));
   } else {
     $("status").dataset.state = "done";
     $("status").textContent = "done";
