@@ -505,11 +505,11 @@ def test_import_interrupted_mid_write_leaves_nothing(tmp_path, monkeypatch):
 
 
 def trained_layout_mdm(tmp_path):
-    """A run in the trained layout: MASK an extra input row, q/k/v biases, grouped-query attention."""
+    """A run in the trained layout: MASK an extra input row, q/k/v biases, grouped-query attention, tied head."""
     from unmask.checkpoint import TrainerState, save_checkpoint
     from unmask.config import ModelConfig, RunConfig, TrainConfig
 
-    cfg = ModelConfig(vocab_size=V, context_len=32, n_layer=2, n_head=4, n_embd=32, qkv_bias=True, n_kv_head=2)
+    cfg = ModelConfig(vocab_size=V, context_len=32, n_layer=2, n_head=4, n_embd=32, qkv_bias=True, n_kv_head=2, tie_embeddings=True)
     torch.manual_seed(0)
     model = Transformer(cfg)
     with torch.no_grad():

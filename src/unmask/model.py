@@ -296,7 +296,8 @@ class Transformer(nn.Module):
             blocks = (k_slot[None, None, :] // cfg.block_causal <= q_slot[:, :, None] // cfg.block_causal)[:, None]
             attn_mask = blocks if attn_mask is None else attn_mask & blocks
         if cfg.sliding_window:
-            ahead = q_slot[:, :, None] - k_slot[None, None, :]  # (B, L, S): how far each key lies before its query
+            slots = q_slot if cache_index is not None else q_slot[:1]  # rows share their slots outside a canvas cache
+            ahead = slots[:, :, None] - k_slot[None, None, :]  # (B or 1, L, S): how far each key lies before its query
             near = (ahead < cfg.sliding_window if cfg.causal else ahead.abs() < cfg.sliding_window)[:, None]
             attn_mask = near if attn_mask is None else attn_mask & near
         if key_mask is not None:
