@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,3 +256,58 @@ def test_cli_fsdp_run_consolidate_and_weights_flag(tmp_path, small_data, capsys)
     raw_model, _ = load_model(run_dir, weights="raw")
     assert any(not torch.equal(a, b) for a, b in zip(ema_model.state_dict().values(), raw_model.state_dict().values()))
     assert len(outputs["auto"]) == len(outputs["raw"]) == 8
+
+
+def test_cli_truncated_shard_is_one_line_and_the_run_resumes_from_an_earlier_checkpoint(tmp_path, small_data):
+    """A truncated shard file: `unmask checkpoint consolidate` and `unmask train --resume` each print one
+    error line naming the file (resume: and the --resume-from to give); --resume-from continues exactly."""
+    unmask = str(Path(sys.executable).with_name("unmask"))
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+
+    def cli(*args):
+        return subprocess.run([unmask, *args], env=env, capture_output=True, text=True, timeout=300)
+
+    run_dir = tmp_path / "run"
+    first = cli("train", "--run-dir", str(run_dir), "--data", str(small_data), "--context-len", "16", "--batch-size", "2",
+                "--parallel", "fsdp", "--steps", "4", "--checkpoint-every", "2", "--eval-every", "100", "--log-every", "1",
+                "--precision", "fp32")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = losses(run_dir)
+    ckpt = run_dir / "checkpoints" / "step_000004"
+    (shard,) = (ckpt / "sharded").glob("*.safetensors")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+    for args, ending in ((["checkpoint", "consolidate", str(ckpt)], "(the checkpoints kept before it: step_000002)"),
+                         (["train", "--run-dir", str(run_dir), "--resume"], "resume from an earlier checkpoint with --resume-from 2")):
+        out = cli(*args)
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
+        line = out.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"error: cannot read {shard}: truncated") and line.endswith(ending), line
+    resumed = cli("train", "--run-dir", str(run_dir), "--resume-from", "2")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert losses(run_dir) == before
+
+
+def test_a_failed_sharded_save_is_one_error_and_loses_nothing(tmp_path, small_data, monkeypatch):
+    """DCP's writer fails for real (a file size limit): one UnmaskError naming the checkpoint; the last
+    one stays and the run resumes from it."""
+    import unmask.checkpoint_sharded as cs
+    from limits import file_size_limit
+
+    from unmask.errors import UnmaskError
+
+    model, cfg = configs("mdm", steps=4, parallel="fsdp", checkpoint_every=2)
+    train(tmp_path / "run", model, cfg, small_data, device="cpu", progress=False, stop_after=2)
+    real_save = cs.dcp.save
+
+    def failing_save(*args, **kwargs):
+        with file_size_limit(1000):
+            return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(cs.dcp, "save", failing_save)
+    with pytest.raises(UnmaskError, match=r"cannot write .*step_000004 \(.*File too large.*\); nothing of the run was lost \(its last "
+                                          r"checkpoint step_000002 is intact\)"):
+        train(tmp_path / "run", model, cfg, small_data, device="cpu", progress=False, resume=True)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["LATEST", "step_000002"]
+    monkeypatch.setattr(cs.dcp, "save", real_save)
+    assert train(tmp_path / "run", model, cfg, small_data, device="cpu", progress=False, resume=True).steps == 4

@@ -146,3 +146,118 @@ def test_resume_rebuilds_the_embedded_corpus_and_its_fingerprint(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((Path(saved["data_dir"]) / "meta.json").read_text())["fingerprint"] == saved["data_fingerprint"]
     assert [r["step"] for r in records(tmp_path / "run")] == [1, 2, 3]
+
+
+def test_a_damaged_checkpoint_names_resume_from_which_continues_exactly(tmp_path, small_data):
+    """A truncated latest checkpoint: --resume names --resume-from with the checkpoint kept before it,
+    and resuming from there recomputes the same losses."""
+    run_dir = tmp_path / "run"
+    full = cli("train", "--run-dir", str(run_dir), "--data", str(small_data), *SHORT, "--steps", "6", "--checkpoint-every", "2")
+    assert full.returncode == 0, full.stderr[-2000:]
+    before = records(run_dir)
+    model = run_dir / "checkpoints" / "step_000006" / "model.safetensors"
+    model.write_bytes(model.read_bytes()[: model.stat().st_size // 2])
+    refused = cli("train", "--run-dir", str(run_dir), "--resume")
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    line = refused.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: cannot read {model}") and line.endswith("resume from an earlier checkpoint with --resume-from 4"), line
+    missing = cli("train", "--run-dir", str(run_dir), "--resume-from", "3")
+    assert missing.returncode == 2 and "--resume-from 3" in missing.stderr and "steps 4, 6" in missing.stderr, missing.stderr
+    resumed = cli("train", "--run-dir", str(run_dir), "--resume-from", "4")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert records(run_dir) == [r | {"tokens_per_s": r2["tokens_per_s"], "elapsed_s": r2["elapsed_s"]}
+                                for r, r2 in zip(before, records(run_dir))]
+    assert (run_dir / "checkpoints" / "LATEST").read_text().strip() == "step_000006"
+    assert cli("sample", "--checkpoint", str(run_dir), "--length", "4").returncode == 0
+
+
+def test_more_steps_inside_the_warmup_say_the_lr_keeps_rising(tmp_path, small_data):
+    run_dir = tmp_path / "run"
+    first = cli("train", "--run-dir", str(run_dir), "--data", str(small_data), *SHORT, "--steps", "2", "--warmup-steps", "10",
+                "--lr", "1e-3")
+    assert first.returncode == 0, first.stderr[-2000:]
+    more = cli("train", "--run-dir", str(run_dir), "--resume", "--steps", "5")
+    assert more.returncode == 0, more.stderr[-2000:]
+    assert "cosine" not in more.stderr
+    assert ("--steps changed from 2 to 5 at step 2: the learning rate keeps rising along its warmup, from 0.0003 now to 0.0005 "
+            "at step 5 (the warmup is 10 steps)") in more.stderr, more.stderr
+    assert [r["lr"] for r in records(run_dir)] == pytest.approx([1e-4, 2e-4, 3e-4, 4e-4, 5e-4])
+    past = cli("train", "--run-dir", str(run_dir), "--resume", "--steps", "20")
+    assert past.returncode == 0, past.stderr[-2000:]
+    assert ("--steps changed from 5 to 20 at step 5: the learning rate continues its warmup from 0.0006 to 0.001 at step 10, then "
+            "follows a cosine to 0.0001 at step 20") in past.stderr, past.stderr
+
+
+def test_resuming_a_finished_run_says_so(tmp_path, small_data):
+    run_dir = tmp_path / "run"
+    assert cli("train", "--run-dir", str(run_dir), "--data", str(small_data), *SHORT, "--steps", "2").returncode == 0
+    again = cli("train", "--run-dir", str(run_dir), "--resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    last = again.stderr.strip().splitlines()[-1]
+    assert last == f"already finished at step 2 -> {run_dir}; give --steps N (more than 2) with --resume to train it further", last
+    assert "nan" not in again.stderr
+
+
+def test_finetune_resumes_from_an_earlier_checkpoint(tmp_path, small_data):
+    from unmask.config import ModelConfig, TrainConfig
+    from unmask.train import train
+
+    source = tmp_path / "source"
+    train(source, ModelConfig(vocab_size=512, context_len=32, n_layer=1, n_head=2, n_embd=32),
+          TrainConfig(steps=1, batch_size=2, precision="fp32"), small_data, device="cpu", progress=False)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(4)))
+    run_dir = tmp_path / "sft"
+    first = cli("finetune", "--run-dir", str(run_dir), "--init-from", str(source), "--pairs", str(pairs), "--steps", "2",
+                "--checkpoint-every", "1", "--log-every", "1", "--precision", "fp32")
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = records(run_dir)
+    again = cli("finetune", "--run-dir", str(run_dir), "--resume-from", "1")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stderr.strip().splitlines()[-1].startswith("done: 2 steps"), again.stderr
+    assert [r["loss"] for r in records(run_dir)] == [r["loss"] for r in before]
+    finished = cli("finetune", "--run-dir", str(run_dir), "--resume")
+    assert finished.stderr.strip().splitlines()[-1].startswith("already finished at step 2"), finished.stderr
+
+
+FAILING_WRITER = '''
+import os, resource, signal
+
+import safetensors.torch
+
+_real_save, _target = safetensors.torch.save_file, os.environ["FAIL_SAVE_IN"]
+
+
+def save_file(tensors, filename, metadata=None):
+    """The real writer, past 1000 bytes failing with the I/O error of a full disk for files under _target."""
+    if _target not in str(filename):
+        return _real_save(tensors, filename, metadata=metadata)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))
+    try:
+        return _real_save(tensors, filename, metadata=metadata)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+safetensors.torch.save_file = save_file
+'''
+
+
+def test_a_failed_save_is_one_line_and_the_run_resumes(tmp_path, small_data):
+    """The checkpoint writer fails for real (a file size limit set for the step-4 checkpoint only, loaded
+    through sitecustomize): `unmask train` prints one error line, and --resume continues the run."""
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(FAILING_WRITER)
+    env = ENV | {"PYTHONPATH": str(tmp_path / "site"), "FAIL_SAVE_IN": "step_000004"}
+    run_dir = tmp_path / "run"
+    failed = cli("train", "--run-dir", str(run_dir), "--data", str(small_data), *SHORT, "--steps", "6", "--checkpoint-every", "2", env=env)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stderr[-3000:]
+    assert failed.stderr.strip().splitlines()[-1] == (
+        f"error: cannot write {run_dir / 'checkpoints' / 'step_000004'} (Error while serializing: I/O error: File too large (os error 27)); "
+        "nothing of the run was lost (its last checkpoint step_000002 is intact): free space and continue it with --resume")
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["LATEST", "step_000002"]
+    resumed = cli("train", "--run-dir", str(run_dir), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [r["step"] for r in records(run_dir)] == list(range(1, 7))

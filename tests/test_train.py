@@ -1,9 +1,12 @@
 """Tiny real training: loss goes down, checkpoints round-trip exactly, resume is exact."""
 
+import errno
 import json
+import os
 
 import pytest
 import torch
+from limits import file_size_limit
 
 from unmask.checkpoint import load_model, load_weights, resolve_checkpoint
 from unmask.config import ModelConfig, TrainConfig
@@ -55,21 +58,36 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, small_data, objective, lo
     assert steps == sorted(set(steps))  # no duplicated log lines after the resume
 
 
-def test_crash_during_save_keeps_last_good_checkpoint(tmp_path, small_data, monkeypatch):
+@pytest.mark.parametrize("failure", ["no-space", "writer"])
+def test_a_failed_save_is_one_error_and_loses_nothing(tmp_path, small_data, monkeypatch, failure):
+    """A save that fails (no space left on the device; the safetensors writer's own I/O error) ends
+    in one UnmaskError naming the checkpoint and the reason; the last good checkpoint stays, no
+    partial folder is left, and the run resumes from it once the disk has room."""
     model, cfg = cfgs(steps=4)
     train(tmp_path / "run", model, cfg, small_data, progress=False, stop_after=2)
     good = resolve_checkpoint(tmp_path / "run")
 
     import unmask.checkpoint as ck
 
-    def broken_save(*args, **kwargs):
-        raise OSError("disk full")
+    real_save = ck.save_file
 
-    monkeypatch.setattr(ck, "save_file", broken_save)
-    with pytest.raises(OSError):
+    def failing_save(tensors, filename, metadata=None):
+        if failure == "no-space":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+        with file_size_limit(1000):
+            real_save(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(ck, "save_file", failing_save)
+    with pytest.raises(UnmaskError) as info:
         train(tmp_path / "run", model, cfg, small_data, resume=True, progress=False)
+    reason = "No space left on device" if failure == "no-space" else "Error while serializing: I/O error: File too large (os error 27)"
+    assert str(info.value) == (f"cannot write {tmp_path / 'run' / 'checkpoints' / 'step_000004'} ({reason}); nothing of the run was lost "
+                               "(its last checkpoint step_000002 is intact): free space and continue it with --resume")
     assert resolve_checkpoint(tmp_path / "run") == good
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["LATEST", "step_000002"]
     load_model(tmp_path / "run")  # still loads
+    monkeypatch.setattr(ck, "save_file", real_save)
+    assert train(tmp_path / "run", model, cfg, small_data, resume=True, progress=False).steps == 4
 
 
 def test_refuses_to_overwrite_a_run(tmp_path, small_data):

@@ -47,6 +47,70 @@ LOCK_FILE = "train.lock"
 _locked: set[Path] = set()  # run folders whose lock this process holds
 
 
+class DamagedCheckpoint(UnmaskError):
+    """A checkpoint that cannot be read (a truncated or corrupt file). ``detail`` says what is wrong
+    with it; the message adds the checkpoints kept before it, and ``--resume`` turns it into the
+    ``--resume-from`` to give (:func:`resume_hint`)."""
+
+    def __init__(self, ckpt: Path, detail: str) -> None:
+        self.ckpt, self.detail = Path(ckpt), detail
+        if _step_of(self.ckpt) is None:  # not a checkpoint of a run folder
+            super().__init__(detail)
+            return
+        earlier = _earlier_steps(self.ckpt)
+        kept = f"the checkpoints kept before it: {', '.join(f'step_{s:06d}' for s in earlier)}" if earlier else "no earlier checkpoint is kept"
+        super().__init__(f"{detail}; the checkpoint {self.ckpt} is damaged ({kept})")
+
+
+def kept_steps(run_dir: str | Path) -> list[int]:
+    """Steps of the complete checkpoints in a run folder (single-file or sharded), ascending."""
+    root = Path(run_dir) / "checkpoints"
+    return sorted(s for p in root.glob("step_*") if (s := _step_of(p)) is not None and _is_checkpoint(p))
+
+
+def _is_checkpoint(ckpt: Path) -> bool:
+    return (ckpt / "model.safetensors").is_file() or (ckpt / SHARDED_DIR).is_dir()
+
+
+def _earlier_steps(ckpt: Path) -> list[int]:
+    step = _step_of(ckpt)
+    return [s for s in kept_steps(ckpt.parent.parent) if step is None or s < step]
+
+
+def resume_hint(exc: DamagedCheckpoint) -> UnmaskError:
+    """The error for resuming from a damaged checkpoint: resume from the last one kept before it."""
+    earlier = _earlier_steps(exc.ckpt)
+    if earlier:
+        return UnmaskError(f"{exc.detail}; resume from an earlier checkpoint with --resume-from {earlier[-1]}")
+    return UnmaskError(f"{exc.detail}; no earlier checkpoint of {exc.ckpt.parent.parent} is kept to resume from: start a new --run-dir")
+
+
+def write_failed(what: Path, exc: BaseException, run_dir: Path | None = None) -> UnmaskError:
+    """The error for a write that failed (disk full, permissions): what could not be written and why,
+    and, for a run, that its last checkpoint is intact and how to continue."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
+    message = f"cannot write {what} ({reason})"
+    if run_dir is not None:
+        latest = Path(run_dir) / "checkpoints" / LATEST
+        kept = f"its last checkpoint {latest.read_text().strip()} is intact" if latest.is_file() else "it has no checkpoint yet"
+        message += f"; nothing of the run was lost ({kept}): free space and continue it with --resume"
+    return UnmaskError(message)
+
+
+@contextlib.contextmanager
+def failed_writes(tmp: Path, target: Path, run_dir: Path | None = None) -> Iterator[None]:
+    """A write into ``tmp`` (a folder or file that becomes ``target``) that fails (OSError, or the
+    safetensors writer's error) removes ``tmp`` and raises :func:`write_failed`'s UnmaskError."""
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise write_failed(target, exc, run_dir) from None
+
+
 def run_folder(run_dir: str | Path, create: bool = True) -> Path:
     """``run_dir`` as a folder, created if needed (and ``create``); an UnmaskError if it cannot be one."""
     run_dir = Path(run_dir)
@@ -172,13 +236,20 @@ def save_checkpoint(
     itself (converters stream tensors into it one at a time).
     """
     ckpt_root = Path(run_dir) / "checkpoints"
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    for stale in ckpt_root.glob(".tmp-*"):  # left by a save that crashed; one process saves a run
-        shutil.rmtree(stale, ignore_errors=True)
     name = f"step_{trainer.step:06d}"
     tmp = ckpt_root / f".tmp-{name}-{os.getpid()}"
-    tmp.mkdir()
+    with failed_writes(tmp, ckpt_root / name, run_dir):  # e.g. a full disk: the checkpoints before this one are untouched
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_root.glob(".tmp-*"):  # left by a save that crashed; one process saves a run
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        _write_checkpoint(tmp, model, config, trainer, tokenizer_json, ema, write_weights)
+        return publish_checkpoint(tmp, ckpt_root, name, trainer.step, keep)
 
+
+def _write_checkpoint(tmp: Path, model: torch.nn.Module | None, config: RunConfig, trainer: TrainerState, tokenizer_json: str | None,
+                      ema: dict[str, torch.Tensor] | None, write_weights: Callable[[Path, dict[str, str]], None] | None) -> None:
+    """Write and flush the files of one checkpoint into the empty folder ``tmp``."""
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": json.dumps(config.to_dict())}
     if write_weights is not None:
         write_weights(tmp / "model.safetensors", metadata)
@@ -206,8 +277,6 @@ def save_checkpoint(
         with open(file, "rb") as f:
             os.fsync(f.fileno())
     _fsync_dir(tmp)
-
-    return publish_checkpoint(tmp, ckpt_root, name, trainer.step, keep)
 
 
 def fsync_tree(folder: Path) -> None:
@@ -270,14 +339,21 @@ def _unconsolidated(ckpt: Path) -> str:
             f"`unmask checkpoint consolidate {ckpt}` (training does so at its end)")
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path:
-    """The checkpoint folder LATEST names in a run folder, single-file or sharded (for --resume)."""
+def latest_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
+    """The checkpoint folder LATEST names in a run folder, single-file or sharded (for --resume);
+    with ``step``, the run's checkpoint of that step (for --resume-from)."""
     latest = Path(run_dir) / "checkpoints" / LATEST
+    if step is not None:
+        ckpt = latest.parent / f"step_{step:06d}"
+        if not _is_checkpoint(ckpt):
+            kept = ", ".join(map(str, kept_steps(run_dir))) or "none"
+            raise UnmaskError(f"--resume-from {step}: {run_dir} has no checkpoint of step {step}; it keeps checkpoints of steps {kept}")
+        return ckpt
     if not latest.is_file():
         raise UnmaskError(f"--run-dir {run_dir} holds no checkpoint (no checkpoints/LATEST); was training started there?")
     ckpt = latest.parent / latest.read_text().strip()
-    if not ((ckpt / "model.safetensors").is_file() or (ckpt / SHARDED_DIR).is_dir()):
-        raise UnmaskError(f"{latest} names {ckpt.name!r}, which holds no checkpoint; the run folder is damaged")
+    if not _is_checkpoint(ckpt):
+        raise DamagedCheckpoint(ckpt, f"{latest} names {ckpt.name!r}, which holds no checkpoint")
     return ckpt
 
 
@@ -289,7 +365,7 @@ def _load_safetensors(file: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
             metadata = f.metadata() or {}
         return load_file(str(file)), metadata
     except (SafetensorError, OSError, ValueError) as exc:
-        raise UnmaskError(f"cannot read {file}: not a valid safetensors file ({exc}); re-save it or resume from an earlier checkpoint") from None
+        raise DamagedCheckpoint(file.parent, f"cannot read {file}: not a valid safetensors file ({exc})") from None
 
 
 def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], RunConfig, Path]:
@@ -310,7 +386,7 @@ def load_trainer_state(ckpt: Path) -> TrainerState:
     try:
         info = json.loads((ckpt / "trainer.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
-        raise UnmaskError(f"cannot read {ckpt / 'trainer.json'} ({exc}); resume from an earlier checkpoint") from None
+        raise DamagedCheckpoint(ckpt, f"cannot read {ckpt / 'trainer.json'} ({exc})") from None
     tensors, _ = _load_safetensors(ckpt / "optimizer.safetensors")
     optimizer = _unflatten_optimizer(tensors, info["optimizer"]) if "optimizer" in info else None
     rng = None

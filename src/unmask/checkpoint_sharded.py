@@ -28,6 +28,8 @@ from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
@@ -41,10 +43,13 @@ from unmask.checkpoint import (
     FORMAT,
     FORMAT_VERSION,
     SHARDED_DIR,
+    DamagedCheckpoint,
     _fsync_dir,
     _load_safetensors,
+    failed_writes,
     fsync_tree,
     publish_checkpoint,
+    write_failed,
 )
 from unmask.config import RunConfig
 from unmask.distributed import World, barrier
@@ -95,19 +100,28 @@ def save_sharded(
         tmp.mkdir()
     barrier(world)
     flat, osd = _flat_state(model, optimizer, ema)
-    dcp.save(flat, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / SHARDED_DIR), save_distributed=True))
+    try:
+        dcp.save(flat, storage_writer=dcp.HuggingFaceStorageWriter(str(tmp / SHARDED_DIR), save_distributed=True))
+    except CheckpointException as exc:  # raised on every process, holding each one's error
+        cause = next((e for e, _ in exc.failures.values() if isinstance(e, (OSError, SafetensorError))), None)
+        if cause is None:
+            raise
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failed(root / name, cause, run_dir) from None
     barrier(world)
     final = root / name
     if world.is_main:
         groups = [{k: v for k, v in g.items() if k != "params"} for g in osd["param_groups"]]
         trainer = {"format": FORMAT, "format_version": FORMAT_VERSION, "sharded": True, "ema": ema is not None,
                    "optimizer": {"param_groups": groups}, **info}
-        (tmp / "trainer.json").write_text(json.dumps(trainer), encoding="utf-8")
-        (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
-        (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
-        save_file({"rng.torch": noise_state}, str(tmp / "rng.safetensors"), metadata={"format": FORMAT})
-        fsync_tree(tmp)
-        final = publish_checkpoint(tmp, root, name, info["step"], keep)
+        with failed_writes(tmp, root / name, run_dir):
+            (tmp / "trainer.json").write_text(json.dumps(trainer), encoding="utf-8")
+            (tmp / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+            (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+            save_file({"rng.torch": noise_state}, str(tmp / "rng.safetensors"), metadata={"format": FORMAT})
+            fsync_tree(tmp)
+            final = publish_checkpoint(tmp, root, name, info["step"], keep)
     barrier(world)
     return final
 
@@ -118,9 +132,32 @@ def read_sharded_info(ckpt: Path) -> tuple[RunConfig, dict[str, Any], torch.Tens
         config = RunConfig.from_dict(json.loads((ckpt / "config.json").read_text(encoding="utf-8")))
         info = json.loads((ckpt / "trainer.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
-        raise UnmaskError(f"cannot read the sharded checkpoint {ckpt} ({exc}); resume from an earlier checkpoint") from None
+        raise DamagedCheckpoint(ckpt, f"cannot read the sharded checkpoint {ckpt} ({exc})") from None
     rng = _load_safetensors(ckpt / "rng.safetensors")[0]["rng.torch"]
     return config, info, rng
+
+
+def check_shards(ckpt: Path) -> None:
+    """Raise DamagedCheckpoint for a shard file that is shorter than its safetensors header says or
+    has no readable header (a copy or save cut short), before DCP reads it: DCP's own failure
+    is an assertion deep in its planner. Reads only the headers."""
+    files = sorted((ckpt / SHARDED_DIR).glob("*.safetensors"))
+    if not files:
+        raise DamagedCheckpoint(ckpt, f"cannot read {ckpt / SHARDED_DIR}: it holds no shard files")
+    for file in files:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else -1
+            try:
+                header = json.loads(f.read(length)) if 0 < length <= size - 8 else None
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                header = None
+        if header is None:
+            raise DamagedCheckpoint(ckpt, f"cannot read {file}: truncated or not a safetensors file ({size} bytes, no complete header)")
+        needed = 8 + length + max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        if size < needed:
+            raise DamagedCheckpoint(ckpt, f"cannot read {file}: truncated ({size} of {needed} bytes)")
 
 
 def load_sharded(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None) -> None:
@@ -129,6 +166,7 @@ def load_sharded(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     _, info, _ = read_sharded_info(ckpt)
     if ema is not None and not info.get("ema"):
         raise UnmaskError(f"{ckpt} was saved without an EMA of the weights; resume without --ema or start a new run")
+    check_shards(ckpt)  # every process reads every header, so all of them stop alike
     flat, osd = _flat_state(model, optimizer, ema)
     dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(str(ckpt / SHARDED_DIR)))
     set_model_state_dict(model, {k.removeprefix("model."): v for k, v in flat.items() if k.startswith("model.")})
@@ -153,6 +191,7 @@ def consolidate(ckpt: str | Path) -> Path:
     if not is_sharded(ckpt):
         raise UnmaskError(f"{ckpt} is not a sharded checkpoint (no {SHARDED_DIR}/ folder); give a run folder or checkpoints/step_* folder of an FSDP run")
     config, info, _ = read_sharded_info(ckpt)
+    check_shards(ckpt)
     model = Transformer(config.model)
     weights = {f"model.{k}": v for k, v in model.state_dict().items()}
     if info.get("ema"):
@@ -165,9 +204,10 @@ def consolidate(ckpt: str | Path) -> Path:
     for file, prefix in files + [("model.safetensors", "model.")]:  # model last: its presence marks the copy complete
         part = {k.removeprefix(prefix): v.contiguous() for k, v in weights.items() if k.startswith(prefix)}
         tmp = ckpt / f".{file}.tmp-{os.getpid()}"
-        save_file(part, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, ckpt / file)
+        with failed_writes(tmp, ckpt / file):  # the sharded checkpoint itself is untouched
+            save_file(part, str(tmp), metadata=metadata)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, ckpt / file)
     _fsync_dir(ckpt)
     return ckpt

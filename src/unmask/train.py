@@ -24,11 +24,13 @@ from tqdm.auto import tqdm
 
 from unmask.checkpoint import (
     EMA_FILE,
+    DamagedCheckpoint,
     TrainerState,
     latest_checkpoint,
     load_ema,
     load_trainer_state,
     load_weights,
+    resume_hint,
     run_lock,
     save_checkpoint,
     write_text_atomic,
@@ -234,11 +236,19 @@ def resume_config(saved: RunConfig, model_cfg: ModelConfig, train_cfg: TrainConf
         if train_cfg.steps <= step:
             raise UnmaskError(f"--steps {train_cfg.steps}: the run is already at step {step}; give more steps to continue it")
         new = dataclasses.replace(new, steps=train_cfg.steps, steps_changes=(*saved.train.steps_changes, (step, saved.train.steps)))
-        notices.append(
-            f"--steps changed from {saved.train.steps} to {train_cfg.steps} at step {step}: the learning rate continues from "
-            f"{learning_rate(step, saved.train):.4g} (its value there) along a cosine to {new.lr * new.min_lr_ratio:.4g} at step {new.steps}"
-        )
+        notices.append(f"--steps changed from {saved.train.steps} to {train_cfg.steps} at step {step}: the learning rate {lr_course(step, new)}")
     return new, notices
+
+
+def lr_course(step: int, cfg: TrainConfig) -> str:
+    """How the learning rate goes on from ``step`` to the end of ``cfg.steps``, in words (see :func:`learning_rate`)."""
+    now, floor, warm = learning_rate(step, cfg), cfg.lr * cfg.min_lr_ratio, cfg.warmup_steps
+    if step >= warm:
+        return f"continues from {now:.4g} (its value there) along a cosine to {floor:.4g} at step {cfg.steps}"
+    if cfg.steps <= warm:
+        return (f"keeps rising along its warmup, from {now:.4g} now to {learning_rate(cfg.steps - 1, cfg):.4g} at step {cfg.steps} "
+                f"(the warmup is {warm} steps)")
+    return f"continues its warmup from {now:.4g} to {cfg.lr:.4g} at step {warm}, then follows a cosine to {floor:.4g} at step {cfg.steps}"
 
 
 def validate(model, windows: torch.Tensor, prev: torch.Tensor, cfg: TrainConfig, batch_size: int) -> LikelihoodResult:
@@ -263,6 +273,14 @@ class TrainResult:
     tokens_per_s: float
     losses: list[float]  # per-step training loss of the steps run in this call
 
+    def summary(self) -> str:
+        """One line for the end of a command: what this call trained, or that the run had already finished."""
+        if not self.losses:
+            return (f"already finished at step {self.steps} -> {self.run_dir}; give --steps N (more than {self.steps}) with --resume "
+                    "to train it further")
+        return (f"done: {self.steps} steps, {self.tokens:,} tokens, last loss {self.final_loss:.4f}, {self.tokens_per_s:,.0f} tokens/s "
+                f"-> {self.run_dir}")
+
 
 def _append_metrics(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
@@ -286,18 +304,25 @@ def train(
     device: str = "auto",
     progress: bool = True,
     stop_after: int | None = None,
+    resume_from: int | None = None,
 ) -> TrainResult:
     """Train until ``train_cfg.steps`` (or ``stop_after`` steps in this call, for tests).
 
-    With ``resume`` the run continues exactly from RUN's LATEST checkpoint: same weights,
-    optimizer moments, data order and masking noise, so the losses equal an uninterrupted run's.
-    The model, data and settings must be the saved ones; only ``steps`` and the OPERATIONAL
-    settings may differ, with a printed notice (see :func:`resume_config`).
+    With ``resume`` the run continues exactly from RUN's LATEST checkpoint (``resume_from``: from
+    its checkpoint of that step; implies ``resume``): same weights, optimizer moments, data order
+    and masking noise, so the losses equal an uninterrupted run's. The model, data and settings
+    must be the saved ones; only ``steps`` and the OPERATIONAL settings may differ, with a printed
+    notice (see :func:`resume_config`). RUN is locked for the whole call: one writer at a time.
     """
+    resume = resume or resume_from is not None
     world, dev = init_world(device, train_cfg.parallel)
     try:
         with _run_writer(Path(run_dir), world, resume):
-            return _train(world, dev, Path(run_dir), model_cfg, train_cfg, data_dir, resume, progress, stop_after)
+            return _train(world, dev, Path(run_dir), model_cfg, train_cfg, data_dir, resume, resume_from, progress, stop_after)
+    except DamagedCheckpoint as exc:
+        if resume and exc.ckpt.parent == Path(run_dir) / "checkpoints":
+            raise resume_hint(exc) from None
+        raise
     finally:
         shutdown(world)  # also after an error, so that a later run in this process starts afresh
 
@@ -325,14 +350,14 @@ def _content(data: TokenDataset | PairDataset) -> str:
 
 
 def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir, resume: bool,
-           progress: bool, stop_after: int | None) -> TrainResult:
+           resume_from: int | None, progress: bool, stop_after: int | None) -> TrainResult:
     dataset = PairDataset if train_cfg.sft else TokenDataset
     train_data, val_data = dataset(data_dir, "train"), dataset(data_dir, "val")
     tokenizer = train_data.tokenizer
     data_dir = Path(data_dir).resolve()
     state, weights, ema_weights, ckpt = None, None, None, None
     if resume:
-        ckpt = latest_checkpoint(run_dir)
+        ckpt = latest_checkpoint(run_dir, resume_from)
         if is_sharded(ckpt):
             saved, info, noise_state = read_sharded_info(ckpt)
             state = TrainerState(info["step"], info["tokens"], None, {"data": info["data_rng"], "torch": noise_state, "world_size": info["world_size"]})
@@ -434,88 +459,89 @@ def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, trai
     end = train_cfg.steps if stop_after is None else min(train_cfg.steps, step + stop_after)
 
     losses: list[float] = []
-    bar = tqdm(total=train_cfg.steps, initial=step, desc=f"train {train_cfg.objective}", unit="step", disable=not (progress and world.is_main), dynamic_ncols=True)
-    t_start = time.perf_counter()
-    t_log, tok_log = t_start, 0
-    while step < end:
-        lr = learning_rate(step, train_cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        net.train()
-        total = torch.zeros((), device=dev)
-        # the whole global batch and its noise at once: low-discrepancy t over all of it, sliced
-        # per micro-batch and rank, so the estimator does not depend on the number of processes
-        response = None
-        if train_cfg.sft:
-            windows, response = map(torch.from_numpy, train_data.sample(data_rng, global_batch))
-        else:
-            windows = torch.from_numpy(train_data.sample_windows(data_rng, global_batch, length + 1))
-        noise_all = None
-        if train_cfg.objective == "mdm":
-            x0 = windows if train_cfg.sft else windows[:, 1:]
-            noise_all = draw_noise(x0, train_cfg, schedule, model_cfg.mask_id, noise_gen, response)
-        elif train_cfg.objective == "bd3":
-            noise_all = draw_block_noise(windows[:, 1:], train_cfg, schedule, model_cfg.mask_id, noise_gen)
-        step_net = net
-        if train_cfg.anneal_steps and step < train_cfg.anneal_steps:  # DiffuLLaMA: causal -> bidirectional
-            from unmask.adaptation import annealed_mask
+    bar = tqdm(total=train_cfg.steps, initial=step, desc=f"train {train_cfg.objective}", unit="step", disable=not (progress and world.is_main),
+               dynamic_ncols=True)
+    with bar:  # closed on an error too, before its message is printed
+        t_start = time.perf_counter()
+        t_log, tok_log = t_start, 0
+        while step < end:
+            lr = learning_rate(step, train_cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            net.train()
+            total = torch.zeros((), device=dev)
+            # the whole global batch and its noise at once: low-discrepancy t over all of it, sliced
+            # per micro-batch and rank, so the estimator does not depend on the number of processes
+            response = None
+            if train_cfg.sft:
+                windows, response = map(torch.from_numpy, train_data.sample(data_rng, global_batch))
+            else:
+                windows = torch.from_numpy(train_data.sample_windows(data_rng, global_batch, length + 1))
+            noise_all = None
+            if train_cfg.objective == "mdm":
+                x0 = windows if train_cfg.sft else windows[:, 1:]
+                noise_all = draw_noise(x0, train_cfg, schedule, model_cfg.mask_id, noise_gen, response)
+            elif train_cfg.objective == "bd3":
+                noise_all = draw_block_noise(windows[:, 1:], train_cfg, schedule, model_cfg.mask_id, noise_gen)
+            step_net = net
+            if train_cfg.anneal_steps and step < train_cfg.anneal_steps:  # DiffuLLaMA: causal -> bidirectional
+                from unmask.adaptation import annealed_mask
 
-            step_net = functools.partial(net, attn_mask=annealed_mask(step, train_cfg.anneal_steps, length, train_cfg.seed, dev))
-        for micro in range(accum):
-            rows = local_rows(world, micro_bs, micro)
-            window = windows[rows].to(dev)
-            noise = noise_all.rows(rows).to(dev) if noise_all is not None else None
-            with grad_sync(net, micro == accum - 1), autocast(amp, dev):
-                loss = batch_loss(step_net, window, noise, None if response is None else response[rows].to(dev)) / accum
-                loss.backward()
-            total += loss.detach()
-        grad_norm = full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None:
-            ema.update()
-        step += 1
-        tokens += tokens_per_step
-        tok_log += tokens_per_step
-        loss_value = all_reduce_mean(total, world).item()
-        if not math.isfinite(loss_value):
-            raise UnmaskError(f"training diverged at step {step} (loss {loss_value}); lower --lr or use --precision fp32")
-        losses.append(loss_value)
-        bar.update(1)
+                step_net = functools.partial(net, attn_mask=annealed_mask(step, train_cfg.anneal_steps, length, train_cfg.seed, dev))
+            for micro in range(accum):
+                rows = local_rows(world, micro_bs, micro)
+                window = windows[rows].to(dev)
+                noise = noise_all.rows(rows).to(dev) if noise_all is not None else None
+                with grad_sync(net, micro == accum - 1), autocast(amp, dev):
+                    loss = batch_loss(step_net, window, noise, None if response is None else response[rows].to(dev)) / accum
+                    loss.backward()
+                total += loss.detach()
+            grad_norm = full_value(torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update()
+            step += 1
+            tokens += tokens_per_step
+            tok_log += tokens_per_step
+            loss_value = all_reduce_mean(total, world).item()
+            if not math.isfinite(loss_value):
+                raise UnmaskError(f"training diverged at step {step} (loss {loss_value}); lower --lr or use --precision fp32")
+            losses.append(loss_value)
+            bar.update(1)
 
-        if world.is_main and (step % train_cfg.log_every == 0 or step == end):
-            now = time.perf_counter()
-            rate = tok_log / max(now - t_log, 1e-9)
-            t_log, tok_log = now, 0
-            bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}")
-            _append_metrics(metrics_path, {
-                "kind": "train", "step": step, "tokens": tokens, "flops": 6 * n_params * tokens, "loss": loss_value,
-                "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": rate, "elapsed_s": now - t_start,
-            })
-        if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
-            net.eval()
-            with autocast(amp, dev):
-                result = validate(model, val_windows, val_prev, train_cfg, train_cfg.batch_size)
-            if world.is_main:
-                bar.write(f"step {step}: val {result.nats_per_token:.4f} nats/token (ppl {'<= ' if result.kind == 'elbo' else ''}{result.perplexity:.2f})")
+            if world.is_main and (step % train_cfg.log_every == 0 or step == end):
+                now = time.perf_counter()
+                rate = tok_log / max(now - t_log, 1e-9)
+                t_log, tok_log = now, 0
+                bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}")
                 _append_metrics(metrics_path, {
-                    "kind": "val", "step": step, "tokens": tokens, "flops": 6 * n_params * tokens,
-                    "val_nats_per_token": result.nats_per_token, "val_stderr": result.stderr, "val_ppl": result.perplexity,
+                    "kind": "train", "step": step, "tokens": tokens, "flops": 6 * n_params * tokens, "loss": loss_value,
+                    "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": rate, "elapsed_s": now - t_start,
                 })
-        if step % train_cfg.checkpoint_every == 0 or step == end:
-            rng = {"data": data_rng.bit_generator.state, "torch": noise_gen.get_state(), "world_size": world.world_size}
-            if train_cfg.parallel == "fsdp":
-                info = {"step": step, "tokens": tokens, "data_rng": rng["data"], "world_size": world.world_size}
-                saved_ckpt = save_sharded(run_dir, model, optimizer, ema, config, info, rng["torch"], tokenizer.to_json(), world,
-                                          keep=train_cfg.keep_checkpoints)
-                if step == train_cfg.steps and world.is_main:  # the finished run: the single file sample/eval read
-                    consolidate(saved_ckpt)
-            elif world.is_main:  # the random streams are the same on every rank
-                trainer = TrainerState(step, tokens, optimizer.state_dict(), rng)
-                save_checkpoint(run_dir, model, config, trainer, tokenizer.to_json(), keep=train_cfg.keep_checkpoints,
-                                ema=ema.state_dict() if ema is not None else None)
-            barrier(world)
-    bar.close()
+            if step % train_cfg.eval_every == 0 or step == train_cfg.steps:
+                net.eval()
+                with autocast(amp, dev):
+                    result = validate(model, val_windows, val_prev, train_cfg, train_cfg.batch_size)
+                if world.is_main:
+                    bar.write(f"step {step}: val {result.nats_per_token:.4f} nats/token (ppl {'<= ' if result.kind == 'elbo' else ''}{result.perplexity:.2f})")
+                    _append_metrics(metrics_path, {
+                        "kind": "val", "step": step, "tokens": tokens, "flops": 6 * n_params * tokens,
+                        "val_nats_per_token": result.nats_per_token, "val_stderr": result.stderr, "val_ppl": result.perplexity,
+                    })
+            if step % train_cfg.checkpoint_every == 0 or step == end:
+                rng = {"data": data_rng.bit_generator.state, "torch": noise_gen.get_state(), "world_size": world.world_size}
+                if train_cfg.parallel == "fsdp":
+                    info = {"step": step, "tokens": tokens, "data_rng": rng["data"], "world_size": world.world_size}
+                    saved_ckpt = save_sharded(run_dir, model, optimizer, ema, config, info, rng["torch"], tokenizer.to_json(), world,
+                                              keep=train_cfg.keep_checkpoints)
+                    if step == train_cfg.steps and world.is_main:  # the finished run: the single file sample/eval read
+                        consolidate(saved_ckpt)
+                elif world.is_main:  # the random streams are the same on every rank
+                    trainer = TrainerState(step, tokens, optimizer.state_dict(), rng)
+                    save_checkpoint(run_dir, model, config, trainer, tokenizer.to_json(), keep=train_cfg.keep_checkpoints,
+                                    ema=ema.state_dict() if ema is not None else None)
+                barrier(world)
     elapsed = time.perf_counter() - t_start
     ran = len(losses)
     return TrainResult(run_dir, step, tokens, losses[-1] if losses else float("nan"), ran * tokens_per_step / max(elapsed, 1e-9), losses)

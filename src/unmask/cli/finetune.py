@@ -65,11 +65,13 @@ def finetune(
     log_every: Optional[int] = typer.Option(None, min=1, help="Append a metrics line every N steps (default 10)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     resume: bool = typer.Option(False, help="Continue RUN from its latest checkpoint (only --steps and the logging settings may change)."),
+    resume_from: Optional[int] = typer.Option(None, help="Resume from the run's checkpoint of this step instead of its latest (e.g. when "
+                                              "the latest is damaged); implies --resume."),
 ) -> None:
     """Fine-tune an MDM (or the AR baseline, same data and command) on prompt/response pairs.
 
     The prompt is never masked and never a target; the response and its EOS pads are learned,
-    normalised by their number (docs/algorithms.md, 'Conditional bound and fine-tuning'). Held-out pairs are scored during training
+    normalised by their number (reference section 2). Held-out pairs are scored during training
     (MDM: conditional bound; AR: exact). Sample with `unmask sample --prompt ... --cfg W`.
     """
     from unmask.checkpoint import run_lock
@@ -80,6 +82,7 @@ def finetune(
         "steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "loss": loss, "precision": precision,
         "seed": seed, "eval_every": eval_every, "checkpoint_every": checkpoint_every, "log_every": log_every, "cfg_dropout": cfg_dropout,
     }.items() if value is not None}
+    resume = resume or resume_from is not None
     with run_lock(run_dir, create=not resume):  # held from writing RUN/pairs to the end of training (train() takes it again)
         if resume:
             if init_from is not None or pairs is not None or val_pairs is not None or length is not None:
@@ -96,5 +99,5 @@ def finetune(
             model_cfg, train_cfg = finetune_configs(init_from, **given)
             data_dir = pairs_folder(run_dir, init_from, pairs, val_pairs, length, model_cfg.context_len)
         typer.echo(f"fine-tuning {train_cfg.objective.upper()} {model_cfg.name} on {data_dir}", err=True)
-        result = run_training(run_dir, model_cfg, train_cfg, data_dir, resume=resume, device=device)
-    typer.echo(f"done: {result.steps} steps, last loss {result.final_loss:.4f} nats/response token -> {run_dir}", err=True)
+        result = run_training(run_dir, model_cfg, train_cfg, data_dir, resume=resume, device=device, resume_from=resume_from)
+    typer.echo(result.summary(), err=True)

@@ -115,6 +115,10 @@ def train(
         "--checkpoint-every, --log-every, --compile, --activation-checkpointing and --device may change (and --batch-size "
         "with --global-batch-tokens); other flags must be left out or equal the run's.",
     ),
+    resume_from: Optional[int] = typer.Option(
+        None, help="Resume from the run's checkpoint of this step instead of its latest (one of checkpoints/step_*, e.g. when the "
+        "latest is damaged); implies --resume.",
+    ),
 ) -> None:
     """Train an MDM or the AR baseline; the same command runs under torchrun."""
     from unmask.data import TokenDataset
@@ -129,6 +133,7 @@ def train(
         "block_size": block_size, "mask_rate_min": mask_rate_min, "mask_rate_max": mask_rate_max, "flex_attention": flex_attention,
     }
     given = {key: value for key, value in flags.items() if value is not None}
+    resume = resume or resume_from is not None
     if resume:
         # the saved run is the reference; train() refuses training flags that differ from it
         saved = _saved_run(run_dir)
@@ -177,9 +182,9 @@ def train(
             f"{train_cfg.objective.upper()} {model_cfg.name}: {model_cfg.non_embedding_params() / 1e6:.2f}M non-embedding params, "
             f"{model_cfg.total_params() / 1e6:.2f}M total", err=True,
         )
-    result = run_training(run_dir, model_cfg, train_cfg, data_dir, resume=resume, device=device)
+    result = run_training(run_dir, model_cfg, train_cfg, data_dir, resume=resume, device=device, resume_from=resume_from)
     if main_process:
-        typer.echo(f"done: {result.steps} steps, {result.tokens:,} tokens, last loss {result.final_loss:.4f}, {result.tokens_per_s:,.0f} tokens/s -> {run_dir}", err=True)
+        typer.echo(result.summary(), err=True)
 
 
 checkpoint_app = command_group("Checkpoint tools.")
