@@ -71,7 +71,7 @@ def finetune(
     """Fine-tune an MDM (or the AR baseline, same data and command) on prompt/response pairs.
 
     The prompt is never masked and never a target; the response and its EOS pads are learned,
-    normalised by their number (reference section 2). Held-out pairs are scored during training
+    normalised by their number (docs/algorithms.md, 'Conditional bound and fine-tuning'). Held-out pairs are scored during training
     (MDM: conditional bound; AR: exact). Sample with `unmask sample --prompt ... --cfg W`.
     """
     from unmask.checkpoint import run_lock
