@@ -483,22 +483,31 @@ def test_failed_import_leaves_nothing_in_out(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "mine"] + (["new"] if (tmp_path / "new").exists() else [])
 
 
-def test_import_interrupted_mid_write_leaves_nothing(tmp_path, monkeypatch):
+def test_conversion_interrupted_mid_write_leaves_nothing(tmp_path, monkeypatch):
+    import unmask.interop.hf_export as hf_export
     import unmask.interop.hf_import as hf_import
+    from unmask.interop.tensors import write_streaming
 
-    real = hf_import.write_streaming
+    def full_disk(path, specs, items, meta):
+        def items_then_fail():
+            for n, item in enumerate(items):
+                if n == 5:
+                    raise OSError(28, "No space left on device")
+                yield item
 
-    def full_disk(items):
-        for n, item in enumerate(items):
-            if n == 5:
-                raise OSError(28, "No space left on device")
-            yield item
+        write_streaming(path, specs, items_then_fail(), meta)
 
-    monkeypatch.setattr(hf_import, "write_streaming", lambda path, specs, items, meta: real(path, specs, full_disk(items), meta))
     folder = save_hf(CAUSAL_CASES["qwen2-bias"](), tmp_path / "hf", word_tokenizer(V))
-    with pytest.raises(OSError, match="No space"):
-        import_checkpoint(folder, tmp_path / "run")
+    with monkeypatch.context() as patch:
+        patch.setattr(hf_import, "write_streaming", full_disk)
+        with pytest.raises((OSError, UnmaskError), match="No space"):
+            import_checkpoint(folder, tmp_path / "run")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"]
+    import_checkpoint(folder, tmp_path / "run")
+    monkeypatch.setattr(hf_export, "write_streaming", full_disk)
+    with pytest.raises(OSError, match="No space"):
+        export_run(tmp_path / "run", tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "run"]
 
 
 # ---- exported MDMs load in transformers as bidirectional models (custom code), never as causal ones ----
