@@ -103,6 +103,22 @@ class Choice:
     tokens: int  # generated tokens in the text
 
 
+class ReleasingTokenizer:
+    """A tokenizer whose ``encode`` lets other threads run meanwhile: the ``tokenizers`` library
+    holds Python's GIL in ``encode`` (a second per megabyte of text, during which the event loop
+    could not even answer /health) but releases it in ``encode_batch``. Everything else is the
+    tokenizer's own."""
+
+    def __init__(self, tok) -> None:
+        self.tok = tok
+
+    def __getattr__(self, name: str):
+        return getattr(self.tok, name)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode_batch([text])[0]
+
+
 # MDM-only request fields and the sampler-config field each one sets (None: not a sampler option)
 MDM_FIELDS = {"sampler": None, "steps": "steps", "block_length": None, "threshold": "tau", "cfg_scale": "cfg_scale", "cache": None, "infill": None}
 
@@ -119,7 +135,7 @@ class Engine:
     def __init__(self, checkpoint: str | Path, device: str = "auto", limits: Limits = Limits(), name: str | None = None) -> None:
         self.device = pick_device(device)
         self.model, self.config = load_model(checkpoint, self.device)
-        self.tok = checkpoint_tokenizer(checkpoint)
+        self.tok = ReleasingTokenizer(checkpoint_tokenizer(checkpoint))
         self.limits = limits
         self.causal = self.config.model.causal
         self.context = self.config.model.context_len
