@@ -42,7 +42,6 @@ ERRORS = {400: {"model": ErrorBody, "description": "Invalid request: the error n
           429: {"model": ErrorBody, "description": "Queue full"},
           499: {"model": ErrorBody, "description": "Cancelled: the client went away before the answer (no one receives it)"},
           504: {"model": ErrorBody, "description": "Request timed out"}}
-STREAM_EVENTS = {CompletionRequest: CompletionChunk, ChatRequest: ChatCompletionChunk}
 ROLES = {"developer": "System"}  # OpenAI's newer name for the system role
 
 
@@ -206,10 +205,11 @@ def validation_error(errors: list[dict]) -> RequestError:
     return RequestError(f"{where}: {cause if kind == 'value_error' and cause else first.get('msg')}", param, code=kind)
 
 
-def event_stream(chunk: type) -> dict:
-    """The text/event-stream content of a streamed 200: what each event's ``data`` holds."""
+def streamed(chunk: type) -> dict:
+    """The documented answers of a route that streams: its errors, and a 200 that is JSON or, with
+    ``stream``, text/event-stream whose events' ``data`` are ``chunk``s."""
     refs = [{"$ref": f"#/components/schemas/{m.__name__}"} for m in (chunk, CanvasFrame, ErrorBody)]
-    return {"schema": {
+    events = {"schema": {
         "type": "object", "required": ["data"],
         "description": f"Server-sent events: a {chunk.__name__} per piece of committed text (with stream_canvas also `event: canvas` "
                        "CanvasFrame frames), an ErrorBody if decoding fails, then `data: [DONE]`.",
@@ -219,6 +219,7 @@ def event_stream(chunk: type) -> dict:
             "data": {"type": "string", "description": "A JSON object, or `[DONE]` at the end.",
                      "if": {"const": "[DONE]"}, "else": {"contentMediaType": "application/json", "contentSchema": {"anyOf": refs}}},
         }}}
+    return {200: {"content": {"text/event-stream": events}}, **ERRORS}
 
 
 # request fields bounded by the server's limits: field -> (Limits attribute, JSON-schema keyword, type it applies to)
@@ -251,7 +252,7 @@ def document(app: FastAPI, engine: Engine) -> dict:
     _, events = models_json_schema([(m, "serialization") for m in (CompletionChunk, ChatCompletionChunk, CanvasFrame)],
                                    ref_template="#/components/schemas/{model}")
     schemas.update(events["$defs"])
-    for request in STREAM_EVENTS:
+    for request in (CompletionRequest, ChatRequest):
         model = schemas[request.__name__]["properties"]["model"]
         model["enum"] = [engine.name]
         model["description"] += f" This server: {engine.name!r}."
@@ -313,13 +314,13 @@ def create_app(engine: Engine) -> FastAPI:
         check_model(model)
         return card()
 
-    @app.post("/v1/completions", response_model=CompletionResponse, responses={200: {"content": {"text/event-stream": event_stream(CompletionChunk)}}, **ERRORS})
+    @app.post("/v1/completions", response_model=CompletionResponse, responses=streamed(CompletionChunk))
     async def completions(body: CompletionRequest, request: Request):
         """Text completion. MDM checkpoints take the diffusion fields; with ``stream`` the answer is
         server-sent events (``stream_canvas`` adds ``event: canvas`` frames of the denoising)."""
         return await respond(body, body.prompt if isinstance(body.prompt, list) else [body.prompt], body.max_tokens, request)
 
-    @app.post("/v1/chat/completions", response_model=ChatResponse, responses={200: {"content": {"text/event-stream": event_stream(ChatCompletionChunk)}}, **ERRORS})
+    @app.post("/v1/chat/completions", response_model=ChatResponse, responses=streamed(ChatCompletionChunk))
     async def chat_completions(body: ChatRequest, request: Request):
         """Chat completion: the messages are formatted as plain ``Role: content`` lines followed by
         ``Assistant:`` (checkpoints carry no chat template), and the model continues the text."""
