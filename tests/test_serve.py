@@ -1,6 +1,9 @@
 """The HTTP server against the real app on loopback: OpenAI-style answers, streaming, seeds, stop
-strings, batching that leaves every result unchanged, errors that name the field, a freed slot when
-a client goes away, the official openai client, and a bounded load test."""
+strings, batching that leaves every result unchanged, errors that name the field (text a tokenizer
+cannot take and strict types included), body limits, /health while a maximal prompt is tokenised,
+an OpenAPI document that lists what the server answers, a freed slot when a client goes away, the
+official openai client, the page in Chromium, and a bounded load test. (The newer OpenAI features:
+test_serve_openai.py.)"""
 
 import asyncio
 import json
