@@ -141,14 +141,15 @@ def _rope(config: dict[str, Any], source: str) -> dict[str, Any]:
     """RoPE fields of an HF config (``rope_theta``/``rope_scaling``, or the newer ``rope_parameters``)."""
     key = "rope_parameters" if config.get("rope_parameters") else "rope_scaling"
     params = _dict(config, key, source)
-    theta = _number(config, "rope_theta", float, source, 10000.0) if "rope_theta" in config else _number(params, "rope_theta", float, f"{source} {key}", 10000.0)
+    where = f"{source} {key}"
+    holder, named_in = (config, source) if "rope_theta" in config else (params, where)  # a null top-level one is refused
+    theta = _number(holder, "rope_theta", float, named_in, 10000.0)
     kind = params.get("rope_type", params.get("type", "default"))
     out: dict[str, Any] = {"rope_theta": theta}
     if kind in (None, "default"):
         return out
     if kind != "llama3":
         raise _refuse(source, f"rope scaling {kind!r} (only 'llama3' is)")
-    where = f"{source} {key}"
     return {
         **out,
         "rope_scaling": "llama3",
@@ -172,7 +173,7 @@ def _sliding_window(layout: Layout, config: dict[str, Any], n_layer: int, source
         kinds = ["full_attention" if i < first else "sliding_attention" for i in range(n_layer)]
     elif kinds is None:
         return 0
-    if not isinstance(kinds, list) or not set(kinds) <= {"full_attention", "sliding_attention"}:
+    if not isinstance(kinds, list) or not all(k in ("full_attention", "sliding_attention") for k in kinds):
         raise _refuse(source, f"layer_types={kinds!r} (only full_attention and sliding_attention layers are)")
     if window is None or "sliding_attention" not in kinds:
         return 0
