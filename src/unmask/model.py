@@ -267,7 +267,8 @@ class Transformer(nn.Module):
         q_slot = cache_index if cache_index is not None else torch.arange(start, start + l, device=tokens.device).expand(b, l)
         num_keys = kv_cache.k[0].shape[2] if cache_index is not None else start + l
         placed = positions if positions is not None else cache_index
-        self._check_context(start + l if kv_cache is not None and cache_index is None or placed is None else placed)
+        appending = kv_cache is not None and cache_index is None  # the AR cache: its slots and the new ones
+        self._check_context(start + l if appending or placed is None else placed)
         if positions is None:
             positions = q_slot
         cos, sin = rotary_tables(positions, rope_frequencies(cfg, tokens.device))
