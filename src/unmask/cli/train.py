@@ -73,7 +73,7 @@ def train(
     data: Optional[Path] = typer.Option(None, help="Folder from `unmask data prepare`; default: the embedded Shakespeare corpus (on --resume: the run's)."),
     steps: Optional[int] = typer.Option(
         None, min=1, help=f"Optimizer steps (default {_T.steps}). On --resume a new length: the LR continues from its current value "
-        "along a cosine to its floor at the new end.",
+        "along a cosine to its floor at the new end (a warmup not yet over goes on first; the notice says which).",
     ),
     batch_size: Optional[int] = typer.Option(None, min=1, help=f"Sequences per micro-batch, per process (default {_T.batch_size})."),
     grad_accum: Optional[int] = typer.Option(None, min=1, help=f"Micro-batches per optimizer step (default {_T.grad_accum})."),
