@@ -34,10 +34,11 @@ def import_(
 @app.command("export")
 def export(
     run: Path = typer.Argument(..., help="Run folder (its latest checkpoint) or a checkpoints/step_* folder."),
-    out: Path = typer.Option(..., help="New folder for config.json, model.safetensors and tokenizer.json."),
+    out: Path = typer.Option(..., help="New folder for config.json, model.safetensors, the tokenizer and generation files (an MDM also modeling_unmask.py)."),
     dtype: Optional[str] = typer.Option(None, help="Cast the weights: float32, bfloat16 or float16 (default: keep the run's)."),
 ) -> None:
-    """Write a run as a LLaMA-layout folder: an AR run loads in transformers as LlamaForCausalLM."""
+    """Write a run as a LLaMA-layout folder for transformers: an AR run loads as LlamaForCausalLM (Mistral/Qwen2
+    with a sliding window), an MDM as its own bidirectional model with trust_remote_code=True."""
     from unmask.interop import export_run
 
     export_run(run, out, dtype=dtype)
