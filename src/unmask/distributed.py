@@ -74,13 +74,10 @@ def end_with_launcher() -> None:
     writing the run folder. Linux: the kernel sends SIGKILL on the parent's death (``prctl
     PR_SET_PDEATHSIG``); elsewhere a daemon thread watches for the parent to change.
     """
-    parent = os.getppid()
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     else:
-        threading.Thread(target=_watch_parent, args=(parent,), name="unmask-launcher-watch", daemon=True).start()
-    if os.getppid() != parent:  # the launcher died before the watch was set up
-        os._exit(1)
+        threading.Thread(target=_watch_parent, args=(os.getppid(),), name="unmask-launcher-watch", daemon=True).start()
 
 
 def _watch_parent(parent: int) -> None:
