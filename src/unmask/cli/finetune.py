@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -83,7 +85,9 @@ def finetune(
         "seed": seed, "eval_every": eval_every, "checkpoint_every": checkpoint_every, "log_every": log_every, "cfg_dropout": cfg_dropout,
     }.items() if value is not None}
     resume = resume or resume_from is not None
-    with run_lock(run_dir, create=not resume):  # held from writing RUN/pairs to the end of training (train() takes it again)
+    # held from writing RUN/pairs to the end of training (train() takes it again); under torchrun by rank 0
+    lock = run_lock(run_dir, create=not resume) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    with lock:
         if resume:
             if init_from is not None or pairs is not None or val_pairs is not None or length is not None:
                 raise UnmaskError("--resume continues the run with its own source and pairs; leave out --init-from, --pairs, --val-pairs and --length")
