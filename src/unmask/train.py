@@ -57,6 +57,7 @@ from unmask.likelihood import LikelihoodResult, ar_nll, mc_elbo, response_nll
 from unmask.model import Transformer
 from unmask.objectives import Corruption, ar_loss, corrupt_k_dce, corrupt_response, corrupt_t_dce, dce_loss
 from unmask.schedule import Schedule
+from unmask.tracking import Sink, open_trackers, tracker_names
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -282,9 +283,11 @@ class TrainResult:
                 f"-> {self.run_dir}")
 
 
-def _append_metrics(path: Path, record: dict) -> None:
+def _append_metrics(path: Path, sink: Sink, record: dict) -> None:
+    """One line of metrics.jsonl, also sent to the run's trackers (``--log-to``)."""
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps(record) + "\n")
+    sink.log(record)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -305,6 +308,7 @@ def train(
     progress: bool = True,
     stop_after: int | None = None,
     resume_from: int | None = None,
+    log_to: tuple[str, ...] = (),
 ) -> TrainResult:
     """Train until ``train_cfg.steps`` (or ``stop_after`` steps in this call, for tests).
 
@@ -313,12 +317,15 @@ def train(
     and masking noise, so the losses equal an uninterrupted run's. The model, data and settings
     must be the saved ones; only ``steps`` and the OPERATIONAL settings may differ, with a printed
     notice (see :func:`resume_config`). RUN is locked for the whole call: one writer at a time.
+    ``log_to`` names trackers (``"tensorboard"``, ``"wandb"``: :mod:`unmask.tracking`) that rank 0
+    sends every metrics line to as well.
     """
+    log_to = tracker_names(log_to)
     resume = resume or resume_from is not None
     world, dev = init_world(device, train_cfg.parallel)
     try:
         with _run_writer(Path(run_dir), world, resume):
-            return _train(world, dev, Path(run_dir), model_cfg, train_cfg, data_dir, resume, resume_from, progress, stop_after)
+            return _train(world, dev, Path(run_dir), model_cfg, train_cfg, data_dir, resume, resume_from, progress, stop_after, log_to)
     except DamagedCheckpoint as exc:
         if resume and exc.ckpt.parent == Path(run_dir) / "checkpoints":
             raise resume_hint(exc) from None
@@ -350,7 +357,7 @@ def _content(data: TokenDataset | PairDataset) -> str:
 
 
 def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, train_cfg: TrainConfig, data_dir, resume: bool,
-           resume_from: int | None, progress: bool, stop_after: int | None) -> TrainResult:
+           resume_from: int | None, progress: bool, stop_after: int | None, log_to: tuple[str, ...]) -> TrainResult:
     dataset = PairDataset if train_cfg.sft else TokenDataset
     train_data, val_data = dataset(data_dir, "train"), dataset(data_dir, "val")
     tokenizer = train_data.tokenizer
@@ -461,7 +468,8 @@ def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, trai
     losses: list[float] = []
     bar = tqdm(total=train_cfg.steps, initial=step, desc=f"train {train_cfg.objective}", unit="step", disable=not (progress and world.is_main),
                dynamic_ncols=True)
-    with bar:  # closed on an error too, before its message is printed
+    # closed on an error too, before its message is printed; only rank 0 writes metrics and trackers
+    with bar, open_trackers(log_to if world.is_main else (), run_dir, config.to_dict(), step) as sink:
         t_start = time.perf_counter()
         t_log, tok_log = t_start, 0
         while step < end:
@@ -515,7 +523,7 @@ def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, trai
                 rate = tok_log / max(now - t_log, 1e-9)
                 t_log, tok_log = now, 0
                 bar.set_postfix(loss=f"{loss_value:.3f}", tok_s=f"{rate:,.0f}")
-                _append_metrics(metrics_path, {
+                _append_metrics(metrics_path, sink, {
                     "kind": "train", "step": step, "tokens": tokens, "flops": 6 * n_params * tokens, "loss": loss_value,
                     "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": rate, "elapsed_s": now - t_start,
                 })
@@ -525,7 +533,7 @@ def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, trai
                     result = validate(model, val_windows, val_prev, train_cfg, train_cfg.batch_size)
                 if world.is_main:
                     bar.write(f"step {step}: val {result.nats_per_token:.4f} nats/token (ppl {'<= ' if result.kind == 'elbo' else ''}{result.perplexity:.2f})")
-                    _append_metrics(metrics_path, {
+                    _append_metrics(metrics_path, sink, {
                         "kind": "val", "step": step, "tokens": tokens, "flops": 6 * n_params * tokens,
                         "val_nats_per_token": result.nats_per_token, "val_stderr": result.stderr, "val_ppl": result.perplexity,
                     })

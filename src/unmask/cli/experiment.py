@@ -9,8 +9,10 @@ from typing import List, Optional
 import typer
 
 from unmask.cli.app import app, command_group
+from unmask.cli.train import log_to_option
 from unmask.errors import UnmaskError
 from unmask.experiments.conditional import Settings as ConditionalSettings
+from unmask.tracking import tracker_names
 
 experiment_app = command_group("SMDM's experiments: scaling laws, reverse curse, conditional generation, distribution shift.")
 app.add_typer(experiment_app, name="experiment")
@@ -37,13 +39,14 @@ def scaling(
     data: Optional[Path] = typer.Option(None, help="Folder from `unmask data prepare`; default: the embedded Shakespeare corpus."),
     bootstrap: int = typer.Option(1000, help="Bootstrap resamples for the confidence intervals."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    log_to: Optional[List[str]] = log_to_option(),
 ) -> None:
     """IsoFLOP grid of MDM and AR runs, frontiers L*(C) and N*(C), compute multiplier and size ratio."""
     from unmask.experiments import scaling as experiment
 
     if bootstrap < 10:
         raise UnmaskError(f"--bootstrap={bootstrap}: use at least 10 resamples")
-    experiment.run(out, grid, data, device=device, bootstrap_samples=bootstrap)
+    experiment.run(out, grid, data, device=device, bootstrap_samples=bootstrap, log_to=tracker_names(log_to))
     typer.echo(f"wrote {out}/results.md, results.json and scaling.png", err=True)
 
 
@@ -60,6 +63,7 @@ def reverse_curse(
     distractors: int = typer.Option(7, min=1, help="Wrong answers each correct one is ranked against."),
     context_len: int = typer.Option(64, min=1, help="Model context in tokens."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    log_to: Optional[List[str]] = log_to_option(),
 ) -> None:
     """Train MDM and AR on facts seen in one direction; exact match and ranking in both directions."""
     from unmask.experiments import reverse_curse as experiment
@@ -67,7 +71,7 @@ def reverse_curse(
     settings = experiment.Settings(facts_per_direction=facts, repeats=repeats, steps=steps, seeds=_ints(seeds, "--seeds"),
                                    cfg_scales=_floats(cfg_scales, "--cfg-scales"), distractors=distractors, context_len=context_len,
                                    extra_mdm_steps=_ints(extra_mdm_steps, "--extra-mdm-steps"))
-    experiment.run(out, settings, facts_file, device=device)
+    experiment.run(out, settings, facts_file, device=device, log_to=tracker_names(log_to))
     typer.echo(f"wrote {out}/results.md, results.json and reverse_curse.png", err=True)
 
 
@@ -88,13 +92,14 @@ def conditional(
     seeds: str = typer.Option(",".join(map(str, _C.seeds)), help="Comma-separated training seeds; the table reports mean and spread over them."),
     distractors: int = typer.Option(_C.distractors, min=1, help="Wrong answers each correct one is ranked against."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    log_to: Optional[List[str]] = log_to_option(),
 ) -> None:
     """Pretrain MDM and AR, fine-tune both on question/answer pairs; accuracy and likelihood against the guidance scale."""
     from unmask.experiments import conditional as experiment
 
     settings = experiment.Settings(facts_per_direction=facts, steps=steps, mdm_steps=mdm_steps, sft_steps=sft_steps, sft_lr=sft_lr, cfg_dropout=cfg_dropout,
                                    cfg_scales=_floats(cfg_scales, "--cfg-scales"), seeds=_ints(seeds, "--seeds"), distractors=distractors)
-    experiment.run(out, settings, facts_file, device=device)
+    experiment.run(out, settings, facts_file, device=device, log_to=tracker_names(log_to))
     typer.echo(f"wrote {out}/results.md, results.json and conditional.png", err=True)
 
 
@@ -111,11 +116,12 @@ def shift(
     chain_rule: bool = typer.Option(True, help="Also score the MDM with the exact left-to-right chain rule."),
     seed: int = typer.Option(0, min=0, help="Training seed."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    log_to: Optional[List[str]] = log_to_option(),
 ) -> None:
     """Train MDM and AR on Shakespeare; relative NLL increase on shifted text at equal compute and equal loss."""
     from unmask.experiments import shift as experiment
 
     settings = experiment.Settings(vocab_size=vocab_size, steps=steps, ar_fractions=_floats(ar_fractions, "--ar-fractions"), eval_draws=draws,
                                    eval_windows=windows, chain_rule=chain_rule, seed=seed)
-    experiment.run(out, settings, shifted or [], milton, device=device)
+    experiment.run(out, settings, shifted or [], milton, device=device, log_to=tracker_names(log_to))
     typer.echo(f"wrote {out}/results.md, results.json and shift.png", err=True)

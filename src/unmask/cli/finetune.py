@@ -6,11 +6,12 @@ import contextlib
 import dataclasses
 import os
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
 from unmask.cli.app import app
+from unmask.cli.train import log_to_option
 from unmask.errors import UnmaskError
 
 DEFAULT_LR, DEFAULT_STEPS = 1e-4, 500
@@ -66,6 +67,7 @@ def finetune(
     checkpoint_every: Optional[int] = typer.Option(None, min=1, help="Checkpoint every N steps (default 200)."),
     log_every: Optional[int] = typer.Option(None, min=1, help="Append a metrics line every N steps (default 10)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    log_to: Optional[List[str]] = log_to_option(),
     resume: bool = typer.Option(False, help="Continue RUN from its latest checkpoint (only --steps and the logging settings may change)."),
     resume_from: Optional[int] = typer.Option(None, help="Resume from the run's checkpoint of this step instead of its latest (e.g. when "
                                               "the latest is damaged); implies --resume."),
@@ -78,7 +80,10 @@ def finetune(
     """
     from unmask.checkpoint import run_lock
     from unmask.cli.train import _saved_run
+    from unmask.tracking import tracker_names
     from unmask.train import train as run_training
+
+    log_to = tracker_names(log_to)  # refused before any work
 
     given = {key: value for key, value in {
         "steps": steps, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup_steps, "loss": loss, "precision": precision,
@@ -103,5 +108,6 @@ def finetune(
             model_cfg, train_cfg = finetune_configs(init_from, **given)
             data_dir = pairs_folder(run_dir, init_from, pairs, val_pairs, length, model_cfg.context_len)
         typer.echo(f"fine-tuning {train_cfg.objective.upper()} {model_cfg.name} on {data_dir}", err=True)
-        result = run_training(run_dir, model_cfg, train_cfg, data_dir, resume=resume, device=device, resume_from=resume_from)
+        result = run_training(run_dir, model_cfg, train_cfg, data_dir, resume=resume, device=device, resume_from=resume_from,
+                              log_to=log_to)
     typer.echo(result.summary(), err=True)

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -26,6 +26,12 @@ def presets() -> None:
             f"{name:8} {cfg.n_layer:>6} {cfg.n_head:>5} {cfg.n_embd:>6} {cfg.context_len:>7} "
             f"{cfg.non_embedding_params() / 1e6:>14.2f}M {cfg.total_params() / 1e6:>12.2f}M"
         )
+
+
+def log_to_option():
+    """The ``--log-to`` option of the commands that train (train, finetune, the experiments)."""
+    return typer.Option(None, "--log-to", metavar="TRACKER[,TRACKER]", help="Also send the metrics to tensorboard (RUN/tensorboard/) or wandb (RUN/wandb/, offline "
+                        "unless WANDB_MODE is set); repeat the flag or separate names with commas. Needs pip install 'unmask[track]'.")
 
 
 def _data_dir(data: Optional[Path]) -> Path:
@@ -99,6 +105,7 @@ def train(
     ema: Optional[float] = typer.Option(None, help="Keep an fp32 moving average of the weights with this decay (e.g. 0.9999); "
                                         "sample/eval then use it by default."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    log_to: Optional[List[str]] = log_to_option(),
     init_from: Optional[Path] = typer.Option(
         None, help="Start from these weights: a run folder or a LLaMA/Qwen2/Mistral/LLaDA/Dream folder (the network is "
         "the source's; with --objective mdm an AR source becomes bidirectional; with --objective bd3 the network becomes "
@@ -122,7 +129,10 @@ def train(
 ) -> None:
     """Train an MDM or the AR baseline; the same command runs under torchrun."""
     from unmask.data import TokenDataset
+    from unmask.tracking import tracker_names
     from unmask.train import changed_settings_error, train as run_training
+
+    log_to = tracker_names(log_to)  # refused before any work
 
     flags = {
         "objective": objective, "loss": loss, "schedule": schedule, "steps": steps, "batch_size": batch_size, "grad_accum": grad_accum,
@@ -182,7 +192,8 @@ def train(
             f"{train_cfg.objective.upper()} {model_cfg.name}: {model_cfg.non_embedding_params() / 1e6:.2f}M non-embedding params, "
             f"{model_cfg.total_params() / 1e6:.2f}M total", err=True,
         )
-    result = run_training(run_dir, model_cfg, train_cfg, data_dir, resume=resume, device=device, resume_from=resume_from)
+    result = run_training(run_dir, model_cfg, train_cfg, data_dir, resume=resume, device=device, resume_from=resume_from,
+                          log_to=log_to)
     if main_process:
         typer.echo(result.summary(), err=True)
 

@@ -246,8 +246,9 @@ def _plot(rows: list[dict], settings: Settings, path: Path) -> None:
 
 
 def run(out_dir: str | Path, settings: Settings = Settings(), facts_file: str | Path | None = None, device: str = "auto",
-        progress: bool = True) -> dict:
-    """Prepare (once), pretrain and fine-tune (resumably), evaluate, write results.json, results.md, conditional.png."""
+        progress: bool = True, log_to: tuple[str, ...] = ()) -> dict:
+    """Prepare (once), pretrain and fine-tune (resumably), evaluate, write results.json, results.md, conditional.png;
+    ``log_to``: the trackers of every run (:mod:`unmask.tracking`)."""
     out = Path(out_dir)
     facts, source, data, tok = reverse_curse.facts_corpus(out, settings, facts_file)
     task = split_task(facts)
@@ -261,7 +262,7 @@ def run(out_dir: str | Path, settings: Settings = Settings(), facts_file: str | 
                       max_length=settings.context_len)
     specs = specs_for(settings, data.resolve(), pairs.resolve(), tok.vocab_size, out)
     records = run_grid(out, specs, lambda spec, run_dir: evaluate_run(spec, run_dir, task, choices, longest, settings, device),
-                       device=device, progress=progress, chunk=max(50, settings.steps // 10), desc="conditional")
+                       device=device, progress=progress, chunk=max(50, settings.steps // 10), desc="conditional", log_to=log_to)
     rows = summarise(records)
     _plot(rows, settings, out / "conditional.png")
     result = {"experiment": "conditional", "settings": asdict(settings), "facts": source, "num_facts": len(facts),

@@ -213,8 +213,9 @@ def _plot(rows: list[dict], settings: Settings, path: Path) -> None:
 
 
 def run(out_dir: str | Path, settings: Settings = Settings(), facts_file: str | Path | None = None, device: str = "auto",
-        progress: bool = True) -> dict:
-    """Prepare (once), train (resumably), evaluate and write results.json, results.md, reverse_curse.png."""
+        progress: bool = True, log_to: tuple[str, ...] = ()) -> dict:
+    """Prepare (once), train (resumably), evaluate and write results.json, results.md, reverse_curse.png; ``log_to``:
+    the trackers of every run (:mod:`unmask.tracking`)."""
     out = Path(out_dir)
     facts, source, data, tok = facts_corpus(out, settings, facts_file)
     longest = max(1 + len(tok.encode(q.prompt)) + len(tok.encode(" " + getattr(f, q.asks))) for q in facts_mod.questions(facts) for f in facts)
@@ -223,7 +224,7 @@ def run(out_dir: str | Path, settings: Settings = Settings(), facts_file: str | 
                           f"use --context-len {longest} or more (or shorter facts)")
     specs = specs_for(settings, data.resolve(), tok.vocab_size)
     records = run_grid(out, specs, lambda spec, run_dir: evaluate_run(run_dir, facts, settings, device), device=device,
-                       progress=progress, chunk=max(50, settings.steps // 10), desc="reverse-curse")
+                       progress=progress, chunk=max(50, settings.steps // 10), desc="reverse-curse", log_to=log_to)
     rows = summarise(records, settings)
     _plot(rows, settings, out / "reverse_curse.png")
     result = {"experiment": "reverse-curse", "settings": asdict(settings), "facts": source, "num_facts": len(facts),

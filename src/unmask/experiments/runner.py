@@ -84,9 +84,11 @@ def run_grid(
     progress: bool = True,
     chunk: int = 100,
     desc: str = "experiment",
+    log_to: tuple[str, ...] = (),
 ) -> list[dict]:
     """Train and evaluate every spec (skipping finished ones); returns one dict per spec:
-    ``{"spec": spec.to_dict(), "result": evaluate(spec, run_dir)}``."""
+    ``{"spec": spec.to_dict(), "result": evaluate(spec, run_dir)}``. ``log_to``: trackers every run
+    also logs to (:mod:`unmask.tracking`; each chunk resumes the run's own)."""
     from unmask.train import train
 
     out = Path(out_dir)
@@ -117,7 +119,8 @@ def run_grid(
         step = _trained_steps(run_dir)
         start = time.perf_counter()
         while step < spec.train.steps:
-            result = train(run_dir, spec.model, spec.train, spec.data_dir, resume=step > 0, device=device, progress=False, stop_after=chunk)
+            result = train(run_dir, spec.model, spec.train, spec.data_dir, resume=step > 0, device=device, progress=False, stop_after=chunk,
+                           log_to=log_to)
             bar.update(result.steps - step)
             step = result.steps
         answer = evaluate(spec, run_dir)

@@ -299,8 +299,9 @@ def markdown(grid_name: str, grid: Grid, records: list[dict], analysis: dict) ->
 
 
 def run(out_dir: str | Path, grid_name: str = "cpu", data_dir: str | Path | None = None, device: str = "auto",
-        progress: bool = True, bootstrap_samples: int = 1000) -> dict:
-    """Run (or resume) the grid, fit, and write results.json, results.md and scaling.png to ``out_dir``."""
+        progress: bool = True, bootstrap_samples: int = 1000, log_to: tuple[str, ...] = ()) -> dict:
+    """Run (or resume) the grid, fit, and write results.json, results.md and scaling.png to ``out_dir``; ``log_to``:
+    the trackers of every run (:mod:`unmask.tracking`)."""
     from unmask.data import TokenDataset
 
     grid = load_grid(grid_name)
@@ -311,7 +312,7 @@ def run(out_dir: str | Path, grid_name: str = "cpu", data_dir: str | Path | None
     vocab = TokenDataset(data, "train").tokenizer.vocab_size
     specs = specs_for(grid, data.resolve(), vocab)
     records = run_grid(out_dir, specs, lambda s, d: final_loss(s, d, grid.eval_windows, grid.eval_draws, device=device),
-                       device=device, progress=progress, chunk=max(50, min(s.train.steps for s in specs)), desc="scaling")
+                       device=device, progress=progress, chunk=max(50, min(s.train.steps for s in specs)), desc="scaling", log_to=log_to)
     analysis = analyse(records, bootstrap_samples)
     bands = _bands(records, bootstrap_samples)
     _plot(records, {**analysis, "_bands": bands}, Path(out_dir) / "scaling.png")

@@ -202,8 +202,9 @@ def _plot(records: list[dict], corpora: list[str], path: Path) -> None:
 
 
 def run(out_dir: str | Path, settings: Settings = Settings(), shifted: list[str | Path] = (), milton: bool = True,
-        device: str = "auto", progress: bool = True) -> dict:
-    """Prepare (once), train (resumably), score and write results.json, results.md, shift.png."""
+        device: str = "auto", progress: bool = True, log_to: tuple[str, ...] = ()) -> dict:
+    """Prepare (once), train (resumably), score and write results.json, results.md, shift.png; ``log_to``: the
+    trackers of every run (:mod:`unmask.tracking`)."""
     from unmask.data import TokenDataset
 
     out = Path(out_dir)
@@ -213,7 +214,7 @@ def run(out_dir: str | Path, settings: Settings = Settings(), shifted: list[str 
     vocab = TokenDataset(data, "train").tokenizer.vocab_size
     specs = specs_for(settings, Path(data).resolve(), vocab, list(corpora))
     records = run_grid(out, specs, lambda spec, run_dir: evaluate_run(run_dir, corpora, settings, device), device=device,
-                       progress=progress, chunk=max(50, settings.steps // 10), desc="shift")
+                       progress=progress, chunk=max(50, settings.steps // 10), desc="shift", log_to=log_to)
     analysis = analyse(records, list(corpora))
     _plot(records, list(corpora), out / "shift.png")
     result = {"experiment": "shift", "settings": asdict(settings), "shifted": list(corpora), "runs": records, **analysis}
