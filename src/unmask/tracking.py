@@ -1,10 +1,10 @@
 """Experiment tracking: the training metrics also sent to TensorBoard or Weights & Biases.
 
-``RUN/metrics.jsonl`` stays the record; a tracker receives each of its lines as it is appended
-(``--log-to tensorboard``, ``--log-to wandb``, as LitGPT and Lightning-based projects offer). A
-tracker is a small protocol: ``open(run_dir, config, step) -> Sink``, where ``config`` is the run's
-resolved config (logged as hyperparameters) and ``step`` the step the run starts or resumes at,
-and a :class:`Sink` has ``log(record)`` and ``close()``. A record is a metrics line
+``RUN/metrics.jsonl`` stays the record; a tracker (``--log-to tensorboard``, ``--log-to wandb``)
+receives each of its lines as it is appended. A tracker is a small protocol:
+``open(run_dir, config, step) -> Sink``, where ``config`` is the run's resolved config (logged as
+hyperparameters) and ``step`` the step the run starts or resumes at, and a :class:`Sink` has
+``log(record)`` and ``close()``. A record is a metrics line
 (``{"kind": "train" | "val", "step": ..., <field>: <number>, ...}``); each numeric field becomes
 the scalar ``<kind>/<field>`` (the field's ``val_`` prefix dropped: ``val/nats_per_token``) with
 the step as its x axis.
@@ -17,7 +17,8 @@ the step as its x axis.
   uploads it), project ``$WANDB_PROJECT`` or ``unmask``, named after the run folder. Its id is kept
   in ``RUN/wandb/run-id``, so a resumed run continues the same wandb run (``resume="allow"``). The
   scalars are plotted against ``step`` (wandb's ``define_metric``, as Lightning's WandbLogger
-  does), so steps trained again after ``--resume-from`` appear twice there.
+  does), so the steps a resumed run trains again (those logged after the checkpoint it resumes
+  from) appear twice there, where TensorBoard and ``metrics.jsonl`` keep only the later ones.
 
 Only the process that writes ``metrics.jsonl`` (rank 0 under torchrun) opens trackers.
 """
@@ -51,7 +52,8 @@ class Sink(Protocol):
 
 @dataclass(frozen=True)
 class Tracker:
-    """A tracker's name on the command line, the package it needs, and how it opens for a run."""
+    """A tracker (its name on the command line is its key in :data:`TRACKERS`): the package it needs and
+    how it opens for a run."""
 
     package: str
     open: Callable[[Path, dict[str, Any], int], Sink]
@@ -158,16 +160,21 @@ class _Fanout:
         for sink in self.sinks:
             sink.log(record)
 
+    def close(self) -> None:
+        with contextlib.ExitStack() as stack:  # every sink closed (the last opened first), even if one fails
+            for sink in self.sinks:
+                stack.callback(sink.close)
+
 
 @contextlib.contextmanager
-def open_trackers(names: Iterable[str], run_dir: str | Path, config: dict[str, Any], step: int = 0) -> Iterator[_Fanout]:
+def open_trackers(names: Iterable[str], run_dir: str | Path, config: dict[str, Any], step: int = 0) -> Iterator[Sink]:
     """The trackers ``names`` (see :func:`tracker_names`) opened for the run folder ``run_dir``, which
     starts (``step`` 0) or resumes at ``step``; yields one sink whose ``log`` reaches them all, and
     closes every one of them at the end, also after an error. No names: a sink that does nothing."""
-    with contextlib.ExitStack() as stack:
-        sinks = []
+    fanout = _Fanout([])
+    try:
         for name in tracker_names(names):
-            sink = TRACKERS[name].open(Path(run_dir), config, step)
-            stack.callback(sink.close)
-            sinks.append(sink)
-        yield _Fanout(sinks)
+            fanout.sinks.append(TRACKERS[name].open(Path(run_dir), config, step))
+        yield fanout
+    finally:
+        fanout.close()
