@@ -209,6 +209,11 @@ def test_experiment_runs_log_every_chunk(tmp_path, small_data):
     assert tensorboard_scalars(run_dir / "tensorboard") == metrics(run_dir)
 
 
+def as_if_installed(monkeypatch) -> None:
+    """Every tracker's package counts as installed (each asks for one that is)."""
+    monkeypatch.setattr(tracking, "TRACKERS", {name: tracking.Tracker("json", tracker.open) for name, tracker in tracking.TRACKERS.items()})
+
+
 EXPERIMENTS = {"scaling": "scaling", "reverse-curse": "reverse_curse", "conditional": "conditional", "shift": "shift"}
 
 
@@ -217,10 +222,16 @@ def test_experiments_pass_log_to(command, monkeypatch, tmp_path):
     module = importlib.import_module(f"unmask.experiments.{EXPERIMENTS[command]}")
     seen = []
     monkeypatch.setattr(module, "run", lambda *args, log_to=(), **kwargs: seen.append(log_to))
-    # as if both packages were installed: each tracker asks for one that is
-    monkeypatch.setattr(tracking, "TRACKERS", {name: tracking.Tracker("json", tracker.open) for name, tracker in tracking.TRACKERS.items()})
+    as_if_installed(monkeypatch)
     assert main(["experiment", command, "--out", str(tmp_path), "--log-to", "tensorboard", "--log-to", "wandb,tensorboard"]) == 0
     assert seen == [("tensorboard", "wandb")]
+
+
+def test_names_from_repeated_flags_and_comma_lists(monkeypatch):
+    as_if_installed(monkeypatch)
+    assert tracking.tracker_names(["wandb", " tensorboard, wandb ", ""]) == ("wandb", "tensorboard")
+    assert tracking.tracker_names("tensorboard,wandb") == ("tensorboard", "wandb")  # one string from Python
+    assert tracking.tracker_names(None) == tracking.tracker_names([]) == ()
 
 
 COMMANDS = [["train", "--run-dir"], ["finetune", "--run-dir"], *(["experiment", name, "--out"] for name in EXPERIMENTS)]

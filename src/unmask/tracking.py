@@ -134,11 +134,11 @@ TRACKERS: dict[str, Tracker] = {
 }
 
 
-def tracker_names(values: Iterable[str] | None) -> tuple[str, ...]:
+def tracker_names(values: str | Iterable[str] | None) -> tuple[str, ...]:
     """The trackers ``--log-to`` asks for, each value a name or a comma-separated list, in order and
     without repeats; an unknown name, or one whose package is not installed, raises UnmaskError."""
     names: list[str] = []
-    for value in values or ():
+    for value in [values] if isinstance(values, str) else values or ():
         for name in (part.strip() for part in value.split(",")):
             if name and name not in names:
                 names.append(name)
