@@ -79,7 +79,7 @@ def test_cli_adapts_an_ar_run(tmp_path, small_data):
     assert main(["train", "--run-dir", str(tmp_path / "m"), "--objective", "mdm", "--init-from", str(tmp_path / "ar"),
                  "--keep-shift", "--anneal-attention", "3", "--steps", "4", *common]) == 0  # fmt: skip
     saved = json.loads((tmp_path / "m" / "config.json").read_text())
-    assert saved["model"]["shift_logits"] and not saved["model"]["causal"] and saved["train"]["anneal_steps"] == 3
+    assert saved["model"]["shift_logits"] and not saved["model"]["causal"] and saved["train"]["adapt"]["anneal_steps"] == 3
     assert main(["train", "--run-dir", str(tmp_path / "x"), "--keep-shift", "--steps", "2", *common]) == 2
     assert main(["train", "--run-dir", str(tmp_path / "y"), "--objective", "ar", "--anneal-attention", "3", "--steps", "2", *common]) == 2
 

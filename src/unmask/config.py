@@ -8,22 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 from unmask.errors import UnmaskError, check_number
 
-Objective = Literal["mdm", "ar", "bd3"]
 
 
-def _known_fields(cls: type, data: dict[str, Any], what: str) -> dict[str, Any]:
-    """``data`` if every key is a field of the dataclass ``cls``; else an error naming the unknown keys.
+def _known_fields(cls: type, data: dict[str, Any], what: str, also: Iterable[str] = ()) -> dict[str, Any]:
+    """``data`` if every key is a field of the dataclass ``cls`` (or in ``also``); else an error naming the unknown keys.
 
     One policy for every saved config: a key this version does not know is refused rather than
     dropped, because silently ignoring a setting would change what a resumed run computes.
     """
     if not isinstance(data, dict):
         raise UnmaskError(f"{what} config must be a JSON object, got {type(data).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)} | set(also)
     unknown = set(data) - known
     if unknown:
         raise UnmaskError(f"{what} config has unknown keys {sorted(unknown)}; known keys: {sorted(known)}")
@@ -177,16 +176,124 @@ TRAIN_NUMBERS: dict[str, tuple[str, str]] = {
     "grad_clip": ("grad_clip", "> 0"), "seed": ("--seed", ">= 0"), "eval_every": ("--eval-every", "> 0"),
     "eval_windows": ("eval_windows", "> 0"), "eval_draws": ("eval_draws", "> 0"), "checkpoint_every": ("--checkpoint-every", "> 0"),
     "keep_checkpoints": ("keep_checkpoints", "> 0"), "log_every": ("--log-every", "> 0"),
-    "global_batch_tokens": ("--global-batch-tokens", ">= 0"), "ema": ("--ema", "[0, 1)"), "anneal_steps": ("--anneal-attention", ">= 0"),
-}  # the mask rates and --cfg-dropout have checks of their own below
+    "global_batch_tokens": ("--global-batch-tokens", ">= 0"), "ema": ("--ema", "[0, 1)"),
+}  # the sections check their own numbers
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """The training loop's settings. Batches hold ``batch_size * grad_accum`` sequences per step."""
+class AdaptationConfig:
+    """Starting from other weights (``--init-from``: a run or a published checkpoint folder): AR -> MDM
+    adaptation (unmask.adaptation), an MDM fine-tuned into a block model (bd3), or the pretrained run
+    a fine-tuning run starts from; and, for an MDM, the attention mask annealed from causal to
+    bidirectional over ``anneal_steps`` steps (DiffuLLaMA)."""
 
-    objective: Objective = "mdm"
-    loss: Literal["t-dce", "k-dce"] | None = None  # MDM objective (docs/algorithms.md, 'MDM loss: t-DCE and k-DCE'); None: the objective's default
+    init_from: str = ""
+    anneal_steps: int = 0
+
+    def __post_init__(self) -> None:
+        check_number("--anneal-attention", self.anneal_steps, ">= 0")
+
+
+@dataclass(frozen=True)
+class BlockDiffusionConfig:
+    """Block diffusion (objective bd3; docs/algorithms.md, 'Block diffusion (BD3-LM)'): ``size`` tokens
+    per block L', and the clipped range [beta, omega] of each block's time t (the mask rate, for the
+    linear schedule)."""
+
+    size: int = 0
+    mask_rate_min: float = 0.0
+    mask_rate_max: float = 1.0
+    flex_attention: bool = False  # the 2L training forward through FlexAttention instead of SDPA + boolean mask
+
+    def __post_init__(self) -> None:  # the size is checked with the objective (TrainConfig)
+        if not 0 <= self.mask_rate_min < self.mask_rate_max <= 1:
+            raise UnmaskError(
+                f"--mask-rate-min={self.mask_rate_min} and --mask-rate-max={self.mask_rate_max} must satisfy 0 <= min < max <= 1"
+            )
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning (``unmask finetune``; docs/algorithms.md, 'Conditional bound and fine-tuning'):
+    the data is a pairs folder (unmask.data.pairs) and only responses are learned; an MDM's prompt is
+    replaced by MASK with probability ``cfg_dropout`` (0: unsupervised CFG at sampling time, as SMDM;
+    0.1: standard CFG)."""
+
+    cfg_dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.cfg_dropout < 1:
+            raise _cfg_dropout_error(self.cfg_dropout)
+
+
+def _block_size_error(size: int) -> UnmaskError:
+    return UnmaskError(f"--objective bd3 needs --block-size >= 1 (tokens per block), got {size}")
+
+
+def _cfg_dropout_error(value: float) -> UnmaskError:
+    return UnmaskError(f"--cfg-dropout={value} must be in [0, 1), and is for fine-tuning an MDM only "
+                       "(an AR model has no MASK to drop its prompt to)")
+
+
+# The sections of a TrainConfig; None where a section is off (no --init-from or annealing, not block
+# diffusion, not fine-tuning).
+SECTIONS: dict[str, type] = {"adapt": AdaptationConfig, "block": BlockDiffusionConfig, "sft": SFTConfig}
+
+# The sections' settings in the flat layout (config.json before sections, and the flags): name -> (section, field).
+# Fine-tuning is switched on by ``sft`` itself (True, or its section).
+FLAT_SETTINGS: dict[str, tuple[str, str]] = {
+    "init_from": ("adapt", "init_from"), "anneal_steps": ("adapt", "anneal_steps"), "block_size": ("block", "size"),
+    "mask_rate_min": ("block", "mask_rate_min"), "mask_rate_max": ("block", "mask_rate_max"),
+    "flex_attention": ("block", "flex_attention"), "cfg_dropout": ("sft", "cfg_dropout"),
+}
+
+
+def _defaults(section: type) -> dict[str, Any]:
+    return {f.name: f.default for f in dataclasses.fields(section)}
+
+
+def _nested(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` with every section a section object (or None): from the section itself, its dict (JSON), or
+    its settings by their flat names, which win over the section's own (``dataclasses.replace(cfg, block_size=8)``)."""
+    out = dict(settings)
+    for name, section in SECTIONS.items():
+        given = out.get(name)
+        if isinstance(given, bool):  # sft=True / sft=False: the flat layout's switch
+            given = {} if given else None
+        values = dataclasses.asdict(given) if dataclasses.is_dataclass(given) else dict(_known_fields(section, given, f"training {name}")) if given is not None else {}
+        values |= {field: out.pop(key) for key, (where, field) in FLAT_SETTINGS.items() if where == name and key in out}
+        on = given is not None or (name != "sft" and any(values[key] != default for key, default in _defaults(section).items() if key in values))
+        if not on and values.get("cfg_dropout"):
+            raise _cfg_dropout_error(values["cfg_dropout"])
+        out[name] = section(**values) if on else None
+    return out
+
+
+class _Settings(type):
+    """Makes a TrainConfig from its settings before the frozen object exists (it is never changed after):
+    the sections as objects, their dicts or their flat names (older code and config.json files), and every
+    setting left unset (None) at its objective's default, so config.json records the values used."""
+
+    def __call__(cls, **settings: Any) -> "TrainConfig":
+        settings = _nested(settings)
+        objective = settings.get("objective", cls.__dataclass_fields__["objective"].default)
+        for key, value in OBJECTIVE_DEFAULTS.get(objective, {}).items():
+            if settings.get(key) is None:
+                settings[key] = value
+        return super().__call__(**settings)
+
+
+@dataclass(frozen=True)
+class TrainConfig(metaclass=_Settings):
+    """The training loop's settings. Batches hold ``batch_size * grad_accum`` sequences per step.
+
+    The sections ``adapt``, ``block`` and ``sft`` are None where they are off. ``TrainConfig(...)`` and
+    :meth:`from_dict` also take their settings flat (``block_size=4``, ``sft=True``, ``cfg_dropout=0.1``),
+    the layout of older config.json files; :meth:`flat_settings` gives that view back.
+    """
+
+    objective: str = "mdm"  # mdm, ar or bd3 (fine-tuning is the sft section)
+    loss: Literal["t-dce", "k-dce"] | None = None  # MDM estimator (docs/algorithms.md, 'MDM loss: t-DCE and k-DCE'); None: the objective's default
     schedule: Literal["linear", "cosine"] = "linear"
     low_discrepancy: bool = True
     steps: int = 1000
@@ -218,37 +325,17 @@ class TrainConfig:
     compile: bool = False  # torch.compile of each block (checkpoints keep the plain state dict)
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     ema: float = 0.0  # > 0: keep an fp32 exponential moving average of the weights with this decay
-    # start from these weights (a run or a published checkpoint folder): AR -> MDM adaptation
-    # (unmask.adaptation), or an MDM fine-tuned into a block model (bd3); and anneal the attention mask from causal to bidirectional over this many steps (DiffuLLaMA)
-    init_from: str = ""
-    anneal_steps: int = 0
-    # block diffusion (objective bd3; docs/algorithms.md, 'Block diffusion (BD3-LM)'): tokens per block L', and the clipped
-    # range [beta, omega] of each block's time t (the mask rate, for the linear schedule)
-    block_size: int = 0
-    mask_rate_min: float = 0.0
-    mask_rate_max: float = 1.0
-    flex_attention: bool = False  # bd3: the 2L training forward through FlexAttention instead of SDPA + boolean mask
-    # supervised fine-tuning (``unmask finetune``; docs/algorithms.md, 'Conditional bound and fine-tuning'): the data is a pairs folder
-    # (unmask.data.pairs), only responses are learned; an MDM's prompt is replaced by MASK with
-    # probability cfg_dropout (0: unsupervised CFG at sampling time, as SMDM; 0.1: standard CFG)
-    sft: bool = False
-    cfg_dropout: float = 0.0
+    adapt: AdaptationConfig | None = None
+    block: BlockDiffusionConfig | None = None  # objective bd3 only, where it is needed
+    sft: SFTConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.objective not in ("mdm", "ar", "bd3"):
-            raise UnmaskError(f"--objective {self.objective!r} is not one of: mdm, ar, bd3")
-        if self.objective == "bd3":
-            if self.block_size < 1:
-                raise UnmaskError(f"--objective bd3 needs --block-size >= 1 (tokens per block), got {self.block_size}")
-        elif self.block_size or (self.mask_rate_min, self.mask_rate_max) != (0.0, 1.0) or self.flex_attention:
+        if self.objective not in OBJECTIVE_DEFAULTS:
+            raise UnmaskError(f"--objective {self.objective!r} is not one of: {', '.join(OBJECTIVE_DEFAULTS)}")
+        if self.objective == "bd3" and (self.block is None or self.block.size < 1):
+            raise _block_size_error(0 if self.block is None else self.block.size)
+        if self.objective != "bd3" and self.block is not None:
             raise UnmaskError("--block-size, --mask-rate-min, --mask-rate-max and --flex-attention apply to --objective bd3 only")
-        if not 0 <= self.mask_rate_min < self.mask_rate_max <= 1:
-            raise UnmaskError(
-                f"--mask-rate-min={self.mask_rate_min} and --mask-rate-max={self.mask_rate_max} must satisfy 0 <= min < max <= 1"
-            )
-        for key, value in OBJECTIVE_DEFAULTS[self.objective].items():
-            if getattr(self, key) is None:
-                object.__setattr__(self, key, value)  # resolved once, so config.json records the value used
         if self.loss not in ("t-dce", "k-dce"):
             raise UnmaskError(f"--loss {self.loss!r} is not one of: t-dce, k-dce")
         if self.schedule not in ("linear", "cosine"):
@@ -259,23 +346,48 @@ class TrainConfig:
             check_number(name, getattr(self, key), rule)
         if self.parallel not in ("ddp", "fsdp"):
             raise UnmaskError(f"--parallel {self.parallel!r} is not one of: ddp, fsdp")
-        if self.anneal_steps and self.objective != "mdm":
-            raise UnmaskError(f"--anneal-attention={self.anneal_steps} is for --objective mdm only")
-        if self.sft and self.objective not in ("mdm", "ar"):
+        if self.adapt is not None and self.adapt.anneal_steps and self.objective != "mdm":
+            raise UnmaskError(f"--anneal-attention={self.adapt.anneal_steps} is for --objective mdm only")
+        if self.sft is not None and self.objective not in ("mdm", "ar"):
             raise UnmaskError(f"fine-tuning on pairs is for an MDM or AR model, not --objective {self.objective}")
-        if not 0 <= self.cfg_dropout < 1 or (self.cfg_dropout and not (self.sft and self.objective == "mdm")):
-            raise UnmaskError(f"--cfg-dropout={self.cfg_dropout} must be in [0, 1), and is for fine-tuning an MDM only "
-                              "(an AR model has no MASK to drop its prompt to)")
+        if self.sft is not None and self.sft.cfg_dropout and self.objective != "mdm":
+            raise _cfg_dropout_error(self.sft.cfg_dropout)
         for at, before in self.steps_changes:
             if not 0 <= at <= min(before, self.steps):
                 raise UnmaskError(f"steps_changes entry ({at}, {before}) must change the length at a step within both runs")
+
+    @property
+    def init_from(self) -> str:
+        """The weights the run starts from ("" for none): ``adapt.init_from``."""
+        return self.adapt.init_from if self.adapt is not None else ""
+
+    @property
+    def anneal_steps(self) -> int:
+        """Steps over which the attention is annealed to bidirectional (0: none): ``adapt.anneal_steps``."""
+        return self.adapt.anneal_steps if self.adapt is not None else 0
+
+    def flat_settings(self) -> dict[str, Any]:
+        """Every setting by its flat name, in the order of the flags: the sections' settings spelled out
+        (their defaults where a section is off) and ``sft`` a bool. The layout of older config.json files."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name not in SECTIONS:
+                out[f.name] = value
+                continue
+            if f.name == "sft":
+                out["sft"] = value is not None
+            fields = _defaults(SECTIONS[f.name]) | (dataclasses.asdict(value) if value is not None else {})
+            out |= {key: fields[field] for key, (where, field) in FLAT_SETTINGS.items() if where == f.name}
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        data = dict(_known_fields(cls, data, "training"))
+        """A config from its dict: the nested layout (``to_dict``) or the flat one of older run folders."""
+        data = dict(_known_fields(cls, data, "training", also=FLAT_SETTINGS))
         if "steps_changes" in data:  # JSON has lists; the frozen dataclass compares tuples
             data["steps_changes"] = tuple(tuple(change) for change in data["steps_changes"])
         return cls(**data)

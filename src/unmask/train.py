@@ -150,7 +150,7 @@ def draw_noise(x0: torch.Tensor, cfg: TrainConfig, schedule: Schedule, mask_id: 
     """The MDM forward-process noise of a whole (global) batch x0 (B, L), drawn on the CPU from ``gen``;
     with ``response`` (B, L) bool (fine-tuning), of the response regions only, with CFG dropout."""
     if response is not None:
-        return corrupt_response(x0, response, schedule, mask_id, gen, loss=cfg.loss, prompt_dropout=cfg.cfg_dropout,
+        return corrupt_response(x0, response, schedule, mask_id, gen, loss=cfg.loss, prompt_dropout=cfg.sft.cfg_dropout,
                                 low_discrepancy=cfg.low_discrepancy)
     if cfg.loss == "k-dce":
         return corrupt_k_dce(x0, mask_id, gen, low_discrepancy=cfg.low_discrepancy)
@@ -159,11 +159,12 @@ def draw_noise(x0: torch.Tensor, cfg: TrainConfig, schedule: Schedule, mask_id: 
 
 def draw_block_noise(x0: torch.Tensor, cfg: TrainConfig, schedule: Schedule, mask_id: int, gen: torch.Generator) -> BlockCorruption:
     """The block-diffusion noise of a whole (global) batch x0 (B, L): one clipped t (or k) per block."""
+    block = cfg.block
     if cfg.loss == "k-dce":
-        noise = corrupt_blocks_k(x0, cfg.block_size, mask_id, gen, (cfg.mask_rate_min, cfg.mask_rate_max), low_discrepancy=cfg.low_discrepancy)
+        noise = corrupt_blocks_k(x0, block.size, mask_id, gen, (block.mask_rate_min, block.mask_rate_max), low_discrepancy=cfg.low_discrepancy)
     else:
-        noise = corrupt_blocks(x0, cfg.block_size, schedule, mask_id, gen, (cfg.mask_rate_min, cfg.mask_rate_max), low_discrepancy=cfg.low_discrepancy)
-    return dataclasses.replace(noise, flex=cfg.flex_attention)
+        noise = corrupt_blocks(x0, block.size, schedule, mask_id, gen, (block.mask_rate_min, block.mask_rate_max), low_discrepancy=cfg.low_discrepancy)
+    return dataclasses.replace(noise, flex=block.flex_attention)
 
 
 def batch_loss(model, window: torch.Tensor, noise: Corruption | BlockCorruption | None, response: torch.Tensor | None = None) -> torch.Tensor:
@@ -221,14 +222,15 @@ def resume_config(saved: RunConfig, model_cfg: ModelConfig, train_cfg: TrainConf
         notices.append(f"the run's data folder {saved.data_dir} is gone; continuing with {data_dir} (same tokenizer)")
     new = saved.train
     refused = []
-    for f in dataclasses.fields(TrainConfig):
-        before, given = getattr(saved.train, f.name), getattr(train_cfg, f.name)
-        if f.name in ("steps", "steps_changes") or before == given:
+    given_settings = train_cfg.flat_settings()
+    for name, before in saved.train.flat_settings().items():  # flat: every setting by its flag's name
+        given = given_settings[name]
+        if name in ("steps", "steps_changes") or before == given:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        if f.name in OPERATIONAL or (f.name == "batch_size" and saved.train.global_batch_tokens):
+        flag = "--" + name.replace("_", "-")
+        if name in OPERATIONAL or (name == "batch_size" and saved.train.global_batch_tokens):
             notices.append(f"{flag} changed from {before} to {given}")
-            new = dataclasses.replace(new, **{f.name: given})
+            new = dataclasses.replace(new, **{name: given})
         else:
             refused.append(f"{flag} (saved {before!r}, given {given!r})")
     if refused:
@@ -260,7 +262,7 @@ def validate(model, windows: torch.Tensor, prev: torch.Tensor, cfg: TrainConfig,
     if cfg.objective == "ar":
         return ar_nll(model, windows, prev, batch_size=batch_size)
     if cfg.objective == "bd3":  # the unbiased bound: full t range, whatever the training clip
-        return block_elbo(model, windows, cfg.block_size, draws=cfg.eval_draws, schedule=Schedule(cfg.schedule), batch_size=batch_size,
+        return block_elbo(model, windows, cfg.block.size, draws=cfg.eval_draws, schedule=Schedule(cfg.schedule), batch_size=batch_size,
                           seed=1234, estimator=cfg.loss)
     return mc_elbo(model, windows, draws=cfg.eval_draws, estimator=cfg.loss, schedule=Schedule(cfg.schedule), batch_size=batch_size, seed=1234)
 
@@ -387,15 +389,16 @@ def _train(world, dev: torch.device, run_dir: Path, model_cfg: ModelConfig, trai
     if model_cfg.causal != (train_cfg.objective == "ar"):
         raise UnmaskError(f"--objective {train_cfg.objective} needs causal={train_cfg.objective == 'ar'} in the model config")
     if train_cfg.objective == "bd3":
-        check_block_size(model_cfg.context_len, train_cfg.block_size)
-        if train_cfg.flex_attention and (not flex_available() or dev.type != "cuda"):
+        block = train_cfg.block
+        check_block_size(model_cfg.context_len, block.size)
+        if block.flex_attention and (not flex_available() or dev.type != "cuda"):
             raise UnmaskError(
                 f"--flex-attention needs torch.nn.attention.flex_attention on a CUDA device (here: {dev}; FlexAttention has no backward "
                 "on CPU); leave the flag out to use SDPA with a boolean mask"
             )
-        if model_cfg.block_causal != train_cfg.block_size or model_cfg.time_conditioning:
+        if model_cfg.block_causal != block.size or model_cfg.time_conditioning:
             raise UnmaskError(
-                f"--objective bd3 --block-size {train_cfg.block_size} needs a time-agnostic model with block_causal={train_cfg.block_size} "
+                f"--objective bd3 --block-size {block.size} needs a time-agnostic model with block_causal={block.size} "
                 f"(got block_causal={model_cfg.block_causal}, time_conditioning={model_cfg.time_conditioning})"
             )
     length = model_cfg.context_len

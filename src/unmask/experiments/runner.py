@@ -52,6 +52,16 @@ def _canonical(data: Any) -> Any:
     return json.loads(json.dumps(data))
 
 
+def _same_spec(saved: Any, spec: RunSpec) -> bool:
+    """Whether a result file's spec is ``spec``. Its training settings are compared as a config, so the
+    results of runs whose config.json had the flat layout (before the config's sections) still count."""
+    try:
+        train = TrainConfig.from_dict(saved["train"])
+    except (UnmaskError, TypeError, KeyError):
+        return False
+    return _canonical({**saved, "train": train.to_dict()}) == _canonical(spec.to_dict())
+
+
 def _finished(path: Path, spec: RunSpec) -> dict | None:
     if not path.is_file():
         return None
@@ -59,7 +69,7 @@ def _finished(path: Path, spec: RunSpec) -> dict | None:
         saved = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError:
         return None  # damaged by a crash outside the atomic write: score the run again
-    if _canonical(saved.get("spec")) != _canonical(spec.to_dict()):
+    if not _same_spec(saved.get("spec"), spec):
         raise UnmaskError(
             f"{path.parent} holds run {spec.name!r} with different settings than this experiment asks for; "
             "pass a new --out folder (or remove that run folder) to run the new settings"
