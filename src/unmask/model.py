@@ -2,8 +2,8 @@
 
 LLaMA-style blocks (RMSNorm, SwiGLU, rotary positions, ``scaled_dot_product_attention``).
 ``config.causal`` selects the AR baseline; otherwise attention is bidirectional (MDM). The
-model knows nothing of diffusion: the MASK token is just input id ``vocab_size`` (one extra
-embedding row) and the head covers the real vocabulary only. Published layouts switch on
+model knows nothing of diffusion: the MASK token is just an input id (``config.mask_id``: by
+default ``vocab_size``, one extra embedding row) and the head covers the real vocabulary only. Published layouts switch on
 grouped-query attention, q/k/v biases, tied embeddings, LLaMA-3 RoPE scaling, a MASK id inside
 the vocabulary (its logit pinned to ``NEVER_LOGIT``), Dream's one-position logit shift and
 Mistral's sliding-window attention, all from :class:`ModelConfig`, so callers always see
@@ -193,7 +193,7 @@ class TimeEmbedding(nn.Module):
 
 
 class Transformer(nn.Module):
-    """``forward(tokens) -> logits``; tokens (B, L) int64 in [0, vocab_size], logits (B, L, vocab_size)."""
+    """``forward(tokens) -> logits``; tokens (B, L) int64 in [0, config.embed_rows), logits (B, L, vocab_size)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -235,7 +235,8 @@ class Transformer(nn.Module):
         """Logits for every position (or for the ``logits_at`` ones).
 
         Args:
-            tokens: (B, L) ids; ``vocab_size`` is MASK.
+            tokens: (B, L) ids; MASK is ``config.mask_id`` (``vocab_size``, the extra input row, unless
+                ``mask_token_id`` puts it inside the vocabulary).
             t: (B,) diffusion time, required iff ``config.time_conditioning``.
             key_mask: (B, S) bool, False for padding keys that no query may attend to; S = L, or
                 the cache's slots (AR: the cache length + L) when decoding with ``kv_cache``.
