@@ -273,17 +273,47 @@ class Transformer(nn.Module):
         if positions is None:
             positions = q_slot
         cos, sin = rotary_tables(positions, rope_frequencies(cfg, tokens.device))
-        x = self.embed(tokens)
-        if self.time_embed is not None:
-            if t is None:
-                raise UnmaskError(
-                    "this network is time-conditioned (ModelConfig.time_conditioning): pass t (B,) to forward(), "
-                    "e.g. the fraction of masked positions of each row (unmask.schedule.masked_fraction)"
-                )
-            x = x + self.time_embed(t)[:, None, :].to(x.dtype)
+        x = self._embed(tokens, t)
+        attn_mask, is_causal = self._attention_mask(attn_mask, key_mask, q_slot, num_keys, start, kv_cache, cache_index)
+        for i, block in enumerate(self.blocks):
+            cache = None
+            if kv_cache is not None:
+                cache = (kv_cache.k[i], kv_cache.v[i], start if cache_index is None else cache_index)
+            x = block(x, cos, sin, attn_mask, is_causal, cache)
+        if kv_cache is not None and cache_index is None:
+            kv_cache.length = start + l
+        if cfg.shift_logits:  # Dream: position i reads the hidden state of i - 1 (ModelConfig.shift_logits)
+            if kv_cache is not None:
+                raise UnmaskError("a model with shift_logits (Dream layout) cannot decode with a KV cache; sample without a cache")
+            x = torch.cat([x[:, :1], x[:, :-1]], dim=1)
+        if logits_at is not None:
+            x = x[logits_at]
+        x = self.norm(x)
+        logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight[: cfg.vocab_size])
+        if cfg.mask_token_id >= 0:  # MASK inside the vocabulary is never a prediction
+            logits = logits.index_fill(-1, torch.tensor([cfg.mask_token_id], device=logits.device), NEVER_LOGIT)
+        return logits
 
-        given, attn_mask, is_causal = attn_mask, None, False
-        k_slot = torch.arange(num_keys, device=tokens.device)
+    def _embed(self, tokens: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
+        """The input embeddings (B, L, D), plus the time embedding of a time-conditioned network."""
+        x = self.embed(tokens)
+        if self.time_embed is None:
+            return x
+        if t is None:
+            raise UnmaskError(
+                "this network is time-conditioned (ModelConfig.time_conditioning): pass t (B,) to forward(), "
+                "e.g. the fraction of masked positions of each row (unmask.schedule.masked_fraction)"
+            )
+        return x + self.time_embed(t)[:, None, :].to(x.dtype)
+
+    def _attention_mask(self, given, key_mask: torch.Tensor | None, q_slot: torch.Tensor, num_keys: int, start: int,
+                        kv_cache: KVCache | None, cache_index: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
+        """(attention mask, is_causal) of a forward (see :meth:`forward`): the ``given`` mask, or the config's causal /
+        block-causal pattern over the slots (``q_slot`` (B, L) of the queries, ``num_keys`` keys), then its sliding
+        window and the ``key_mask``; ``is_causal`` where the fused causal kernel does it all (mask None)."""
+        cfg = self.config
+        attn_mask, is_causal = None, False
+        k_slot = torch.arange(num_keys, device=q_slot.device)
         if given is not None and not torch.is_tensor(given):  # a FlexAttention BlockMask: used as it is
             if key_mask is not None or kv_cache is not None or cfg.sliding_window:
                 raise UnmaskError("a FlexAttention block mask cannot be combined with key_mask, a KV cache or a sliding window; pass a boolean attn_mask")
@@ -307,24 +337,7 @@ class Transformer(nn.Module):
             own = k_slot[None, None, :] == q_slot[:, :, None]
             km = key_mask[:, None, None, :].bool() | own[:, None]
             attn_mask = km if attn_mask is None else attn_mask & km
-        for i, block in enumerate(self.blocks):
-            cache = None
-            if kv_cache is not None:
-                cache = (kv_cache.k[i], kv_cache.v[i], start if cache_index is None else cache_index)
-            x = block(x, cos, sin, attn_mask, is_causal, cache)
-        if kv_cache is not None and cache_index is None:
-            kv_cache.length = start + l
-        if cfg.shift_logits:  # Dream: position i reads the hidden state of i - 1 (ModelConfig.shift_logits)
-            if kv_cache is not None:
-                raise UnmaskError("a model with shift_logits (Dream layout) cannot decode with a KV cache; sample without a cache")
-            x = torch.cat([x[:, :1], x[:, :-1]], dim=1)
-        if logits_at is not None:
-            x = x[logits_at]
-        x = self.norm(x)
-        logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight[: cfg.vocab_size])
-        if cfg.mask_token_id >= 0:  # MASK inside the vocabulary is never a prediction
-            logits = logits.index_fill(-1, torch.tensor([cfg.mask_token_id], device=logits.device), NEVER_LOGIT)
-        return logits
+        return attn_mask, is_causal
 
     def _check_context(self, span: int | torch.Tensor) -> None:
         """Refuse a forward whose positions span more than ``config.context_len``: ``span`` is the
