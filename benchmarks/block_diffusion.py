@@ -41,9 +41,7 @@ from unmask.data import TokenDataset, default_dataset
 from unmask.evaluation.genppl import judge_nll, quality_report
 from unmask.evaluation.infill import spread_windows
 from unmask.likelihood import ar_nll, mc_elbo
-from unmask.sampling.ar import ar_sample
-from unmask.sampling.block_diffusion import run_spec
-from unmask.sampling.generate import SamplerSpec, ar_config, make_canvas
+from unmask.sampling import ARConfig, SamplerSpec, ar_sample, make_canvas
 from unmask.schedule import Schedule
 from unmask.train import train
 
@@ -140,32 +138,29 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     def ar_once(seed):
-        out_ = ar_sample(judge, torch.full((n, 1), eos, device=device), torch.Generator(device=device).manual_seed(seed), ar_config(length))
+        out_ = ar_sample(judge, torch.full((n, 1), eos, device=device), torch.Generator(device=device).manual_seed(seed), ARConfig(max_new_tokens=length))
         return out_.tokens[:, 1:], out_.nfe
 
     record("ar kv-cache", ar_once)
     policies = {"first-hitting": {}, "confidence": {"steps": length // 2}, "threshold": {"tau": 0.9, "temperature": 1.0}}
     for name, model in models.items():
         x, cond, width = make_canvas([[]] * n, length, model.config.mask_id, 0, separator=eos)
-        x, cond = x.to(device), type(cond)(*(None if v is None else v.to(device) for v in (cond.key_mask, cond.positions, cond.prompt_mask)))
+        x, cond = x.to(device), cond.to(device)
         if name == "mdm":
             block = max(d for d in range(1, 33) if length % d == 0)  # semi-AR blocks of 32, or the largest divisor below
-            specs = [(f"mdm confidence k=2 block {block}", SamplerSpec.from_options("confidence", block_len=block, steps=length // 2), None),
-                     (f"mdm first-hitting block {block}", SamplerSpec.from_options("first-hitting", block_len=block), None)]
+            specs = [(f"mdm confidence k=2 block {block}", SamplerSpec.from_options("confidence", block_len=block, steps=length // 2)),
+                     (f"mdm first-hitting block {block}", SamplerSpec.from_options("first-hitting", block_len=block))]
         elif name.startswith("bd3") and model.config.block_causal > 1 and model.config.block_causal < args.context:
-            specs = [(f"{name} {policy} {cache}", SamplerSpec.from_options(policy, **opts), cache)
+            specs = [(f"{name} {policy} {cache}", SamplerSpec.from_options(policy, cache=cache, **opts))
                      for policy, opts in policies.items() for cache in ("block", "none")]
         elif name.startswith("bd3") and model.config.block_causal == 1:
-            specs = [(f"{name} first-hitting block", SamplerSpec.from_options("first-hitting"), "block")]
+            specs = [(f"{name} first-hitting block", SamplerSpec.from_options("first-hitting", cache="block"))]
         else:
             continue
-        for label, spec, cache in specs:
-            def once(seed, spec=spec, model=model, x=x, cond=cond, width=width, cache=cache):
+        for label, spec in specs:
+            def once(seed, spec=spec, model=model, x=x, cond=cond, width=width):
                 gen = torch.Generator(device=device).manual_seed(seed)
-                if model.config.block_causal:
-                    out_ = run_spec(spec, model, x, gen, cond, start=width, cache=cache)
-                else:
-                    out_ = spec.run(model, x, gen, cond, start=width)
+                out_ = spec.run(model, x, gen, cond, start=width)  # a block model on its own grid, with its cache or none
                 return out_.tokens[:, width:], out_.nfe
 
             record(label, once)

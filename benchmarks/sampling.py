@@ -33,8 +33,7 @@ import torch
 
 from unmask.checkpoint import load_model
 from unmask.evaluation.genppl import judge_nll, unigram_entropy
-from unmask.sampling import ar_sample
-from unmask.sampling.generate import SamplerSpec, ar_config, make_canvas
+from unmask.sampling import ARConfig, SamplerSpec, ar_sample, make_canvas
 
 POLICIES = ("confidence", "threshold", "first-hitting")
 CACHES = ("none", "prefix", "dual", "delayed")
@@ -180,7 +179,7 @@ def main() -> None:
     for batch in batches:
         def ar_once(seed: int, batch=batch):
             gen = torch.Generator(device=device).manual_seed(seed)
-            out = ar_sample(ar, torch.full((batch, 1), eos, device=device), gen, ar_config(length))
+            out = ar_sample(ar, torch.full((batch, 1), eos, device=device), gen, ARConfig(max_new_tokens=length))
             return out.tokens[:, 1:], out.nfe
 
         runs = [("ar kv-cache", ar_once, ar)]

@@ -17,9 +17,12 @@ from unmask.config import ModelConfig
 from unmask.errors import UnmaskError
 from unmask.model import Transformer
 from unmask.oracle import BlockOracle, chi_square_counts
-from unmask.sampling import ConfidenceConfig, FirstHittingConfig, ThresholdConfig, confidence, first_hitting, threshold
-from unmask.sampling.block_diffusion import BlockCache, block_diffusion_decode, block_spans
-from unmask.sampling.generate import make_canvas
+from unmask.sampling import (
+    BlockCache, ConfidenceConfig, FirstHittingConfig, GridBlocks, SamplerSpec, ThresholdConfig, confidence, decode_blocks, first_hitting,
+    make_canvas, threshold,
+)
+from unmask.sampling.cache import CacheConfig
+from unmask.sampling.plans import block_spans
 from unmask.schedule import Schedule
 
 
@@ -190,8 +193,8 @@ def decode(model, x, cond, width, name, cache, cfg_scale=0.0, stop_token=None, w
     fn, config = SAMPLERS[name]
     if cfg_scale:
         config = type(config)(**{**config.__dict__, "cfg_scale": cfg_scale})
-    return block_diffusion_decode(model, x, torch.Generator().manual_seed(seed), fn, config, width, cond,
-                                  stop_token=stop_token, cache=cache, window=window)
+    return decode_blocks(model, x, torch.Generator().manual_seed(seed), fn, config, GridBlocks(window), width, cond,
+                         stop_token=stop_token, cache=CacheConfig("block" if cache else "none"))
 
 
 def test_block_spans_follow_the_models_grid():
@@ -233,8 +236,8 @@ def test_finished_blocks_are_written_once_and_calls_feed_only_the_block():
     model.forward = spy
     x, cond, width = make_canvas([[1, 2, 3]], 16, model.config.mask_id, pad_id=0, separator=0)  # prompt = one block
     seen = {}
-    out = block_diffusion_decode(model, x, torch.Generator().manual_seed(0), *SAMPLERS["confidence"], width, cond,
-                                 callback=lambda s: seen.setdefault("nfe", s.nfe))
+    out = decode_blocks(model, x, torch.Generator().manual_seed(0), *SAMPLERS["confidence"], GridBlocks(), width, cond,
+                        callback=lambda s: seen.setdefault("nfe", s.nfe), cache=CacheConfig("block"))
     assert not (out.tokens == model.config.mask_id).any()
     # first call of a block: that block + the block (or prompt) finished before it; later calls: the block
     assert calls[0] == 8 and set(calls) == {8, 4}
@@ -274,18 +277,15 @@ def test_every_row_decodes_alone_as_in_a_batch_of_prompts_of_different_lengths(n
     """Blocks follow each row's positions, not the canvas columns that left padding shifts: a
     row's tokens and calls do not depend on the other rows' prompt lengths (context 16: beyond
     the context, through the sliding window)."""
-    from unmask.sampling.block_diffusion import run_spec
-    from unmask.sampling.generate import SamplerSpec
-
     model = tiny(4, seed=8, context_len=context)
     prompts, length = [[1, 2], [4, 5, 6, 7, 8], [9], [3, 3, 3]], 10 if context == 32 else 20
-    spec = SamplerSpec.from_options(name, **ALONE_OPTIONS[name])
+    spec = SamplerSpec.from_options(name, cache=cache, **ALONE_OPTIONS[name])  # SamplerSpec.run: a block model's own decoding
     x, cond, width = make_canvas(prompts, length, model.config.mask_id, pad_id=0, separator=0)
     assert len({len(p) % 4 for p in prompts}) > 1  # the prompts end at different offsets in a block
-    batch = run_spec(spec, model, x, torch.Generator().manual_seed(0), cond, start=width, cache=cache)
+    batch = spec.run(model, x, torch.Generator().manual_seed(0), cond, start=width)
     for row, prompt in enumerate(prompts):
         x1, cond1, width1 = make_canvas([prompt], length, model.config.mask_id, pad_id=0, separator=0)
-        alone = run_spec(spec, model, x1, torch.Generator().manual_seed(0), cond1, start=width1, cache=cache)
+        alone = spec.run(model, x1, torch.Generator().manual_seed(0), cond1, start=width1)
         assert torch.equal(batch.tokens[row, width:], alone.tokens[0, width1:]), row
         assert torch.equal(batch.tokens[row, :width], x[row, :width])  # prompt and padding untouched
         assert batch.row_nfe[row] == alone.row_nfe[0], row
@@ -332,7 +332,7 @@ def test_first_hitting_within_blocks_samples_the_oracle_distribution():
     oracle = BlockOracle.random_blocks(vocab_size=3, length=4, block_size=2, concentration=1.0, seed=0)
     n = 4000
     x = torch.full((n, 4), oracle.config.mask_id)
-    out = block_diffusion_decode(oracle, x, torch.Generator().manual_seed(1), first_hitting, FirstHittingConfig(), 0, cache=False)
+    out = decode_blocks(oracle, x, torch.Generator().manual_seed(1), first_hitting, FirstHittingConfig(), GridBlocks(), 0)
     observed, expected = chi_square_counts(oracle, out.tokens)
     keep = expected >= 5
     stat = (((observed - expected) ** 2) / expected)[keep].sum().item()
@@ -453,20 +453,18 @@ def test_bd3_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, small_da
 
 
 def test_block_models_refuse_approximate_caches_and_foreign_block_lengths():
-    from unmask.sampling.block_diffusion import run_spec
-    from unmask.sampling.generate import SamplerSpec
+    from unmask.errors import OptionError
 
     model = tiny(4)
     x, cond, width = make_canvas([[1]], 8, model.config.mask_id, pad_id=0, separator=0)
     gen = torch.Generator().manual_seed(0)
-    with pytest.raises(UnmaskError, match="--cache prefix"):
-        run_spec(SamplerSpec.from_options("confidence", cache="prefix"), model, x, gen, cond, start=width)
-    with pytest.raises(UnmaskError, match="--cache dual"):
-        run_spec(SamplerSpec.from_options("confidence"), model, x, gen, cond, start=width, cache="dual")
-    with pytest.raises(UnmaskError, match="--block-len=8"):
-        run_spec(SamplerSpec.from_options("confidence", block_len=8), model, x, gen, cond, start=width)
-    with pytest.raises(UnmaskError, match="block model"):
-        run_spec(SamplerSpec.from_options("confidence"), tiny(0), x, gen, cond, start=width)
+    for options, param, named in [({"cache": "prefix"}, "cache", "cache prefix"), ({"cache": "dual"}, "cache", "cache dual"),
+                                  ({"block_len": 8}, "block_len", "block_len=8")]:
+        with pytest.raises(OptionError, match=named) as refused:  # named by the parameter; the CLI spells it --cache, --block-len
+            SamplerSpec.from_options("confidence", **options).run(model, x, gen, cond, start=width)
+        assert refused.value.param == param
+    with pytest.raises(UnmaskError, match="block model"):  # the block cache needs one
+        SamplerSpec.from_options("confidence", cache="block").run(tiny(0), x, gen, cond, start=width)
 
 
 def test_flex_attention_mask_is_the_dense_mask_and_gives_the_sdpa_logits():

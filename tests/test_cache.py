@@ -12,7 +12,7 @@ from unmask.sampling import (
     AncestralConfig, CacheConfig, ConfidenceConfig, FirstHittingConfig, ThresholdConfig, ancestral, confidence,
     first_hitting, threshold,
 )
-from unmask.sampling.generate import SamplerSpec, make_canvas
+from unmask.sampling import ColumnBlocks, SamplerSpec, decode_blocks, make_canvas
 
 SAMPLERS = {
     "confidence": (confidence, ConfidenceConfig(steps=12, temperature=1.0)),
@@ -37,8 +37,10 @@ def decode(model, x, cond, name, cache, block_len=4, start=4, cfg_scale=0.0, sto
     steps = getattr(config, "steps", None)
     if steps is not None:  # the spec splits the total over the blocks
         config = type(config)(**{**config.__dict__, "steps": steps * (x.shape[1] - start) // block_len})
-    spec = SamplerSpec(fn.name, config, block_len, cache)
-    return spec.run(model, x, torch.Generator().manual_seed(7), cond, start=start, stop_token=stop_token)
+    generator = torch.Generator().manual_seed(7)
+    if model.config.block_causal:  # SamplerSpec.run decodes a block model on its own grid with its exact cache: the canvas caches
+        return decode_blocks(model, x, generator, fn, config, ColumnBlocks(block_len), start, cond, stop_token=stop_token, cache=cache)
+    return SamplerSpec(fn.name, config, block_len, cache).run(model, x, generator, cond, start=start, stop_token=stop_token)
 
 
 def canvas(model, prompts, length):

@@ -162,7 +162,7 @@ def test_sample_bad_combinations(capsys, trained, flags, message):
 
 def _canvases(checkpoint, **kwargs):
     """generate() on a checkpoint, recording every canvas the sampler shows the callback."""
-    from unmask.sampling.generate import generate
+    from unmask.generation import generate
 
     seen = []
     res = generate(checkpoint, num_samples=2, length=8, callback=lambda state: seen.append(state.tokens.clone()), **kwargs)
@@ -201,7 +201,7 @@ def test_sample_matches_the_harness_conditioning(trained):
     """`unmask sample` and the lm-eval adapter build the same MDM canvas: same seed, same tokens."""
     pytest.importorskip("lm_eval")
     from unmask.evaluation.harness import UnmaskLM
-    from unmask.sampling.generate import generate
+    from unmask.generation import generate
 
     class Req:
         def __init__(self, *args):
@@ -250,21 +250,22 @@ def test_generators_live_on_the_model_device(monkeypatch, trained, generator_dev
     handed to a sampler must have been created for that device."""
     import torch
 
-    import unmask.sampling.generate as gen_mod
-    from unmask.sampling.generate import generate
+    import unmask.sampling.decoding as decoding_mod
+    import unmask.sampling.spec as spec_mod
+    from unmask.generation import generate
 
     made = generator_devices
-    monkeypatch.setattr(gen_mod, "device_of", lambda model: torch.device("cuda"))
+    monkeypatch.setattr(decoding_mod, "device_of", lambda model: torch.device("cuda"))
     used = []
     for name in ("ancestral", "first-hitting"):
-        sampler = gen_mod.SAMPLERS[name]
+        sampler = spec_mod.SAMPLERS[name]
 
         def spy(model, state, generator, *args, _step=sampler.step, _name=name, **kwargs):
             used.append((_name, made.get(id(generator))))
             return _step(model, state, generator, *args, **kwargs)
 
-        monkeypatch.setitem(gen_mod.SAMPLERS, name, dataclasses.replace(sampler, step=spy))
-    monkeypatch.setattr(gen_mod, "ar_sample", lambda model, x, generator, *a, _f=gen_mod.ar_sample, **k: used.append(("ar", made.get(id(generator)))) or _f(model, x, generator, *a, **k))
+        monkeypatch.setitem(spec_mod.SAMPLERS, name, dataclasses.replace(sampler, step=spy))
+    monkeypatch.setattr(decoding_mod, "ar_sample", lambda model, x, generator, *a, _f=decoding_mod.ar_sample, **k: used.append(("ar", made.get(id(generator)))) or _f(model, x, generator, *a, **k))
     generate(trained / "mdm", "KING", length=8)
     generate(trained / "mdm", "KING", length=8, sampler="first-hitting")
     generate(trained / "ar", "KING", length=8)

@@ -186,17 +186,19 @@ def test_train_config_refuses_non_finite_and_non_positive_values():
 
 
 @pytest.mark.parametrize("options,named", [
-    ({"temperature": math.nan}, "--temperature"), ({"cfg_scale": math.nan}, "--cfg"), ({"cfg_scale": math.inf}, "--cfg"),
-    ({"top_p": math.nan}, "--top-p"), ({"temperature": -math.inf}, "--temperature"),
+    ({"temperature": math.nan}, "temperature"), ({"cfg_scale": math.nan}, "cfg_scale"), ({"cfg_scale": math.inf}, "cfg_scale"),
+    ({"top_p": math.nan}, "top_p"), ({"temperature": -math.inf}, "temperature"),
 ])
 def test_sampler_configs_refuse_non_finite_values(options, named):
-    from unmask.sampling import AncestralConfig
+    """The Python API names the parameter (the command line spells it as its flag: test_cli)."""
+    from unmask.errors import OptionError
+    from unmask.sampling import AncestralConfig, SamplerSpec
     from unmask.sampling.ar import ARConfig
-    from unmask.sampling.generate import SamplerSpec
 
     for make in (AncestralConfig, ARConfig, lambda **o: SamplerSpec.from_options(sampler="confidence", **o)):
-        with pytest.raises(UnmaskError, match=named):
+        with pytest.raises(OptionError, match=f"^{named}=-?(nan|inf) must be a finite number") as refused:
             make(**options)
+        assert refused.value.param == named
 
 
 def test_evaluation_refuses_non_positive_sizes(run):
@@ -223,3 +225,13 @@ def test_server_limits_and_experiment_settings_refuse_non_finite_values():
                         (lambda: Conditional(sft_lr=math.nan), "--sft-lr"), (lambda: Conditional(cfg_scales=(math.inf,)), "--cfg-scales")]:
         with pytest.raises(UnmaskError, match=named):
             make()
+
+
+@pytest.mark.parametrize("options,named", [({"temperature": math.nan}, "^temperature=nan"), ({"top_p": math.inf}, "^top_p=inf"),
+                                           ({"cfg_scale": math.nan}, "^cfg_scale=nan"), ({"batch_size": 0}, "--batch-size")])
+def test_harness_adapter_refuses_bad_options_before_scoring(run, options, named):
+    pytest.importorskip("lm_eval")
+    from unmask.evaluation.harness import UnmaskLM
+
+    with pytest.raises(UnmaskError, match=named):
+        UnmaskLM(run["run"], **options)

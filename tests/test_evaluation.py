@@ -173,14 +173,15 @@ def test_harness_generator_lives_on_the_model_device(monkeypatch, causal, genera
     generator fails on CUDA). No GPU here: the model is made to report another device, and the
     generator handed to the sampler must have been created for that device."""
     import unmask.evaluation.harness as harness
-    import unmask.sampling.generate as gen_mod
+    import unmask.sampling.decoding as decoding_mod
+    from unmask.sampling import SamplerSpec
 
     made = generator_devices
-    monkeypatch.setattr(gen_mod, "device_of", lambda model: torch.device("cuda"), raising=False)
+    monkeypatch.setattr(decoding_mod, "device_of", lambda model: torch.device("cuda"))
     used = []
-    run, ar_sample = gen_mod.SamplerSpec.run, harness.ar_sample
-    monkeypatch.setattr(gen_mod.SamplerSpec, "run", lambda self, model, x, generator, *a, **k: used.append(made.get(id(generator))) or run(self, model, x, generator, *a, **k))
-    monkeypatch.setattr(harness, "ar_sample", lambda model, x, generator, *a, **k: used.append(made.get(id(generator))) or ar_sample(model, x, generator, *a, **k))
+    run, ar_sample = SamplerSpec.run, decoding_mod.ar_sample
+    monkeypatch.setattr(SamplerSpec, "run", lambda self, model, x, generator, *a, **k: used.append(made.get(id(generator))) or run(self, model, x, generator, *a, **k))
+    monkeypatch.setattr(decoding_mod, "ar_sample", lambda model, x, generator, *a, **k: used.append(made.get(id(generator))) or ar_sample(model, x, generator, *a, **k))
     torch.manual_seed(0)
     model = Transformer(ModelConfig.from_name("tiny", context_len=32, causal=causal)).eval()
     lm = harness.UnmaskLM(None, model=model, tokenizer=default_tokenizer(), steps=4)

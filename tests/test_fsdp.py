@@ -29,7 +29,7 @@ from unmask.checkpoint_sharded import consolidate
 from unmask.config import ModelConfig, TrainConfig
 from unmask.likelihood import mc_elbo
 from unmask.model import Transformer
-from unmask.sampling.generate import SamplerSpec
+from unmask.sampling import SamplerSpec
 from unmask.train import autocast_dtype, train
 
 L = 16

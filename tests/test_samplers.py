@@ -8,12 +8,12 @@ import torch
 from scipy.stats import chisquare
 
 from unmask.config import ModelConfig
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError
 from unmask.model import Transformer
 from unmask.oracle import OracleModel, chi_square_counts
 from unmask.sampling import (
-    AncestralConfig, ARConfig, Conditioning, ConfidenceConfig, FirstHittingConfig, ThresholdConfig, ancestral, ar_sample,
-    confidence, exponential_race, first_hitting, semi_autoregressive, threshold,
+    AncestralConfig, ARConfig, ColumnBlocks, Conditioning, ConfidenceConfig, FirstHittingConfig, ThresholdConfig, ancestral,
+    ar_sample, confidence, decode_blocks, exponential_race, first_hitting, threshold,
 )
 from unmask.sampling.base import categorical
 from unmask.sampling.confidence import confidence_scores
@@ -206,8 +206,9 @@ def test_cfg_zero_is_bit_identical(oracle):
     plain = ancestral(oracle, x, torch.Generator().manual_seed(3), AncestralConfig(steps=8))
     zero = ancestral(oracle, x, torch.Generator().manual_seed(3), AncestralConfig(steps=8, cfg_scale=0.0), Conditioning(prompt_mask=prompt))
     assert torch.equal(plain.tokens, zero.tokens)
-    with pytest.raises(UnmaskError, match="--cfg needs a prompt"):
+    with pytest.raises(OptionError, match="^cfg_scale needs a prompt") as refused:  # the parameter's name: callers spell it
         ancestral(oracle, x, torch.Generator(), AncestralConfig(steps=2, cfg_scale=1.0))
+    assert refused.value.param == "cfg_scale" and refused.value.spelled(lambda name: "--cfg").startswith("--cfg needs a prompt")
 
 
 @pytest.mark.parametrize("sampler", ["ancestral", "first-hitting"])
@@ -257,7 +258,7 @@ def test_ar_kv_cache_equals_uncached_and_padding_is_exact():
 
 
 def test_mdm_padding_is_exact():
-    from unmask.sampling.generate import make_canvas
+    from unmask.sampling.canvas import make_canvas
 
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=30, context_len=24, n_layer=2, n_head=2, n_embd=32)).eval()
@@ -275,23 +276,26 @@ def test_blocks_decode_left_to_right_and_validate(oracle):
     x = torch.full((2, 12), 7)
     x[:, :4] = 1
     seen = []
-    out = semi_autoregressive(model, x, torch.Generator(), confidence, ConfidenceConfig(steps=2, temperature=0.0), 4, 4, callback=seen.append)
+    # steps are the total over the blocks: 4 over 2 blocks, 2 per block
+    out = decode_blocks(model, x, torch.Generator(), confidence, ConfidenceConfig(steps=4, temperature=0.0), ColumnBlocks(4), 4,
+                        callback=seen.append)
     assert (out.tokens != 7).all() and out.nfe == 4
     for state in seen:  # never a token right of a block that is not finished
         filled = (state.tokens[0] != 7).tolist()
         first_masked = filled.index(False) if False in filled else 12
         assert not any(filled[first_masked:][4 - (first_masked % 4) if first_masked % 4 else 4:])
-    with pytest.raises(UnmaskError, match="--block-len=5 must divide"):
-        semi_autoregressive(model, x, torch.Generator(), confidence, ConfidenceConfig(steps=2), 5, 4)
+    with pytest.raises(OptionError, match="^block_len=5 must divide") as refused:
+        decode_blocks(model, x, torch.Generator(), confidence, ConfidenceConfig(steps=2), ColumnBlocks(5), 4)
+    assert refused.value.param == "block_len"
 
 
-def test_config_errors_name_the_flag():
-    with pytest.raises(UnmaskError, match="--tau"):
-        ThresholdConfig(tau=1.5)
-    with pytest.raises(UnmaskError, match="--score"):
-        ConfidenceConfig(score="vibes")
-    with pytest.raises(UnmaskError, match="--top-p"):
-        AncestralConfig(top_p=0)
+def test_config_errors_name_the_parameter():
+    """Library errors name the parameter; the command line spells it as its flag (test_cli), the server as its field."""
+    for make, param in [(lambda: ThresholdConfig(tau=1.5), "tau"), (lambda: ConfidenceConfig(score="vibes"), "score"),
+                        (lambda: AncestralConfig(top_p=0), "top_p")]:
+        with pytest.raises(OptionError, match=f"^{param}") as refused:
+            make()
+        assert refused.value.param == param
 
 
 def test_scores_by_hand():
@@ -323,7 +327,7 @@ def time_conditioned_transformer():
 def test_time_conditioned_step_samplers_use_the_masked_fraction(sampler, cfg_scale):
     """Confidence and threshold steps have no chain time: t = masked / real (padding excluded)
     positions of each input row, the unconditional CFG half included."""
-    from unmask.sampling.generate import make_canvas
+    from unmask.sampling.canvas import make_canvas
 
     model = time_conditioned_transformer()
     x, cond, width = make_canvas([[1, 2, 3, 4], [5, 6]], 6, mask_id=7, pad_id=0)
@@ -333,7 +337,7 @@ def test_time_conditioned_step_samplers_use_the_masked_fraction(sampler, cfg_sca
     elif sampler == "threshold":
         out = threshold(model, x, gen, ThresholdConfig(tau=0.5, cfg_scale=cfg_scale), cond)
     else:
-        out = semi_autoregressive(model, x, gen, confidence, ConfidenceConfig(steps=1, cfg_scale=cfg_scale), 3, width, cond)
+        out = decode_blocks(model, x, gen, confidence, ConfidenceConfig(steps=2, cfg_scale=cfg_scale), ColumnBlocks(3), width, cond)
     assert (out.tokens[:, width:] != 7).all()
     assert len(model.seen) == out.nfe
     for tokens, t, key_mask in model.seen:
@@ -347,7 +351,7 @@ def test_time_conditioned_chain_samplers_in_blocks_get_the_canvas_time(name, cfg
     """With --block-len a chain covers one block and its clock restarts at 1 in each, which says
     nothing of the rest of the canvas: the network gets the masked fraction of its input row
     (padding excluded; the unconditional CFG half its own), as in confidence steps."""
-    from unmask.sampling.generate import SamplerSpec, make_canvas
+    from unmask.sampling import SamplerSpec, make_canvas
 
     model = time_conditioned_transformer()
     x, cond, width = make_canvas([[1, 2, 3, 4], [5, 6]], 6, mask_id=7, pad_id=0)
@@ -396,7 +400,7 @@ def test_cached_is_another_name_of_ancestral():
     """``--sampler cached`` (RADD's caching) runs the ancestral sampler, which already calls the
     network only on rows where a token unmasks: the same spec, tokens and calls, time-conditioned
     networks included."""
-    from unmask.sampling.generate import SamplerSpec
+    from unmask.sampling import SamplerSpec
 
     model = time_conditioned_transformer()
     x = torch.full((4, 10), 7)

@@ -240,7 +240,7 @@ def test_context_error_counts_the_prompt_and_its_separator_once(request, runs, s
 
 def test_infill_context_error_counts_the_template_and_its_separator_once(mdm, runs):
     from unmask.checkpoint import checkpoint_tokenizer
-    from unmask.sampling.generate import infill_ids
+    from unmask.sampling.canvas import infill_ids
 
     template = "ROMEO. Good morrow, cousin. [MASK:30] my love, [MASK:10] the night. JULIET. Good night, good night."
     tokens = len(infill_ids(template, checkpoint_tokenizer(runs / "mdm")))

@@ -14,7 +14,7 @@ from unmask.config import ModelConfig, TrainConfig
 from unmask.data import default_dataset
 from unmask.errors import UnmaskError
 from unmask.evaluation import evaluate_checkpoint
-from unmask.sampling.generate import generate
+from unmask.generation import generate
 from unmask.train import train
 
 __version__ = "0.1.0"

@@ -1,9 +1,11 @@
-"""The one exception type users see: a clear, one-line message naming what is wrong; and the one
-check of the numbers users give."""
+"""The one exception type users see: a clear, one-line message naming what is wrong (and its kind
+for decoding parameters, whose names each caller spells its own way); and the one check of the
+numbers users give."""
 
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 
 class UnmaskError(Exception):
@@ -11,6 +13,35 @@ class UnmaskError(Exception):
 
     The CLI prints it as a single ``error: ...`` line and exits with status 2, without a traceback.
     """
+
+
+class OptionError(UnmaskError):
+    """A decoding parameter that is wrong (a sampler option, the length, the prompt, ...).
+
+    ``param`` is the parameter at fault as the library names it (``temperature``). The message is a
+    template whose ``{name}`` fields are parameter names, spelled by whoever reports the error:
+    ``str(exc)`` writes the names themselves, the command line its flags (``--temperature``), the
+    server its request fields; the other fields take ``values`` (which are never read as templates).
+    """
+
+    def __init__(self, param: str, template: str, **values) -> None:
+        self.param, self.template, self.values = param, template, values
+        super().__init__(self.spelled(str))
+
+    def spelled(self, spell: Callable[[str], str]) -> str:
+        """The message with every parameter name ``name`` written as ``spell(name)``."""
+        return self.template.format_map(_Spelling(spell, self.values))
+
+
+class _Spelling(dict):
+    """The fields of an :class:`OptionError` template: its values, and a spelling for the rest."""
+
+    def __init__(self, spell: Callable[[str], str], values: dict) -> None:
+        super().__init__(values)
+        self.spell = spell
+
+    def __missing__(self, name: str) -> str:
+        return self.spell(name)
 
 
 def check_number(name: str, value: float | None, rule: str, note: str = "") -> None:
@@ -23,6 +54,15 @@ def check_number(name: str, value: float | None, rule: str, note: str = "") -> N
     """
     if value is None:
         return
+    words = broken_rule(value, rule)
+    if words is not None:
+        kind = "an integer" if isinstance(value, int) else "a finite number"
+        raise UnmaskError(f"{name}={value} must be {kind} {words}{note}")
+
+
+def broken_rule(value: float, rule: str) -> str | None:
+    """None when ``value`` is a finite number obeying ``rule`` (see :func:`check_number`); else the
+    rule in words (``"in (0, 1]"``, ``"> 0"``)."""
     if rule[0] in "([":
         low, high = (float(bound) for bound in rule[1:-1].split(","))
         inside = (low < value if rule[0] == "(" else low <= value) and (value < high if rule[-1] == ")" else value <= high)
@@ -30,6 +70,4 @@ def check_number(name: str, value: float | None, rule: str, note: str = "") -> N
     else:
         op, bound = rule.split()
         inside = value > float(bound) if op == ">" else value >= float(bound)
-    if not (math.isfinite(value) and inside):
-        kind = "an integer" if isinstance(value, int) else "a finite number"
-        raise UnmaskError(f"{name}={value} must be {kind} {rule}{note}")
+    return None if math.isfinite(value) and inside else rule

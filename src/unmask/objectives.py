@@ -110,7 +110,7 @@ def corrupt_response(
     probability ``prompt_dropout`` a row's prompt (every position before its response but the
     first, the EOS separator) is replaced by MASK in x_t: CFG dropout, which trains the
     unconditional model that guidance subtracts, in the form the samplers give it (the prompt
-    masked, its length and the separator kept: unmask.sampling.generate.make_canvas). Dropped
+    masked, its length and the separator kept: unmask.sampling.canvas.make_canvas). Dropped
     prompts are not targets.
     """
     b, l = x0.shape

@@ -15,6 +15,7 @@ import torch
 from unmask.errors import UnmaskError
 
 LINEAR_EPS = 1e-3
+SCHEDULES = ("linear", "cosine")
 
 
 @dataclass(frozen=True)
@@ -31,8 +32,8 @@ class Schedule:
     eps: float = LINEAR_EPS
 
     def __post_init__(self) -> None:
-        if self.kind not in ("linear", "cosine"):
-            raise UnmaskError(f"schedule {self.kind!r} is not one of: linear, cosine")
+        if self.kind not in SCHEDULES:
+            raise UnmaskError(f"schedule {self.kind!r} is not one of: {', '.join(SCHEDULES)}")
         if not 0 <= self.eps < 1:
             raise UnmaskError(f"schedule eps={self.eps} must be in [0, 1)")
 

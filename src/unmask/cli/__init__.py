@@ -13,8 +13,8 @@
     unmask experiment scaling|reverse-curse|shift   SMDM's experiments, resumable, results folders
 
 Errors of the user's making (``UnmaskError``, and usage errors such as an unknown option or a
-value of the wrong type) print one ``error: ...`` line and exit with 2; Ctrl-C prints ``aborted`` and
-exits with 130.
+value of the wrong type) print one ``error: ...`` line and exit with 2, a decoding parameter named by
+its flag (``OptionError``); Ctrl-C prints ``aborted`` and exits with 130.
 """
 
 from __future__ import annotations
@@ -25,7 +25,8 @@ import sys
 import typer
 
 from unmask.cli.app import app
-from unmask.errors import UnmaskError
+from unmask.cli.sampler_options import flag_of
+from unmask.errors import OptionError, UnmaskError
 
 # registering the subcommands
 from unmask.cli import data as _data  # noqa: F401,E402
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = app(args=argv, prog_name="unmask", standalone_mode=False)
     except UnmaskError as exc:
-        typer.echo(f"error: {exc}", err=True)
+        typer.echo(f"error: {exc.spelled(flag_of) if isinstance(exc, OptionError) else exc}", err=True)
         return 2
     except _click.ClickException as exc:
         if isinstance(exc, getattr(_click, "NoArgsIsHelpError", ())):  # a command group without its subcommand: its help

@@ -69,7 +69,7 @@ def demo(
     """Train a tiny MDM and AR model on the embedded corpus; compare likelihoods, infilling and samples."""
     from unmask.data import TokenDataset, default_dataset
     from unmask.evaluation import evaluate_checkpoint, format_likelihood
-    from unmask.sampling.generate import generate
+    from unmask.generation import generate
     from unmask.train import train as run_training
 
     data_dir = default_dataset()

@@ -117,7 +117,7 @@ def genppl(
     from unmask.device import pick_device
     from unmask.errors import UnmaskError
     from unmask.evaluation.genppl import HFJudge, judge_nll, quality_report
-    from unmask.sampling.generate import generate
+    from unmask.generation import generate
 
     if (judge is None) == (judge_hf is None):
         raise UnmaskError("genppl: give exactly one of --judge RUN or --judge-hf FOLDER")

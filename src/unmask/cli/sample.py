@@ -44,7 +44,7 @@ def sample(
     """Generate text from a trained MDM or AR checkpoint."""
     from unmask.checkpoint import checkpoint_tokenizer
     from unmask.errors import UnmaskError
-    from unmask.sampling.generate import generate
+    from unmask.generation import generate
 
     prompts = None
     if prompts_file is not None:

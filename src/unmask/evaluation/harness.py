@@ -7,9 +7,10 @@
   context replaced by MASK (unsupervised CFG, SMDM).
 * ``loglikelihood_rolling``: lm-eval's disjoint rolling windows, each scored as above.
 * ``generate_until``: MDM canvas [EOS ; context ; MASK x max_gen_toks] filled by any sampler with
-  the sampler options of every sampling entry point (:func:`unmask.sampling.generate.spec_for`;
-  default the ancestral sampler, one step per token, greedy: temperature 0 unless the options or
-  the request say otherwise), AR token by token; cut at the until strings.
+  the sampler options of every sampling entry point, through the one decoding path
+  (:func:`unmask.sampling.decoding.decoding_for`; default the ancestral sampler, one step per token,
+  greedy: temperature 0 unless the options or the request say otherwise; a block model with its
+  block cache), AR token by token; cut at the until strings.
 
 Contexts longer than the model's context window are truncated on the left.
 """
@@ -32,8 +33,9 @@ from unmask.errors import UnmaskError, check_number
 from unmask.likelihood import chain_rule, conditional_elbo
 from unmask.objectives import device_of, token_nll
 from unmask.config import TrainConfig
-from unmask.sampling import Conditioning, ar_sample
-from unmask.sampling.generate import ar_config, check_options, sampling_generator, spec_for, trim_at_eos
+from unmask.sampling.canvas import make_canvas, trim_at_eos
+from unmask.sampling.decoding import Decoding, decoding_for, sampling_generator
+from unmask.sampling.options import OPTIONS, check_value
 
 try:
     from lm_eval.api.model import LM
@@ -62,14 +64,14 @@ class UnmaskLM(LM):
         train_config=None,
         **sampling,
     ) -> None:
-        """``sampling``: the sampler options (see :func:`unmask.sampling.generate.generate`) for
+        """``sampling``: the sampler options (see :func:`unmask.generation.generate`) for
         generate_until; ``cfg_scale`` also guides the scores."""
         _require_lm_eval()
         super().__init__()
         if method not in ("chain-rule", "mc"):
             raise UnmaskError(f"--method {method!r} is not one of: chain-rule, mc")
         cfg_scale = sampling.get("cfg_scale") or 0.0
-        check_number("--cfg", cfg_scale, ">= 0")
+        check_value(OPTIONS["cfg_scale"], cfg_scale)
         check_number("--draws", draws, ">= 2")
         check_number("--batch-size", batch_size, "> 0")
         if model is None:
@@ -81,11 +83,17 @@ class UnmaskLM(LM):
         self.train_config = train_config or TrainConfig()
         self.method, self.draws, self.cfg_scale, self.batch_size = method, draws, cfg_scale, batch_size
         self.sampling = sampling
-        if self.model_config.causal:
-            check_options(True, None, None, sampling)
+        self._decoding(1, {"temperature": 0.0, **sampling})  # bad sampler options are refused now, not after the scoring
         self.generator = torch.Generator().manual_seed(seed)  # Monte Carlo scoring: the estimators draw on the CPU
         self.sample_generator = sampling_generator(self.model, seed)  # generate_until: samplers draw on the model's device
         self._device = device_of(self.model)
+
+    def _decoding(self, n: int, options: dict) -> Decoding:
+        """generate_until's decoding of ``n`` new tokens (the one path: the AR sampler, or the MDM's spec).
+        An AR model takes one step per token whatever a request's length: ``steps`` is the MDM's."""
+        if self.model_config.causal:
+            options = {name: value for name, value in options.items() if name != "steps"}
+        return decoding_for(self.model_config, n, options, self.train_config.schedule)
 
     # -- scoring -----------------------------------------------------------------------------
 
@@ -186,16 +194,11 @@ class UnmaskLM(LM):
             if room < 0:
                 raise UnmaskError(f"max_gen_toks={n} does not fit the model's context of {self.model_config.context_len}")
             ctx = ctx[max(0, len(ctx) - room):]
-            if self.model_config.causal:
-                x = torch.tensor([ctx], device=self._device)
-                out = ar_sample(self.model, x, self.sample_generator, ar_config(n, **options))
-                new = out.tokens[0, x.shape[1]:]
-            else:
-                x = torch.tensor([ctx + [self.model_config.mask_id] * n], device=self._device)
-                prompt = torch.zeros_like(x, dtype=torch.bool)
-                prompt[0, 1 : len(ctx)] = True  # the EOS separator is not part of the prompt (CFG keeps it)
-                spec = spec_for(self.model_config, self.train_config, n, **options)
-                new = spec.run(self.model, x, self.sample_generator, Conditioning(prompt_mask=prompt), start=len(ctx)).tokens[0, len(ctx):]
+            # [EOS ; context ; MASK x n] (AR: without the MASKs); the first token (the EOS, unless the context was
+            # truncated) is the separator: not part of the prompt, which CFG replaces by MASK
+            x, cond, start = make_canvas([ctx[1:]], 0 if self.model_config.causal else n, self.model_config.mask_id, self.tok.pad_id,
+                                         ctx[0] if ctx else None, device=self._device)
+            new = self._decoding(n, options).run(self.model, x, self.sample_generator, cond, start=start).tokens[0, start:]
             text = self.tok.decode(trim_at_eos(new.tolist(), self.tok.eos_id))
             for stop in until:
                 if stop and stop in text:

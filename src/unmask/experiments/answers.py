@@ -20,9 +20,8 @@ import torch
 
 from unmask.likelihood import chain_rule
 from unmask.objectives import device_of
-from unmask.sampling.ar import ARConfig, ar_sample
-from unmask.sampling.base import Conditioning
-from unmask.sampling.generate import SamplerSpec
+from unmask.sampling.canvas import make_canvas
+from unmask.sampling.decoding import decoding_for
 
 
 def _groups(keys: list) -> dict:
@@ -70,22 +69,17 @@ def complete(model, prompts: list[list[int]], lengths: list[int], eos: int, cfg_
              left_to_right: bool = False) -> list[list[int]]:
     """The greedy completion of ``lengths[i]`` tokens after each prompt (ids, no EOS). An MDM decodes
     its most confident position first, or with ``left_to_right`` the leftmost (blocks of one token)."""
-    dev = device_of(model)
+    dev, causal = device_of(model), model.config.causal
     out: list[list[int]] = [[] for _ in prompts]
-    for (p_len, a_len), idx in _groups([(len(p), n) for p, n in zip(prompts, lengths)]).items():
+    for (_, a_len), idx in _groups([(len(p), n) for p, n in zip(prompts, lengths)]).items():
+        options = {"temperature": 0.0} if causal else {"sampler": "confidence", "steps": a_len, "temperature": 0.0, "cfg_scale": cfg_scale,
+                                                      "block_len": 1 if left_to_right else None}
+        decoding = decoding_for(model.config, a_len, options, kv_cache=False if causal else None)
         for start in range(0, len(idx), batch_size):
             rows = idx[start : start + batch_size]
-            prefix = torch.tensor([[eos, *prompts[i]] for i in rows], device=dev)
-            gen = torch.Generator(device=dev).manual_seed(0)
-            if model.config.causal:
-                tokens = ar_sample(model, prefix, gen, ARConfig(max_new_tokens=a_len, temperature=0.0, kv_cache=False)).tokens[:, -a_len:]
-            else:
-                x = torch.cat([prefix, torch.full((len(rows), a_len), model.config.mask_id, device=dev)], dim=1)
-                prompt_mask = torch.zeros_like(x, dtype=torch.bool)
-                prompt_mask[:, 1 : 1 + p_len] = True
-                spec = SamplerSpec.from_options(sampler="confidence", steps=a_len, temperature=0.0, cfg_scale=cfg_scale,
-                                                block_len=1 if left_to_right else None)
-                tokens = spec.run(model, x, gen, Conditioning(prompt_mask=prompt_mask), start=1 + p_len).tokens[:, -a_len:]
+            # the rows of a group have prompts of one length: nothing is padded
+            x, cond, begin = make_canvas([prompts[i] for i in rows], 0 if causal else a_len, model.config.mask_id, eos, eos, device=dev)
+            tokens = decoding.run(model, x, torch.Generator(device=dev).manual_seed(0), cond, start=begin).tokens[:, -a_len:]
             for r, i in enumerate(rows):
                 out[i] = tokens[r].tolist()
     return out

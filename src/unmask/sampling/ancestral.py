@@ -18,9 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unmask.sampling.base import (
-    Conditioning, Sampler, SamplerConfig, SamplerState, check_steps, dtype_of, fill, open_positions, predict, start_state,
-)
+from unmask.sampling.base import Conditioning, Sampler, SamplerConfig, SamplerState, dtype_of, fill, open_positions, predict, start_state
 from unmask.schedule import Schedule
 
 
@@ -28,11 +26,6 @@ from unmask.schedule import Schedule
 class AncestralConfig(SamplerConfig):
     steps: int = 128
     schedule: str = "linear"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        check_steps(self.steps)
-        Schedule(self.schedule)  # validates the name
 
 
 def stay_probability(schedule: Schedule, t: float, s: float) -> float:
@@ -50,14 +43,14 @@ def step(model, state: SamplerState, generator: torch.Generator, config: Ancestr
     """From t = 1 - step/steps to s = t - 1/steps."""
     x = state.tokens
     t, s = (config.steps - state.step) / config.steps, (config.steps - state.step - 1) / config.steps
-    can = open_positions(x, model.config.mask_id, state.eligible)
+    can = open_positions(x, state.mask_id, state.eligible)
     stay = stay_probability(Schedule(config.schedule), t, s)
     unmask = torch.zeros_like(can)
     unmask[can] = torch.rand(int(can.sum()), generator=generator, dtype=dtype_of(config.precision), device=x.device) >= stay
     time = torch.full((x.shape[0],), t, dtype=torch.float64)
     logits, called, cache = predict(model, state, unmask, cond, config.cfg_scale, time)
     new = fill(x, unmask, logits, generator, config)
-    done = state.step + 1 == config.steps or not bool(open_positions(new, model.config.mask_id, state.eligible).any())
+    done = state.step + 1 == config.steps or not bool(open_positions(new, state.mask_id, state.eligible).any())
     return state.advance(new, called, cache, done=done)
 
 

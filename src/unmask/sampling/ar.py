@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError, UnmaskError
 from unmask.model import KVCache
 from unmask.sampling.base import Conditioning, SampleOutput, SamplerConfig, SamplerState, StepCallback, sample_from
 
@@ -41,7 +41,7 @@ def ar_sample(
     one forward over the prompt, then one single-token forward per new token.
     """
     if config.cfg_scale:
-        raise UnmaskError("--cfg is for MDMs; the AR baseline has no unconditional pass")
+        raise OptionError("cfg_scale", "{cfg_scale} is for MDMs; the AR baseline has no unconditional pass")
     b, p = prompt.shape
     total = p + config.max_new_tokens
     if total - 1 > model.config.context_len:  # the last new token is never fed back

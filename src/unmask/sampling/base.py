@@ -2,9 +2,12 @@
 categorical sampling.
 
 A sampler is a :class:`Sampler`: ``start(model, x, config, eligible, cache) -> state`` and
-``step(model, state, generator, config, cond) -> state``, pure functions of an explicit state
-dataclass (tokens, the positions being decoded, counters, per-row times, caches) returned anew each
-step, so a step can be inspected, streamed or resumed. Calling a :class:`Sampler` runs it to the end:
+``step(model, state, generator, config, cond) -> state``, functions of an explicit state dataclass
+(tokens, the positions being decoded, counters, per-row times, caches) that return a new state and
+leave the one they were given as it was, so a step can be inspected, streamed or resumed. The one
+exception is a KV cache: its key/value tensors are written in place by the network (a copy per
+step would cost as much as the forward), so the state before a step shares them with the state
+after it, and only the latest state's cache is valid. Calling a :class:`Sampler` runs it to the end:
 ``sampler(model, x, generator, config, cond=None, callback=None, eligible=None) -> SampleOutput``,
 where x (B, L) holds MASK where tokens are to be generated (anywhere: prompts, infilling templates).
 Everything is deterministic under a seeded generator.
@@ -22,9 +25,10 @@ from typing import Callable, Literal
 
 import torch
 
-from unmask.errors import UnmaskError, check_number
+from unmask.errors import OptionError
 from unmask.guidance import combine, network_time
 from unmask.sampling.cache import CanvasCache, fed_index
+from unmask.sampling.options import OPTIONS, check_fields, check_value
 
 Precision = Literal["float64", "float32"]
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -34,7 +38,8 @@ _DTYPES = {"float64": torch.float64, "float32": torch.float32}
 class SamplerState:
     """tokens (B, L) with MASK where still undecided; ``eligible`` (B, L): the positions this phase
     may fill (None: every MASK); ``step`` steps done; ``nfe`` network calls so far, ``row_nfe`` (B,)
-    per row; ``cache``: the KV cache of the canvas (None: no cache); ``done``: nothing left to do."""
+    per row; ``cache``: the KV cache of the canvas (None: no cache); ``done``: nothing left to do;
+    ``mask_id``: the model's MASK token, read from its config once, at the start."""
 
     tokens: torch.Tensor
     eligible: torch.Tensor | None = None
@@ -43,6 +48,7 @@ class SamplerState:
     row_nfe: torch.Tensor | None = None
     cache: CanvasCache | None = None
     done: bool = False
+    mask_id: int = -1
 
     def advance(self, tokens: torch.Tensor, called: torch.Tensor, cache: CanvasCache | None, **changes) -> "SamplerState":
         """The state after a step that wrote ``tokens`` and called the network on the ``called`` (B,) rows."""
@@ -72,11 +78,7 @@ class SamplerConfig:
     cfg_scale: float = 0.0  # unsupervised classifier-free guidance w
 
     def __post_init__(self) -> None:
-        check_number("--temperature", self.temperature, ">= 0")
-        check_number("--top-k", self.top_k, ">= 0", " (0 switches it off)")
-        check_number("--top-p", self.top_p, "(0, 1]")
-        check_number("--cfg", self.cfg_scale, ">= 0")
-        dtype_of(self.precision)
+        check_fields(self)  # every field that is a sampler option, against its type and range (unmask.sampling.options)
 
 
 @dataclass(frozen=True)
@@ -102,12 +104,18 @@ class Conditioning:
         pick = lambda v: None if v is None else v[index]  # noqa: E731
         return replace(self, key_mask=pick(self.key_mask), positions=pick(self.positions), prompt_mask=pick(self.prompt_mask))
 
+    def to(self, device) -> "Conditioning":
+        """The conditioning on ``device``."""
+        move = lambda v: None if v is None else v.to(device)  # noqa: E731
+        return replace(self, key_mask=move(self.key_mask), positions=move(self.positions), prompt_mask=move(self.prompt_mask))
+
 
 def start_state(model, x: torch.Tensor, eligible: torch.Tensor | None = None, cache: CanvasCache | None = None, **extra) -> SamplerState:
     """The state before the first step (``extra``: fields of a sampler's own state subclass)."""
-    cls = extra.pop("cls", SamplerState)
-    done = not bool(open_positions(x, model.config.mask_id, eligible).any())
-    return cls(x.clone(), eligible, row_nfe=torch.zeros(x.shape[0], dtype=torch.long, device=x.device), cache=cache, done=done, **extra)
+    cls, mask_id = extra.pop("cls", SamplerState), model.config.mask_id
+    done = not bool(open_positions(x, mask_id, eligible).any())
+    return cls(x.clone(), eligible, row_nfe=torch.zeros(x.shape[0], dtype=torch.long, device=x.device), cache=cache, done=done,
+               mask_id=mask_id, **extra)
 
 
 def predict(
@@ -121,7 +129,7 @@ def predict(
     or ``cond.canvas_time``: the masked fraction of each row's real positions
     (:func:`unmask.guidance.network_time`).
     """
-    x, mask_id = state.tokens, model.config.mask_id
+    x, mask_id = state.tokens, state.mask_id
     cond = cond or Conditioning()
     t = None if cond.canvas_time else t
     called = want.any(dim=1)
@@ -134,8 +142,7 @@ def predict(
     t = None if t is None else pick(t.to(x.device))
     guided = bool(cfg_scale)
     if guided:
-        if cond.prompt_mask is None or not cond.prompt_mask.any():
-            raise UnmaskError("--cfg needs a prompt: guidance contrasts the prompt with the prompt replaced by MASK")
+        check_guidance(cfg_scale, cond)
         # the unconditional half: the same rows with the prompt replaced by MASK (docs/algorithms.md, 'Unsupervised classifier-free guidance')
         tokens = torch.cat([tokens, torch.where(pick(cond.prompt_mask), mask_id, tokens)])
         key_mask, positions, wanted = (None if v is None else torch.cat([v, v]) for v in (key_mask, positions, wanted))
@@ -166,9 +173,14 @@ def predict(
     return logits, called, cache
 
 
+def check_guidance(cfg_scale: float, cond: Conditioning | None) -> None:
+    """Guidance (``cfg_scale`` > 0) needs a prompt in ``cond``: it contrasts the prompt with the prompt replaced by MASK."""
+    if cfg_scale and (cond is None or cond.prompt_mask is None or not cond.prompt_mask.any()):
+        raise OptionError("cfg_scale", "{cfg_scale} needs a prompt: guidance contrasts the prompt with the prompt replaced by MASK")
+
+
 def dtype_of(precision: str) -> torch.dtype:
-    if precision not in _DTYPES:
-        raise UnmaskError(f"--precision {precision!r} is not one of: float64, float32")
+    check_value(OPTIONS["precision"], precision)
     return _DTYPES[precision]
 
 
@@ -274,11 +286,6 @@ def scatter_rows(values: torch.Tensor, where: torch.Tensor, fill_value: float) -
     return out
 
 
-def check_steps(steps: int) -> None:
-    if steps < 1:
-        raise UnmaskError(f"--steps={steps} must be a positive integer")
-
-
 def random_subset(candidates: torch.Tensor, k: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Per row, k[b] positions chosen uniformly among the True entries of candidates (B, L) -> (B, L) bool."""
     keys = torch.rand(candidates.shape, generator=generator, device=candidates.device).masked_fill(~candidates, 2.0)
@@ -287,8 +294,10 @@ def random_subset(candidates: torch.Tensor, k: torch.Tensor, generator: torch.Ge
 
 
 def top_per_row(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Per row, the k[b] candidates with the highest scores (B, L) -> (B, L) bool. Selection is
-    per row: the anchor bug of selecting the top-k over the whole batch cannot happen."""
+    """Per row, the k[b] candidates with the highest scores (B, L) -> (B, L) bool. The ranking is
+    within each row: a top-k over the whole batch would let the most confident rows take every
+    commit of a step while the other rows commit nothing (and a row's tokens would depend on the
+    rows decoded beside it)."""
     keyed = scores.masked_fill(~candidates, -torch.inf)
     ranks = keyed.argsort(dim=1, descending=True, stable=True).argsort(dim=1)
     return candidates & (ranks < k[:, None])

@@ -1,82 +1,78 @@
-"""Semi-autoregressive block decoding (LLaDA, SMDM) and the decoding driver. docs/algorithms.md, 'Semi-autoregressive blocks'.
+"""The block driver: decode a canvas block by block, any sampler inside a block, under a block plan
+and a cache. docs/algorithms.md, 'Semi-autoregressive blocks' and 'Block diffusion (BD3-LM)'.
 
-The generation region [start, L) of the canvas [prompt ; MASK x gen_len] is split into blocks of
-``block_len`` columns, decoded left to right; inside a block any sampler runs with the positions
-right of the block not eligible (they stay MASK and are seen as MASK); with several blocks a
-time-conditioned network gets the canvas's masked fraction (``Conditioning.canvas_time``), never a
-chain time restarted in each block. A KV cache of the canvas
-(:mod:`unmask.sampling.cache`) lives across blocks and is refreshed at each block start. With a
-stop token (EOS), a row that has produced it in a completed block leaves the working batch (its
-remaining MASKs become the stop token), so a batch does not wait for its slowest row.
+The plan (:mod:`unmask.sampling.plans`) says which columns each block decodes, which columns a
+call sees and each block's steps: semi-autoregressive blocks of canvas columns, or a block model's
+grid of each row's positions. The cache (:class:`~unmask.sampling.cache.CacheConfig`) lives across
+blocks: a canvas cache (prefix, dual, delayed; refreshed at each block start) or a block model's
+exact cache of finished blocks (moved with the window over a long canvas). Inside a block the
+sampler runs with only the block eligible. With a stop token (EOS), a row that has produced it in a
+finished block leaves the working batch (its remaining MASKs become the stop token), so a batch
+does not wait for its slowest row. The callback sees the whole batch on the canvas's columns, with
+steps and calls counted across blocks.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
-from unmask.errors import UnmaskError
 from unmask.sampling.base import Conditioning, SampleOutput, Sampler, SamplerState, StepCallback
-from unmask.sampling.cache import CacheConfig, CanvasCache
+from unmask.sampling.cache import CacheConfig
+from unmask.sampling.plans import ColumnBlocks, GridBlocks
 
 
 @torch.no_grad()
-def semi_autoregressive(
+def decode_blocks(
     model,
     x: torch.Tensor,
     generator: torch.Generator,
     sampler: Sampler,
     config,
-    block_len: int,
+    plan: ColumnBlocks | GridBlocks,
     start: int,
     cond: Conditioning | None = None,
     callback: StepCallback | None = None,
     stop_token: int | None = None,
     cache: CacheConfig = CacheConfig(),
 ) -> SampleOutput:
-    """Decode columns [start, L) of x (B, L) block by block with ``sampler`` and its per-block
-    ``config``. ``block_len`` = L - start decodes the region as one block. The callback sees the
-    whole batch, with steps and calls counted across blocks."""
-    b, length = x.shape
-    gen_len = length - start
-    if block_len < 1 or gen_len % block_len:
-        raise UnmaskError(f"--block-len={block_len} must divide the generation length {gen_len}")
-    tokens = x.clone()
-    active = torch.arange(b, device=x.device)  # rows still decoding
-    kv = None if cache.kind == "none" else CanvasCache.create(model, x, cache, guided=bool(config.cfg_scale))
-    work_cond, steps, nfe = block_conditioning(cond, gen_len // block_len), 0, 0
-    row_nfe = torch.zeros(b, dtype=torch.long, device=x.device)
+    """Decode columns [start, L) of x (B, L) block by block with ``sampler`` and its ``config`` (a
+    ``steps`` option is the total; the plan splits it). ``cond``: left padding and the prompt."""
+    lay = plan.layout(model, x, cond, start, config)
+    tokens, work_cond, length = lay.tokens, lay.cond, x.shape[1]
+    mask_id, guided = model.config.mask_id, bool(config.cfg_scale)
+    active = torch.arange(x.shape[0], device=x.device)  # rows still decoding
+    steps, nfe, kv, window = 0, 0, None, None
+    row_nfe = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
     cols = torch.arange(length, device=x.device)
-    for b0 in range(start, length, block_len):
-        eligible = ((cols >= b0) & (cols < b0 + block_len))[None].expand(active.numel(), length)
+    for b0, b1, w0, w1 in lay.blocks:
+        if kv is None:
+            kv = cache.create(model, tokens[active][:, w0:w1], guided)
+        elif (w0, w1) != window:  # the window slid: the cache follows it
+            kv = kv.shifted(w0 - window[0], w1 - w0)
+        window = (w0, w1)
+        eligible = lay.region[active][:, w0:w1] & (cols[w0:w1] >= b0) & (cols[w0:w1] < b1)
 
-        def whole(s: SamplerState, done=(steps, nfe), rows=active) -> None:
+        def whole(s: SamplerState, done=(steps, nfe), rows=active, w=window) -> None:
             full = tokens.clone()
-            full[rows] = s.tokens
-            callback(SamplerState(full, step=done[0] + s.step, nfe=done[1] + s.nfe))
+            full[rows, w[0] : w[1]] = s.tokens
+            callback(SamplerState(lay.restore(full), step=done[0] + s.step, nfe=done[1] + s.nfe))
 
-        state = sampler.run(model, tokens[active], generator, config, work_cond, whole if callback else None, eligible,
+        window_cond = plan.window_cond(work_cond, w0, w1, active.numel(), x.device)
+        state = sampler.run(model, tokens[active][:, w0:w1], generator, lay.config, window_cond, whole if callback else None, eligible,
                             None if kv is None else kv.new_block())
-        tokens[active] = state.tokens
+        part = tokens[active]
+        part[:, w0:w1] = state.tokens
+        tokens[active] = part
         steps, nfe, kv = steps + state.step, nfe + state.nfe, state.cache
         row_nfe[active] += state.row_nfe
         if stop_token is None:
             continue
-        stopped = (state.tokens[:, start : b0 + block_len] == stop_token).any(dim=1)
+        stopped = ((tokens[active] == stop_token) & lay.region[active] & (cols < b1)).any(dim=1)
         if bool(stopped.any()):
-            active, work_cond, kv = leave(tokens, active, stopped, stop_token, model.config.mask_id, work_cond, kv)
+            active, work_cond, kv = leave(tokens, active, stopped, stop_token, mask_id, work_cond, kv)
             if active.numel() == 0:
                 break
-    return SampleOutput(tokens, nfe, steps, row_nfe)
-
-
-def block_conditioning(cond: Conditioning | None, num_blocks: int) -> Conditioning | None:
-    """``cond`` for decoding ``num_blocks`` blocks: with more than one, a chain sampler's clock
-    covers a block only and the network gets the canvas's masked fraction (``canvas_time``)."""
-    if num_blocks == 1:
-        return cond
-    return replace(cond or Conditioning(), canvas_time=True)
+    return SampleOutput(lay.restore(tokens), nfe, steps, row_nfe)
 
 
 def leave(tokens: torch.Tensor, active: torch.Tensor, stopped: torch.Tensor, stop_token: int, mask_id: int, cond, cache):

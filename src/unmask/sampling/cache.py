@@ -1,4 +1,4 @@
-"""KV caches for MDM decoding. docs/algorithms.md, 'KV caches'.
+"""KV caches for MDM decoding, and the choice of cache. docs/algorithms.md, 'KV caches'.
 
 An MDM attends bidirectionally, so a position's keys/values change whenever any token changes: every
 cache below is an approximation (report quality next to speed), except where the model's attention
@@ -22,6 +22,9 @@ With ``refresh=1`` every call is a full forward and every cache gives exactly th
 Rows decode independently: each row has its own refresh count, and a forward over rows that feed
 different numbers of positions pads with the scratch slot (never attended to). With classifier-free
 guidance the unconditional rows have their own keys/values (rows B..2B-1 of the cache).
+
+A block model's cache of finished blocks (exact) is :class:`~unmask.sampling.block_cache.BlockCache`;
+:class:`CacheConfig` names either kind, and :meth:`CacheConfig.create` makes it for a decoding.
 """
 
 from __future__ import annotations
@@ -30,22 +33,36 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError
 from unmask.model import KVCache
-
-CACHES = ("none", "prefix", "dual", "delayed")
+from unmask.sampling.block_cache import BlockCache
+from unmask.sampling.options import OPTIONS, check_value
 
 
 @dataclass(frozen=True)
 class CacheConfig:
-    kind: str = "none"  # none, prefix, dual or delayed
-    refresh: int = 0  # a full forward every N calls of a row (0: at block starts only)
+    """``kind``: none, prefix, dual or delayed (canvas caches), or block (a block model's exact cache
+    of finished blocks); ``refresh``: a full forward every N calls of a row (0: at block starts only;
+    the approximate caches only)."""
+
+    kind: str = "none"
+    refresh: int = 0
 
     def __post_init__(self) -> None:
-        if self.kind not in CACHES:
-            raise UnmaskError(f"--cache {self.kind!r} is not one of: {', '.join(CACHES)}")
-        if self.refresh < 0:
-            raise UnmaskError(f"--cache-refresh={self.refresh} must be >= 0 (0: only at block starts)")
+        check_value(OPTIONS["cache"], self.kind)
+        check_value(OPTIONS["cache_refresh"], self.refresh)
+        if self.refresh and self.kind in ("none", "block"):
+            need = "needs a cache" if self.kind == "none" else "applies to the approximate caches; the block cache is exact"
+            raise OptionError("cache_refresh", f"{{cache_refresh}}={{_refresh}} {need}: add {{cache}} prefix, dual or delayed",
+                              _refresh=self.refresh)
+
+    def create(self, model, x: torch.Tensor, guided: bool) -> "CanvasCache | BlockCache | None":
+        """The empty cache of decoding canvas x (B, L) (None: no cache); ``guided``: with CFG rows."""
+        if self.kind == "none":
+            return None
+        if self.kind == "block":
+            return BlockCache.create(model, x, guided)
+        return CanvasCache.create(model, x, self, guided)
 
 
 @dataclass(frozen=True)

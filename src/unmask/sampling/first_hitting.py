@@ -17,7 +17,6 @@ from dataclasses import dataclass
 
 import torch
 
-from unmask.errors import UnmaskError
 from unmask.sampling.base import (
     Conditioning, Sampler, SamplerConfig, SamplerState, fill, open_positions, predict, random_subset, start_state,
 )
@@ -28,12 +27,6 @@ from unmask.schedule import Schedule
 class FirstHittingConfig(SamplerConfig):
     k: int = 1  # positions unmasked per network call (1: the exact first-hitting sampler)
     schedule: str = "linear"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.k < 1:
-            raise UnmaskError(f"--k={self.k} must be a positive integer")
-        Schedule(self.schedule)  # validates the name
 
 
 @dataclass(frozen=True)
@@ -59,14 +52,14 @@ def step(model, state: FirstHittingState, generator: torch.Generator, config: Fi
     """Unmask min(k, n) uniformly chosen positions per row; the network is called at the time of the
     first of those events (the state is unchanged until then) and the row's time moves to the last."""
     schedule, x = Schedule(config.schedule), state.tokens
-    can = open_positions(x, model.config.mask_id, state.eligible)
+    can = open_positions(x, state.mask_id, state.eligible)
     n = can.sum(dim=1)
     first, last = event_mask_probs(schedule.mask_prob(state.t), n, config.k, generator)
     call, t = (torch.where(n > 0, schedule.time_for_mask_prob(m), state.t) for m in (first, last))
     pick = random_subset(can, torch.full_like(n, config.k), generator)
     logits, called, cache = predict(model, state, pick, cond, config.cfg_scale, call.float())
     new = fill(x, pick, logits, generator, config)
-    done = not bool(open_positions(new, model.config.mask_id, state.eligible).any())
+    done = not bool(open_positions(new, state.mask_id, state.eligible).any())
     return state.advance(new, called, cache, done=done, t=t)
 
 

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import torch
 
-from unmask.errors import UnmaskError
 from unmask.sampling.base import (
     Conditioning, Sampler, SamplerConfig, SamplerState, open_positions, predict, propose, scatter_rows,
     start_state, top_per_row,
@@ -26,18 +25,13 @@ class ThresholdConfig(SamplerConfig):
     tau: float = 0.9
     temperature: float = 0.0
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if not 0 < self.tau <= 1:
-            raise UnmaskError(f"--tau={self.tau} must be in (0, 1]")
-
 
 def start(model, x: torch.Tensor, config: ThresholdConfig, eligible=None, cache=None) -> SamplerState:
     return start_state(model, x, eligible, cache)
 
 
 def step(model, state: SamplerState, generator: torch.Generator, config: ThresholdConfig, cond: Conditioning | None = None) -> SamplerState:
-    x, mask_id = state.tokens, model.config.mask_id
+    x, mask_id = state.tokens, state.mask_id
     can = open_positions(x, mask_id, state.eligible)
     logits, called, cache = predict(model, state, can, cond, config.cfg_scale)
     x0, p = propose(logits, generator, config)

@@ -25,12 +25,12 @@ from pydantic.json_schema import models_json_schema
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError, UnmaskError
 from unmask.serve.batcher import Cancelled, Ticket
-from unmask.serve.engine import Engine, Job, Params, RequestError
+from unmask.serve.engine import Engine, Job, Params, RequestError, refused
 from unmask.serve.schemas import (
     CanvasFrame, ChatCompletionChunk, ChatRequest, ChatResponse, CompletionChunk, CompletionRequest, CompletionResponse, ErrorBody,
-    Health, ModelCard, ModelList,
+    Health, ModelCard, ModelList, sampler_options,
 )
 
 STATIC = Path(__file__).with_name("static")
@@ -172,6 +172,8 @@ def failure(exc: BaseException) -> RequestError:
         if str(exc) == "timeout":
             return RequestError("the request ran past the server's per-request timeout", None, 504, "timeout")
         return RequestError(f"request cancelled ({exc})", None, 499, "cancelled")
+    if isinstance(exc, OptionError):
+        return refused(exc)
     if isinstance(exc, (UnmaskError, RequestError)):
         return exc if isinstance(exc, RequestError) else RequestError(str(exc))
     raise exc
@@ -338,8 +340,7 @@ def create_app(engine: Engine) -> FastAPI:
         check_model(body.model)
         chat = isinstance(body, ChatRequest)
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        params = Params(prompts, max_tokens, body.n, body.temperature, body.top_p, stop, body.seed, body.sampler, body.steps,
-                        body.block_length, body.threshold, body.cfg_scale, body.cache, getattr(body, "infill", False))
+        params = Params(prompts, max_tokens, body.n, stop, body.seed, sampler_options(body), getattr(body, "infill", False))
         if body.stream_canvas and not body.stream:
             raise RequestError("stream_canvas needs stream: true", "stream_canvas")
         if body.stream_options is not None and not body.stream:

@@ -18,12 +18,12 @@ import torch
 
 from unmask.checkpoint import checkpoint_tokenizer, load_model
 from unmask.device import pick_device
-from unmask.errors import UnmaskError, check_number
-from unmask.sampling.ar import ARConfig, ar_sample, positions_from
+from unmask.errors import OptionError, check_number
 from unmask.sampling.base import Conditioning, SamplerState
-from unmask.sampling.cache import CACHES
-from unmask.sampling.generate import INFILL, SAMPLERS, SamplerSpec, infill_ids, sampling_generator
+from unmask.sampling.canvas import INFILL, infill_canvas, infill_ids, make_canvas
+from unmask.sampling.decoding import Decoding, check_kind, decoding_for, sampling_generator
 from unmask.serve.batcher import Scheduler, Ticket
+from unmask.serve.schemas import field_of
 
 
 class RequestError(Exception):
@@ -33,6 +33,11 @@ class RequestError(Exception):
                  code: str | None = None) -> None:
         super().__init__(message)
         self.message, self.param, self.status, self.kind, self.code = message, param, status, kind, code
+
+
+def refused(exc: OptionError) -> RequestError:
+    """A decoding parameter the library refused, named by its request field."""
+    return RequestError(exc.spelled(field_of), field_of(exc.param))
 
 
 @dataclass(frozen=True)
@@ -60,21 +65,15 @@ class Limits:
 
 @dataclass
 class Params:
-    """One generation request, as the HTTP layer hands it over (None: not given)."""
+    """One generation request, as the HTTP layer hands it over (None: not given). ``sampling``: the
+    sampler options it gives, by their library names (:func:`unmask.serve.schemas.sampler_options`)."""
 
     prompts: list[str]
     max_tokens: int = 16
     n: int = 1
-    temperature: float | None = None
-    top_p: float | None = None
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
-    sampler: str | None = None
-    steps: int | None = None
-    block_length: int | None = None
-    threshold: float | None = None
-    cfg_scale: float | None = None
-    cache: str | None = None
+    sampling: dict = field(default_factory=dict)
     infill: bool = False
 
 
@@ -89,8 +88,7 @@ class Job:
     start: int
     length: int  # columns of the generation region
     seed: int
-    spec: SamplerSpec | None  # MDM
-    ar: ARConfig | None  # AR
+    decoding: Decoding
     prompt_tokens: int
     stop_token: int | None = None
     committed_at: list[list[int]] = field(default_factory=list)  # per row and region column: the step it was filled (-1: not yet)
@@ -119,10 +117,6 @@ class ReleasingTokenizer:
         return self.tok.encode_batch([text])[0]
 
 
-# MDM-only request fields and the sampler-config field each one sets (None: not a sampler option)
-MDM_FIELDS = {"sampler": None, "steps": "steps", "block_length": None, "threshold": "tau", "cfg_scale": "cfg_scale", "cache": None, "infill": None}
-
-
 def cut_text(text: str, stops: list[str]) -> tuple[str, bool]:
     """text up to the earliest stop string, and whether one was found."""
     cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
@@ -147,7 +141,7 @@ class Engine:
     # ---- checks and canvases -------------------------------------------------------------
     def prepare(self, p: Params) -> Job:
         """Check a request against the limits and the model and build its canvas; raises RequestError."""
-        lim = self.limits
+        lim, steps = self.limits, p.sampling.get("steps")
         if not p.prompts:
             raise RequestError("prompt must be a string or a non-empty list of strings", "prompt")
         if len(p.prompts) > lim.max_prompts:
@@ -156,14 +150,32 @@ class Engine:
             raise RequestError(f"n={p.n} must be between 1 and {lim.max_n} on this server", "n")
         if not 1 <= p.max_tokens <= lim.max_tokens:
             raise RequestError(f"max_tokens={p.max_tokens} must be between 1 and {lim.max_tokens} on this server", "max_tokens")
-        if p.steps is not None and not 1 <= p.steps <= lim.max_steps:
-            raise RequestError(f"steps={p.steps} must be between 1 and {lim.max_steps} on this server", "steps")
+        if steps is not None and not 1 <= steps <= lim.max_steps:
+            raise RequestError(f"steps={steps} must be between 1 and {lim.max_steps} on this server", "steps")
         if len(p.stop) > 4 or any(not s for s in p.stop):
             raise RequestError("stop takes at most 4 non-empty strings", "stop")
         seed = p.seed if p.seed is not None else secrets.randbits(62)
+        try:
+            return self._prepare(p, seed)
+        except OptionError as exc:  # the decoding path names the parameter; the client knows it by its field
+            raise refused(exc) from None
+
+    def _prepare(self, p: Params, seed: int) -> Job:
+        """The job of a checked request: its canvas and its decoding, both from the decoding path."""
+        model = self.config.model
+        check_kind(model, p.sampling, p.max_tokens, infill=p.infill)  # the options this kind of model takes, first
+        x, cond, start, prompt_tokens = self._infill_canvas(p) if p.infill else self._prompt_canvas(p)
+        length = p.max_tokens if self.causal else x.shape[1] - start
+        decoding = decoding_for(model, length, p.sampling, self.config.train.schedule, infill=p.infill)
+        decoding.check(model, length, cond)
+        # with blocks (a block model's, or semi-autoregressive ones) a row that produced EOS stops early
+        blocks = (model.block_causal or p.sampling.get("block_len")) and not p.infill
+        job = Job(p, x, cond, start, length, seed, decoding, prompt_tokens * p.n, self.tok.eos_id if blocks else None)
         if self.causal:
-            return self._prepare_ar(p, seed)
-        return self._prepare_mdm(p, seed)
+            job.committed_at = [[-1] * p.max_tokens for _ in range(x.shape[0])]
+        else:
+            job.committed_at = ((x[:, start:] != self.tok.mask_id).long() - 1).tolist()  # given template text: step 0; MASK: -1
+        return job
 
     def _check_room(self, prompt_len: int, new: int, room: int, what: str = "prompt") -> None:
         """A canvas holds a separator, the prompt and ``new`` generated tokens in ``room`` positions."""
@@ -174,105 +186,42 @@ class Engine:
             raise RequestError(f"{parts} = {total} positions; this model takes at most {room}{fed}: shorten the {what}"
                                + (" or lower max_tokens" if new else ""), "prompt" if 1 + prompt_len >= room else "max_tokens")
 
-    def _canvas(self, prompts: list[list[int]], n: int, gen: list[int] | None, new: int, room: int) -> tuple[torch.Tensor, Conditioning, int]:
-        """Rows [PAD.. ; EOS ; prompt ; MASK x new] (or [PAD.. ; EOS ; template] with ``gen`` =
-        the template's ids), n rows per prompt, left-padded to a multiple of the bucket width
-        (within ``room`` columns). Returns (x, cond with key mask and positions, start of the region)."""
-        tok, bucket = self.tok, self.limits.bucket
-        bodies = [[tok.eos_id] + ids for ids in prompts] if gen is None else [[tok.eos_id] + gen]
-        width = max(map(len, bodies))
-        total = width + new
-        padded = max(total, min(-(-total // bucket) * bucket, room))
-        width += padded - total
-        rows, real, given = [], [], []
-        for body in bodies:
-            pad = width - len(body)
-            tail = [tok.mask_id] * new
-            for _ in range(n):
-                rows.append([tok.pad_id] * pad + body + tail)
-                real.append([False] * pad + [True] * (len(body) + new))
-                given.append([False] * (pad + 1) + [i != tok.mask_id for i in body[1:]] + [False] * new)
-        x = torch.tensor(rows, device=self.device)
-        key_mask = torch.tensor(real, device=self.device)
-        cond = Conditioning(key_mask=key_mask, positions=positions_from(key_mask), prompt_mask=torch.tensor(given, device=self.device))
-        return x, cond, width if gen is None else width - len(bodies[0]) + 1
+    def _layout(self, total: int, room: int) -> dict:
+        """The canvas keywords of a request's rows of ``total`` columns: left-padded to a multiple of
+        the bucket width (within ``room`` columns), so that requests of different lengths share
+        forwards, with the key mask and positions always given (the same keywords in every forward)."""
+        bucket = self.limits.bucket
+        return {"width": max(total, min(-(-total // bucket) * bucket, room)), "explicit": True, "device": self.device}
 
-    def _prepare_ar(self, p: Params, seed: int) -> Job:
-        given = [name for name in MDM_FIELDS if getattr(p, name) not in (None, False)]
-        if p.steps is not None and p.steps == p.max_tokens:
-            given.remove("steps")  # an AR model takes one step per token anyway
-        if given:
-            raise RequestError(
-                f"{given[0]}: MDM decoding only, but this model is autoregressive (one token per network call, left to right); "
-                "drop it (temperature, top_p, stop, n and seed apply to both)", given[0])
+    def _prompt_canvas(self, p: Params) -> tuple[torch.Tensor, Conditioning, int, int]:
+        """n rows per prompt [PAD.. ; EOS ; prompt ; MASK x max_tokens] (AR: without the MASKs, which
+        it appends); returns (x, cond, start of the region, prompt tokens)."""
         ids = [self.tok.encode(t) if t else [] for t in p.prompts]
-        longest = max(map(len, ids))
-        room = self.context + 1  # the last new token is never fed back
+        longest, new = max(map(len, ids)), 0 if self.causal else p.max_tokens
+        room = self.context + int(self.causal)  # the AR model never feeds its last new token back
         self._check_room(longest, p.max_tokens, room)
-        x, cond, start = self._canvas(ids, p.n, None, 0, room - p.max_tokens)
-        options = {k: v for k, v in {"temperature": p.temperature, "top_p": p.top_p}.items() if v is not None}
-        ar = ARConfig(max_new_tokens=p.max_tokens, kv_cache=True, **options)  # the HTTP schema keeps both in range
-        job = Job(p, x, Conditioning(key_mask=cond.key_mask), start, p.max_tokens, seed, None, ar, sum(map(len, ids)) * p.n)
-        job.committed_at = [[-1] * p.max_tokens for _ in range(x.shape[0])]
-        return job
+        layout = self._layout(1 + longest + new, room - (p.max_tokens - new))
+        x, cond, start = make_canvas([i for i in ids for _ in range(p.n)], new, self.tok.mask_id, self.tok.pad_id, self.tok.eos_id, **layout)
+        return x, cond, start, sum(map(len, ids))
 
-    def _prepare_mdm(self, p: Params, seed: int) -> Job:
-        name = p.sampler or "ancestral"
-        if name not in SAMPLERS:
-            raise RequestError(f"sampler {name!r} is not one of: {', '.join(SAMPLERS)}", "sampler")
-        takes = {f.name for f in fields(SAMPLERS[name].config)}
-        for fld, option in MDM_FIELDS.items():
-            if option is not None and getattr(p, fld) is not None and option not in takes:
-                raise RequestError(f"{fld}: not an option of sampler {name!r}", fld)
-        if p.cache is not None and p.cache not in CACHES:
-            raise RequestError(f"cache {p.cache!r} is not one of: {', '.join(CACHES)}", "cache")
-        if p.cfg_scale and all(not t for t in p.prompts):
-            raise RequestError("cfg_scale needs a prompt: guidance contrasts the prompt with the prompt replaced by MASK", "cfg_scale")
-        room = self.context
-        if p.infill:
-            if len(p.prompts) != 1:
-                raise RequestError("infill takes one prompt: a template with [MASK] or [MASK:n] spans", "prompt")
-            if p.block_length is not None:
-                raise RequestError("block_length cannot be combined with infill (the spans are filled together)", "block_length")
-            if p.stop:
-                raise RequestError("stop cannot be combined with infill: the answer is the filled template, not a continuation to cut", "stop")
-            template = p.prompts[0]
-            if not INFILL.search(template):
-                raise RequestError("infill: the prompt has no [MASK] or [MASK:n] span to fill", "prompt")
-            ids = infill_ids(template, self.tok)
-            holes = ids.count(self.tok.mask_id)
-            if not 1 <= holes <= self.limits.max_tokens:
-                raise RequestError(f"infill: the spans ask for {holes} tokens; this server fills 1 to {self.limits.max_tokens}", "prompt")
-            self._check_room(len(ids), 0, room, "prompt template")
-            x, cond, start = self._canvas([], p.n, ids, 0, room)
-            length = x.shape[1] - start
-        else:
-            ids = [self.tok.encode(t) if t else [] for t in p.prompts]
-            self._check_room(max(map(len, ids)), p.max_tokens, room)
-            if p.block_length is not None and p.max_tokens % p.block_length:
-                raise RequestError(f"block_length={p.block_length} must divide max_tokens={p.max_tokens}", "block_length")
-            x, cond, start = self._canvas(ids, p.n, None, p.max_tokens, room)
-            length = p.max_tokens
-        steps = p.steps
-        if "steps" in takes and steps is None:
-            steps = min(length, self.limits.max_steps)
-        options = {"steps": steps, "temperature": p.temperature, "top_p": p.top_p, "tau": p.threshold, "cfg_scale": p.cfg_scale}
-        if "schedule" in takes:
-            options["schedule"] = self.config.train.schedule
-        options = {k: v for k, v in options.items() if k in takes}
-        try:
-            spec = SamplerSpec.from_options(name, block_len=p.block_length, cache=p.cache, **options)
-            spec.sampler_config(length // p.block_length if p.block_length else 1)
-        except UnmaskError as exc:
-            text = str(exc)
-            param = next((f for f in ("steps", "temperature", "top_p", "block_length", "cache", "cfg_scale") if f.replace("_", "-") in text), None)
-            raise RequestError(text.replace("--block-len", "block_length").replace("--cfg", "cfg_scale").lstrip("-"), param) from None
-        n_prompts = sum(len(i) for i in ids) if not p.infill else int((x[0, start:] != self.tok.mask_id).sum())
-        job = Job(p, x, cond, start, length, seed, spec, None, n_prompts * p.n,
-                  stop_token=self.tok.eos_id if p.block_length and not p.infill else None)
-        region = (x[:, start:] != self.tok.mask_id).long() - 1  # given template text: step 0; MASK: -1
-        job.committed_at = region.tolist()
-        return job
+    def _infill_canvas(self, p: Params) -> tuple[torch.Tensor, Conditioning, int, int]:
+        """n rows [PAD.. ; EOS ; template]; returns (x, cond, start of the region, given template tokens)."""
+        if len(p.prompts) != 1:
+            raise RequestError("infill takes one prompt: a template with [MASK] or [MASK:n] spans", "prompt")
+        if p.sampling.get("block_len") is not None:
+            raise RequestError("block_length cannot be combined with infill (the spans are filled together)", "block_length")
+        if p.stop:
+            raise RequestError("stop cannot be combined with infill: the answer is the filled template, not a continuation to cut", "stop")
+        template = p.prompts[0]
+        if not INFILL.search(template):
+            raise RequestError("infill: the prompt has no [MASK] or [MASK:n] span to fill", "prompt")
+        ids = infill_ids(template, self.tok)
+        holes = ids.count(self.tok.mask_id)
+        if not 1 <= holes <= self.limits.max_tokens:
+            raise RequestError(f"infill: the spans ask for {holes} tokens; this server fills 1 to {self.limits.max_tokens}", "prompt")
+        self._check_room(len(ids), 0, self.context, "prompt template")
+        x, cond, start = infill_canvas(ids, self.tok, p.n, **self._layout(1 + len(ids), self.context))
+        return x, cond, start, len(ids) - holes
 
     # ---- decoding (in a worker thread) ----------------------------------------------------
     def region(self, job: Job, tokens: torch.Tensor) -> list[list[int]]:
@@ -304,10 +253,7 @@ class Engine:
             generator = sampling_generator(model, job.seed)
             callback = None if on_frame is None else (lambda state: on_frame(self.frame(job, state, started)))
             with torch.no_grad():
-                if job.ar is not None:
-                    out = ar_sample(model, job.x, generator, job.ar, job.cond, callback)
-                else:
-                    out = job.spec.run(model, job.x, generator, job.cond, callback, start=job.start, stop_token=job.stop_token)
+                out = job.decoding.run(model, job.x, generator, job.cond, callback, start=job.start, stop_token=job.stop_token)
         finally:
             self.scheduler.leave(ticket)
         choices = [self.finish(job, ids) for ids in self.region(job, out.tokens)]

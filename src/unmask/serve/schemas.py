@@ -1,5 +1,9 @@
 """Request and response bodies of the HTTP API: the OpenAI completion fields plus the diffusion
-fields, each documented, so that the OpenAPI schema at ``/openapi.json`` describes the API.
+fields, each documented, so that the OpenAPI schema at ``/openapi.json`` describes the API. The
+sampler fields (``sampler``, ``steps``, ``temperature``, ...) are derived from the option table
+(:mod:`unmask.sampling.options`): every option with a ``field`` is a request field of its type, range
+(``field_rule``, else ``rule``) or choices, described by its help; :func:`field_of` is how the server
+spells a parameter in its errors.
 
 Request fields are strict, as in the OpenAI API: an integer field takes a JSON integer (not
 ``"4"``, ``4.0`` or ``true``), a boolean field ``true`` or ``false``; a float field takes any
@@ -12,14 +16,14 @@ from __future__ import annotations
 import re
 from typing import Annotated, Dict, List, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
-from unmask.sampling.cache import CACHES
-from unmask.sampling.generate import SAMPLERS
+from unmask.sampling.options import OPTIONS, Option
+from unmask.sampling.spec import ALIASES, SAMPLERS
 
-SamplerName = Literal[tuple(SAMPLERS)]  # type: ignore[valid-type]
-CacheName = Literal[tuple(CACHES)]  # type: ignore[valid-type]
 FinishReason = Literal["stop", "length"]
+# parameters of the decoding path that are not sampler options, as the request calls them
+FIELDS = {"length": "max_tokens", "num_samples": "n"}
 
 UNTOKENIZABLE = re.compile("[\x00\ud800-\udfff]")
 
@@ -63,27 +67,58 @@ class StreamOptions(Request):
                                                    "(every other chunk then has `usage: null`).")
 
 
-class Sampling(Request):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+def field_of(name: str) -> str:
+    """The request field of a decoding parameter (an option without a field keeps its name)."""
+    option = OPTIONS.get(name)
+    return FIELDS.get(name, name) if option is None else option.field or name
+
+
+def bounds(rule: str | None) -> dict:
+    """A range in the table's notation (``">= 0"``, ``"(0, 1]"``) as pydantic's bounds (ge, gt, le, lt)."""
+    if rule is None:
+        return {}
+    if rule[0] in "([":
+        low, high = (float(bound) for bound in rule[1:-1].split(","))
+        return {"gt" if rule[0] == "(" else "ge": low, "lt" if rule[-1] == ")" else "le": high}
+    op, bound = rule.split()
+    return {"gt" if op == ">" else "ge": float(bound)}
+
+
+def request_field(option: Option) -> tuple[object, object]:
+    """(annotation, Field) of a served option: its type (a Literal of its choices; samplers and
+    their other names for ``sampler``), its range, its help; None when not given."""
+    choices = (*SAMPLERS, *ALIASES) if option.name == "sampler" else option.choices
+    kind = option.type if choices is None else Literal[tuple(choices)]  # type: ignore[valid-type]
+    limits = {key: int(value) if option.type is int else value for key, value in bounds(option.field_rule or option.rule).items()}
+    return Optional[kind], Field(None, description=option.help, **limits)
+
+
+def sampler_options(body: BaseModel) -> dict:
+    """The sampler options a request gives (library names -> values; fields left out are absent)."""
+    given = {name: getattr(body, option.field) for name, option in OPTIONS.items() if option.field}
+    return {name: value for name, value in given.items() if value is not None}
+
+
+class Fields(Request):
+    """Fields shared by /v1/completions and /v1/chat/completions (the sampler fields besides)."""
 
     model: Text = Field(..., description="The served model's id (see GET /v1/models).")
     max_tokens: int = Field(16, ge=1, description="Tokens to generate per choice (an MDM fills exactly this many positions; EOS ends the text early).")
-    temperature: Optional[float] = Field(None, ge=0, le=2, description="Sampling temperature; 0 is greedy. Default: the sampler's own (1, threshold: 0).")
-    top_p: Optional[float] = Field(None, gt=0, le=1, description="Nucleus sampling mass (1: off).")
     stop: Optional[Texts] = Field(None, description="Up to 4 strings; the text ends before the first one generated (not with infill).")
     n: int = Field(1, ge=1, description="Choices per prompt.")
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="Same seed, same request: same text (also while other requests are decoded alongside).")
     stream: bool = Field(False, description="Server-sent events: chunks of committed text, then `data: [DONE]`.")
     stream_options: Optional[StreamOptions] = Field(None, description="With stream: `{\"include_usage\": true}` adds a last chunk with the usage.")
     user: Optional[Text] = Field(None, description="Accepted for compatibility; unused.")
-    # diffusion fields (MDM checkpoints; refused on an AR checkpoint, except steps = max_tokens)
-    sampler: Optional[SamplerName] = Field(None, description="MDM sampler (default ancestral).")
-    steps: Optional[int] = Field(None, ge=1, description="MDM denoising steps, split evenly over blocks (samplers that take steps; default max_tokens).")
-    block_length: Optional[int] = Field(None, ge=1, description="MDM: decode semi-autoregressively in blocks of this many tokens; must divide max_tokens.")
-    threshold: Optional[float] = Field(None, gt=0, le=1, description="MDM threshold sampler: commit positions whose top-1 probability reaches this (default 0.9).")
-    cfg_scale: Optional[float] = Field(None, ge=0, le=20, description="MDM unsupervised classifier-free guidance scale (needs a prompt; 0: off).")
-    cache: Optional[CacheName] = Field(None, description="MDM KV cache of the canvas: none (default), prefix, dual or delayed (approximate).")
-    stream_canvas: bool = Field(False, description="With stream: also send `event: canvas` frames with the whole partially unmasked canvas after every step.")
+
+
+# the sampler fields, from the option table (MDM options are refused on an AR checkpoint, except steps = max_tokens)
+Sampling = create_model(
+    "Sampling", __base__=Fields, __doc__=Fields.__doc__, __module__=__name__,
+    **{option.field: request_field(option) for option in OPTIONS.values() if option.field},
+    stream_canvas=(bool, Field(False, description="With stream: also send `event: canvas` frames with the whole partially unmasked canvas "
+                                                  "after every step.")),
+)
 
 
 class CompletionRequest(Sampling):
