@@ -5,6 +5,7 @@ numbers users give."""
 from __future__ import annotations
 
 import math
+import operator
 from typing import Callable
 
 
@@ -60,14 +61,21 @@ def check_number(name: str, value: float | None, rule: str, note: str = "") -> N
         raise UnmaskError(f"{name}={value} must be {kind} {words}{note}")
 
 
+def rule_bounds(rule: str) -> list[tuple[str, float]]:
+    """A rule of :func:`check_number` as its bounds: ``"(0, 1]"`` -> [(">", 0.0), ("<=", 1.0)],
+    ``">= 2"`` -> [(">=", 2.0)]."""
+    if rule[0] in "([":
+        low, high = (float(bound) for bound in rule[1:-1].split(","))
+        return [(">" if rule[0] == "(" else ">=", low), ("<" if rule[-1] == ")" else "<=", high)]
+    op, bound = rule.split()
+    return [(op, float(bound))]
+
+
 def broken_rule(value: float, rule: str) -> str | None:
     """None when ``value`` is a finite number obeying ``rule`` (see :func:`check_number`); else the
     rule in words (``"in (0, 1]"``, ``"> 0"``)."""
-    if rule[0] in "([":
-        low, high = (float(bound) for bound in rule[1:-1].split(","))
-        inside = (low < value if rule[0] == "(" else low <= value) and (value < high if rule[-1] == ")" else value <= high)
-        rule = f"in {rule}"
-    else:
-        op, bound = rule.split()
-        inside = value > float(bound) if op == ">" else value >= float(bound)
-    return None if math.isfinite(value) and inside else rule
+    inside = all(_COMPARE[op](value, bound) for op, bound in rule_bounds(rule))
+    return None if math.isfinite(value) and inside else f"in {rule}" if rule[0] in "([" else rule
+
+
+_COMPARE = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}

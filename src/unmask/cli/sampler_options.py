@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import typer
 
+from unmask.errors import rule_bounds
 from unmask.sampling.options import OPTIONS as TABLE
 from unmask.sampling.options import Option
 
@@ -30,8 +31,8 @@ def flag_of(name: str) -> str:
 def typer_option(option: Option) -> tuple[type, object]:
     """(annotation, typer.Option) of a table option; default None ("not given"). An integer's lower
     bound is declared to typer (a usage error); floats are checked by the sampler configs."""
-    low = option.rule.split()[1] if option.type is int and option.rule and option.rule.startswith(">=") else None
-    bounds = {} if low is None else {"min": int(low)}
+    low = [bound for op, bound in rule_bounds(option.rule) if op == ">="] if option.type is int and option.rule else []
+    bounds = {"min": int(low[0])} if low else {}
     return Optional[option.type], typer.Option(None, option.flag, help=option.help, **bounds)
 
 

@@ -18,6 +18,7 @@ from typing import Annotated, Dict, List, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
+from unmask.errors import rule_bounds
 from unmask.sampling.options import OPTIONS, Option
 from unmask.sampling.spec import ALIASES, SAMPLERS
 
@@ -75,13 +76,8 @@ def field_of(name: str) -> str:
 
 def bounds(rule: str | None) -> dict:
     """A range in the table's notation (``">= 0"``, ``"(0, 1]"``) as pydantic's bounds (ge, gt, le, lt)."""
-    if rule is None:
-        return {}
-    if rule[0] in "([":
-        low, high = (float(bound) for bound in rule[1:-1].split(","))
-        return {"gt" if rule[0] == "(" else "ge": low, "lt" if rule[-1] == ")" else "le": high}
-    op, bound = rule.split()
-    return {"gt" if op == ">" else "ge": float(bound)}
+    keywords = {">": "gt", ">=": "ge", "<": "lt", "<=": "le"}
+    return {} if rule is None else {keywords[op]: bound for op, bound in rule_bounds(rule)}
 
 
 def request_field(option: Option) -> tuple[object, object]:
