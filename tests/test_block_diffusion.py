@@ -16,7 +16,7 @@ from unmask.block_diffusion import (
 from unmask.config import ModelConfig
 from unmask.errors import UnmaskError
 from unmask.model import Transformer
-from unmask.oracle import BlockOracle, chi_square_counts
+from unmask.testing import BlockOracle, chi_square_counts
 from unmask.sampling import (
     BlockCache, ConfidenceConfig, FirstHittingConfig, GridBlocks, SamplerSpec, ThresholdConfig, confidence, decode_blocks, first_hitting,
     make_canvas, threshold,

@@ -74,7 +74,7 @@ def test_each_objective_fills_the_settings_left_unset_before_the_config_is_made(
 
 
 def test_resume_names_a_section_setting_by_its_flag():
-    from unmask.train import resume_config
+    from unmask.training.restore import resume_config
 
     model = ModelConfig(vocab_size=64, context_len=16, n_layer=1, n_head=2, n_embd=16, block_causal=4)
     saved = RunConfig(model, TrainConfig.from_dict(FLAT_BD3), "/data", "fp")

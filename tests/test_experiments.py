@@ -302,8 +302,8 @@ def test_conditional_miniature(tmp_path, monkeypatch):
     assert {"results.json", "results.md", "conditional.png", "facts.jsonl", "pairs", "data"} <= {p.name for p in out.iterdir()}
     assert [r["spec"]["name"] for r in result["runs"]] == ["mdm-seed0", "mdm-seed0-sft-drop0", "mdm-seed0-sft-drop0.1", "ar-seed0", "ar-seed0-sft"]
     sft = {r["spec"]["name"]: r["spec"]["train"] for r in result["runs"]}
-    assert sft["mdm-seed0-sft-drop0.1"]["sft"] and sft["mdm-seed0-sft-drop0.1"]["cfg_dropout"] == 0.1
-    assert sft["ar-seed0-sft"]["init_from"].endswith("runs/ar-seed0")
+    assert sft["mdm-seed0-sft-drop0.1"]["sft"] == {"cfg_dropout": 0.1}
+    assert sft["ar-seed0-sft"]["adapt"]["init_from"].endswith("runs/ar-seed0")
     # fine-tuning saw the questions of half the facts; the other half are the held-out pairs
     task = conditional.split_task(conditional.facts_mod.synthetic_facts(4, 0))
     assert len(task.sft) == len(task.held_out) == 4 and {q.fact for q in task.sft}.isdisjoint({q.fact for q in task.held_out})

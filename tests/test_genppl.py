@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unmask.evaluation.genppl import distinct_n, judge_nll, quality_report, unigram_entropy
-from unmask.oracle import OracleModel
+from unmask.testing import OracleModel
 
 
 def test_entropy_and_distinct_by_hand():

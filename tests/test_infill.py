@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from unmask.evaluation.infill import ar_span_logprob, infill_examples, mdm_span_logprob, span_line
-from unmask.oracle import OracleModel
+from unmask.testing import OracleModel
 
 V, L, START, STOP = 3, 5, 1, 3  # span = positions 1, 2: one token left of it, two right of it
 

@@ -10,7 +10,7 @@ import torch
 import unmask.likelihood
 from unmask.likelihood import ar_nll, mc_elbo, previous_tokens
 from unmask.objectives import k_dce, t_dce
-from unmask.oracle import OracleModel, cross_entropy_per_token, exact_nats_per_token
+from unmask.testing import OracleModel, cross_entropy_per_token, exact_nats_per_token
 from unmask.schedule import Schedule
 
 

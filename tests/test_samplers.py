@@ -10,7 +10,7 @@ from scipy.stats import chisquare
 from unmask.config import ModelConfig
 from unmask.errors import OptionError
 from unmask.model import Transformer
-from unmask.oracle import OracleModel, chi_square_counts
+from unmask.testing import OracleModel, chi_square_counts
 from unmask.sampling import (
     AncestralConfig, ARConfig, ColumnBlocks, Conditioning, ConfidenceConfig, FirstHittingConfig, ThresholdConfig, ancestral,
     ar_sample, confidence, decode_blocks, exponential_race, first_hitting, threshold,

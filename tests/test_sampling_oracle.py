@@ -4,7 +4,7 @@ import pytest
 import torch
 from scipy.stats import beta, chisquare, kstest
 
-from unmask.oracle import OracleModel, chi_square_counts
+from unmask.testing import OracleModel, chi_square_counts
 from unmask.sampling import ARConfig, AncestralConfig, FirstHittingConfig, ancestral, ar_sample, exponential_race, first_hitting
 from unmask.sampling.base import categorical
 from unmask.schedule import Schedule

@@ -11,7 +11,7 @@ from unmask.errors import UnmaskError
 from unmask.guidance import combine, guided_logits
 from unmask.likelihood import chain_rule, conditional_elbo, decoding_ranks, mc_elbo
 from unmask.model import Transformer
-from unmask.oracle import OracleModel
+from unmask.testing import OracleModel
 
 
 @pytest.fixture(scope="module")

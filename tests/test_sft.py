@@ -14,7 +14,7 @@ from unmask.data.pairs import Pair, PairDataset, encode_pair, prepare_pairs, rea
 from unmask.errors import UnmaskError
 from unmask.likelihood import response_nll
 from unmask.objectives import Corruption, ar_loss, corrupt_response, dce_loss
-from unmask.oracle import OracleModel
+from unmask.testing import OracleModel
 from unmask.schedule import Schedule
 
 PROMPT = 2  # oracle rows: positions 0-1 are the prompt, 2-4 the response
@@ -188,15 +188,18 @@ def test_finetune_resumes_exactly_and_learns_only_responses(kind, pretrained, tm
 def test_ar_sft_batch_loss_is_the_mean_response_nll(pretrained):
     """Only response targets count, each row normalised by its response length (the slow reference)."""
     from unmask.checkpoint import load_model
-    from unmask.train import batch_loss
+    from unmask.objectives import Batch, objective_for
 
-    model, _ = load_model(pretrained["ar"])
+    model, config = load_model(pretrained["ar"])
+    objective = objective_for(TrainConfig(objective="ar", sft=True), config.model)
     rows = torch.randint(0, 100, (3, 12))
     response = torch.zeros_like(rows, dtype=torch.bool)
     response[0, 7:], response[1, 4:], response[2, 10:] = True, True, True
     logp = torch.log_softmax(model(rows[:, :-1]).float(), -1).gather(-1, rows[:, 1:, None]).squeeze(-1)
     by_hand = torch.stack([-logp[b, start - 1 :].mean() for b, start in enumerate((7, 4, 10))]).mean()
-    torch.testing.assert_close(batch_loss(model, rows, None, response), by_hand, rtol=1e-5, atol=1e-5)
+    noise = objective.draw_noise(Batch(rows, response), torch.Generator())
+    assert noise is None
+    torch.testing.assert_close(objective.loss(model, Batch(rows, response), noise).mean(), by_hand, rtol=1e-5, atol=1e-5)
 
 
 def test_finetune_cli_errors_name_the_flag(pretrained, tmp_path):

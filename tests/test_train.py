@@ -186,7 +186,7 @@ def test_resume_checks_the_data_folder(tmp_path, small_data):
     import shutil
 
     from unmask.config import RunConfig
-    from unmask.train import resume_config
+    from unmask.training.restore import resume_config
 
     model, cfg = cfgs()
     saved = RunConfig(model, cfg, str(small_data.resolve()), "fingerprint-a")
@@ -204,7 +204,7 @@ def test_learning_rate_stays_continuous_when_steps_change():
     import dataclasses
     import math
 
-    from unmask.train import learning_rate
+    from unmask.training.optim import learning_rate
 
     cfg = TrainConfig(steps=100, warmup_steps=10, lr=1.0, min_lr_ratio=0.1)
     plain = [learning_rate(s, cfg) for s in range(100)]

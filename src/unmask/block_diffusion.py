@@ -23,8 +23,9 @@ from typing import Sequence
 import torch
 
 from unmask.errors import UnmaskError
-from unmask.likelihood import LikelihoodResult, _batches, _groups
-from unmask.objectives import device_of, token_nll
+from unmask.device import device_of
+from unmask.likelihood import LikelihoodResult, batch_slices, window_groups
+from unmask.losses import token_nll
 from unmask.schedule import Schedule
 
 
@@ -232,7 +233,7 @@ def block_elbo(
 
     if draws < 2:
         raise UnmaskError(f"--draws={draws}: the Monte Carlo ELBO needs at least 2 draws for a standard error")
-    groups = _groups(windows)
+    groups = window_groups(windows)
     schedule = replace(schedule, eps=0.0)
     gen = torch.Generator().manual_seed(seed)
     device = device_of(model)
@@ -242,7 +243,7 @@ def block_elbo(
     for group in groups:
         length = group.shape[1]
         size = min(block_size, length)
-        for sl in _batches(group.shape[0], batch_size):
+        for sl in batch_slices(group.shape[0], batch_size):
             x0 = group[sl].to(device)
             u0 = torch.rand((x0.shape[0], -(-length // size)), generator=gen)
             for j in range(draws):
@@ -269,7 +270,7 @@ def block_chain_rule_nll(
     once (the clean earlier blocks come from the clean half), so L' calls per window instead of L."""
     from tqdm.auto import tqdm
 
-    groups = _groups(windows)
+    groups = window_groups(windows)
     device = device_of(model)
     total = 0.0
     num_tokens = sum(g.numel() for g in groups)
@@ -278,7 +279,7 @@ def block_chain_rule_nll(
         length = group.shape[1]
         size = min(block_size, length)
         offset = torch.arange(length, device=device) % size
-        for sl in _batches(group.shape[0], batch_size):
+        for sl in batch_slices(group.shape[0], batch_size):
             x0 = group[sl].to(device)
             for j in range(size):
                 xt = torch.where(offset >= j, model.config.mask_id, x0)

@@ -158,16 +158,6 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-# Settings left unset take each objective's own best on validation at the demo budget (tiny preset,
-# 600 steps of 16 x 128 tokens; benchmarks/mdm_training_sweep.py; docs/benchmarks.md, 'MDM training settings'): the MDM
-# at a lower learning rate than the AR model, with k-DCE (the same bound, smaller loss spikes).
-OBJECTIVE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "mdm": {"lr": 2e-3, "loss": "k-dce"},
-    "ar": {"lr": 5e-3, "loss": "t-dce"},  # the AR model has no masking loss; recorded for completeness
-    "bd3": {"lr": 2e-3, "loss": "t-dce"},  # block diffusion: one t per block (docs/algorithms.md, 'Block diffusion (BD3-LM)')
-}
-
-
 # TrainConfig's numbers: (the flag or field name in messages, the values it may take; see check_number)
 TRAIN_NUMBERS: dict[str, tuple[str, str]] = {
     "steps": ("--steps", "> 0"), "batch_size": ("--batch-size", "> 0"), "grad_accum": ("--grad-accum", "> 0"),
@@ -275,9 +265,11 @@ class _Settings(type):
     setting left unset (None) at its objective's default, so config.json records the values used."""
 
     def __call__(cls, **settings: Any) -> "TrainConfig":
+        from unmask.objectives.registry import OBJECTIVES  # the objectives register themselves on import
+
         settings = _nested(settings)
-        objective = settings.get("objective", cls.__dataclass_fields__["objective"].default)
-        for key, value in OBJECTIVE_DEFAULTS.get(objective, {}).items():
+        objective = OBJECTIVES.get(settings.get("objective", cls.__dataclass_fields__["objective"].default))
+        for key, value in (objective.defaults if objective is not None else {}).items():
             if settings.get(key) is None:
                 settings[key] = value
         return super().__call__(**settings)
@@ -292,14 +284,14 @@ class TrainConfig(metaclass=_Settings):
     the layout of older config.json files; :meth:`flat_settings` gives that view back.
     """
 
-    objective: str = "mdm"  # mdm, ar or bd3 (fine-tuning is the sft section)
+    objective: str = "mdm"  # a name in unmask.objectives.OBJECTIVES: mdm, ar, bd3 (fine-tuning is the sft section)
     loss: Literal["t-dce", "k-dce"] | None = None  # MDM estimator (docs/algorithms.md, 'MDM loss: t-DCE and k-DCE'); None: the objective's default
     schedule: Literal["linear", "cosine"] = "linear"
     low_discrepancy: bool = True
     steps: int = 1000
     batch_size: int = 16
     grad_accum: int = 1
-    lr: float | None = None  # None: the objective's default (OBJECTIVE_DEFAULTS)
+    lr: float | None = None  # None: the objective's default (its ``defaults``, unmask.objectives)
     min_lr_ratio: float = 0.1
     warmup_steps: int = 50
     weight_decay: float = 0.1
@@ -330,8 +322,10 @@ class TrainConfig(metaclass=_Settings):
     sft: SFTConfig | None = None
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVE_DEFAULTS:
-            raise UnmaskError(f"--objective {self.objective!r} is not one of: {', '.join(OBJECTIVE_DEFAULTS)}")
+        from unmask.objectives.registry import trained_from_text
+
+        if self.objective not in trained_from_text():
+            raise UnmaskError(f"--objective {self.objective!r} is not one of: {', '.join(trained_from_text())}")
         if self.objective == "bd3" and (self.block is None or self.block.size < 1):
             raise _block_size_error(0 if self.block is None else self.block.size)
         if self.objective != "bd3" and self.block is not None:

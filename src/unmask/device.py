@@ -1,4 +1,4 @@
-"""Device choice shared by every entry point."""
+"""Device choice shared by every entry point, and the device a model lives on."""
 
 from __future__ import annotations
 
@@ -18,3 +18,10 @@ def pick_device(device: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise UnmaskError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
     return dev
+
+
+def device_of(model) -> torch.device:
+    """The device of a model's first parameter or buffer (CPU for a model with neither)."""
+    for tensor in (*model.parameters(), *model.buffers()):
+        return tensor.device
+    return torch.device("cpu")

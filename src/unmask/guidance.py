@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from unmask.objectives import denoiser_logits
+from unmask.losses import denoiser_logits
 from unmask.schedule import masked_fraction
 
 

@@ -16,7 +16,8 @@ import torch
 from tqdm.auto import tqdm
 
 from unmask.errors import UnmaskError, check_number
-from unmask.objectives import ar_loss, device_of, k_dce, t_dce
+from unmask.device import device_of
+from unmask.losses import ar_loss, k_dce, t_dce
 from unmask.schedule import Schedule, mask_exactly
 
 
@@ -41,14 +42,15 @@ class LikelihoodResult:
         return asdict(self) | {"perplexity_stderr": self.perplexity_stderr}
 
 
-def _batches(n: int, batch_size: int):
-    """Slices of ``batch_size`` rows covering ``n`` (checked here, before any work, for every estimator)."""
+def batch_slices(n: int, batch_size: int):
+    """Slices of ``batch_size`` rows covering ``n`` (checked here, before any work, for every estimator;
+    the scores of unmask.block_diffusion batch the same way)."""
     check_number("--batch-size", batch_size, "> 0")
     return (slice(start, min(start + batch_size, n)) for start in range(0, n, batch_size))
 
 
-def _groups(windows: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """One (N, L) tensor, or several of different lengths (unpacked documents), as a list."""
+def window_groups(windows: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """One (N, L) tensor, or several of different lengths (unpacked documents), as a list of the non-empty ones."""
     groups = [windows] if torch.is_tensor(windows) else [w for w in windows if w.numel()]
     if not groups or sum(g.shape[0] for g in groups) == 0:
         raise UnmaskError("no evaluation windows: the text is shorter than one window")
@@ -86,7 +88,7 @@ def mc_elbo(
         raise UnmaskError(f"--draws={draws}: the Monte Carlo ELBO needs at least 2 draws for a standard error")
     if estimator not in ("t-dce", "k-dce", "any-order"):
         raise UnmaskError(f"--estimator {estimator!r} is not one of: t-dce, k-dce, any-order, chain-rule")
-    groups = _groups(windows)
+    groups = window_groups(windows)
     schedule = replace(schedule, eps=0.0)
     gen = torch.Generator().manual_seed(seed)
     device = device_of(model)
@@ -96,7 +98,7 @@ def mc_elbo(
     bar = tqdm(total=total_seqs * draws, desc=f"mc-elbo ({estimator})", unit="seq", disable=not progress)
     for group in groups:
         l = group.shape[1]
-        for sl in _batches(group.shape[0], batch_size):
+        for sl in batch_slices(group.shape[0], batch_size):
             x0 = group[sl].to(device)
             u0 = torch.rand(x0.shape[0], generator=gen)
             for j in range(draws):
@@ -121,14 +123,14 @@ def ar_nll(
     model, windows: torch.Tensor | Sequence[torch.Tensor], prev: torch.Tensor | Sequence[torch.Tensor], batch_size: int = 16, progress: bool = False
 ) -> LikelihoodResult:
     """Exact NLL in nats/token of an AR model on windows (N, L), each preceded by prev (N,)."""
-    groups = _groups(windows)
+    groups = window_groups(windows)
     prevs = [prev] if torch.is_tensor(prev) else list(prev)
     device = device_of(model)
     total = 0.0
     num_tokens = sum(g.numel() for g in groups)
     bar = tqdm(total=sum(g.shape[0] for g in groups), desc="ar-nll", unit="seq", disable=not progress)
     for group, before in zip(groups, prevs):
-        for sl in _batches(group.shape[0], batch_size):
+        for sl in batch_slices(group.shape[0], batch_size):
             full = torch.cat([before[sl, None], group[sl]], dim=1).to(device)
             total += (ar_loss(model, full).double() * group.shape[1]).sum().item()
             bar.update(full.shape[0])
@@ -146,7 +148,7 @@ def response_nll(model, rows: torch.Tensor, response: torch.Tensor, draws: int =
     num_tokens = int(response.sum())
     total, variance = 0.0, 0.0
     gen = torch.Generator().manual_seed(seed)
-    for sl in _batches(rows.shape[0], batch_size):
+    for sl in batch_slices(rows.shape[0], batch_size):
         x, scored = rows[sl].to(device), response[sl].to(device)
         if model.config.causal:
             total += (ar_loss(model, x, scored[:, 1:]).double() * scored[:, 1:].sum(dim=1)).sum().item()
@@ -167,13 +169,13 @@ def chain_rule_nll(model, windows: torch.Tensor | Sequence[torch.Tensor], batch_
     A proper likelihood of one factorisation of the MDM, so no bound: usually worse than the ELBO,
     which averages over all orders the model was trained on.
     """
-    groups = _groups(windows)
+    groups = window_groups(windows)
     device = device_of(model)
     total = 0.0
     num_tokens = sum(g.numel() for g in groups)
     bar = tqdm(total=sum(g.shape[0] for g in groups), desc="chain-rule", unit="seq", disable=not progress)
     for group in groups:
-        for sl in _batches(group.shape[0], batch_size):
+        for sl in batch_slices(group.shape[0], batch_size):
             total -= chain_rule(model, group[sl].to(device)).logprob.sum().item()
             bar.update(group[sl].shape[0])
     bar.close()

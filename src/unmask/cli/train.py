@@ -11,10 +11,33 @@ from typing import List, Optional
 import typer
 
 from unmask.cli.app import app, command_group
-from unmask.config import OBJECTIVE_DEFAULTS, PRESETS, ModelConfig, RunConfig, TrainConfig
+from unmask.config import PRESETS, ModelConfig, RunConfig, TrainConfig
 from unmask.errors import UnmaskError
+from unmask.objectives import OBJECTIVES, objective_class, trained_from_text
 
 _T = TrainConfig()
+
+
+# The longer help texts of `unmask train`
+HELP = {
+    "steps": f"Optimizer steps (default {_T.steps}). On --resume a new length: the LR continues from its current value along a cosine "
+             "to its floor at the new end (a warmup not yet over goes on first; the notice says which).",
+    "parallel": "Data parallelism under torchrun: ddp (replicated weights) or fsdp (FSDP2: weights, gradients and optimizer sharded; "
+                "sharded checkpoints) (default ddp).",
+    "global_batch_tokens": "Tokens per optimizer step whatever the number of processes (a multiple of context length x processes x "
+                           "--batch-size); --grad-accum is then derived. A run with it may resume on another number of processes.",
+    "ema": "Keep an fp32 moving average of the weights with this decay (e.g. 0.9999); sample/eval then use it by default.",
+    "init_from": "Start from these weights: a run folder or a LLaMA/Qwen2/Mistral/LLaDA/Dream folder (the network is the source's; with "
+                 "--objective mdm an AR source becomes bidirectional; with --objective bd3 the network becomes block-causal with "
+                 "--block-size, e.g. an MDM fine-tuned into a block model). Data must use the source's tokenizer.",
+    "keep_shift": "With --init-from: logits of position i from position i - 1, as in the AR model (Dream) (default: the source's own).",
+    "anneal_attention": "MDM: anneal the attention mask from causal to bidirectional over N steps (DiffuLLaMA) (default 0: off).",
+    "resume": "Continue RUN exactly as it was configured, from its latest checkpoint. Only --steps, --eval-every, --checkpoint-every, "
+              "--log-every, --compile, --activation-checkpointing and --device may change (and --batch-size with "
+              "--global-batch-tokens); other flags must be left out or equal the run's.",
+    "resume_from": "Resume from the run's checkpoint of this step instead of its latest (one of checkpoints/step_*, e.g. when the latest "
+                   "is damaged); implies --resume.",
+}
 
 
 @app.command()
@@ -77,16 +100,13 @@ def train(
     mask_rate_max: Optional[float] = typer.Option(None, help="bd3: clipped schedule, highest block time / mask rate omega (default 1)."),
     flex_attention: Optional[bool] = typer.Option(None, "--flex-attention", help="bd3: run the 2L training forward through FlexAttention (GPU; default: SDPA with a boolean mask)."),
     data: Optional[Path] = typer.Option(None, help="Folder from `unmask data prepare`; default: the embedded Shakespeare corpus (on --resume: the run's)."),
-    steps: Optional[int] = typer.Option(
-        None, min=1, help=f"Optimizer steps (default {_T.steps}). On --resume a new length: the LR continues from its current value "
-        "along a cosine to its floor at the new end (a warmup not yet over goes on first; the notice says which).",
-    ),
+    steps: Optional[int] = typer.Option(None, min=1, help=HELP["steps"]),
     batch_size: Optional[int] = typer.Option(None, min=1, help=f"Sequences per micro-batch, per process (default {_T.batch_size})."),
     grad_accum: Optional[int] = typer.Option(None, min=1, help=f"Micro-batches per optimizer step (default {_T.grad_accum})."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default per objective: " + ", ".join(f"{o} {d['lr']:g}" for o, d in OBJECTIVE_DEFAULTS.items()) + ")."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default per objective: " + ", ".join(f"{o} {OBJECTIVES[o].defaults['lr']:g}" for o in trained_from_text()) + ")."),
     warmup_steps: Optional[int] = typer.Option(None, min=0, help=f"Linear warmup steps (default {_T.warmup_steps})."),
     weight_decay: Optional[float] = typer.Option(None, help=f"AdamW weight decay (default {_T.weight_decay})."),
-    loss: Optional[str] = typer.Option(None, help=f"MDM objective: t-dce or k-dce (default {OBJECTIVE_DEFAULTS['mdm']['loss']}; bd3: per block, default t-dce)."),
+    loss: Optional[str] = typer.Option(None, help=f"MDM objective: t-dce or k-dce (default {OBJECTIVES['mdm'].defaults['loss']}; bd3: per block, default t-dce)."),
     schedule: Optional[str] = typer.Option(None, help=f"MDM masking schedule: linear or cosine (default {_T.schedule})."),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 autocast where supported), bf16 or fp32 (default auto)."),
     context_len: Optional[int] = typer.Option(None, min=1, help="Override the preset's context length."),
@@ -95,42 +115,22 @@ def train(
     eval_every: Optional[int] = typer.Option(None, min=1, help=f"Validate every N steps (default {_T.eval_every})."),
     checkpoint_every: Optional[int] = typer.Option(None, min=1, help=f"Checkpoint every N steps (default {_T.checkpoint_every})."),
     log_every: Optional[int] = typer.Option(None, min=1, help=f"Append a metrics line every N steps (default {_T.log_every})."),
-    parallel: Optional[str] = typer.Option(None, help="Data parallelism under torchrun: ddp (replicated weights) or fsdp (FSDP2: weights, "
-                                            "gradients and optimizer sharded; sharded checkpoints) (default ddp)."),
-    global_batch_tokens: Optional[int] = typer.Option(None, min=0, help="Tokens per optimizer step whatever the number of processes (a multiple of "
-                                                      "context length x processes x --batch-size); --grad-accum is then derived. "
-                                                      "A run with it may resume on another number of processes."),
+    parallel: Optional[str] = typer.Option(None, help=HELP["parallel"]),
+    global_batch_tokens: Optional[int] = typer.Option(None, min=0, help=HELP["global_batch_tokens"]),
     compile: Optional[bool] = typer.Option(None, help="torch.compile each block (checkpoints keep the plain weights)."),
     activation_checkpointing: Optional[bool] = typer.Option(None, help="Recompute activations in the backward pass: less memory, ~1/3 more compute."),
-    ema: Optional[float] = typer.Option(None, help="Keep an fp32 moving average of the weights with this decay (e.g. 0.9999); "
-                                        "sample/eval then use it by default."),
+    ema: Optional[float] = typer.Option(None, help=HELP["ema"]),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     log_to: Optional[List[str]] = log_to_option(),
-    init_from: Optional[Path] = typer.Option(
-        None, help="Start from these weights: a run folder or a LLaMA/Qwen2/Mistral/LLaDA/Dream folder (the network is "
-        "the source's; with --objective mdm an AR source becomes bidirectional; with --objective bd3 the network becomes "
-        "block-causal with --block-size, e.g. an MDM fine-tuned into a block model). Data must use the source's tokenizer.",
-    ),
-    keep_shift: Optional[bool] = typer.Option(
-        None, help="With --init-from: logits of position i from position i - 1, as in the AR model (Dream) (default: the source's own).",
-    ),
-    anneal_attention: Optional[int] = typer.Option(
-        None, min=0, help="MDM: anneal the attention mask from causal to bidirectional over N steps (DiffuLLaMA) (default 0: off).",
-    ),
-    resume: bool = typer.Option(
-        False, help="Continue RUN exactly as it was configured, from its latest checkpoint. Only --steps, --eval-every, "
-        "--checkpoint-every, --log-every, --compile, --activation-checkpointing and --device may change (and --batch-size "
-        "with --global-batch-tokens); other flags must be left out or equal the run's.",
-    ),
-    resume_from: Optional[int] = typer.Option(
-        None, help="Resume from the run's checkpoint of this step instead of its latest (one of checkpoints/step_*, e.g. when the "
-        "latest is damaged); implies --resume.",
-    ),
+    init_from: Optional[Path] = typer.Option(None, help=HELP["init_from"]),
+    keep_shift: Optional[bool] = typer.Option(None, help=HELP["keep_shift"]),
+    anneal_attention: Optional[int] = typer.Option(None, min=0, help=HELP["anneal_attention"]),
+    resume: bool = typer.Option(False, help=HELP["resume"]),
+    resume_from: Optional[int] = typer.Option(None, help=HELP["resume_from"]),
 ) -> None:
     """Train an MDM or the AR baseline; the same command runs under torchrun."""
-    from unmask.data import TokenDataset
     from unmask.tracking import tracker_names
-    from unmask.train import changed_settings_error, train as run_training
+    from unmask.train import train as run_training
 
     log_to = tracker_names(log_to)  # refused before any work
 
@@ -145,47 +145,12 @@ def train(
     given = {key: value for key, value in flags.items() if value is not None}
     resume = resume or resume_from is not None
     if resume:
-        # the saved run is the reference; train() refuses training flags that differ from it
-        saved = _saved_run(run_dir)
-        model_flags = (("--preset", saved.model.name, preset), ("--context-len", saved.model.context_len, context_len),
-                       ("--time-conditioning", saved.model.time_conditioning, time_conditioning))
-        refused = [f"{flag} (saved {before!r}, given {now!r})" for flag, before, now in model_flags if now is not None and now != before]
-        if refused:
-            raise changed_settings_error(refused)
-        data_dir = Path(data) if data is not None else _saved_data_dir(saved, run_dir)
-        model_cfg, train_cfg = saved.model, dataclasses.replace(saved.train, **given)
-    elif init_from is not None:
-        from unmask.adaptation import adapted_config, source_config
-
-        if preset is not None or time_conditioning:
-            raise UnmaskError("--init-from takes the network from the source; leave out --preset and --time-conditioning")
-        data_dir = _data_dir(data)
-        source = source_config(init_from)
-        kind = given.get("objective", _T.objective)
-        if kind == "mdm":
-            model_cfg = adapted_config(source, source.shift_logits if keep_shift is None else keep_shift, context_len)
-        elif kind == "bd3":  # bidirectional inside blocks, block-causal across them (BD3-LM fine-tuning)
-            if keep_shift:
-                raise UnmaskError("--keep-shift is for --objective mdm; a block model predicts each position from itself")
-            model_cfg = dataclasses.replace(adapted_config(source, False, context_len), block_causal=block_size or 0)
-        elif not source.causal or keep_shift:
-            raise UnmaskError("--objective ar --init-from needs an AR (causal) source and no --keep-shift")
-        else:
-            model_cfg = dataclasses.replace(source, context_len=context_len or source.context_len)
-        train_cfg = TrainConfig(**given)
+        model_cfg, train_cfg, data_dir = _resumed(run_dir, data, given, {"--preset": preset, "--context-len": context_len,
+                                                                         "--time-conditioning": time_conditioning})
     else:
-        if keep_shift is not None:
-            raise UnmaskError("--keep-shift is for --init-from (adapting an AR model)")
         data_dir = _data_dir(data)
-        tok = TokenDataset(data_dir, "train").tokenizer
-        vocab = tok.vocab_size
-        kind = given.get("objective", _T.objective)
-        overrides = {"vocab_size": vocab, "mask_token_id": tok.mask_id if tok.mask_inside else -1, "causal": kind == "ar",
-                     "time_conditioning": bool(time_conditioning), "block_causal": (block_size or 0) if kind == "bd3" else 0}
-        if context_len is not None:
-            overrides["context_len"] = context_len
-        model_cfg = ModelConfig.from_name(preset or "tiny", **overrides)
         train_cfg = TrainConfig(**given)
+        model_cfg = _new_model(train_cfg, data_dir, preset, context_len, time_conditioning, init_from, keep_shift)
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
     if main_process:
         typer.echo(
@@ -196,6 +161,50 @@ def train(
                           log_to=log_to)
     if main_process:
         typer.echo(result.summary(), err=True)
+
+
+def _resumed(run_dir: Path, data: Optional[Path], given: dict, model_flags: dict) -> tuple[ModelConfig, TrainConfig, Path]:
+    """(model, training config, data folder) of ``--resume``: the saved run's, with the ``given`` training flags
+    (train() refuses those that differ from the run's); model flags must be left out or equal the saved model."""
+    from unmask.training.restore import changed_settings_error
+
+    saved = _saved_run(run_dir)
+    before = {"--preset": saved.model.name, "--context-len": saved.model.context_len, "--time-conditioning": saved.model.time_conditioning}
+    refused = [f"{flag} (saved {before[flag]!r}, given {now!r})" for flag, now in model_flags.items() if now is not None and now != before[flag]]
+    if refused:
+        raise changed_settings_error(refused)
+    data_dir = Path(data) if data is not None else _saved_data_dir(saved, run_dir)
+    return saved.model, dataclasses.replace(saved.train, **given), data_dir
+
+
+def _new_model(train_cfg: TrainConfig, data_dir: Path, preset: Optional[str], context_len: Optional[int], time_conditioning: Optional[bool],
+               init_from: Optional[Path], keep_shift: Optional[bool]) -> ModelConfig:
+    """The network of a new run: the preset's (default tiny) for the data's tokenizer, or the --init-from
+    source's, made the one the objective trains (its ``network``: causal, block-causal)."""
+    network = objective_class(train_cfg).network(train_cfg)
+    if init_from is None:
+        from unmask.data import TokenDataset
+
+        if keep_shift is not None:
+            raise UnmaskError("--keep-shift is for --init-from (adapting an AR model)")
+        tok = TokenDataset(data_dir, "train").tokenizer
+        size = {} if context_len is None else {"context_len": context_len}
+        return ModelConfig.from_name(preset or "tiny", vocab_size=tok.vocab_size, mask_token_id=tok.mask_id if tok.mask_inside else -1,
+                                     time_conditioning=bool(time_conditioning), **size, **network)
+    from unmask.adaptation import adapted_config, source_config
+
+    if preset is not None or time_conditioning:
+        raise UnmaskError("--init-from takes the network from the source; leave out --preset and --time-conditioning")
+    source = source_config(init_from)
+    if network["causal"]:  # the AR baseline keeps its source's network
+        if not source.causal or keep_shift:
+            raise UnmaskError("--objective ar --init-from needs an AR (causal) source and no --keep-shift")
+        return dataclasses.replace(source, context_len=context_len or source.context_len)
+    if network.get("block_causal"):  # bidirectional inside blocks, block-causal across them (BD3-LM fine-tuning)
+        if keep_shift:
+            raise UnmaskError("--keep-shift is for --objective mdm; a block model predicts each position from itself")
+        keep_shift = False
+    return dataclasses.replace(adapted_config(source, source.shift_logits if keep_shift is None else keep_shift, context_len), **network)
 
 
 checkpoint_app = command_group("Checkpoint tools.")

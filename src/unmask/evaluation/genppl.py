@@ -11,7 +11,8 @@ from typing import Sequence
 import torch
 
 from unmask.errors import UnmaskError
-from unmask.objectives import device_of, token_nll
+from unmask.device import device_of
+from unmask.losses import token_nll
 
 
 def unigram_entropy(samples: Sequence[Sequence[int]]) -> float:

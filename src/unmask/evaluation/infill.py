@@ -22,7 +22,7 @@ import torch
 from unmask.data import TokenDataset, Tokenizer
 from unmask.errors import UnmaskError
 from unmask.likelihood import chain_rule
-from unmask.objectives import device_of
+from unmask.device import device_of
 from unmask.sampling.ar import ARConfig, ar_sample
 from unmask.sampling.base import Conditioning
 from unmask.sampling.confidence import ConfidenceConfig, confidence

@@ -1,10 +1,13 @@
-"""Oracle models: enumerable toy distributions with exactly known conditionals.
+"""Testing against exact answers: oracle models, enumerable toy distributions with exactly known conditionals.
 
 An :class:`OracleModel` holds a distribution p over all V^L sequences and answers like a network:
 ``forward(tokens) -> logits`` with, at each position, the exact log p(x_i | unmasked part)
-(bidirectional, for MDM samplers and likelihoods) or log p(x_{i+1} | x_<=i) (causal, for AR).
-Samplers and likelihood estimators are tested against these exact answers, not against
-themselves.
+(bidirectional, for MDM samplers and likelihoods) or log p(x_{i+1} | x_<=i) (causal, for AR);
+:class:`BlockOracle` does the same for a block model. Samplers, likelihood estimators and
+objectives are tested against these exact answers, not against themselves: the project's tests
+use them, and a new sampler or objective is tested the same way (docs/extending.md, docs/correctness.md).
+:func:`chi_square_counts` compares samples with the oracle's distribution; :func:`exact_nats_per_token`
+and :func:`cross_entropy_per_token` give the exact scores an estimator must match.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Training objectives: MDM t-DCE and k-DCE, AR next-token cross-entropy. docs/algorithms.md, 'MDM loss: t-DCE and k-DCE'.
+"""The MDM and AR losses: t-DCE and k-DCE noise and loss, AR next-token cross-entropy. docs/algorithms.md, 'MDM loss: t-DCE and k-DCE'.
 
 Every loss returns per-sequence losses in nats per token, shape (B,); their mean is the training
 loss. The MDM values are unbiased estimates of the negative ELBO (an upper bound on the NLL); the
@@ -10,6 +10,9 @@ The MDM losses come in two halves: drawing the forward-process noise (:func:`cor
 loop draws the noise of the global batch once and gives each process its rows, so any number of
 processes computes the same loss. Nothing here reads attributes of the network it is given: it is
 called only as ``model(tokens, t=t)``, so DDP, FSDP or ``torch.compile`` wrappers work unchanged.
+
+These are the maths that training (the objectives of :mod:`unmask.objectives`) and evaluation
+(:mod:`unmask.likelihood`) share.
 """
 
 from __future__ import annotations
@@ -20,13 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from unmask.schedule import Schedule, add_noise, mask_exactly, sample_times
-
-
-def device_of(model) -> torch.device:
-    """The device of a model's first parameter or buffer (CPU for a model with neither)."""
-    for tensor in (*model.parameters(), *model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
 
 
 def denoiser_logits(model, tokens: torch.Tensor, t: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
@@ -89,45 +85,6 @@ def corrupt_k_dce(
     xt, masked = mask_exactly(x0, k, mask_id, generator)
     k = k.to(x0.device)
     return Corruption(xt, masked, k.float() / l, l / k.float())
-
-
-def corrupt_response(
-    x0: torch.Tensor,
-    response: torch.Tensor,
-    schedule: Schedule,
-    mask_id: int,
-    generator: torch.Generator,
-    *,
-    loss: str = "t-dce",
-    prompt_dropout: float = 0.0,
-    u: torch.Tensor | None = None,
-    low_discrepancy: bool = True,
-) -> Corruption:
-    """SFT noise of rows x0 (B, L) (docs/algorithms.md, 'Conditional bound and fine-tuning'): only the response region ``response``
-    (B, L) bool, R_b positions of row b, is masked (t-DCE: each with p = 1 - alpha(t); k-DCE:
-    exactly k ~ U{1..R_b}), and the loss is normalised by R_b: the negative conditional ELBO of
-    the response in nats per response token. The prompt is never masked, except that with
-    probability ``prompt_dropout`` a row's prompt (every position before its response but the
-    first, the EOS separator) is replaced by MASK in x_t: CFG dropout, which trains the
-    unconditional model that guidance subtracts, in the form the samplers give it (the prompt
-    masked, its length and the separator kept: unmask.sampling.canvas.make_canvas). Dropped
-    prompts are not targets.
-    """
-    b, l = x0.shape
-    r = response.sum(dim=1).cpu()
-    if u is None:
-        u = sample_times(b, generator, low_discrepancy)
-    if loss == "k-dce":
-        k = torch.ceil(u * r).clamp(min=1).minimum(r).long()
-        xt, masked = mask_exactly(x0, k, mask_id, generator, eligible=response)
-        t, weight = k.float() / r, l / k.float()
-    else:
-        xt, masked = add_noise(x0, schedule.mask_prob(u), mask_id, generator, eligible=response)
-        t, weight = u, schedule.weight(u) * l / r
-    drop = torch.rand(b, generator=generator) < prompt_dropout
-    prompt = ~response & (torch.arange(l, device=x0.device) > 0) & drop.to(x0.device)[:, None]
-    xt = torch.where(prompt, torch.full_like(xt, mask_id), xt)
-    return Corruption(xt, masked, t.to(x0.device), weight.to(x0.device))
 
 
 def dce_loss(model, x0: torch.Tensor, noise: Corruption) -> torch.Tensor:

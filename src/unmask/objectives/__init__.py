@@ -1,0 +1,25 @@
+"""Training objectives, one module each behind one small protocol (:class:`Objective`, in ``base.py``).
+
+    mdm.py   masked diffusion: k-DCE or t-DCE on windows of text
+    ar.py    the autoregressive baseline: next-token cross-entropy on the same windows
+    bd3.py   block diffusion (BD3-LM): block-causal, one time per block
+    sft.py   fine-tuning an MDM or AR model on prompt/response pairs (the ``sft`` section selects it)
+
+Each supplies its noise, loss, held-out bound, data and network to the one training loop
+(:mod:`unmask.train`) and is registered by name in :data:`OBJECTIVES`. The losses they share with
+evaluation live in :mod:`unmask.losses` (and :mod:`unmask.block_diffusion`); they are also
+importable from here, as before objectives were a package.
+"""
+
+from unmask.device import device_of
+from unmask.losses import Corruption, ar_loss, corrupt_k_dce, corrupt_t_dce, dce_loss, denoiser_logits, k_dce, t_dce, token_nll
+from unmask.objectives.base import Batch, Objective, objective_class, objective_for
+from unmask.objectives.registry import OBJECTIVES, register, trained_from_text
+from unmask.objectives import mdm, ar, bd3, sft  # noqa: E402,F401  (registers the built-in objectives, in this order)
+from unmask.objectives.sft import corrupt_response
+
+__all__ = [
+    "OBJECTIVES", "Batch", "Objective", "objective_class", "objective_for", "register", "trained_from_text",
+    "Corruption", "ar_loss", "corrupt_k_dce", "corrupt_response", "corrupt_t_dce", "dce_loss", "denoiser_logits", "device_of",
+    "k_dce", "t_dce", "token_nll",
+]

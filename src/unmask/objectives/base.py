@@ -1,0 +1,108 @@
+"""The protocol of a training objective: what one objective supplies to the one training loop.
+
+An objective is one module of :mod:`unmask.objectives` with a subclass of :class:`Objective`,
+registered by name (:func:`unmask.objectives.registry.register`). The loop (:mod:`unmask.train`)
+asks it for
+
+* ``data``: what it learns from: ``"windows"``, windows of L+1 tokens of a prepared folder (the
+  first token is context only), or ``"pairs"``, prompt/response rows with their response masks;
+* :meth:`Objective.draw_noise`: the noise of a whole global batch, drawn on the CPU from the run's
+  noise generator, so every process draws the same and keeps its own rows (``noise.rows(i)``);
+* :meth:`Objective.loss`: the per-sequence loss (B,) in nats/token of given rows and noise, calling
+  the network only through its forward arguments, so DDP/FSDP/compile wrappers work;
+* :meth:`Objective.validate`: the bound (or exact NLL) reported on the held-out rows;
+* :meth:`Objective.network` and :meth:`Objective.check`: the network it trains (the ``ModelConfig``
+  fields a new run gets) and the refusal of any other; ``defaults``: the settings it gives a
+  ``TrainConfig`` that leaves them unset (``lr``, ``loss``).
+
+docs/extending.md, 'Adding an objective', walks through a new one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import torch
+
+from unmask.config import ModelConfig, TrainConfig
+from unmask.data.tokenizer import Tokenizer
+from unmask.errors import UnmaskError
+from unmask.likelihood import LikelihoodResult
+from unmask.objectives.registry import OBJECTIVES
+from unmask.schedule import Schedule
+
+VALIDATION_SEED = 1234  # the held-out bound draws the same noise at every validation
+
+
+class Noise(Protocol):
+    """A draw of an objective's noise for a batch: any dataclass with these two methods."""
+
+    def rows(self, index: slice) -> "Noise":
+        """The rows ``index`` (this process's share of a micro-batch)."""
+
+    def to(self, device: torch.device) -> "Noise":
+        """The same noise on ``device``."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Rows of training data: ``tokens`` (B, L+1) windows, or (B, T) pair rows with ``response``
+    (B, T) bool marking each row's response region."""
+
+    tokens: torch.Tensor
+    response: torch.Tensor | None = None
+
+    def rows(self, index: slice) -> "Batch":
+        return Batch(self.tokens[index], None if self.response is None else self.response[index])
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.tokens.to(device), None if self.response is None else self.response.to(device))
+
+
+class Objective:
+    """One training objective; an instance serves one run (its training and model configs)."""
+
+    name: ClassVar[str]
+    data: ClassVar[str] = "windows"  # or "pairs"
+    defaults: ClassVar[dict[str, Any]] = {}  # TrainConfig settings left unset (None) take these
+    fine_tunes: ClassVar[bool] = False  # selected by the sft section rather than by --objective
+
+    def __init__(self, train: TrainConfig, model: ModelConfig) -> None:
+        self.train, self.model = train, model
+        self.schedule = Schedule(train.schedule)
+
+    @classmethod
+    def network(cls, train: TrainConfig) -> dict[str, Any]:
+        """The ``ModelConfig`` fields of the network this objective trains: bidirectional by default."""
+        return {"causal": False}
+
+    def check(self, tokenizer: Tokenizer, data_dir: Path, device: torch.device) -> None:
+        """Refuse a model this objective cannot train on data made with ``tokenizer`` (or on ``device``)."""
+        causal = self.network(self.train)["causal"]
+        if not causal and self.model.mask_id != tokenizer.mask_id:
+            raise UnmaskError(f"model MASK id {self.model.mask_id} but the tokenizer of {data_dir} has MASK at {tokenizer.mask_id}")
+        if self.model.causal != causal:
+            raise UnmaskError(f"--objective {self.train.objective} needs causal={causal} in the model config")
+
+    def draw_noise(self, batch: Batch, generator: torch.Generator) -> Noise | None:
+        """The noise of the global ``batch`` (None: the objective has none)."""
+        return None
+
+    def loss(self, model, batch: Batch, noise: Noise | None) -> torch.Tensor:
+        """Per-sequence loss (B,) in nats/token of ``batch`` (on the model's device) under ``noise``."""
+        raise NotImplementedError
+
+    def validate(self, model, held_out: Batch, batch_size: int) -> LikelihoodResult:
+        """The bound (or exact NLL) of the held-out rows, with the same noise every time."""
+        raise NotImplementedError
+
+
+def objective_for(train: TrainConfig, model: ModelConfig) -> Objective:
+    """The objective a run trains: fine-tuning on pairs when it has an ``sft`` section, else its ``objective``."""
+    return objective_class(train)(train, model)
+
+
+def objective_class(train: TrainConfig) -> type[Objective]:
+    return OBJECTIVES["sft" if train.sft is not None else train.objective]
