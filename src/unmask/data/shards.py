@@ -17,7 +17,7 @@ import shutil
 import tempfile
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Iterator, Literal
+from typing import Callable, Iterable, Iterator, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -201,12 +201,7 @@ def _prepare(
     replace: bool,
     workers: int = 0,
 ) -> Path:
-    if val_docs is None and not 0 < val_fraction < 1:
-        raise UnmaskError(f"--val-fraction={val_fraction} must be between 0 and 1 (exclusive)")
-    if shard_tokens < 1:
-        raise UnmaskError(f"shard_tokens={shard_tokens} must be positive")
-    if workers < 0:
-        raise UnmaskError(f"--workers={workers} must be >= 0 (0: tokenise in the main process)")
+    _check_settings(val_docs is None, val_fraction, shard_tokens, workers)
     check_out_dir(out, overwrite=True)  # the caller decided whether an earlier folder may go
     dtype = np.dtype(np.uint16 if max(tokenizer.mask_id, tokenizer.vocab_size - 1) < 2**16 else np.uint32)
     eos = tokenizer.eos_id
@@ -247,39 +242,17 @@ def _prepare(
 
     try:
         consume(items())
-        if val_docs is not None:
-            how = "the given validation documents (--val-input)"
-        else:
-            how = f"{100 * val_fraction:g}% of the documents, chosen by a hash of their text"
+        how = ("the given validation documents (--val-input)" if val_docs is not None
+               else f"{100 * val_fraction:g}% of the documents, chosen by a hash of their text")
         if held:
-            n_train, n_val = writers["train"].num_documents, writers["val"].num_documents
-            doc = held["doc"]
-            if n_train == n_val == 0:  # one document (one big text file): hold out the end of its text
-                if isinstance(doc, TextFile):
-                    train_range, val_range, how = doc.hold_out_tail(val_fraction)
-                    parts = [(doc_chunks(doc, *train_range), "train"), (doc_chunks(doc, *val_range), "val")]
-                else:
-                    train_text, val_text, how = _hold_out_tail(doc, val_fraction)
-                    parts = [(doc_chunks(train_text), "train"), (doc_chunks(val_text), "val")]
-                for chunks, side in parts:
-                    consume(_tagged(pieces(chunks), side))
-            else:
-                side = "val" if n_val == 0 else "train" if n_train == 0 else "val" if _is_val_digest(held["digest"], val_fraction) else "train"
-                for ids in held["spill"].read():
-                    writers[side].write(ids)
-                writers[side].end_document(eos)
+            how = _place_held(held, writers, consume, val_fraction, eos) or how
         if writers["train"].num_documents == 0:
             raise UnmaskError("the corpus is empty: no document has any text; check the input files and --text-field")
         if writers["val"].num_documents == 0:
             raise UnmaskError("the validation documents are empty: none has any text; check --val-input and --text-field")
         for w in writers.values():
             w.flush()
-        meta = {
-            "format_version": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "mask_id": tokenizer.mask_id,
-            "eos_id": tokenizer.eos_id, "tokenizer_fingerprint": tokenizer.fingerprint,
-            "splits": {s: w.meta() for s, w in writers.items()}, "validation": how,
-        }
-        meta["fingerprint"] = content_fingerprint(meta["splits"], tokenizer.fingerprint)
+        meta = _meta(tokenizer, dtype, {name: w.meta() for name, w in writers.items()}, how)
         if held:
             held["spill"].remove()
         tokenizer.save(tmp)
@@ -295,6 +268,48 @@ def _prepare(
             held["spill"].remove()
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _check_settings(hash_split: bool, val_fraction: float, shard_tokens: int, workers: int) -> None:
+    if hash_split and not 0 < val_fraction < 1:
+        raise UnmaskError(f"--val-fraction={val_fraction} must be between 0 and 1 (exclusive)")
+    if shard_tokens < 1:
+        raise UnmaskError(f"shard_tokens={shard_tokens} must be positive")
+    if workers < 0:
+        raise UnmaskError(f"--workers={workers} must be >= 0 (0: tokenise in the main process)")
+
+
+def _place_held(held: dict, writers: dict, consume: Callable, val_fraction: float, eos: int) -> str | None:
+    """Write the document a hash split held back: to the side that would otherwise be empty (the side
+    its hash picks when neither is); a corpus of one document gives the end of its text to validation,
+    and the description of that split is returned (else None)."""
+    n_train, n_val = writers["train"].num_documents, writers["val"].num_documents
+    doc = held["doc"]
+    if n_train == n_val == 0:  # one document (one big text file): hold out the end of its text
+        if isinstance(doc, TextFile):
+            train_range, val_range, how = doc.hold_out_tail(val_fraction)
+            parts = [(doc_chunks(doc, *train_range), "train"), (doc_chunks(doc, *val_range), "val")]
+        else:
+            train_text, val_text, how = _hold_out_tail(doc, val_fraction)
+            parts = [(doc_chunks(train_text), "train"), (doc_chunks(val_text), "val")]
+        for chunks, side in parts:
+            consume(_tagged(pieces(chunks), side))
+        return how
+    side = "val" if n_val == 0 else "train" if n_train == 0 else "val" if _is_val_digest(held["digest"], val_fraction) else "train"
+    for ids in held["spill"].read():
+        writers[side].write(ids)
+    writers[side].end_document(eos)
+    return None
+
+
+def _meta(tokenizer: Tokenizer, dtype: np.dtype, splits: dict, how: str) -> dict:
+    """``meta.json`` of a prepared folder: format, token dtype, tokenizer, the splits' shards and the content fingerprint."""
+    meta = {
+        "format_version": FORMAT_VERSION, "dtype": dtype.name, "vocab_size": tokenizer.vocab_size, "mask_id": tokenizer.mask_id,
+        "eos_id": tokenizer.eos_id, "tokenizer_fingerprint": tokenizer.fingerprint, "splits": splits, "validation": how,
+    }
+    meta["fingerprint"] = content_fingerprint(splits, tokenizer.fingerprint)
+    return meta
 
 
 class TokenDataset:
