@@ -1,7 +1,9 @@
 """Typed configuration dataclasses and named model presets.
 
 Each component receives only its own config: the model a :class:`ModelConfig`, the training
-loop a :class:`TrainConfig`. Presets are looked up by name (``ModelConfig.from_name("tiny")``).
+loop a :class:`TrainConfig`, whose settings of block diffusion, fine-tuning and adaptation are
+sections of their own (:class:`BlockDiffusionConfig`, :class:`SFTConfig`, :class:`AdaptationConfig`).
+Presets are looked up by name (``ModelConfig.from_name("tiny")``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
 from unmask.errors import UnmaskError, check_number
+from unmask.schedule import SCHEDULES
 
 
 
@@ -238,21 +241,29 @@ FLAT_SETTINGS: dict[str, tuple[str, str]] = {
 }
 
 
-def _defaults(section: type) -> dict[str, Any]:
-    return {f.name: f.default for f in dataclasses.fields(section)}
+def _section_values(name: str, given: Any) -> dict[str, Any]:
+    """The settings of section ``name`` given as its object, its dict (JSON) or None (none given)."""
+    if given is None:
+        return {}
+    if dataclasses.is_dataclass(given):
+        return dataclasses.asdict(given)
+    return dict(_known_fields(SECTIONS[name], given, f"training {name}"))
 
 
 def _nested(settings: dict[str, Any]) -> dict[str, Any]:
     """``settings`` with every section a section object (or None): from the section itself, its dict (JSON), or
-    its settings by their flat names, which win over the section's own (``dataclasses.replace(cfg, block_size=8)``)."""
+    its settings by their flat names, which win over the section's own (``dataclasses.replace(cfg, block_size=8)``).
+    A section given only by flat names is on when one differs from its default; fine-tuning only by ``sft``."""
     out = dict(settings)
     for name, section in SECTIONS.items():
         given = out.get(name)
         if isinstance(given, bool):  # sft=True / sft=False: the flat layout's switch
             given = {} if given else None
-        values = dataclasses.asdict(given) if dataclasses.is_dataclass(given) else dict(_known_fields(section, given, f"training {name}")) if given is not None else {}
-        values |= {field: out.pop(key) for key, (where, field) in FLAT_SETTINGS.items() if where == name and key in out}
-        on = given is not None or (name != "sft" and any(values[key] != default for key, default in _defaults(section).items() if key in values))
+        values = _section_values(name, given)
+        flat = {field: out.pop(key) for key, (where, field) in FLAT_SETTINGS.items() if where == name and key in out}
+        values |= flat
+        defaults = {f.name: f.default for f in dataclasses.fields(section)}
+        on = given is not None or (name != "sft" and any(value != defaults[key] for key, value in flat.items()))
         if not on and values.get("cfg_dropout"):
             raise _cfg_dropout_error(values["cfg_dropout"])
         out[name] = section(**values) if on else None
@@ -332,8 +343,8 @@ class TrainConfig(metaclass=_Settings):
             raise UnmaskError("--block-size, --mask-rate-min, --mask-rate-max and --flex-attention apply to --objective bd3 only")
         if self.loss not in ("t-dce", "k-dce"):
             raise UnmaskError(f"--loss {self.loss!r} is not one of: t-dce, k-dce")
-        if self.schedule not in ("linear", "cosine"):
-            raise UnmaskError(f"--schedule {self.schedule!r} is not one of: linear, cosine")
+        if self.schedule not in SCHEDULES:
+            raise UnmaskError(f"--schedule {self.schedule!r} is not one of: {', '.join(SCHEDULES)}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise UnmaskError(f"--precision {self.precision!r} is not one of: auto, bf16, fp32")
         for key, (name, rule) in TRAIN_NUMBERS.items():
@@ -371,7 +382,7 @@ class TrainConfig(metaclass=_Settings):
                 continue
             if f.name == "sft":
                 out["sft"] = value is not None
-            fields = _defaults(SECTIONS[f.name]) | (dataclasses.asdict(value) if value is not None else {})
+            fields = {field.name: field.default for field in dataclasses.fields(SECTIONS[f.name])} | _section_values(f.name, value)
             out |= {key: fields[field] for key, (where, field) in FLAT_SETTINGS.items() if where == f.name}
         return out
 
