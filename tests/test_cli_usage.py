@@ -178,9 +178,9 @@ def test_bad_numbers_are_refused(capsys, run, tmp_path, argv, named):
 def test_train_config_refuses_non_finite_and_non_positive_values():
     from unmask.config import TrainConfig
 
-    for bad, named in [({"lr": math.nan}, "--lr"), ({"lr": math.inf}, "--lr"), ({"weight_decay": math.nan}, "--weight-decay"),
+    for bad, named in [({"lr": math.nan}, "^lr=nan"), ({"lr": math.inf}, "^lr=inf"), ({"weight_decay": math.nan}, "^weight_decay=nan"),
                        ({"beta1": math.nan}, "beta1"), ({"grad_clip": -math.inf}, "grad_clip"), ({"min_lr_ratio": math.nan}, "min_lr_ratio"),
-                       ({"eval_windows": 0}, "eval_windows"), ({"seed": -1}, "--seed"), ({"warmup_steps": math.nan}, "--warmup-steps")]:
+                       ({"eval_windows": 0}, "eval_windows"), ({"seed": -1}, "^seed=-1"), ({"warmup_steps": math.nan}, "^warmup_steps=nan")]:
         with pytest.raises(UnmaskError, match=named):
             TrainConfig(**bad)
 
@@ -208,11 +208,11 @@ def test_evaluation_refuses_non_positive_sizes(run):
     from unmask.evaluation import evaluate_checkpoint
     from unmask.likelihood import mc_elbo
 
-    for kwargs, named in [({"batch_size": 0}, "--batch-size"), ({"batch_size": -3}, "--batch-size"), ({"draws": 1}, "--draws"),
-                          ({"windows": 0}, "--windows")]:
+    for kwargs, named in [({"batch_size": 0}, "^batch_size=0"), ({"batch_size": -3}, "^batch_size=-3"), ({"draws": 1}, "^draws=1"),
+                          ({"windows": 0}, "^windows=0")]:
         with pytest.raises(UnmaskError, match=named):
             evaluate_checkpoint(run["run"], progress=False, **kwargs)
-    with pytest.raises(UnmaskError, match="--batch-size"):
+    with pytest.raises(UnmaskError, match="^batch_size=0"):
         mc_elbo(load_model(run["run"])[0], torch.zeros(2, 8, dtype=torch.long), draws=2, batch_size=0)
 
 
@@ -221,14 +221,14 @@ def test_server_limits_and_experiment_settings_refuse_non_finite_values():
     from unmask.experiments.reverse_curse import Settings as ReverseCurse
     from unmask.serve.engine import Limits
 
-    for make, named in [(lambda: Limits(timeout=math.nan), "--timeout"), (lambda: ReverseCurse(cfg_scales=(0.0, math.nan)), "--cfg-scales"),
-                        (lambda: Conditional(sft_lr=math.nan), "--sft-lr"), (lambda: Conditional(cfg_scales=(math.inf,)), "--cfg-scales")]:
+    for make, named in [(lambda: Limits(timeout=math.nan), "^timeout=nan"), (lambda: ReverseCurse(cfg_scales=(0.0, math.nan)), "^cfg_scales=nan"),
+                        (lambda: Conditional(sft_lr=math.nan), "^sft_lr=nan"), (lambda: Conditional(cfg_scales=(math.inf,)), "^cfg_scales=inf")]:
         with pytest.raises(UnmaskError, match=named):
             make()
 
 
 @pytest.mark.parametrize("options,named", [({"temperature": math.nan}, "^temperature=nan"), ({"top_p": math.inf}, "^top_p=inf"),
-                                           ({"cfg_scale": math.nan}, "^cfg_scale=nan"), ({"batch_size": 0}, "--batch-size")])
+                                           ({"cfg_scale": math.nan}, "^cfg_scale=nan"), ({"batch_size": 0}, "^batch_size=0")])
 def test_harness_adapter_refuses_bad_options_before_scoring(run, options, named):
     pytest.importorskip("lm_eval")
     from unmask.evaluation.harness import UnmaskLM

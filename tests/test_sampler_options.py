@@ -163,7 +163,7 @@ def test_an_option_added_to_the_table_reaches_the_cli_the_checks_and_the_server(
 def test_errors_name_the_parameter_and_each_caller_spells_it():
     """The library names an option by its parameter; the command line spells it as its flag, the
     server as its request field, from the same table."""
-    from unmask.cli.sampler_options import flag_of
+    from unmask.cli.spelling import flag_of
     from unmask.errors import OptionError
 
     with pytest.raises(OptionError) as refused:

@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
-from unmask.errors import UnmaskError, check_number
+from unmask.errors import OptionError, UnmaskError, check_number
 from unmask.schedule import SCHEDULES
 
 
@@ -74,9 +74,12 @@ class ModelConfig:
     sliding_window: int = 0
 
     def __post_init__(self) -> None:
-        for key in ("vocab_size", "context_len", "n_layer", "n_head", "n_embd", "rope_theta", "norm_eps"):
-            check_number(f"model {key}", getattr(self, key), "> 0")
-        check_number("model init_std", self.init_std, ">= 0")
+        try:  # the fields come from presets and config files, never from a flag: named "model <field>"
+            for key in ("vocab_size", "context_len", "n_layer", "n_head", "n_embd", "rope_theta", "norm_eps"):
+                check_number(key, getattr(self, key), "> 0")
+            check_number("init_std", self.init_std, ">= 0")
+        except OptionError as exc:
+            raise UnmaskError(exc.spelled(lambda name: f"model {name}")) from None
         if self.n_embd % self.n_head:
             raise UnmaskError(f"model n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if (self.n_embd // self.n_head) % 2:
@@ -161,15 +164,12 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-# TrainConfig's numbers: (the flag or field name in messages, the values it may take; see check_number)
-TRAIN_NUMBERS: dict[str, tuple[str, str]] = {
-    "steps": ("--steps", "> 0"), "batch_size": ("--batch-size", "> 0"), "grad_accum": ("--grad-accum", "> 0"),
-    "lr": ("--lr", "> 0"), "min_lr_ratio": ("min_lr_ratio", "[0, 1]"), "warmup_steps": ("--warmup-steps", ">= 0"),
-    "weight_decay": ("--weight-decay", ">= 0"), "beta1": ("beta1", "[0, 1)"), "beta2": ("beta2", "[0, 1)"),
-    "grad_clip": ("grad_clip", "> 0"), "seed": ("--seed", ">= 0"), "eval_every": ("--eval-every", "> 0"),
-    "eval_windows": ("eval_windows", "> 0"), "eval_draws": ("eval_draws", "> 0"), "checkpoint_every": ("--checkpoint-every", "> 0"),
-    "keep_checkpoints": ("keep_checkpoints", "> 0"), "log_every": ("--log-every", "> 0"),
-    "global_batch_tokens": ("--global-batch-tokens", ">= 0"), "ema": ("--ema", "[0, 1)"),
+# TrainConfig's numbers: field -> the values it may take (see check_number)
+TRAIN_NUMBERS: dict[str, str] = {
+    "steps": "> 0", "batch_size": "> 0", "grad_accum": "> 0", "lr": "> 0", "min_lr_ratio": "[0, 1]",
+    "warmup_steps": ">= 0", "weight_decay": ">= 0", "beta1": "[0, 1)", "beta2": "[0, 1)", "grad_clip": "> 0",
+    "seed": ">= 0", "eval_every": "> 0", "eval_windows": "> 0", "eval_draws": "> 0", "checkpoint_every": "> 0",
+    "keep_checkpoints": "> 0", "log_every": "> 0", "global_batch_tokens": ">= 0", "ema": "[0, 1)",
 }  # the sections check their own numbers
 
 
@@ -184,7 +184,7 @@ class AdaptationConfig:
     anneal_steps: int = 0
 
     def __post_init__(self) -> None:
-        check_number("--anneal-attention", self.anneal_steps, ">= 0")
+        check_number("anneal_steps", self.anneal_steps, ">= 0")
 
 
 @dataclass(frozen=True)
@@ -347,8 +347,8 @@ class TrainConfig(metaclass=_Settings):
             raise UnmaskError(f"--schedule {self.schedule!r} is not one of: {', '.join(SCHEDULES)}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise UnmaskError(f"--precision {self.precision!r} is not one of: auto, bf16, fp32")
-        for key, (name, rule) in TRAIN_NUMBERS.items():
-            check_number(name, getattr(self, key), rule)
+        for key, rule in TRAIN_NUMBERS.items():
+            check_number(key, getattr(self, key), rule)
         if self.parallel not in ("ddp", "fsdp"):
             raise UnmaskError(f"--parallel {self.parallel!r} is not one of: ddp, fsdp")
         if self.adapt is not None and self.adapt.anneal_steps and self.objective != "mdm":

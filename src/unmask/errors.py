@@ -47,8 +47,9 @@ class _Spelling(dict):
 
 def check_number(name: str, value: float | None, rule: str, note: str = "") -> None:
     """Refuse ``value`` unless it is a finite number obeying ``rule``: ``"> 0"``, ``">= 2"`` (any bound)
-    or an interval such as ``"(0, 1]"``. ``None`` ("not given") passes. The message names ``name``
-    (the flag), e.g. ``--top-p=nan must be a finite number in (0, 1]``, followed by ``note``.
+    or an interval such as ``"(0, 1]"``. ``None`` ("not given") passes. The error is an
+    :class:`OptionError` naming the parameter ``name`` (``top_p=nan must be a finite number in (0, 1]``,
+    the command line writing ``--top-p``), followed by ``note``.
 
     NaN and the infinities never pass: a plain ``value <= 0`` test lets NaN through, and a NaN
     learning rate or temperature computes garbage without any error.
@@ -58,7 +59,7 @@ def check_number(name: str, value: float | None, rule: str, note: str = "") -> N
     words = broken_rule(value, rule)
     if words is not None:
         kind = "an integer" if isinstance(value, int) else "a finite number"
-        raise UnmaskError(f"{name}={value} must be {kind} {words}{note}")
+        raise OptionError(name, f"{{{name}}}={{_value}} must be {kind} {{_words}}{{_note}}", _value=value, _words=words, _note=note)
 
 
 def rule_bounds(rule: str) -> list[tuple[str, float]]:

@@ -45,7 +45,7 @@ class LikelihoodResult:
 def batch_slices(n: int, batch_size: int):
     """Slices of ``batch_size`` rows covering ``n`` (checked here, before any work, for every estimator;
     the scores of unmask.block_diffusion batch the same way)."""
-    check_number("--batch-size", batch_size, "> 0")
+    check_number("batch_size", batch_size, "> 0")
     return (slice(start, min(start + batch_size, n)) for start in range(0, n, batch_size))
 
 

@@ -25,7 +25,7 @@ import sys
 import typer
 
 from unmask.cli.app import app
-from unmask.cli.sampler_options import flag_of
+from unmask.cli.spelling import flag_of
 from unmask.errors import OptionError, UnmaskError
 
 # registering the subcommands

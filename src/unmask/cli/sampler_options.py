@@ -4,7 +4,7 @@
 :func:`with_sampler_options` adds them to a Typer command, which receives them as one dict
 ``sampling`` of the options the user gave (an option left out is absent, so each sampler keeps its
 own default: the threshold sampler decodes at temperature 0, the others at 1). Errors name an
-option by its library name; :func:`flag_of` is how the command line spells it.
+option by its library name; :func:`unmask.cli.spelling.flag_of` is how the command line spells it.
 """
 
 from __future__ import annotations
@@ -18,14 +18,6 @@ import typer
 from unmask.errors import rule_bounds
 from unmask.sampling.options import OPTIONS as TABLE
 from unmask.sampling.options import Option
-
-
-def flag_of(name: str) -> str:
-    """The command-line spelling of a parameter: an option's flag, else ``--`` and the name with dashes
-    (a table option without a flag keeps its name)."""
-    if name in TABLE:
-        return TABLE[name].flag or name
-    return "--" + name.replace("_", "-")
 
 
 def typer_option(option: Option) -> tuple[type, object]:

@@ -72,8 +72,8 @@ class UnmaskLM(LM):
             raise UnmaskError(f"--method {method!r} is not one of: chain-rule, mc")
         cfg_scale = sampling.get("cfg_scale") or 0.0
         check_value(OPTIONS["cfg_scale"], cfg_scale)
-        check_number("--draws", draws, ">= 2")
-        check_number("--batch-size", batch_size, "> 0")
+        check_number("draws", draws, ">= 2")
+        check_number("batch_size", batch_size, "> 0")
         if model is None:
             self.model, config = load_model(checkpoint, pick_device(device))
             self.model_config, train_config = config.model, config.train

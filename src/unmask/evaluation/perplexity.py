@@ -74,9 +74,9 @@ def evaluate_checkpoint(
     """
     if estimator is not None and estimator not in ESTIMATORS:
         raise UnmaskError(f"--estimator {estimator!r} is not one of: {', '.join(ESTIMATORS)}")
-    for flag, value, rule in (("--windows", windows, "> 0"), ("--limit-documents", limit_documents, "> 0"),
-                              ("--draws", draws, ">= 2"), ("--batch-size", batch_size, "> 0")):
-        check_number(flag, value, rule)
+    for name, value, rule in (("windows", windows, "> 0"), ("limit_documents", limit_documents, "> 0"),
+                              ("draws", draws, ">= 2"), ("batch_size", batch_size, "> 0")):
+        check_number(name, value, rule)
     model, cfg = load_model(checkpoint, pick_device(device), weights=weights)  # weights: auto (EMA when kept), ema or raw
     estimator = estimator or cfg.train.loss
     length = cfg.model.context_len

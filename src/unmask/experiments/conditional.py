@@ -71,8 +71,8 @@ class Settings:
         if not self.cfg_scales:
             raise UnmaskError("--cfg-scales must name at least one guidance scale")
         for w in self.cfg_scales:
-            check_number("--cfg-scales", w, ">= 0")
-        check_number("--sft-lr", self.sft_lr, "> 0")
+            check_number("cfg_scales", w, ">= 0")
+        check_number("sft_lr", self.sft_lr, "> 0")
         check_number("lr", self.lr, "> 0")
         if not 0 < self.cfg_dropout < 1:
             raise UnmaskError(f"--cfg-dropout={self.cfg_dropout} must be in (0, 1) (the dropout-0 model is always trained)")

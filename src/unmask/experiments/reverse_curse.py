@@ -56,7 +56,7 @@ class Settings:
         if self.distractors < 1:
             raise UnmaskError(f"--distractors={self.distractors} must be >= 1")
         for w in self.cfg_scales:
-            check_number("--cfg-scales", w, ">= 0")
+            check_number("cfg_scales", w, ">= 0")
         check_number("lr", self.lr, "> 0")
 
 

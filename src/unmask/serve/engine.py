@@ -60,7 +60,7 @@ class Limits:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            check_number(f"--{f.name.replace('_', '-')}", getattr(self, f.name), "> 0")
+            check_number(f.name, getattr(self, f.name), "> 0")
 
 
 @dataclass
