@@ -9,7 +9,7 @@ import torch
 
 import unmask.likelihood
 from unmask.likelihood import ar_nll, mc_elbo, previous_tokens
-from unmask.objectives import k_dce, t_dce
+from unmask.losses import k_dce, t_dce
 from unmask.testing import OracleModel, cross_entropy_per_token, exact_nats_per_token
 from unmask.schedule import Schedule
 

@@ -13,7 +13,8 @@ from unmask.config import ModelConfig, TrainConfig
 from unmask.data.pairs import Pair, PairDataset, encode_pair, prepare_pairs, read_pairs, write_pairs
 from unmask.errors import UnmaskError
 from unmask.likelihood import response_nll
-from unmask.objectives import Corruption, ar_loss, corrupt_response, dce_loss
+from unmask.losses import Corruption, ar_loss, dce_loss
+from unmask.objectives import corrupt_response
 from unmask.testing import OracleModel
 from unmask.schedule import Schedule
 

@@ -31,7 +31,8 @@ from unmask.data import Tokenizer
 from unmask.device import pick_device
 from unmask.errors import UnmaskError, check_number
 from unmask.likelihood import chain_rule, conditional_elbo
-from unmask.objectives import device_of, token_nll
+from unmask.device import device_of
+from unmask.losses import token_nll
 from unmask.config import TrainConfig
 from unmask.sampling.canvas import make_canvas, trim_at_eos
 from unmask.sampling.decoding import Decoding, decoding_for, sampling_generator

@@ -19,7 +19,7 @@ from collections import defaultdict
 import torch
 
 from unmask.likelihood import chain_rule
-from unmask.objectives import device_of
+from unmask.device import device_of
 from unmask.sampling.canvas import make_canvas
 from unmask.sampling.decoding import decoding_for
 

@@ -7,19 +7,14 @@
 
 Each supplies its noise, loss, held-out bound, data and network to the one training loop
 (:mod:`unmask.train`) and is registered by name in :data:`OBJECTIVES`. The losses they share with
-evaluation live in :mod:`unmask.losses` (and :mod:`unmask.block_diffusion`); they are also
-importable from here, as before objectives were a package.
+evaluation live in :mod:`unmask.losses` (and :mod:`unmask.block_diffusion`).
 """
 
-from unmask.device import device_of
-from unmask.losses import Corruption, ar_loss, corrupt_k_dce, corrupt_t_dce, dce_loss, denoiser_logits, k_dce, t_dce, token_nll
 from unmask.objectives.base import Batch, Objective, objective_class, objective_for
 from unmask.objectives.registry import OBJECTIVES, register, trained_from_text
 from unmask.objectives import mdm, ar, bd3, sft  # noqa: E402,F401  (registers the built-in objectives, in this order)
 from unmask.objectives.sft import corrupt_response
 
 __all__ = [
-    "OBJECTIVES", "Batch", "Objective", "objective_class", "objective_for", "register", "trained_from_text",
-    "Corruption", "ar_loss", "corrupt_k_dce", "corrupt_response", "corrupt_t_dce", "dce_loss", "denoiser_logits", "device_of",
-    "k_dce", "t_dce", "token_nll",
+    "OBJECTIVES", "Batch", "Objective", "corrupt_response", "objective_class", "objective_for", "register", "trained_from_text",
 ]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from unmask.errors import OptionError
-from unmask.objectives import device_of
+from unmask.device import device_of
 from unmask.sampling.ar import ARConfig, ar_sample
 from unmask.sampling.base import Conditioning, SampleOutput, StepCallback
 from unmask.sampling.options import OPTIONS, known, spelled
