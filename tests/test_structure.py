@@ -1,10 +1,12 @@
 """The layout's promises, read from the source: the modules of ``unmask`` import each other without
-a circle, and the samplers (``unmask.sampling``) sit below checkpoints, the command line, the
-server, evaluation and the experiments: they import none of them."""
+a circle; the samplers (``unmask.sampling``) sit below checkpoints, the command line, the server,
+evaluation and the experiments: they import none of them; no function is longer than 80 lines; and
+errors outside the command line name parameters, not flags."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import unmask
@@ -87,3 +89,38 @@ def test_sampling_imports_nothing_above_it():
     above = {name: sorted(t for t in targets if t.startswith(ABOVE_SAMPLING))
              for name, targets in edges.items() if name == "unmask.sampling" or name.startswith("unmask.sampling.")}
     assert not {name: targets for name, targets in above.items() if targets}
+
+
+def functions() -> list[tuple[int, str]]:
+    """(lines, "module:line name") of every function and method in the package."""
+    found = []
+    for name, path in modules().items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                found.append((node.end_lineno - node.lineno + 1, f"{name}:{node.lineno} {node.name}"))
+    return found
+
+
+def test_no_function_is_longer_than_80_lines():
+    assert not sorted(f for f in functions() if f[0] > 80)
+
+
+FLAG = re.compile(r"(?<![\w-])--[a-z]")
+
+
+def flags_in_errors(source: str, where: str = "") -> list[str]:
+    """The error texts built in ``source`` (calls of ``...Error``) that write a command-line flag."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")).endswith("Error"):
+            texts = [n.value for n in ast.walk(node) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+            found += [f"{where}:{node.lineno} {text!r}" for text in texts if FLAG.search(text)]
+    return found
+
+
+def test_library_errors_name_parameters_not_flags():
+    """The library names a parameter by its name (``OptionError``); the command line spells it as a
+    flag and the server as a request field (unmask.cli.spelling, unmask.serve.schemas)."""
+    assert flags_in_errors('raise UnmaskError(f"--lr={lr} must be > 0")\nraise OptionError("lr", "{lr} must be > 0")') == [":1 '--lr='"]
+    library = {name: path for name, path in modules().items() if not name.startswith("unmask.cli")}
+    assert not [text for name, path in library.items() for text in flags_in_errors(path.read_text(encoding="utf-8"), name)]
