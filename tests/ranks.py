@@ -24,13 +24,17 @@ def launch_ranks(args: list[str], world_size: int = 2) -> list[subprocess.Popen]
     return procs
 
 
-def wait_ranks(procs: list[subprocess.Popen], timeout: float) -> None:
-    """Wait for every rank; kill any left running; fail with the output of a rank that failed."""
+def rank_outputs(procs: list[subprocess.Popen], timeout: float) -> list[str]:
+    """Wait for every rank and return their outputs; kill any left running."""
     try:
-        outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
+        return [proc.communicate(timeout=timeout)[0] for proc in procs]
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    for proc, out in zip(procs, outputs):
+
+
+def wait_ranks(procs: list[subprocess.Popen], timeout: float) -> None:
+    """Wait for every rank; kill any left running; fail with the output of a rank that failed."""
+    for proc, out in zip(procs, rank_outputs(procs, timeout)):
         assert proc.returncode == 0, out[-3000:]

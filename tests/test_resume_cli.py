@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from runs import finetune_source
 
 from unmask.checkpoint import load_model
 
@@ -204,14 +205,7 @@ def test_resuming_a_finished_run_says_so(tmp_path, small_data):
 
 
 def test_finetune_resumes_from_an_earlier_checkpoint(tmp_path, small_data):
-    from unmask.config import ModelConfig, TrainConfig
-    from unmask.train import train
-
-    source = tmp_path / "source"
-    train(source, ModelConfig(vocab_size=512, context_len=32, n_layer=1, n_head=2, n_embd=32),
-          TrainConfig(steps=1, batch_size=2, precision="fp32"), small_data, device="cpu", progress=False)
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(4)))
+    source, pairs = finetune_source(tmp_path, small_data)
     run_dir = tmp_path / "sft"
     first = cli("finetune", "--run-dir", str(run_dir), "--init-from", str(source), "--pairs", str(pairs), "--steps", "2",
                 "--checkpoint-every", "1", "--log-every", "1", "--precision", "fp32")

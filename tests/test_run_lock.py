@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-from ranks import free_port, launch_ranks
+from ranks import free_port, launch_ranks, rank_outputs
+from runs import finetune_source
 
 UNMASK = str(Path(sys.executable).with_name("unmask"))  # the installed console script
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -129,14 +130,7 @@ def test_every_rank_is_refused_when_the_run_is_locked(tmp_path, small_data):
     run_dir = tmp_path / "run"
     with run_lock(run_dir):
         procs = launch_ranks(["-c", RANK_WORKER, str(run_dir), str(small_data), str(free_port())])
-        outputs = []
-        try:
-            for proc in procs:
-                outputs.append(proc.communicate(timeout=240)[0])
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
+        outputs = rank_outputs(procs, timeout=240)
     for proc, out in zip(procs, outputs):
         assert proc.returncode == 2, out[-2000:]
         assert f"PID {os.getpid()}" in json.loads(out.strip().splitlines()[-1])["refused"]
@@ -192,14 +186,8 @@ def test_ranks_stop_when_torchrun_is_killed(tmp_path, small_data):
 def test_finetune_is_refused_while_the_run_is_locked(tmp_path, small_data):
     """`unmask finetune` takes the lock before it writes RUN/pairs."""
     from unmask.checkpoint import run_lock
-    from unmask.config import ModelConfig, TrainConfig
-    from unmask.train import train
 
-    source = tmp_path / "source"
-    train(source, ModelConfig(vocab_size=512, context_len=32, n_layer=1, n_head=2, n_embd=32),
-          TrainConfig(steps=1, batch_size=2, precision="fp32"), small_data, device="cpu", progress=False)
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(4)))
+    source, pairs = finetune_source(tmp_path, small_data)
     run_dir = tmp_path / "sft"
     with run_lock(run_dir):
         out = subprocess.run([UNMASK, "finetune", "--run-dir", str(run_dir), "--init-from", str(source), "--pairs", str(pairs),

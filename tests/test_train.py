@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from limits import file_size_limit
+from runs import assert_resume_is_exact
 
 from unmask.checkpoint import load_model, load_weights, resolve_checkpoint
 from unmask.config import ModelConfig, TrainConfig
@@ -47,13 +48,7 @@ def test_save_load_round_trip_is_exact(tmp_path, small_data):
 @pytest.mark.parametrize("objective,loss", [("mdm", "t-dce"), ("mdm", "k-dce"), ("ar", "t-dce")])
 def test_resume_reproduces_uninterrupted_run(tmp_path, small_data, objective, loss):
     model, cfg = cfgs(objective, steps=12, loss=loss)
-    full = train(tmp_path / "full", model, cfg, small_data, progress=False)
-    first = train(tmp_path / "split", model, cfg, small_data, progress=False, stop_after=5)
-    second = train(tmp_path / "split", model, cfg, small_data, resume=True, progress=False)
-    assert first.losses + second.losses == full.losses
-    a, _, _ = load_weights(tmp_path / "full")
-    b, _, _ = load_weights(tmp_path / "split")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_is_exact(tmp_path, model, cfg, small_data)
     steps = [json.loads(l)["step"] for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
     assert steps == sorted(set(steps))  # no duplicated log lines after the resume
 
