@@ -16,7 +16,7 @@ import typer
 from unmask.sampling.options import OPTIONS as TABLE
 
 # library name -> the command-line parameter that sets it, where the two differ
-ALIASES = {"anneal_steps": "anneal_attention"}
+ALIASES = {"anneal_steps": "anneal_attention", "facts_per_direction": "facts", "grid_name": "grid", "data_dir": "data", "out_dir": "out"}
 
 
 @functools.cache
