@@ -117,3 +117,26 @@ def test_sliding_window_config_checks():
         tiny(sliding_window=-1)
     with pytest.raises(UnmaskError, match="sliding_window.*block_causal"):
         tiny(sliding_window=4, block_causal=4)
+
+
+def test_rotary_positions_are_relative_and_absolute_ones_are_not():
+    torch.manual_seed(0)
+    x = torch.randint(0, 51, (2, 8))
+    shifted = torch.arange(5, 13)[None].expand(2, 8)
+    rope, absolute = Transformer(tiny()).eval(), Transformer(tiny(positions="absolute")).eval()
+    assert "pos_embed.weight" not in rope.state_dict() and rope.pos_embed is None
+    assert absolute.pos_embed.weight.shape == (16, 32)
+    assert torch.allclose(rope(x), rope(x, positions=shifted), atol=1e-5)  # scores depend on offsets only
+    assert not torch.allclose(absolute(x), absolute(x, positions=shifted), atol=1e-3)
+    assert ModelConfig.from_dict(tiny(positions="absolute").to_dict()).positions == "absolute"
+    assert tiny(positions="absolute").total_params() == absolute.num_params()
+
+
+def test_absolute_positions_checks():
+    with pytest.raises(UnmaskError, match="positions='alibi'"):
+        tiny(positions="alibi")
+    with pytest.raises(UnmaskError, match="rope_scaling"):
+        tiny(positions="absolute", rope_scaling="llama3", rope_factor=8.0)
+    model = Transformer(tiny(positions="absolute"))
+    with pytest.raises(UnmaskError, match="positions 10..25 lie outside.*0..15"):
+        model(torch.zeros(1, 16, dtype=torch.long), positions=torch.arange(10, 26)[None])

@@ -44,6 +44,8 @@ class ModelConfig:
     vocabulary (LLaDA 126336, Dream 151666): the embedding then has ``vocab_size`` rows and the
     head's logit for MASK is pinned to ``unmask.model.NEVER_LOGIT``. ``shift_logits`` (Dream) makes the
     logits of position i those the network computes at position i - 1 (position 0 keeps its own).
+    ``positions="absolute"`` replaces the rotary positions with a learned embedding per position (a
+    table of ``context_len`` rows added to the token embeddings), for comparisons of positional codes.
     """
 
     name: str = "custom"
@@ -72,6 +74,9 @@ class ModelConfig:
     # > 0: attention only to keys less than this many positions away: before the query when causal
     # (Mistral: itself and sliding_window - 1 earlier keys), on either side when bidirectional
     sliding_window: int = 0
+    # "rope": rotary positions in every attention layer (relative: scores depend on offsets only);
+    # "absolute": a learned embedding per position added to the input, no rotation
+    positions: str = "rope"
 
     def __post_init__(self) -> None:
         try:  # the fields come from presets and config files, never from a flag: named "model <field>"
@@ -102,6 +107,10 @@ class ModelConfig:
             raise UnmaskError(f"model sliding_window={self.sliding_window} must be >= 0 (0: attention over the whole context)")
         if self.sliding_window and self.block_causal:
             raise UnmaskError("model sliding_window and block_causal cannot be combined; set one of them to 0")
+        if self.positions not in ("rope", "absolute"):
+            raise UnmaskError(f"model positions={self.positions!r} is not one of: 'rope' (rotary), 'absolute' (learned embeddings)")
+        if self.positions == "absolute" and self.rope_scaling:
+            raise UnmaskError("model rope_scaling applies to rotary positions; with positions='absolute' leave it ''")
 
     @property
     def mask_id(self) -> int:
@@ -136,7 +145,8 @@ class ModelConfig:
 
     def total_params(self) -> int:
         head = 0 if self.tie_embeddings else self.vocab_size * self.n_embd
-        return self.non_embedding_params() + self.embed_rows * self.n_embd + head
+        positions = self.context_len * self.n_embd if self.positions == "absolute" else 0
+        return self.non_embedding_params() + self.embed_rows * self.n_embd + positions + head
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> "ModelConfig":

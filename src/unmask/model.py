@@ -1,6 +1,7 @@
 """The Transformer: a pure ``nn.Module`` that maps tokens to logits.
 
-LLaMA-style blocks (RMSNorm, SwiGLU, rotary positions, ``scaled_dot_product_attention``).
+LLaMA-style blocks (RMSNorm, SwiGLU, rotary positions, ``scaled_dot_product_attention``; learned
+absolute positions instead of rotary ones with ``ModelConfig.positions="absolute"``).
 ``config.causal`` selects the AR baseline; otherwise attention is bidirectional (MDM). The
 model knows nothing of diffusion: the MASK token is just an input id (``config.mask_id``: by
 default ``vocab_size``, one extra embedding row) and the head covers the real vocabulary only. Published layouts switch on
@@ -199,6 +200,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.embed_rows, config.n_embd)
+        # learned absolute positions (ModelConfig.positions); rotary positions have no weights
+        self.pos_embed = nn.Embedding(config.context_len, config.n_embd) if config.positions == "absolute" else None
         self.time_embed = TimeEmbedding(config.n_embd) if config.time_conditioning else None
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
@@ -274,6 +277,9 @@ class Transformer(nn.Module):
             positions = q_slot
         cos, sin = rotary_tables(positions, rope_frequencies(cfg, tokens.device))
         x = self._embed(tokens, t)
+        if self.pos_embed is not None:  # absolute positions: added to the input, and no rotation (angle 0)
+            x = x + self._absolute(positions)
+            cos, sin = torch.ones_like(cos), torch.zeros_like(sin)
         attn_mask, is_causal = self._attention_mask(attn_mask, key_mask, q_slot, num_keys, start, kv_cache, cache_index)
         for i, block in enumerate(self.blocks):
             cache = None
@@ -305,6 +311,15 @@ class Transformer(nn.Module):
                 "e.g. the fraction of masked positions of each row (unmask.schedule.masked_fraction)"
             )
         return x + self.time_embed(t)[:, None, :].to(x.dtype)
+
+    def _absolute(self, positions: torch.Tensor) -> torch.Tensor:
+        """The learned embeddings (B, L, D) of ``positions`` (B, L), which must lie in [0, context_len)."""
+        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.config.context_len):
+            raise UnmaskError(
+                f"positions {int(positions.min())}..{int(positions.max())} lie outside the learned absolute positions "
+                f"0..{self.config.context_len - 1} (ModelConfig.positions='absolute'); feed positions within the context"
+            )
+        return self.pos_embed(positions)
 
     def _attention_mask(self, given, key_mask: torch.Tensor | None, q_slot: torch.Tensor, num_keys: int, start: int,
                         kv_cache: KVCache | None, cache_index: torch.Tensor | None) -> tuple[torch.Tensor | None, bool]:
