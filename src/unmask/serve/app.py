@@ -272,6 +272,15 @@ def create_app(engine: Engine) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(BodyLimit, max_bytes=engine.limits.max_body_bytes)
     app.openapi = lambda: document(app, engine)
+    add_error_handlers(app)
+    add_info_routes(app, server)
+    add_completion_routes(app, server)
+    return app
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every refusal answered as an OpenAI-style error body: pydantic's findings as a 400 naming the
+    field (never FastAPI's 422), Starlette's HTTP errors, the server's refusals and the library's errors."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -288,6 +297,11 @@ def create_app(engine: Engine) -> FastAPI:
     @app.exception_handler(UnmaskError)
     async def unmask_error(request: Request, exc: UnmaskError):
         return error_response(400, str(exc))
+
+
+def add_info_routes(app: FastAPI, server: Server) -> None:
+    """The page at ``/``, /health and the models."""
+    engine = server.engine
 
     @app.get("/", include_in_schema=False)
     async def page():
@@ -313,135 +327,156 @@ def create_app(engine: Engine) -> FastAPI:
     @app.get("/v1/models/{model}", response_model=ModelCard, responses={404: ERRORS[404]})
     async def model(model: str):
         """The served model, by its id."""
-        check_model(model)
+        check_model(engine, model)
         return card()
+
+
+def add_completion_routes(app: FastAPI, server: Server) -> None:
+    """/v1/completions and /v1/chat/completions."""
 
     @app.post("/v1/completions", response_model=CompletionResponse, responses=streamed(CompletionChunk))
     async def completions(body: CompletionRequest, request: Request):
         """Text completion. MDM checkpoints take the diffusion fields; with ``stream`` the answer is
         server-sent events (``stream_canvas`` adds ``event: canvas`` frames of the denoising)."""
-        return await respond(body, body.prompt if isinstance(body.prompt, list) else [body.prompt], body.max_tokens, request)
+        return await respond(server, body, body.prompt if isinstance(body.prompt, list) else [body.prompt], body.max_tokens, request)
 
     @app.post("/v1/chat/completions", response_model=ChatResponse, responses=streamed(ChatCompletionChunk))
     async def chat_completions(body: ChatRequest, request: Request):
         """Chat completion: the messages are formatted as plain ``Role: content`` lines followed by
         ``Assistant:`` (checkpoints carry no chat template), and the model continues the text."""
         if body.max_completion_tokens is None:
-            return await respond(body, [chat_prompt(body.messages)], body.max_tokens, request)
+            return await respond(server, body, [chat_prompt(body.messages)], body.max_tokens, request)
         if "max_tokens" in body.model_fields_set:
             raise RequestError("give max_completion_tokens or max_tokens (its older name), not both", "max_completion_tokens")
-        return await respond(body, [chat_prompt(body.messages)], body.max_completion_tokens, request, {"max_tokens": "max_completion_tokens"})
+        return await respond(server, body, [chat_prompt(body.messages)], body.max_completion_tokens, request,
+                             {"max_tokens": "max_completion_tokens"})
 
-    def check_model(name: str) -> None:
-        if name != engine.name:
-            raise RequestError(f"model {name!r} is not served here; this server serves {engine.name!r}", "model", 404, "model_not_found")
 
-    async def respond(body, prompts: list[str], max_tokens: int, request: Request, names: dict[str, str] | None = None):
-        check_model(body.model)
-        chat = isinstance(body, ChatRequest)
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        params = Params(prompts, max_tokens, body.n, stop, body.seed, sampler_options(body), getattr(body, "infill", False))
-        if body.stream_canvas and not body.stream:
-            raise RequestError("stream_canvas needs stream: true", "stream_canvas")
-        if body.stream_options is not None and not body.stream:
-            raise RequestError("stream_options needs stream: true", "stream_options")
-        try:
-            job = await server.prepare(params)
-        except RequestError as exc:
-            raise renamed(exc, {**(names or {}), **({"prompt": "messages"} if chat else {})}) from None
-        ticket = Ticket(time.monotonic() + engine.limits.timeout)
-        await server.admit(ticket)
-        ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-        if body.stream:
-            usage = body.stream_options is not None and body.stream_options.include_usage
-            return StreamingResponse(stream(job, ticket, ident, chat, body.stream_canvas, usage), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        fut = server.start(job, ticket)
-        while not fut.done():
-            await asyncio.wait({fut}, timeout=0.5)
-            if not fut.done() and await request.is_disconnected():
-                ticket.cancel("client disconnected")
-        try:
-            choices, info = fut.result()
-        except BaseException as exc:  # noqa: BLE001
-            raise failure(exc) from None
-        out = {"id": ident, "created": int(time.time()), "model": engine.name, "usage": usage_of(job, choices),
-               "nfe": info["nfe"], "steps": info["steps"], "seed": info["seed"]}
+def check_model(engine: Engine, name: str) -> None:
+    """Refuse (404) a model id other than the served one."""
+    if name != engine.name:
+        raise RequestError(f"model {name!r} is not served here; this server serves {engine.name!r}", "model", 404, "model_not_found")
+
+
+async def respond(server: Server, body, prompts: list[str], max_tokens: int, request: Request, names: dict[str, str] | None = None):
+    """The answer to a completion or chat request: checked, admitted, then decoded into one JSON
+    body, or streamed. ``names``: the request fields the client called by other names than the
+    decoding parameters' (errors name them as the client did)."""
+    engine = server.engine
+    check_model(engine, body.model)
+    chat = isinstance(body, ChatRequest)
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+    params = Params(prompts, max_tokens, body.n, stop, body.seed, sampler_options(body), getattr(body, "infill", False))
+    if body.stream_canvas and not body.stream:
+        raise RequestError("stream_canvas needs stream: true", "stream_canvas")
+    if body.stream_options is not None and not body.stream:
+        raise RequestError("stream_options needs stream: true", "stream_options")
+    try:
+        job = await server.prepare(params)
+    except RequestError as exc:
+        raise renamed(exc, {**(names or {}), **({"prompt": "messages"} if chat else {})}) from None
+    ticket = Ticket(time.monotonic() + engine.limits.timeout)
+    await server.admit(ticket)
+    ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    if body.stream:
+        usage = body.stream_options is not None and body.stream_options.include_usage
+        return StreamingResponse(stream(server, job, ticket, ident, chat, body.stream_canvas, usage), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    fut = server.start(job, ticket)
+    while not fut.done():
+        await asyncio.wait({fut}, timeout=0.5)
+        if not fut.done() and await request.is_disconnected():
+            ticket.cancel("client disconnected")
+    try:
+        choices, info = fut.result()
+    except BaseException as exc:  # noqa: BLE001
+        raise failure(exc) from None
+    return answer(engine, ident, job, choices, info, chat)
+
+
+def answer(engine: Engine, ident: str, job: Job, choices: list, info: dict, chat: bool) -> dict:
+    """The JSON body of a decoded request that did not stream (a chat or a text completion)."""
+    out = {"id": ident, "created": int(time.time()), "model": engine.name, "usage": usage_of(job, choices),
+           "nfe": info["nfe"], "steps": info["steps"], "seed": info["seed"]}
+    if chat:
+        out.update(object="chat.completion", choices=[
+            {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason} for i, c in enumerate(choices)])
+    else:
+        out.update(object="text_completion", choices=[
+            {"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason} for i, c in enumerate(choices)])
+    return out
+
+
+def usage_of(job: Job, choices) -> dict:
+    completion = sum(c.tokens for c in choices)
+    return {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion, "total_tokens": job.prompt_tokens + completion}
+
+
+async def stream(server: Server, job: Job, ticket: Ticket, ident: str, chat: bool, canvas: bool, include_usage: bool):
+    """The server-sent events of a streamed request: chunks of newly committed text per choice (and,
+    with ``canvas``, a frame after every step), an error body if decoding fails, then ``[DONE]``.
+    Decoding is cancelled if the client goes away before the end."""
+    engine = server.engine
+    loop = asyncio.get_running_loop()
+    frames: asyncio.Queue = asyncio.Queue()
+    fut = server.start(job, ticket, lambda frame: loop.call_soon_threadsafe(frames.put_nowait, frame))
+    fut.add_done_callback(lambda _: frames.put_nowait(None))
+    rows = job.x.shape[0]
+    sent, finished = [""] * rows, [False] * rows
+    head = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()), "model": engine.name}
+    if include_usage:
+        head["usage"] = None
+
+    def event(choices: list[dict], **extra) -> str:
+        return _sse({**head, "choices": choices, **extra})
+
+    def chunk(index: int, text: str, reason: str | None) -> str:
         if chat:
-            out.update(object="chat.completion", choices=[
-                {"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason} for i, c in enumerate(choices)])
-        else:
-            out.update(object="text_completion", choices=[
-                {"text": c.text, "index": i, "logprobs": None, "finish_reason": c.finish_reason} for i, c in enumerate(choices)])
-        return out
+            return event([{"index": index, "delta": {"content": text}, "finish_reason": reason}])
+        return event([{"text": text, "index": index, "logprobs": None, "finish_reason": reason}])
 
-    def usage_of(job: Job, choices) -> dict:
-        completion = sum(c.tokens for c in choices)
-        return {"prompt_tokens": job.prompt_tokens, "completion_tokens": completion, "total_tokens": job.prompt_tokens + completion}
+    def advance(index: int, text: str, reason: str | None):
+        if text.startswith(sent[index]) and (len(text) > len(sent[index]) or reason):
+            out = chunk(index, text[len(sent[index]):], reason)
+            sent[index] = text
+            finished[index] = reason is not None
+            return out
+        if reason:
+            finished[index] = True
+            return chunk(index, "", reason)
+        return None
 
-    async def stream(job: Job, ticket: Ticket, ident: str, chat: bool, canvas: bool, include_usage: bool):
-        loop = asyncio.get_running_loop()
-        frames: asyncio.Queue = asyncio.Queue()
-        fut = server.start(job, ticket, lambda frame: loop.call_soon_threadsafe(frames.put_nowait, frame))
-        fut.add_done_callback(lambda _: frames.put_nowait(None))
-        rows = job.x.shape[0]
-        sent, finished = [""] * rows, [False] * rows
-        head = {"id": ident, "object": "chat.completion.chunk" if chat else "text_completion", "created": int(time.time()), "model": engine.name}
-        if include_usage:
-            head["usage"] = None
-
-        def event(choices: list[dict], **extra) -> str:
-            return _sse({**head, "choices": choices, **extra})
-
-        def chunk(index: int, text: str, reason: str | None) -> str:
-            if chat:
-                return event([{"index": index, "delta": {"content": text}, "finish_reason": reason}])
-            return event([{"text": text, "index": index, "logprobs": None, "finish_reason": reason}])
-
-        def advance(index: int, text: str, reason: str | None):
-            if text.startswith(sent[index]) and (len(text) > len(sent[index]) or reason):
-                out = chunk(index, text[len(sent[index]):], reason)
-                sent[index] = text
-                finished[index] = reason is not None
-                return out
-            if reason:
-                finished[index] = True
-                return chunk(index, "", reason)
-            return None
-
-        try:
-            if chat:
-                for r in range(rows):
-                    yield event([{"index": r, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-            while True:
-                frame = await frames.get()
-                if frame is None:
-                    break
-                if canvas:
-                    yield _sse({"id": ident, "object": "canvas", "step": frame["step"], "nfe": frame["nfe"], "seconds": frame["seconds"],
-                                "choices": frame["choices"]}, event="canvas")
-                elif not frames.empty():
-                    continue  # only the newest frame's text matters
-                for r, ids in enumerate(frame["ids"]):
-                    if not finished[r]:
-                        text, reason, _ = engine.text_of(job, ids, final=False)
-                        out = advance(r, text, reason)
-                        if out:
-                            yield out
-            try:
-                choices, _ = fut.result()
-            except BaseException as exc:  # noqa: BLE001
-                err = failure(exc)
-                yield _sse({"error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.code}})
-                return
-            for r, c in enumerate(choices):
+    try:
+        if chat:
+            for r in range(rows):
+                yield event([{"index": r, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        while True:
+            frame = await frames.get()
+            if frame is None:
+                break
+            if canvas:
+                yield _sse({"id": ident, "object": "canvas", "step": frame["step"], "nfe": frame["nfe"], "seconds": frame["seconds"],
+                            "choices": frame["choices"]}, event="canvas")
+            elif not frames.empty():
+                continue  # only the newest frame's text matters
+            for r, ids in enumerate(frame["ids"]):
                 if not finished[r]:
-                    yield advance(r, c.text, c.finish_reason) or chunk(r, "", c.finish_reason)
-            if include_usage:
-                yield event([], usage=usage_of(job, choices))
-            yield "data: [DONE]\n\n"
-        finally:
-            if not fut.done():
-                ticket.cancel("client disconnected")
-
-    return app
+                    text, reason, _ = engine.text_of(job, ids, final=False)
+                    out = advance(r, text, reason)
+                    if out:
+                        yield out
+        try:
+            choices, _ = fut.result()
+        except BaseException as exc:  # noqa: BLE001
+            err = failure(exc)
+            yield _sse({"error": {"message": err.message, "type": err.kind, "param": err.param, "code": err.code}})
+            return
+        for r, c in enumerate(choices):
+            if not finished[r]:
+                yield advance(r, c.text, c.finish_reason) or chunk(r, "", c.finish_reason)
+        if include_usage:
+            yield event([], usage=usage_of(job, choices))
+        yield "data: [DONE]\n\n"
+    finally:
+        if not fut.done():
+            ticket.cancel("client disconnected")
