@@ -282,7 +282,7 @@ def test_a_body_over_the_limit_is_a_413_before_it_is_parsed(mdm):
         res = httpx.post(mdm + "/v1/completions", content=content, headers={"content-type": "application/json"}, timeout=60)
         assert res.status_code == 413, res.text
         err = res.json()["error"]
-        assert str(limit) in err["message"] and "--max-body-bytes" in err["message"], err
+        assert str(limit) in err["message"] and "max_body_bytes" in err["message"] and "--" not in err["message"], err
     huge = httpx.post(mdm + "/v1/completions", content=b"{" * (16 << 20), headers={"content-type": "application/json"}, timeout=60)
     assert huge.status_code == 413
     at_limit = json.dumps({"model": "mdm", "prompt": "x"}).encode()
@@ -627,6 +627,25 @@ def test_page_shows_an_error_in_place_of_the_canvas(mdm, tmp_path):
         assert page.locator("#canvas .error").count() == 0 and page.locator("#canvas .tok").count() > 0
 
 
+def test_a_port_in_use_is_an_option_error_naming_it():
+    """The library names the parameters (the command line writes their flags)."""
+    import socket
+
+    from unmask.errors import OptionError
+    from unmask.serve.run import bind
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        with pytest.raises(OptionError, match=f"host 127.0.0.1 port {port}: cannot listen there .*; pick another port") as caught:
+            bind("127.0.0.1", port)
+    finally:
+        taken.close()
+    assert caught.value.param == "port" and "--" not in str(caught.value)
+
+
 def test_serve_command_errors(capsys, runs, tmp_path):
     import socket
 
@@ -638,8 +657,10 @@ def test_serve_command_errors(capsys, runs, tmp_path):
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     try:
-        assert main(["serve", "--checkpoint", str(runs / "mdm"), "--port", str(taken.getsockname()[1])]) == 2
-        assert "--port" in capsys.readouterr().err
+        port = taken.getsockname()[1]
+        assert main(["serve", "--checkpoint", str(runs / "mdm"), "--port", str(port)]) == 2
+        err = capsys.readouterr().err
+        assert f"--host 127.0.0.1 --port {port}: cannot listen there" in err and "pick another --port" in err, err
     finally:
         taken.close()
     for flag in ("--max-n", "--max-body-bytes"):

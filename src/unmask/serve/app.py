@@ -38,7 +38,7 @@ PREPARE_THREADS = 4  # requests checked and tokenised at once: bounds the memory
 ERRORS = {400: {"model": ErrorBody, "description": "Invalid request: the error names the field (malformed JSON, a body that is not UTF-8, "
                                                    "unknown fields, wrong types, values out of range, text the tokenizer cannot take)"},
           404: {"model": ErrorBody, "description": "Unknown model"},
-          413: {"model": ErrorBody, "description": "Request body larger than the server's --max-body-bytes"},
+          413: {"model": ErrorBody, "description": "Request body larger than the server's max_body_bytes limit (see GET /v1/models)"},
           429: {"model": ErrorBody, "description": "Queue full"},
           499: {"model": ErrorBody, "description": "Cancelled: the client went away before the answer (no one receives it)"},
           504: {"model": ErrorBody, "description": "Request timed out"}}
@@ -115,7 +115,7 @@ class BodyLimit:
         return bytes(body)
 
     def too_large(self, size: int, bound: str = "") -> RequestError:
-        return RequestError(f"request body of {bound}{size} bytes exceeds this server's limit of {self.max_bytes} bytes (--max-body-bytes)",
+        return RequestError(f"request body of {bound}{size} bytes exceeds this server's max_body_bytes limit of {self.max_bytes} bytes",
                             None, 413, code="body_too_large")
 
 

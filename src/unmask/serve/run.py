@@ -10,17 +10,20 @@ import time
 from contextlib import contextmanager
 from typing import Iterator
 
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError
 
 
 def bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host`` and ``port``; an :class:`~unmask.errors.OptionError` naming ``port``
+    where nothing can listen there (a port in use, an address not of this machine)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise UnmaskError(f"--host {host} --port {port}: cannot listen there ({exc.strerror}); pick another --port") from None
+        raise OptionError("port", "{host} {_host} {port} {_port}: cannot listen there ({_why}); pick another {port}",
+                          _host=host, _port=port, _why=exc.strerror) from None
     return sock
 
 
