@@ -11,7 +11,7 @@ from unmask.data import (
     VALIDATION_WORKS, TokenDataset, Tokenizer, default_tokenizer, load_tokenizer, prepare_dataset, read_documents,
     shakespeare_notice, shakespeare_works, train_bpe,
 )
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError, UnmaskError
 
 
 def test_corpus_split_by_whole_work():
@@ -194,8 +194,9 @@ def test_hash_split_never_duplicates_and_needs_two_documents(tmp_path):
         prepare_dataset(tmp_path / "mine", tok, docs, progress=False)
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
     # an earlier prepared folder is replaced only on request
-    with pytest.raises(UnmaskError, match=r"--out .*d already holds prepared data; pass --overwrite"):
+    with pytest.raises(OptionError, match=r"out .*d already holds prepared data; pass overwrite") as held:
         prepare_dataset(out, tok, docs * 3, ["a b c"], progress=False)
+    assert held.value.param == "out"
     assert json.loads((out / "meta.json").read_text())["splits"]["train"]["num_documents"] == 1
     prepare_dataset(out, tok, docs * 3, ["a b c"], progress=False, overwrite=True)
     assert json.loads((out / "meta.json").read_text())["splits"]["train"]["num_documents"] == 6

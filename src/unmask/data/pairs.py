@@ -26,7 +26,7 @@ import numpy as np
 
 from unmask.data.corpus import jsonl_records
 from unmask.data.tokenizer import Tokenizer
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError, UnmaskError
 
 PAIRS_FILE = "pairs.json"
 PAIRS_VERSION = 1
@@ -97,8 +97,8 @@ def prepare_pairs(out_dir: str | Path, tokenizer: Tokenizer, train: list[Pair], 
     encoded = {split: [encode_pair(tokenizer, p) for p in pairs] for split, pairs in (("train", train), ("val", val))}
     longest = max(2 + len(p) + len(r) for rows in encoded.values() for p, r in rows)
     if length is not None and length < longest:
-        raise UnmaskError(f"--length {length}: the longest pair needs {longest} tokens (EOS, prompt, response and one EOS pad); "
-                          f"use --length {longest} or more")
+        raise OptionError("length", "{length} {_length}: the longest pair needs {_longest} tokens (EOS, prompt, response and one EOS "
+                          "pad); use {length} {_longest} or more", _length=length, _longest=longest)
     length = length or longest
     if max_length is not None and length > max_length:
         raise UnmaskError(f"the pairs need rows of {length} tokens (the longest pair: {longest}), more than the model's context of "
@@ -132,7 +132,8 @@ class PairDataset:
     def __init__(self, data_dir: str | Path, split: str) -> None:
         self.dir = Path(data_dir)
         if not is_pairs_folder(self.dir):
-            raise UnmaskError(f"{str(self.dir)!r} is not a pairs folder (no {PAIRS_FILE}); `unmask finetune --pairs FILE.jsonl` makes one")
+            raise OptionError("pairs", "{_dir!r} is not a pairs folder (no {_file}); fine-tuning on a JSONL file of pairs ({pairs}) makes one",
+                              _dir=str(self.dir), _file=PAIRS_FILE)
         self.meta = json.loads((self.dir / PAIRS_FILE).read_text(encoding="utf-8"))
         if self.meta.get("format_version") != PAIRS_VERSION:
             raise UnmaskError(f"{self.dir / PAIRS_FILE} has format_version {self.meta.get('format_version')!r}, this unmask reads {PAIRS_VERSION}")

@@ -22,9 +22,9 @@ from typing import Callable, Iterable, Iterator, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from unmask.data.stream import Encoder, Spill, TextFile, batches, doc_chunks, doc_scan, pieces
+from unmask.data.stream import Encoder, Spill, TextFile, batches, doc_chunks, doc_scan, one_line_corpus, pieces
 from unmask.data.tokenizer import Tokenizer, default_tokenizer
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError, UnmaskError, check_number
 
 FORMAT_VERSION = 1
 Split = Literal["train", "val"]
@@ -35,7 +35,7 @@ def spread(total: int, n: int | None) -> np.ndarray:
     at fraction (j + 1/2) / n, so they cover the whole range; all of range(total) when n >= total."""
     n = total if n is None else min(total, n)
     if n < 1:
-        raise UnmaskError(f"the number of evaluation windows (--windows, eval_windows) must be positive, not {n}")
+        raise OptionError("windows", "the number of evaluation windows ({windows}, eval_windows) must be positive, not {_n}", _n=n)
     return ((np.arange(n) + 0.5) * total / n).astype(np.int64)
 
 
@@ -49,10 +49,7 @@ def _hold_out_tail(text: str, fraction: float) -> tuple[str, str, str]:
     first, last = len(text) - len(text.lstrip()), len(text.rstrip())  # the text lies in [first, last)
     cuts = [m.end() for m in re.finditer("\n", text) if first < m.end() < last]
     if not cuts:
-        raise UnmaskError(
-            "the corpus is a single document of one line, so no validation text can be held out; "
-            "give more documents, a file with several lines, or a separate --val-input"
-        )
+        raise one_line_corpus()
     target = len(text) * (1 - fraction)
     i = bisect.bisect_left(cuts, target)
     cut = min(cuts[max(i - 1, 0) : i + 1], key=lambda c: abs(c - target))
@@ -124,10 +121,10 @@ def content_fingerprint(splits: dict, tokenizer_fingerprint: str) -> str:
 def check_out_dir(out: Path, overwrite: bool) -> None:
     # refuse to delete anything that is not a previous prepared folder, and that one unless asked to
     if out.exists() and not (out / "meta.json").is_file() and (not out.is_dir() or any(out.iterdir())):
-        raise UnmaskError(f"--out {out} exists and is not a prepared data folder; give a new or empty folder")
+        raise OptionError("out", "{out} {_out} exists and is not a prepared data folder; give a new or empty folder", _out=out)
     if (out / "meta.json").is_file() and not overwrite:
-        raise UnmaskError(f"--out {out} already holds prepared data; pass --overwrite to replace it (runs trained on it will then "
-                          "refuse to --resume on it) or give another --out")
+        raise OptionError("out", "{out} {_out} already holds prepared data; pass {overwrite} to replace it (runs trained on it will "
+                          "then refuse to {resume} on it) or give another {out}", _out=out)
 
 
 def _publish(tmp: Path, out: Path, replace: bool) -> None:
@@ -247,9 +244,9 @@ def _prepare(
         if held:
             how = _place_held(held, writers, consume, val_fraction, eos) or how
         if writers["train"].num_documents == 0:
-            raise UnmaskError("the corpus is empty: no document has any text; check the input files and --text-field")
+            raise OptionError("text_field", "the corpus is empty: no document has any text; check the input files and {text_field}")
         if writers["val"].num_documents == 0:
-            raise UnmaskError("the validation documents are empty: none has any text; check --val-input and --text-field")
+            raise OptionError("val_input", "the validation documents are empty: none has any text; check {val_input} and {text_field}")
         for w in writers.values():
             w.flush()
         meta = _meta(tokenizer, dtype, {name: w.meta() for name, w in writers.items()}, how)
@@ -271,12 +268,10 @@ def _prepare(
 
 
 def _check_settings(hash_split: bool, val_fraction: float, shard_tokens: int, workers: int) -> None:
-    if hash_split and not 0 < val_fraction < 1:
-        raise UnmaskError(f"--val-fraction={val_fraction} must be between 0 and 1 (exclusive)")
-    if shard_tokens < 1:
-        raise UnmaskError(f"shard_tokens={shard_tokens} must be positive")
-    if workers < 0:
-        raise UnmaskError(f"--workers={workers} must be >= 0 (0: tokenise in the main process)")
+    if hash_split:
+        check_number("val_fraction", val_fraction, "(0, 1)")
+    check_number("shard_tokens", shard_tokens, "> 0")
+    check_number("workers", workers, ">= 0", " (0: tokenise in the main process)")
 
 
 def _place_held(held: dict, writers: dict, consume: Callable, val_fraction: float, eos: int) -> str | None:

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError, UnmaskError
 
 # Text handed to the tokenizer at once. Its memory is ~100 bytes per character of a text, and it is
 # fastest on short texts: 4 KiB pieces tokenise ~2x faster than 1 MiB ones.
@@ -134,15 +134,19 @@ class TextFile:
                     best, line = end, newlines  # newlines before the cut, the "\n" ending at it included
             pos += len(chunk)
         if best is None:
-            raise UnmaskError(
-                "the corpus is a single document of one line, so no validation text can be held out; "
-                "give more documents, a file with several lines, or a separate --val-input"
-            )
+            raise one_line_corpus()
         share = 100 * (n - best) / n
         return (0, best), (best, n), f"the last {share:.1f}% of the text of the single document (from line {line + 1})"
 
 
 Document = "str | TextFile"
+
+
+def one_line_corpus() -> OptionError:
+    """The error for a corpus of one document of one line, where a split has to hold out the end of
+    its text: no line start lies inside it."""
+    return OptionError("val_input", "the corpus is a single document of one line, so no validation text can be held out; "
+                       "give more documents, a file with several lines, or a separate {val_input}")
 
 
 def doc_chunks(doc, start: int = 0, stop: int | None = None) -> Iterator[str]:

@@ -15,12 +15,12 @@ import hashlib
 from functools import cached_property
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError, UnmaskError
 
 MASK, EOS, PAD = "<|mask|>", "<|eos|>", "<|pad|>"
 MASK_NAMES = (MASK, "<|mdm_mask|>")  # the MASK token of this package (and Dream's), LLaDA's
@@ -95,15 +95,24 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path: str | Path) -> "Tokenizer":
         """Load a local ``tokenizer.json`` (or a folder holding one), e.g. GPT-2's or LLaMA's."""
-        path = Path(path)
-        file = path / "tokenizer.json" if path.is_dir() else path
-        if not file.is_file():
-            raise UnmaskError(f"tokenizer {str(path)!r} not found; pass 'default', a tokenizer.json file, or a folder holding one")
-        try:
-            hf = HFTokenizer.from_file(str(file))
-        except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
-            raise UnmaskError(f"cannot read tokenizer {file}: {exc}") from None
+        def missing(file: Path) -> UnmaskError:
+            return UnmaskError(f"tokenizer {str(path)!r} not found; pass 'default', a tokenizer.json file, or a folder holding one")
+
+        hf, file = read_tokenizer_json(path, missing)
         return cls(hf, str(file))
+
+
+def read_tokenizer_json(path: str | Path, missing: Callable[[Path], UnmaskError]) -> tuple[HFTokenizer, Path]:
+    """(the ``tokenizers`` tokenizer, its file) of ``path``: a ``tokenizer.json`` file, or a folder
+    holding one, read as it is. ``missing(file)`` is the error when there is no such file."""
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
+    if not file.is_file():
+        raise missing(file)
+    try:
+        return HFTokenizer.from_file(str(file)), file
+    except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
+        raise UnmaskError(f"cannot read tokenizer {file}: {exc}") from None
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB) -> Tokenizer:
@@ -113,7 +122,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB) -> Tokenize
     (or fewer, when the corpus is too small to learn that many merges).
     """
     if vocab_size < 300:
-        raise UnmaskError(f"--vocab-size={vocab_size} is too small for byte-level BPE (256 bytes + specials); use >= 300")
+        raise OptionError("vocab_size", "{vocab_size}={_n} is too small for byte-level BPE (256 bytes + specials); use >= 300",
+                          _n=vocab_size)
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()

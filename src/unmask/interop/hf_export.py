@@ -24,8 +24,8 @@ import torch
 from unmask.checkpoint import checkpoint_tokenizer, resolve_checkpoint
 from unmask.config import ModelConfig, RunConfig
 from unmask.data.tokenizer import Tokenizer
-from unmask.errors import UnmaskError
-from unmask.interop.hf_import import DTYPES, _progress
+from unmask.errors import OptionError, UnmaskError
+from unmask.interop.hf_import import _progress, requested_dtype
 from unmask.interop.layouts import MDM_ARCHITECTURE, MDM_MODEL_TYPE
 from unmask.interop.staging import staged
 from unmask.interop.tensors import DTYPE_NAMES, TensorReader, write_streaming
@@ -34,9 +34,15 @@ _TORCH_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 MODELING = Path(__file__).with_name("modeling_unmask.py")  # an MDM's code, copied into its folder
 
 
+def is_mdm(cfg: ModelConfig) -> bool:
+    """Whether the network is published as an MDM: any network that is not causal (bidirectional, or
+    block-causal), whatever objective trained it."""
+    return not cfg.causal
+
+
 def architecture(cfg: ModelConfig) -> tuple[str, str]:
     """(class, model_type) that ``transformers`` runs the network as."""
-    if not cfg.causal:
+    if is_mdm(cfg):
         return MDM_ARCHITECTURE, MDM_MODEL_TYPE
     if not cfg.sliding_window:
         return "LlamaForCausalLM", "llama"
@@ -57,9 +63,10 @@ def _window_fields(cfg: ModelConfig) -> dict:
     return {}
 
 
-def hf_config(cfg: ModelConfig, dtype: torch.dtype, eos_id: int, pad_id: int, objective: str) -> dict:
-    """The ``config.json`` of a model (see :func:`architecture`)."""
-    mdm = objective == "mdm"
+def hf_config(cfg: ModelConfig, dtype: torch.dtype, eos_id: int, pad_id: int) -> dict:
+    """The ``config.json`` of a model (see :func:`architecture`); an MDM (:func:`is_mdm`) records
+    ``"objective": "mdm"``, which ``unmask import`` reads back, a causal model ``"ar"``."""
+    mdm = is_mdm(cfg)
     cls, kind = architecture(cfg)
     out = {
         "architectures": [cls],
@@ -103,7 +110,7 @@ def hf_config(cfg: ModelConfig, dtype: torch.dtype, eos_id: int, pad_id: int, ob
         }
         out |= {"mask_token_id": cfg.mask_id, "shift_logits": cfg.shift_logits}
     out["unmask"] = {
-        "objective": objective,
+        "objective": "mdm" if mdm else "ar",
         "bidirectional": not cfg.causal,
         "mask_token_id": cfg.mask_id if mdm else None,
         "shift_logits": cfg.shift_logits,
@@ -127,8 +134,9 @@ def tokenizer_files(tok: Tokenizer, context: int, mdm: bool) -> dict[str, dict]:
     }
 
 
-def _tensors(cfg: ModelConfig, reader: TensorReader, mdm: bool, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+def _tensors(cfg: ModelConfig, reader: TensorReader, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) of the LLaMA layout, in file order, one layer at a time."""
+    mdm = is_mdm(cfg)
     q_rows, kv_rows, f = cfg.n_head * cfg.head_dim, cfg.kv_heads * cfg.head_dim, cfg.ffn_dim
 
     def get(name: str) -> torch.Tensor:
@@ -163,9 +171,9 @@ def _tensors(cfg: ModelConfig, reader: TensorReader, mdm: bool, dtype: torch.dty
         yield "lm_head.weight", head
 
 
-def _specs(cfg: ModelConfig, mdm: bool, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+def _specs(cfg: ModelConfig, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
     d, f, hd = cfg.n_embd, cfg.ffn_dim, cfg.head_dim
-    rows = cfg.embed_rows if mdm else cfg.vocab_size
+    rows = cfg.embed_rows if is_mdm(cfg) else cfg.vocab_size
     specs = [("model.embed_tokens.weight", (rows, d))]
     for i in range(cfg.n_layer):
         o = f"model.layers.{i}."
@@ -191,9 +199,8 @@ def export_run(run: str | Path, out: str | Path, dtype: str | None = None) -> Pa
     ckpt = resolve_checkpoint(run)
     out = Path(out)
     if out.is_dir() and any(out.iterdir()):
-        raise UnmaskError(f"--out {out} exists and is not empty; choose a new folder")
-    if dtype is not None and dtype not in DTYPES:
-        raise UnmaskError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)} (or leave it out to keep the run's)")
+        raise OptionError("out", "{out} {_out} exists and is not empty; choose a new folder", _out=out)
+    requested = requested_dtype(dtype, "the run's")
     with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
         run_cfg = RunConfig.from_dict(json.loads((f.metadata() or {})["config"]))
     cfg = run_cfg.model
@@ -202,16 +209,16 @@ def export_run(run: str | Path, out: str | Path, dtype: str | None = None) -> Pa
     if cfg.block_causal:
         raise UnmaskError(f"{ckpt}: a block-causal network has no LLaMA layout")
     reader = TensorReader(ckpt, files=["model.safetensors"])
-    cast = DTYPES[dtype] if dtype is not None else reader.dtype("norm.weight")
+    cast = requested or reader.dtype("norm.weight")
     if cast not in DTYPE_NAMES:
         raise UnmaskError(f"{ckpt}: weights of dtype {cast} cannot be exported")
-    mdm = not cfg.causal
+    mdm = is_mdm(cfg)
     tok = checkpoint_tokenizer(ckpt)
 
-    specs = _specs(cfg, mdm, cast)
-    files = {"config.json": hf_config(cfg, cast, tok.eos_id, tok.pad_id, "mdm" if mdm else "ar"), **tokenizer_files(tok, cfg.context_len, mdm)}
+    specs = _specs(cfg, cast)
+    files = {"config.json": hf_config(cfg, cast, tok.eos_id, tok.pad_id), **tokenizer_files(tok, cfg.context_len, mdm)}
     with staged(out) as tmp:  # a failed export leaves --out as it was
-        write_streaming(tmp / "model.safetensors", specs, _progress(_tensors(cfg, reader, mdm, cast), len(specs), "export"), {"format": "pt"})
+        write_streaming(tmp / "model.safetensors", specs, _progress(_tensors(cfg, reader, cast), len(specs), "export"), {"format": "pt"})
         for name, content in files.items():
             (tmp / name).write_text(json.dumps(content, indent=2) + "\n", encoding="utf-8")
         (tmp / "tokenizer.json").write_text(tok.to_json(), encoding="utf-8")

@@ -15,13 +15,24 @@ import torch
 
 from unmask.checkpoint import TrainerState, save_checkpoint, write_text_atomic
 from unmask.config import ModelConfig, RunConfig, TrainConfig
-from unmask.data.tokenizer import MASK, MASK_NAMES, Tokenizer
-from unmask.errors import UnmaskError
+from unmask.data.tokenizer import MASK, MASK_NAMES, Tokenizer, read_tokenizer_json
+from unmask.errors import OptionError, UnmaskError
 from unmask.interop.layouts import Layout, detect_layout, model_config
 from unmask.interop.staging import staged
 from unmask.interop.tensors import TensorReader, write_streaming
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def requested_dtype(dtype: str | None, keeps: str) -> torch.dtype | None:
+    """The torch dtype named ``dtype`` (one of :data:`DTYPES`), or None when it is not given (the
+    conversion keeps ``keeps``' own, e.g. "the checkpoint's")."""
+    if dtype is None:
+        return None
+    if dtype not in DTYPES:
+        raise OptionError("dtype", "{dtype} {_dtype!r} is not one of: {_names} (or leave it out to keep {_keeps})", _dtype=dtype,
+                          _names=", ".join(DTYPES), _keeps=keeps)
+    return DTYPES[dtype]
 RESERVED = "<|unmask_reserved_{}|>"  # fills tokenizer ids the model has but the tokenizer lacks
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints saved
 
@@ -55,8 +66,7 @@ class Conversion:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise UnmaskError(f"checkpoint folder {str(folder)!r} does not exist")
-        if dtype is not None and dtype not in DTYPES:
-            raise UnmaskError(f"--dtype {dtype!r} is not one of: {', '.join(DTYPES)} (or leave it out to keep the checkpoint's)")
+        self.cast = requested_dtype(dtype, "the checkpoint's")
         self.hf_config = read_config(self.folder)
         self.layout: Layout = detect_layout(self.hf_config, str(self.folder / "config.json"))
         self.reader = TensorReader(self.folder)
@@ -64,7 +74,6 @@ class Conversion:
         saved = self.hf_config.get("unmask") if isinstance(self.hf_config.get("unmask"), dict) else {}
         default_as = saved.get("objective") or self.layout.default_as  # a folder from `unmask export` says what it is
         self.config = model_config(self.layout, self.hf_config, as_ or default_as, tied, str(self.folder / "config.json"))
-        self.cast = DTYPES[dtype] if dtype is not None else None
         self.recipes = self._recipes()
         self.shapes = _meta_shapes(self.config)
         self._check_keys()
@@ -150,17 +159,11 @@ class Conversion:
 
     def tokenizer(self, path: str | Path | None = None) -> Tokenizer:
         """The checkpoint's ``tokenizer.json`` (or ``path``), with ids padded to the model's vocabulary and MASK mapped."""
-        from tokenizers import Tokenizer as HFTokenizer
+        def missing(file: Path) -> UnmaskError:
+            return OptionError("tokenizer", "{_file} not found: the checkpoint's tokenizer must come along (pass {tokenizer} "
+                               "PATH/tokenizer.json)", _file=file)
 
-        file = Path(path) if path is not None else self.folder / "tokenizer.json"
-        if file.is_dir():
-            file = file / "tokenizer.json"
-        if not file.is_file():
-            raise UnmaskError(f"{file} not found: the checkpoint's tokenizer must come along (pass --tokenizer PATH/tokenizer.json)")
-        try:
-            hf = HFTokenizer.from_file(str(file))
-        except Exception as exc:  # tokenizers raises a bare Exception on malformed JSON
-            raise UnmaskError(f"cannot read tokenizer {file}: {exc}") from None
+        hf, file = read_tokenizer_json(path if path is not None else self.folder, missing)
         cfg = self.config
         total = hf.get_vocab_size(with_added_tokens=True)
         has_mask = next((hf.token_to_id(n) for n in MASK_NAMES if hf.token_to_id(n) is not None), None)
@@ -203,7 +206,7 @@ def import_checkpoint(
     """
     out = Path(out)
     if (out / "checkpoints").exists():
-        raise UnmaskError(f"--out {out} already holds a run; choose a new folder")
+        raise OptionError("out", "{out} {_out} already holds a run; choose a new folder", _out=out)
     conv = Conversion(folder, as_, dtype)
     tok = conv.tokenizer(tokenizer)
     objective = "ar" if conv.config.causal else "mdm"

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from unmask.config import ModelConfig
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError, UnmaskError
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "mlp_norm")
 
@@ -186,9 +186,9 @@ def model_config(layout: Layout, config: dict[str, Any], as_: str, tied: bool, s
     """The :class:`ModelConfig` of a published ``config.json``; ``as_`` "ar" (causal) or "mdm"; ``tied``:
     whether the checkpoint's head is its embedding (a fallback when the config does not say)."""
     if as_ not in ("ar", "mdm"):
-        raise UnmaskError(f"--as {as_!r} is not one of: ar, mdm")
+        raise OptionError("as_", "{as_} {_as!r} is not one of: ar, mdm", _as=as_)
     if layout.default_as == "mdm" and as_ == "ar":
-        raise UnmaskError(f"--as ar: a {layout.name} checkpoint is a masked diffusion model; import it with --as mdm")
+        raise OptionError("as_", "{as_} ar: a {_layout} checkpoint is a masked diffusion model; import it with {as_} mdm", _layout=layout.name)
     if isinstance(config.get("unmask"), dict) and "model" in config["unmask"]:  # written by `unmask export`
         saved = ModelConfig.from_dict(config["unmask"]["model"])
         if saved.causal != (as_ == "ar"):

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator
 
 from unmask.checkpoint import fsync_tree
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError
 
 
 @contextmanager
@@ -21,7 +21,7 @@ def staged(out: Path) -> Iterator[Path]:
     """A fresh folder beside ``out`` to write into. On success it becomes ``out`` (renamed, when
     ``out`` is absent or empty) or its entries are moved into ``out``; on failure it is removed."""
     if out.exists() and not out.is_dir():
-        raise UnmaskError(f"--out {out} is a file; choose a folder")
+        raise OptionError("out", "{out} {_out} is a file; choose a folder", _out=out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
