@@ -99,7 +99,7 @@ class GridBlocks:
     def layout(self, model, x: torch.Tensor, cond: Conditioning | None, start: int, config) -> Layout:
         size = model.config.block_causal
         if size < 1:
-            raise UnmaskError("block-diffusion decoding needs a block model (ModelConfig.block_causal > 0, `unmask train --objective bd3`)")
+            raise UnmaskError("block-diffusion decoding needs a block model (ModelConfig.block_causal > 0: one trained with objective bd3)")
         b, length = x.shape
         if not 0 <= start <= length:
             raise UnmaskError(f"generation start {start} is outside the canvas of {length} columns")
