@@ -115,8 +115,9 @@ def test_grid_runner_resumes_an_interrupted_run_and_skips_finished_ones(small_da
     assert (tmp_path / "b" / "log.jsonl").read_text().count("\n") == 2
     # other settings under the same names are refused, naming the folder
     changed = [runner.RunSpec(s.name, s.model, s.train, s.data_dir, {**s.meta, "budget": 1.0}) for s in specs]
-    with pytest.raises(UnmaskError, match="different settings"):
+    with pytest.raises(UnmaskError, match="different settings") as caught:
         runner.run_grid(tmp_path / "b", changed, evaluate, device="cpu", progress=False)
+    assert caught.value.param == "out_dir" and "pass a new out_dir folder" in str(caught.value)
 
 
 def test_scaling_experiment_miniature(small_data, tmp_path):
@@ -370,6 +371,45 @@ def test_experiment_commands_refuse_bad_flags_by_name(tmp_path, capsys):
     assert "set vocab_size to 0" in capsys.readouterr().err
     assert main(["experiment", "reverse-curse", "--out", str(tmp_path / "rc"), "--facts-file", str(tmp_path / "none.jsonl")]) == 2
     assert "--facts-file" in capsys.readouterr().err
+    assert main(["experiment", "scaling", "--out", str(tmp_path / "sc"), "--grid", str(grid), "--data", str(tmp_path)]) == 2
+    assert f"error: --data {tmp_path}: the grid asks" in capsys.readouterr().err
+    assert main(["experiment", "scaling", "--out", str(tmp_path / "sc"), "--grid", str(tmp_path / "none.json")]) == 2
+    assert f"--grid '{tmp_path / 'none.json'}' is neither a named grid" in capsys.readouterr().err
+    assert main(["experiment", "reverse-curse", "--out", str(tmp_path / "rc"), "--facts", "1"]) == 2
+    assert "--facts=1 must be an integer >= 2" in capsys.readouterr().err
+    assert main(["experiment", "shift", "--out", str(tmp_path / "sh"), "--no-milton"]) == 2
+    assert "pass --shifted FILE" in capsys.readouterr().err
+
+
+def test_experiment_settings_errors_name_the_parameter(tmp_path):
+    from unmask.cli.spelling import flag_of
+    from unmask.errors import OptionError
+    from unmask.experiments import conditional, facts, reverse_curse, scaling, shift
+
+    refused = [
+        (lambda: reverse_curse.Settings(seeds=()), "seeds", "seeds must name at least one seed"),
+        (lambda: reverse_curse.Settings(extra_mdm_steps=(0,)), "extra_mdm_steps", "extra_mdm_steps [0] must be positive step counts"),
+        (lambda: reverse_curse.Settings(cfg_scales=()), "cfg_scales", "cfg_scales must name at least one guidance scale"),
+        (lambda: reverse_curse.Settings(n_head=0), "n_head", "n_head=0 must be an integer >= 1"),
+        (lambda: conditional.Settings(distractors=0), "distractors", "distractors=0 must be an integer >= 1"),
+        (lambda: conditional.Settings(cfg_dropout=1.0), "cfg_dropout", "cfg_dropout=1.0 must be a finite number in (0, 1)"),
+        (lambda: conditional.Settings(sft_steps=0), "sft_steps", "sft_steps=0 must be an integer >= 1"),
+        (lambda: conditional.Settings(mdm_steps=0), "mdm_steps", "mdm_steps=0 must be an integer >= 1"),
+        (lambda: shift.Settings(ar_fractions=(0.5, 1.5)), "ar_fractions", "ar_fractions [0.5, 1.5] must lie in (0, 1)"),
+        (lambda: shift.Settings(eval_draws=1), "eval_draws", "eval_draws=1 must be an integer >= 2"),
+        (lambda: shift.Settings(steps=0), "steps", "steps=0 must be an integer >= 1"),
+        (lambda: shift.Settings(lr=0.0), "lr", "lr=0.0 must be a finite number > 0"),
+        (lambda: shift.shifted_corpora([], milton=False), "shifted", "no shifted corpus: keep the default Milton texts or pass shifted FILE"),
+        (lambda: facts.synthetic_facts(1), "facts_per_direction", "facts_per_direction=1 must be an integer >= 2"),
+        (lambda: facts.read_facts(tmp_path / "none.jsonl"), "facts_file", f"facts_file {str(tmp_path / 'none.jsonl')!r} does not exist"),
+        (lambda: scaling.load_grid(str(tmp_path / "none.json")), "grid_name", "grid_name "),
+    ]
+    for make, param, text in refused:
+        with pytest.raises(OptionError) as caught:
+            make()
+        assert caught.value.param == param and str(caught.value).startswith(text), str(caught.value)
+    # the command line writes the flags that set them
+    assert [flag_of(name) for name in ("facts_per_direction", "grid_name", "data_dir", "out_dir")] == ["--facts", "--grid", "--data", "--out"]
 
 
 def test_reverse_curse_extra_mdm_runs_train_longer_under_their_own_names(tmp_path):
@@ -381,5 +421,6 @@ def test_reverse_curse_extra_mdm_runs_train_longer_under_their_own_names(tmp_pat
         ("mdm-seed0", 10, "mdm"), ("ar-seed0", 10, "ar"), ("mdm-seed0-40steps", 40, "mdm"),
         ("mdm-seed1", 10, "mdm"), ("ar-seed1", 10, "ar"), ("mdm-seed1-40steps", 40, "mdm"),
     ]
-    with pytest.raises(UnmaskError, match="--extra-mdm-steps"):
+    with pytest.raises(UnmaskError, match="^extra_mdm_steps") as caught:
         reverse_curse.Settings(extra_mdm_steps=(0,))
+    assert caught.value.param == "extra_mdm_steps"

@@ -26,7 +26,6 @@ Evaluation per held-out question, at every guidance scale w for an MDM (AR: no g
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import random
 import statistics
@@ -34,53 +33,31 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from unmask.config import ModelConfig, TrainConfig
 from unmask.data.pairs import Pair, encode_pair, prepare_pairs
-from unmask.errors import UnmaskError, check_number
+from unmask.errors import check_number
 from unmask.experiments import facts as facts_mod
 from unmask.experiments import reverse_curse
 from unmask.experiments.answers import answer_logprobs, complete
-from unmask.experiments.runner import RunSpec, md_table, pyplot, run_grid, seed_rows, write_outputs
+from unmask.experiments.runner import RunSpec, md_table, pyplot, run_grid, save_figure, seed_rows, write_outputs
 
 
 @dataclass(frozen=True)
-class Settings:
-    facts_per_direction: int = 20
-    repeats: int = 20  # copies of each paraphrase in the pretraining text
-    text_chars: int = 200_000  # characters of Shakespeare mixed in
-    vocab_size: int = 1024
-    n_layer: int = 4
-    n_embd: int = 128
-    n_head: int = 4
-    context_len: int = 64
+class Settings(reverse_curse.FactSettings):
+    """The corpus, model, seeds and evaluation of the reverse curse (``steps``: the AR model's pretraining),
+    the MDM's pretraining and the fine-tuning."""
+
     steps: int = 600  # AR pretraining steps
     mdm_steps: int = 2400  # MDM pretraining steps (SMDM: an MDM needs several times the AR compute)
-    batch_size: int = 16
-    lr: float = 2e-3
     sft_steps: int = 100
     sft_lr: float = 1e-4
     cfg_dropout: float = 0.1  # the standard-CFG fine-tuned MDM; a second one uses 0 (unsupervised CFG)
-    cfg_scales: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0)
-    distractors: int = 7
-    seeds: tuple[int, ...] = (0, 1)
-    data_seed: int = 0
 
     def __post_init__(self) -> None:
-        if not self.seeds:
-            raise UnmaskError("--seeds must name at least one seed")
-        if not self.cfg_scales:
-            raise UnmaskError("--cfg-scales must name at least one guidance scale")
-        for w in self.cfg_scales:
-            check_number("cfg_scales", w, ">= 0")
+        super().__post_init__()
+        check_number("mdm_steps", self.mdm_steps, ">= 1")
+        check_number("sft_steps", self.sft_steps, ">= 1")
         check_number("sft_lr", self.sft_lr, "> 0")
-        check_number("lr", self.lr, "> 0")
-        if not 0 < self.cfg_dropout < 1:
-            raise UnmaskError(f"--cfg-dropout={self.cfg_dropout} must be in (0, 1) (the dropout-0 model is always trained)")
-        if self.distractors < 1:
-            raise UnmaskError(f"--distractors={self.distractors} must be >= 1")
-        for key in ("steps", "mdm_steps", "sft_steps"):
-            if getattr(self, key) <= 0:
-                raise UnmaskError(f"--{key.replace('_', '-')}={getattr(self, key)} must be positive")
+        check_number("cfg_dropout", self.cfg_dropout, "(0, 1)", " (the dropout-0 model is always trained)")
 
 
 QUESTION = "Question: who is {subject}? Answer:"
@@ -128,18 +105,13 @@ def specs_for(settings: Settings, data: Path, pairs: Path, vocab: int, out: Path
     specs = []
     for seed in settings.seeds:
         for kind, steps in (("mdm", settings.mdm_steps), ("ar", settings.steps)):
-            model = ModelConfig(name="conditional", vocab_size=vocab, context_len=settings.context_len, n_layer=settings.n_layer,
-                                n_head=settings.n_head, n_embd=settings.n_embd, causal=kind == "ar")
-            train = TrainConfig(objective=kind, steps=steps, batch_size=settings.batch_size, lr=settings.lr, warmup_steps=max(1, steps // 100),
-                                seed=seed, eval_every=steps, eval_windows=8, checkpoint_every=steps, keep_checkpoints=1,
-                                log_every=max(1, steps // 20))
+            model = settings.model_config("conditional", vocab, kind)
             base = f"{kind}-seed{seed}"
-            specs.append(RunSpec(base, model, train, str(data), {"kind": kind, "sft": False, "cfg_dropout": None, "seed": seed, **evaluation}))
+            specs.append(RunSpec(base, model, settings.train_config(kind, steps, seed), str(data),
+                                 {"kind": kind, "sft": False, "cfg_dropout": None, "seed": seed, **evaluation}))
             for dropout in ((0.0, settings.cfg_dropout) if kind == "mdm" else (0.0,)):
-                sft = dataclasses.replace(train, steps=settings.sft_steps, lr=settings.sft_lr, warmup_steps=max(1, settings.sft_steps // 100),
-                                          sft=True, cfg_dropout=dropout, init_from=str((out / "runs" / base).resolve()),
-                                          eval_every=settings.sft_steps, checkpoint_every=settings.sft_steps,
-                                          log_every=max(1, settings.sft_steps // 20), eval_windows=64)
+                sft = settings.train_config(kind, settings.sft_steps, seed, lr=settings.sft_lr, eval_windows=64, sft=True, cfg_dropout=dropout,
+                                            init_from=str((out / "runs" / base).resolve()))
                 name = f"{base}-sft" + (f"-drop{dropout:g}" if kind == "mdm" else "")
                 specs.append(RunSpec(name, model, sft, str(pairs), {"kind": kind, "sft": True, "cfg_dropout": dropout, "seed": seed, **evaluation}))
     return specs
@@ -199,18 +171,17 @@ def summarise(records: list[dict]) -> list[dict]:
 
 
 def markdown(settings: Settings, rows: list[dict], source: str, task: Task) -> str:
-    chance = 1 / (1 + settings.distractors)
     lines = ["# Conditional generation: fine-tuning and guidance, MDM vs AR", "",
              f"Facts: {source}. Pretraining from scratch on the facts (each in its own direction, {settings.repeats} copies of each "
-             f"paraphrase) mixed with {settings.text_chars:,} characters of Shakespeare: MDM {settings.mdm_steps} steps, AR {settings.steps} "
-             f"steps ({settings.n_layer} layers, width {settings.n_embd}, context {settings.context_len}, batch {settings.batch_size}, "
-             f"lr {settings.lr:g}). Fine-tuning: {len(task.sft)} questions \"{QUESTION}\" -> answer, {settings.sft_steps} steps at lr "
+             f"paraphrase) mixed with {settings.text_chars:,} characters of Shakespeare "
+             f"({settings.described(f'{settings.mdm_steps} (MDM) and {settings.steps} (AR)')}). "
+             f"Fine-tuning: {len(task.sft)} questions \"{QUESTION}\" -> answer, {settings.sft_steps} steps at lr "
              f"{settings.sft_lr:g}; evaluation on the {len(task.held_out)} questions of the other facts. Seeds {list(settings.seeds)}; "
              "mean +- sd over seeds.", "",
              "Accuracy: greedy answer equals the reference (fine-tuned: the response region decoded, cut at the first EOS; pretrained: "
              "prompt \"<A> is\", the answer's length given); MDM decoding at temperature 0, one token per call, the most confident "
              "position first (any order) or the leftmost (left to right). Top-1: the correct answer ranked first by log p(answer, EOS | prompt) among "
-             f"{settings.distractors} distractors (chance {chance:.3f}). log p/token: of the correct answer and its EOS (MDM: exact "
+             f"{settings.distractors} distractors (chance {settings.chance:.3f}). log p/token: of the correct answer and its EOS (MDM: exact "
              "left-to-right chain rule, guided with w).", ""]
 
     def fmt(v):
@@ -237,12 +208,10 @@ def _plot(rows: list[dict], settings: Settings, path: Path) -> None:
             else:
                 ax.errorbar(ws, means, yerr=[r[metric][1] for r in mine], marker="o", capsize=3, label=name)
         if metric == "rank_top1":
-            ax.axhline(1 / (1 + settings.distractors), color="grey", ls=":", label="chance")
+            ax.axhline(settings.chance, color="grey", ls=":", label="chance")
         ax.set(xlabel="guidance scale w", title=title)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(out_dir: str | Path, settings: Settings = Settings(), facts_file: str | Path | None = None, device: str = "auto",
@@ -262,7 +231,7 @@ def run(out_dir: str | Path, settings: Settings = Settings(), facts_file: str | 
                       max_length=settings.context_len)
     specs = specs_for(settings, data.resolve(), pairs.resolve(), tok.vocab_size, out)
     records = run_grid(out, specs, lambda spec, run_dir: evaluate_run(spec, run_dir, task, choices, longest, settings, device),
-                       device=device, progress=progress, chunk=max(50, settings.steps // 10), desc="conditional", log_to=log_to)
+                       device=device, progress=progress, chunk=settings.chunk, desc="conditional", log_to=log_to)
     rows = summarise(records)
     _plot(rows, settings, out / "conditional.png")
     result = {"experiment": "conditional", "settings": asdict(settings), "facts": source, "num_facts": len(facts),

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from unmask.data.corpus import jsonl_records
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError, check_number
 
 _ONSETS = ("b", "br", "d", "dr", "f", "g", "gl", "h", "k", "l", "m", "n", "p", "qu", "r", "s", "t", "th", "v", "z")
 _VOWELS = ("a", "e", "i", "o", "u", "ae", "ia", "ou")
@@ -56,8 +56,7 @@ def _word(rng: random.Random, syllables: int) -> str:
 
 def synthetic_facts(per_direction: int, seed: int = 0) -> list[Fact]:
     """2 x ``per_direction`` facts with distinct made-up names and descriptions (no network, no real people)."""
-    if per_direction < 2:
-        raise UnmaskError(f"--facts={per_direction} must be >= 2 per direction (distractors come from the other facts)")
+    check_number("facts_per_direction", per_direction, ">= 2", " (distractors come from the other facts)")
     rng = random.Random(seed)
     names, descriptions = set(), set()
     facts = []
@@ -76,14 +75,16 @@ def read_facts(path: str | Path) -> list[Fact]:
     """Facts from a JSONL file of {"name": ..., "description": ...}; alternate facts get n2d and d2n."""
     path = Path(path)
     if not path.is_file():
-        raise UnmaskError(f"--facts-file {str(path)!r} does not exist")
+        raise OptionError("facts_file", "{facts_file} {_path!r} does not exist", _path=str(path))
     facts = []
     for lineno, record in jsonl_records(path):
         if not all(isinstance(record.get(k), str) and record[k].strip() for k in ("name", "description")):
-            raise UnmaskError(f"--facts-file {path} line {lineno}: needs non-empty string fields 'name' and 'description'")
+            raise OptionError("facts_file", "{facts_file} {_path} line {_line}: needs non-empty string fields 'name' and 'description'",
+                              _path=path, _line=lineno)
         facts.append(Fact(record["name"].strip(), record["description"].strip(), "n2d" if len(facts) % 2 == 0 else "d2n"))
     if len(facts) < 4:
-        raise UnmaskError(f"--facts-file {path} holds {len(facts)} facts; the experiment needs at least 4 (2 per direction)")
+        raise OptionError("facts_file", "{facts_file} {_path} holds {_n} facts; the experiment needs at least 4 (2 per direction)",
+                          _path=path, _n=len(facts))
     return facts
 
 

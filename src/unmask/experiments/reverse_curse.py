@@ -22,42 +22,52 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from unmask.config import ModelConfig, TrainConfig
-from unmask.errors import UnmaskError, check_number
+from unmask.errors import OptionError, check_number
 from unmask.experiments import facts as facts_mod
 from unmask.experiments.answers import answer_logprobs, complete
-from unmask.experiments.runner import RunSpec, md_table, pyplot, run_grid, seed_rows, write_outputs
+from unmask.experiments.recipe import SmallModel
+from unmask.experiments.runner import RunSpec, md_table, pyplot, run_grid, save_figure, seed_rows, write_outputs
 
 
 @dataclass(frozen=True)
-class Settings:
+class FactSettings(SmallModel):
+    """What the facts experiments (this one and :mod:`unmask.experiments.conditional`) share besides the
+    model: the corpus of :func:`prepare`, the training seeds and the evaluation."""
+
     facts_per_direction: int = 20
     repeats: int = 20  # copies of each paraphrase in the training text
     text_chars: int = 200_000  # characters of Shakespeare mixed in as ordinary text
-    vocab_size: int = 1024
-    n_layer: int = 4
-    n_embd: int = 128
-    n_head: int = 4
-    context_len: int = 64
-    steps: int = 1000
-    batch_size: int = 16
-    lr: float = 2e-3  # the same for both models
     seeds: tuple[int, ...] = (0, 1)
     distractors: int = 7
     cfg_scales: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0)
     data_seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.seeds:
+            raise OptionError("seeds", "{seeds} must name at least one seed")
+        if not self.cfg_scales:
+            raise OptionError("cfg_scales", "{cfg_scales} must name at least one guidance scale")
+        for w in self.cfg_scales:
+            check_number("cfg_scales", w, ">= 0")
+        check_number("distractors", self.distractors, ">= 1")
+
+    @property
+    def chance(self) -> float:
+        """The top-1 accuracy of a guess among the correct answer and its distractors."""
+        return 1 / (1 + self.distractors)
+
+
+@dataclass(frozen=True)
+class Settings(FactSettings):
+    """The experiment's settings: the shared ones, and further MDM runs."""
+
     extra_mdm_steps: tuple[int, ...] = ()  # further MDM runs trained this many steps (more compute than the AR model)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if any(n <= 0 for n in self.extra_mdm_steps):
-            raise UnmaskError(f"--extra-mdm-steps {list(self.extra_mdm_steps)} must be positive step counts")
-        if not self.seeds:
-            raise UnmaskError("--seeds must name at least one seed")
-        if self.distractors < 1:
-            raise UnmaskError(f"--distractors={self.distractors} must be >= 1")
-        for w in self.cfg_scales:
-            check_number("cfg_scales", w, ">= 0")
-        check_number("lr", self.lr, "> 0")
+            raise OptionError("extra_mdm_steps", "{extra_mdm_steps} {_steps} must be positive step counts", _steps=list(self.extra_mdm_steps))
 
 
 def _text_documents(chars: int) -> list[str]:
@@ -75,7 +85,7 @@ def _text_documents(chars: int) -> list[str]:
     return docs
 
 
-def prepare(out: Path, settings: Settings, facts: list[facts_mod.Fact]) -> Path:
+def prepare(out: Path, settings: FactSettings, facts: list[facts_mod.Fact]) -> Path:
     """OUT/data: facts x paraphrases x repeats + ordinary text, shuffled (train); a few passages (val)."""
     from unmask.data import prepare_dataset, shakespeare_works, train_bpe
 
@@ -90,10 +100,9 @@ def prepare(out: Path, settings: Settings, facts: list[facts_mod.Fact]) -> Path:
     return prepare_dataset(data, tok, docs, val, progress=False)
 
 
-def facts_corpus(out: Path, settings, facts_file: str | Path | None):
+def facts_corpus(out: Path, settings: FactSettings, facts_file: str | Path | None):
     """(facts, their source, OUT/data, its tokenizer): the facts (written to OUT/facts.jsonl) and the
-    corpus of :func:`prepare`, made once. ``settings``: this experiment's or another's with the
-    same data fields (facts_per_direction, repeats, text_chars, vocab_size, data_seed)."""
+    corpus of :func:`prepare`, made once."""
     from unmask.data import TokenDataset
 
     out.mkdir(parents=True, exist_ok=True)
@@ -111,12 +120,8 @@ def specs_for(settings: Settings, data: Path, vocab: int) -> list[RunSpec]:
     runs = [("mdm", settings.steps, ""), ("ar", settings.steps, ""), *(("mdm", n, f"-{n}steps") for n in settings.extra_mdm_steps)]
     for seed in settings.seeds:
         for kind, steps, suffix in runs:
-            model = ModelConfig(name="reverse-curse", vocab_size=vocab, context_len=settings.context_len, n_layer=settings.n_layer,
-                                n_head=settings.n_head, n_embd=settings.n_embd, causal=kind == "ar")
-            train = TrainConfig(objective=kind, steps=steps, batch_size=settings.batch_size, lr=settings.lr,
-                                warmup_steps=max(1, steps // 100), seed=seed, eval_every=steps, eval_windows=8,
-                                checkpoint_every=steps, keep_checkpoints=1, log_every=max(1, steps // 20))
-            specs.append(RunSpec(f"{kind}-seed{seed}{suffix}", model, train, str(data), {"kind": kind, "seed": seed, **evaluation}))
+            specs.append(RunSpec(f"{kind}-seed{seed}{suffix}", settings.model_config("reverse-curse", vocab, kind),
+                                 settings.train_config(kind, steps, seed), str(data), {"kind": kind, "seed": seed, **evaluation}))
     return specs
 
 
@@ -168,17 +173,15 @@ def summarise(records: list[dict], settings: Settings) -> list[dict]:
 
 
 def markdown(settings: Settings, rows: list[dict], source: str, num_facts: int) -> str:
-    chance = 1 / (1 + settings.distractors)
     lines = ["# Reverse curse: MDM vs AR", "",
              f"Facts: {source}; {num_facts // 2} per direction, {len(facts_mod.TEMPLATES['n2d'])} paraphrases each, "
              f"x{settings.repeats}, mixed with {settings.text_chars:,} characters of Shakespeare. Models trained from scratch "
-             f"({settings.n_layer} layers, width {settings.n_embd}, context {settings.context_len}, {settings.steps} steps of "
-             f"{settings.batch_size} sequences, lr {settings.lr:g}"
+             f"({settings.described()}"
              + (f"; further MDM runs of {', '.join(map(str, settings.extra_mdm_steps))} steps" if settings.extra_mdm_steps else "")
              + f"), seeds {list(settings.seeds)}. Values: mean +- sd over seeds.", "",
              "Exact match: greedy completion of the answer's length (AR argmax; MDM confidence decoding at temperature 0, one token per call, "
              f"guidance scale w). Rank: correct answer among {settings.distractors} distractors by log p(answer | prompt) (MDM: exact left-to-right "
-             f"chain rule); top-1 chance = {chance:.3f}, mean-rank chance = {(settings.distractors + 2) / 2:.1f}.", ""]
+             f"chain rule); top-1 chance = {settings.chance:.3f}, mean-rank chance = {(settings.distractors + 2) / 2:.1f}.", ""]
 
     def fmt(v):
         return f"{v[0]:.3f} +- {v[1]:.3f}"
@@ -203,13 +206,11 @@ def _plot(rows: list[dict], settings: Settings, path: Path) -> None:
             sds = [r[f"{direction}_{metric}"][1] for r in rows]
             ax.bar([i + offset for i in x], means, 0.4, yerr=sds, label=f"{direction} direction")
         if metric == "rank_top1":
-            ax.axhline(1 / (1 + settings.distractors), color="grey", ls=":", label="chance")
+            ax.axhline(settings.chance, color="grey", ls=":", label="chance")
         ax.set_xticks(list(x), labels, rotation=30, fontsize=8)
         ax.set(ylim=(0, 1.05), title=title)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(out_dir: str | Path, settings: Settings = Settings(), facts_file: str | Path | None = None, device: str = "auto",
@@ -220,11 +221,11 @@ def run(out_dir: str | Path, settings: Settings = Settings(), facts_file: str | 
     facts, source, data, tok = facts_corpus(out, settings, facts_file)
     longest = max(1 + len(tok.encode(q.prompt)) + len(tok.encode(" " + getattr(f, q.asks))) for q in facts_mod.questions(facts) for f in facts)
     if longest > settings.context_len:
-        raise UnmaskError(f"--context-len={settings.context_len}: the longest question with its answer takes {longest} tokens; "
-                          f"use --context-len {longest} or more (or shorter facts)")
+        raise OptionError("context_len", "{context_len}={_len}: the longest question with its answer takes {_longest} tokens; "
+                          "use {context_len} {_longest} or more (or shorter facts)", _len=settings.context_len, _longest=longest)
     specs = specs_for(settings, data.resolve(), tok.vocab_size)
     records = run_grid(out, specs, lambda spec, run_dir: evaluate_run(run_dir, facts, settings, device), device=device,
-                       progress=progress, chunk=max(50, settings.steps // 10), desc="reverse-curse", log_to=log_to)
+                       progress=progress, chunk=settings.chunk, desc="reverse-curse", log_to=log_to)
     rows = summarise(records, settings)
     _plot(rows, settings, out / "reverse_curse.png")
     result = {"experiment": "reverse-curse", "settings": asdict(settings), "facts": source, "num_facts": len(facts),

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from unmask.checkpoint import write_text_atomic
 from unmask.config import ModelConfig, TrainConfig
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError, UnmaskError
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,8 @@ def _finished(path: Path, spec: RunSpec) -> dict | None:
     except json.JSONDecodeError:
         return None  # damaged by a crash outside the atomic write: score the run again
     if not _same_spec(saved.get("spec"), spec):
-        raise UnmaskError(
-            f"{path.parent} holds run {spec.name!r} with different settings than this experiment asks for; "
-            "pass a new --out folder (or remove that run folder) to run the new settings"
-        )
+        raise OptionError("out_dir", "{_folder} holds run {_name!r} with different settings than this experiment asks for; "
+                          "pass a new {out_dir} folder (or remove that run folder) to run the new settings", _folder=path.parent, _name=spec.name)
     return saved["result"]
 
 
@@ -178,6 +176,13 @@ def pyplot():
     except ImportError:
         raise UnmaskError("experiments draw their plots with matplotlib: pip install 'unmask[plot]'") from None
     return plt
+
+
+def save_figure(fig, path: str | Path) -> None:
+    """Write a figure of :func:`pyplot` as a PNG (tight layout, 120 dpi) and free it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    pyplot().close(fig)
 
 
 def mean_sd(values: list[float]) -> tuple[float, float]:

@@ -23,10 +23,11 @@ from typing import Any
 
 import numpy as np
 
-from unmask.config import ModelConfig, TrainConfig
-from unmask.errors import UnmaskError
+from unmask.config import ModelConfig
+from unmask.errors import OptionError, UnmaskError
 from unmask.experiments import fits
-from unmask.experiments.runner import RunSpec, embedded_data, md_table, pyplot, run_grid, write_outputs
+from unmask.experiments.recipe import train_recipe
+from unmask.experiments.runner import RunSpec, embedded_data, md_table, pyplot, run_grid, save_figure, write_outputs
 
 KINDS = ("mdm", "ar")
 
@@ -47,7 +48,7 @@ class Grid:
     eval_windows: int = 64
     eval_draws: int = 32
     seed: int = 0
-    vocab_size: int = 0  # without --data: > 0 trains a BPE of this size on the embedded corpus; 0: the shipped tokenizer
+    vocab_size: int = 0  # without a data folder: > 0 trains a BPE of this size on the embedded corpus; 0: the shipped tokenizer
 
     def __post_init__(self) -> None:
         if len(set(self.depths)) < 3:
@@ -66,9 +67,10 @@ class Grid:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise UnmaskError(f"--grid {source}: unknown keys {sorted(unknown)}; known: {sorted(known)}")
+            raise OptionError("grid_name", "{grid_name} {_source}: unknown keys {_unknown}; known: {_known}", _source=source,
+                              _unknown=sorted(unknown), _known=sorted(known))
         if "budgets" not in data or "depths" not in data:
-            raise UnmaskError(f"--grid {source}: needs 'budgets' (FLOPs, 6ND) and 'depths' (layers) lists")
+            raise OptionError("grid_name", "{grid_name} {_source}: needs 'budgets' (FLOPs, 6ND) and 'depths' (layers) lists", _source=source)
         data = dict(data, budgets=tuple(float(b) for b in data["budgets"]), depths=tuple(int(d) for d in data["depths"]))
         return cls(**data)
 
@@ -92,13 +94,14 @@ def load_grid(name: str) -> Grid:
         return GRIDS[name]
     path = Path(name)
     if not path.is_file():
-        raise UnmaskError(f"--grid {name!r} is neither a named grid ({', '.join(GRIDS)}) nor a JSON file")
+        raise OptionError("grid_name", "{grid_name} {_name!r} is neither a named grid ({_grids}) nor a JSON file", _name=name,
+                          _grids=", ".join(GRIDS))
     try:
         return Grid.from_dict(json.loads(path.read_text(encoding="utf-8")), name)
     except json.JSONDecodeError as exc:
-        raise UnmaskError(f"--grid {name}: not valid JSON ({exc})") from None
+        raise OptionError("grid_name", "{grid_name} {_name}: not valid JSON ({_exc})", _name=name, _exc=exc) from None
     except TypeError as exc:
-        raise UnmaskError(f"--grid {name}: {exc}") from None
+        raise OptionError("grid_name", "{grid_name} {_name}: {_exc}", _name=name, _exc=exc) from None
 
 
 def model_at(grid: Grid, depth: int, vocab: int, kind: str) -> ModelConfig:
@@ -123,11 +126,7 @@ def specs_for(grid: Grid, data_dir: str | Path, vocab: int) -> list[RunSpec]:
                 model = model_at(grid, depth, vocab, kind)
                 steps = max(grid.min_steps, round(budget / (6 * model.non_embedding_params()) / tokens_per_step))
                 lr = grid.lr * math.sqrt(grid.ref_width / model.n_embd)
-                train = TrainConfig(
-                    objective=kind, steps=steps, batch_size=grid.batch_size, lr=lr, warmup_steps=max(1, steps // 100),
-                    seed=grid.seed, eval_every=steps, eval_windows=min(8, grid.eval_windows), eval_draws=2,
-                    checkpoint_every=steps, keep_checkpoints=1, log_every=max(1, steps // 20),
-                )
+                train = train_recipe(kind, steps, grid.batch_size, lr, grid.seed, eval_windows=min(8, grid.eval_windows), eval_draws=2)
                 meta = {"kind": kind, "budget": budget, "depth": depth, "n": model.non_embedding_params(),
                         **{f"flops_{k}": v for k, v in flops(model, steps * tokens_per_step).items()}, "tokens": steps * tokens_per_step,
                         "eval_windows": grid.eval_windows, "eval_draws": grid.eval_draws}
@@ -238,9 +237,7 @@ def _plot(records: list[dict], analysis: dict, path: Path) -> None:
     axes[2].set(xscale="log", yscale="log", xlabel="compute C = 6ND (FLOPs)", ylabel="N*(C)", title="compute-optimal size")
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def _bands(records: list[dict], samples: int) -> dict:
@@ -306,8 +303,8 @@ def run(out_dir: str | Path, grid_name: str = "cpu", data_dir: str | Path | None
 
     grid = load_grid(grid_name)
     if data_dir is not None and grid.vocab_size:
-        raise UnmaskError(f"--data {data_dir}: the grid asks for its own {grid.vocab_size}-token BPE of the embedded corpus (vocab_size); "
-                          "set vocab_size to 0 in a --grid file to train on your data folder")
+        raise OptionError("data_dir", "{data_dir} {_dir}: the grid asks for its own {_vocab}-token BPE of the embedded corpus (vocab_size); "
+                          "set vocab_size to 0 in a {grid_name} file to train on your data folder", _dir=data_dir, _vocab=grid.vocab_size)
     data = Path(data_dir) if data_dir is not None else embedded_data(out_dir, grid.vocab_size)
     vocab = TokenDataset(data, "train").tokenizer.vocab_size
     specs = specs_for(grid, data.resolve(), vocab)

@@ -24,21 +24,17 @@ from typing import Any
 
 import numpy as np
 
-from unmask.config import ModelConfig, TrainConfig
-from unmask.errors import UnmaskError
-from unmask.experiments.runner import RunSpec, embedded_data, md_table, pyplot, run_grid, write_outputs
+from unmask.errors import OptionError, check_number
+from unmask.experiments.recipe import SmallModel
+from unmask.experiments.runner import RunSpec, embedded_data, md_table, pyplot, run_grid, save_figure, write_outputs
 
 
 @dataclass(frozen=True)
-class Settings:
-    vocab_size: int = 1024  # 0: the shipped 4096-token tokenizer and the cached default dataset
-    n_layer: int = 4
-    n_embd: int = 128
-    n_head: int = 4
-    context_len: int = 64
+class Settings(SmallModel):
+    """The model (``vocab_size`` 0: the shipped 4096-token tokenizer and the cached default dataset), the
+    shorter AR runs, the scoring and the corpus."""
+
     steps: int = 800
-    batch_size: int = 16
-    lr: float = 2e-3
     ar_fractions: tuple[float, ...] = (0.25, 0.5)  # extra, shorter AR runs for the equal-loss comparison
     eval_windows: int = 64
     eval_draws: int = 16
@@ -47,10 +43,11 @@ class Settings:
     works: int = 0  # training works of the corpus used (0: all 38); fewer for quick checks
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if any(not 0 < f < 1 for f in self.ar_fractions):
-            raise UnmaskError(f"--ar-fractions {list(self.ar_fractions)} must lie in (0, 1) (the full-length AR run is always trained)")
-        if self.eval_draws < 2:
-            raise UnmaskError(f"--draws={self.eval_draws} must be >= 2")
+            raise OptionError("ar_fractions", "{ar_fractions} {_fractions} must lie in (0, 1) (the full-length AR run is always trained)",
+                              _fractions=list(self.ar_fractions))
+        check_number("eval_draws", self.eval_draws, ">= 2")
 
 
 def milton_works() -> list[tuple[str, str]]:
@@ -67,7 +64,7 @@ def shifted_corpora(paths: list[str | Path], milton: bool = True) -> dict[str, l
     for path in paths:
         corpora[Path(path).name] = list(read_documents([path]))
     if not corpora:
-        raise UnmaskError("no shifted corpus: keep the default Milton texts or pass --shifted FILE")
+        raise OptionError("shifted", "no shifted corpus: keep the default Milton texts or pass {shifted} FILE")
     return corpora
 
 
@@ -78,12 +75,8 @@ def specs_for(settings: Settings, data: Path, vocab: int, corpora: list[str]) ->
     specs = []
     for kind, fraction in [("mdm", 1.0), ("ar", 1.0), *(("ar", f) for f in sorted(settings.ar_fractions, reverse=True))]:
         steps = max(1, round(settings.steps * fraction))
-        model = ModelConfig(name="shift", vocab_size=vocab, context_len=settings.context_len, n_layer=settings.n_layer,
-                            n_head=settings.n_head, n_embd=settings.n_embd, causal=kind == "ar")
-        train = TrainConfig(objective=kind, steps=steps, batch_size=settings.batch_size, lr=settings.lr, warmup_steps=max(1, steps // 100),
-                            seed=settings.seed, eval_every=steps, eval_windows=8, checkpoint_every=steps, keep_checkpoints=1,
-                            log_every=max(1, steps // 20))
-        specs.append(RunSpec(f"{kind}-{steps}steps", model, train, str(data), {"kind": kind, "fraction": fraction, "steps": steps, **evaluation}))
+        specs.append(RunSpec(f"{kind}-{steps}steps", settings.model_config("shift", vocab, kind), settings.train_config(kind, steps, settings.seed),
+                             str(data), {"kind": kind, "fraction": fraction, "steps": steps, **evaluation}))
     return specs
 
 
@@ -160,8 +153,7 @@ def analyse(records: list[dict], corpora: list[str]) -> dict[str, Any]:
 
 def markdown(settings: Settings, records: list[dict], analysis: dict) -> str:
     lines = ["# Distribution shift: relative NLL increase of MDM and AR", "",
-             f"Trained on the embedded Shakespeare training works ({settings.n_layer} layers, width {settings.n_embd}, context "
-             f"{settings.context_len}, {settings.steps} steps of {settings.batch_size} sequences, lr {settings.lr:g}, seed {settings.seed}; "
+             f"Trained on the embedded Shakespeare training works ({settings.described()}, seed {settings.seed}; "
              f"BPE {settings.vocab_size or 'shipped 4096'}). Scored on {settings.eval_windows} windows per corpus "
              f"(MDM bound: {settings.eval_draws} k-DCE draws).", "", "## Runs (NLL in nats/token)", ""]
     names = [k for k in records[0]["result"]]
@@ -196,9 +188,7 @@ def _plot(records: list[dict], corpora: list[str], path: Path) -> None:
             ax.plot([mdm["in-domain"]["chain_rule"]], [mdm[name]["chain_rule"] / mdm["in-domain"]["chain_rule"] - 1], "^", color="C2", label="MDM (chain rule)")
         ax.set(xlabel="in-domain NLL (nats/token)", ylabel="relative NLL increase", title=f"shift to {name}")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def run(out_dir: str | Path, settings: Settings = Settings(), shifted: list[str | Path] = (), milton: bool = True,
@@ -214,7 +204,7 @@ def run(out_dir: str | Path, settings: Settings = Settings(), shifted: list[str 
     vocab = TokenDataset(data, "train").tokenizer.vocab_size
     specs = specs_for(settings, Path(data).resolve(), vocab, list(corpora))
     records = run_grid(out, specs, lambda spec, run_dir: evaluate_run(run_dir, corpora, settings, device), device=device,
-                       progress=progress, chunk=max(50, settings.steps // 10), desc="shift", log_to=log_to)
+                       progress=progress, chunk=settings.chunk, desc="shift", log_to=log_to)
     analysis = analyse(records, list(corpora))
     _plot(records, list(corpora), out / "shift.png")
     result = {"experiment": "shift", "settings": asdict(settings), "shifted": list(corpora), "runs": records, **analysis}
