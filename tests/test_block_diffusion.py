@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from unmask.block_diffusion import (
-    bd3_attention_mask, bd3_logits, bd3_loss, block_chain_rule_nll, block_elbo, block_times, corrupt_blocks, corrupt_blocks_k,
+    bd3_attention_mask, bd3_logits, bd3_loss, block_chain_rule_nll, block_elbo, block_times, corrupt_blocks,
     two_pass_logits,
 )
 from unmask.config import ModelConfig
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError, UnmaskError
 from unmask.model import Transformer
 from unmask.testing import BlockOracle, chi_square_counts
 from unmask.sampling import (
@@ -105,7 +105,7 @@ def test_block_k_dce_masks_exactly_k_tokens_of_each_block_uniformly():
     gen = torch.Generator().manual_seed(3)
     x0 = torch.zeros(2000, 10, dtype=torch.long)  # blocks of 4, 4 and a last one of 2
     u = torch.tensor([0.1, 0.6, 1.0]).expand(2000, 3)
-    noise = corrupt_blocks_k(x0, 4, 13, gen, u=u)
+    noise = corrupt_blocks(x0, 4, Schedule(), 13, gen, u=u, estimator="k-dce")
     counts = noise.masked.view(2000, 10).float()
     assert torch.equal(counts[:, :4].sum(1), torch.full((2000,), 1.0))  # ceil(0.1 * 4)
     assert torch.equal(counts[:, 4:8].sum(1), torch.full((2000,), 3.0))  # ceil(0.6 * 4)
@@ -118,8 +118,9 @@ def test_block_k_dce_masks_exactly_k_tokens_of_each_block_uniformly():
 def test_block_size_must_divide_the_training_context():
     from unmask.block_diffusion import check_block_size
 
-    with pytest.raises(UnmaskError, match="--block-size=3"):
+    with pytest.raises(OptionError, match="block_size=3 must be a positive divisor") as refused:
         check_block_size(16, 3)
+    assert refused.value.param == "block_size"
     # scoring windows (documents) may end in a shorter block
     mask = bd3_attention_mask(5, 2)
     assert mask[4, 4] and not mask[4, 3] and mask[4, 5 + 3] and not mask[4, 5 + 4]
@@ -373,20 +374,20 @@ def test_bd3_settings_are_checked(tmp_path, small_data):
     from unmask.config import TrainConfig
     from unmask.train import train
 
-    with pytest.raises(UnmaskError, match="--block-size"):
+    with pytest.raises(OptionError, match="objective bd3 needs block_size >= 1"):
         TrainConfig(objective="bd3")
     with pytest.raises(UnmaskError, match="bd3 only"):
         TrainConfig(objective="mdm", block_size=4)
-    with pytest.raises(UnmaskError, match="--mask-rate-min"):
+    with pytest.raises(OptionError, match="mask_rate_min=0.9 and mask_rate_max=0.5"):
         TrainConfig(objective="bd3", block_size=4, mask_rate_min=0.9, mask_rate_max=0.5)
     model, cfg = bd3_configs(block_size=4)
     import dataclasses
 
     with pytest.raises(UnmaskError, match="block_causal=4"):
         train(tmp_path / "run", dataclasses.replace(model, block_causal=0), cfg, small_data, progress=False)
-    with pytest.raises(UnmaskError, match="--flex-attention needs"):
+    with pytest.raises(OptionError, match="flex_attention needs"):
         train(tmp_path / "run", model, dataclasses.replace(cfg, flex_attention=True), small_data, device="cpu", progress=False)
-    with pytest.raises(UnmaskError, match="--flex-attention apply to --objective bd3 only"):
+    with pytest.raises(OptionError, match="flex_attention apply to objective bd3 only"):
         TrainConfig(objective="mdm", flex_attention=True)
     with pytest.raises(UnmaskError, match="MASK id 3 but the tokenizer"):  # a block model masks with the tokenizer's MASK too
         train(tmp_path / "run", dataclasses.replace(model, mask_token_id=3), cfg, small_data, device="cpu", progress=False)
@@ -449,8 +450,6 @@ def test_bd3_two_ranks_equal_one_process_with_twice_the_batch(tmp_path, small_da
 
 
 def test_block_models_refuse_approximate_caches_and_foreign_block_lengths():
-    from unmask.errors import OptionError
-
     model = tiny(4)
     x, cond, width = make_canvas([[1]], 8, model.config.mask_id, pad_id=0, separator=0)
     gen = torch.Generator().manual_seed(0)

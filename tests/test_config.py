@@ -7,7 +7,7 @@ import json
 import pytest
 
 from unmask.config import AdaptationConfig, BlockDiffusionConfig, ModelConfig, RunConfig, SFTConfig, TrainConfig
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError, UnmaskError
 
 # The "train" entry of config.json files written before the config had sections (a block-diffusion run
 # and an MDM fine-tuned with CFG dropout), as the training loop wrote them.
@@ -55,12 +55,14 @@ def test_sections_and_their_flat_names_make_the_same_config():
     assert (off.adapt, off.block, off.sft, off.init_from, off.anneal_steps) == (None, None, None, "", 0)
     with pytest.raises(UnmaskError, match=r"training block config has unknown keys \['blocksize'\]"):
         TrainConfig.from_dict({"objective": "bd3", "block": {"blocksize": 4}})
-    with pytest.raises(UnmaskError, match="--cfg-dropout=0.1 .* fine-tuning an MDM only"):  # dropout without fine-tuning
+    with pytest.raises(OptionError, match="cfg_dropout=0.1 .* fine-tuning an MDM only") as refused:  # dropout without fine-tuning
         TrainConfig(objective="mdm", cfg_dropout=0.1)
-    with pytest.raises(UnmaskError, match="--cfg-dropout=0.1"):
+    assert refused.value.param == "cfg_dropout"
+    with pytest.raises(OptionError, match="cfg_dropout=0.1"):
         TrainConfig(objective="ar", sft=SFTConfig(cfg_dropout=0.1))
-    with pytest.raises(UnmaskError, match="--anneal-attention=-1"):
+    with pytest.raises(OptionError, match="anneal_steps=-1") as refused:
         TrainConfig(objective="mdm", anneal_steps=-1)
+    assert refused.value.param == "anneal_steps"
 
 
 def test_each_objective_fills_the_settings_left_unset_before_the_config_is_made():
@@ -73,12 +75,12 @@ def test_each_objective_fills_the_settings_left_unset_before_the_config_is_made(
         given.lr = 1.0
 
 
-def test_resume_names_a_section_setting_by_its_flag():
+def test_resume_names_a_section_setting_by_its_name():
     from unmask.training.restore import resume_config
 
     model = ModelConfig(vocab_size=64, context_len=16, n_layer=1, n_head=2, n_embd=16, block_causal=4)
     saved = RunConfig(model, TrainConfig.from_dict(FLAT_BD3), "/data", "fp")
-    with pytest.raises(UnmaskError, match=r"--mask-rate-min \(saved 0.2, given 0.3\), --flex-attention \(saved False, given True\)"):
+    with pytest.raises(OptionError, match=r"resume: mask_rate_min \(saved 0.2, given 0.3\), flex_attention \(saved False, given True\)"):
         resume_config(saved, model, dataclasses.replace(saved.train, mask_rate_min=0.3, flex_attention=True), 2, "/data", "fp")
     new, notices = resume_config(saved, model, dataclasses.replace(saved.train, eval_every=2), 2, "/data", "fp")
     assert new.eval_every == 2 and new.block == saved.train.block and notices == ["--eval-every changed from 3 to 2"]

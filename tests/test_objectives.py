@@ -52,7 +52,7 @@ def test_the_built_in_objectives_are_registered_by_name():
         ("mdm", TrainConfig()), ("ar", TrainConfig(objective="ar")), ("bd3", TrainConfig(objective="bd3", block_size=4)),
         ("sft", TrainConfig(objective="ar", sft=True)), ("sft", TrainConfig(objective="mdm", sft=True, cfg_dropout=0.1))]}
     assert picked == {"mdm": "mdm", "ar": "ar", "bd3": "bd3", "sft": "sft"}
-    with pytest.raises(UnmaskError, match="--objective 'sft' is not one of: mdm, ar, bd3"):  # fine-tuning is the sft section
+    with pytest.raises(UnmaskError, match="objective 'sft' is not one of: mdm, ar, bd3"):  # fine-tuning is the sft section
         TrainConfig(objective="sft")
 
 

@@ -77,7 +77,8 @@ def test_a_failed_save_is_one_error_and_loses_nothing(tmp_path, small_data, monk
         train(tmp_path / "run", model, cfg, small_data, resume=True, progress=False)
     reason = "No space left on device" if failure == "no-space" else "Error while serializing: I/O error: File too large (os error 27)"
     assert str(info.value) == (f"cannot write {tmp_path / 'run' / 'checkpoints' / 'step_000004'} ({reason}); nothing of the run was lost "
-                               "(its last checkpoint step_000002 is intact): free space and continue it with --resume")
+                               "(its last checkpoint step_000002 is intact): free space and continue it with resume")
+    assert info.value.param == "resume"
     assert resolve_checkpoint(tmp_path / "run") == good
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["LATEST", "step_000002"]
     load_model(tmp_path / "run")  # still loads
@@ -88,8 +89,9 @@ def test_a_failed_save_is_one_error_and_loses_nothing(tmp_path, small_data, monk
 def test_refuses_to_overwrite_a_run(tmp_path, small_data):
     model, cfg = cfgs(steps=2)
     train(tmp_path / "run", model, cfg, small_data, progress=False)
-    with pytest.raises(UnmaskError, match="--resume"):
+    with pytest.raises(UnmaskError, match="already holds a run; pass resume to continue it") as refused:
         train(tmp_path / "run", model, cfg, small_data, progress=False)
+    assert refused.value.param == "run_dir"
 
 
 def test_bf16_and_fp32_loss_curves_agree(tmp_path, small_data):
@@ -164,8 +166,8 @@ def test_resume_refuses_a_differing_train_config(tmp_path, small_data, capsys):
 
     model, cfg = cfgs(steps=4)
     train(tmp_path / "run", model, cfg, small_data, progress=False, stop_after=2)
-    for change, message in [({"lr": 1e-3}, r"--lr \(saved 0.003, given 0.001\)"), ({"loss": "t-dce"}, r"--loss \(saved 'k-dce', given 't-dce'\)"),
-                            ({"seed": 1, "batch_size": 4}, r"--batch-size \(saved 8, given 4\), --seed \(saved 0, given 1\)")]:
+    for change, message in [({"lr": 1e-3}, r"lr \(saved 0.003, given 0.001\)"), ({"loss": "t-dce"}, r"loss \(saved 'k-dce', given 't-dce'\)"),
+                            ({"seed": 1, "batch_size": 4}, r"batch_size \(saved 8, given 4\), seed \(saved 0, given 1\)")]:
         with pytest.raises(UnmaskError, match=message):
             train(tmp_path / "run", model, dataclasses.replace(cfg, **change), small_data, resume=True, progress=False)
     other = dataclasses.replace(model, n_layer=3)
@@ -188,7 +190,7 @@ def test_resume_checks_the_data_folder(tmp_path, small_data):
     with pytest.raises(UnmaskError, match=f"data folder {small_data.resolve()} was made with another tokenizer"):
         resume_config(saved, model, cfg, 5, small_data.resolve(), "fingerprint-b")
     copy = shutil.copytree(small_data, tmp_path / "copy")
-    with pytest.raises(UnmaskError, match=f"--data {copy} is not the run's data folder {small_data.resolve()}"):
+    with pytest.raises(UnmaskError, match=f"data {copy} is not the run's data folder {small_data.resolve()}"):
         resume_config(saved, model, cfg, 5, copy, "fingerprint-a")
     moved = dataclasses.replace(saved, data_dir=str(tmp_path / "gone"))
     new, notices = resume_config(moved, model, cfg, 5, copy, "fingerprint-a")

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from unmask.config import ModelConfig, RunConfig
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError
 
 # fields that may differ between the AR source and the MDM initialised from it
 _ADAPTED = ("name", "causal", "shift_logits", "context_len", "block_causal")
@@ -37,7 +37,8 @@ def source_config(path: str | Path) -> ModelConfig:
 
     path = Path(path)
     if not path.exists():
-        raise UnmaskError(f"--init-from {str(path)!r} does not exist; pass a run folder or a LLaMA/Qwen2/Mistral/LLaDA/Dream folder")
+        raise OptionError("init_from", "{init_from} {_path!r} does not exist; pass a run folder or a LLaMA/Qwen2/Mistral/LLaDA/Dream folder",
+                          _path=str(path))
     if (path / "checkpoints").is_dir() or (path / "trainer.json").is_file():
         ckpt = resolve_checkpoint(path)
         with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
@@ -50,7 +51,7 @@ def source_config(path: str | Path) -> ModelConfig:
 def adapted_config(source: ModelConfig, keep_shift: bool, context_len: int | None = None) -> ModelConfig:
     """The MDM network of an AR ``source``: bidirectional, with or without the logit shift."""
     if source.time_conditioning:
-        raise UnmaskError("--init-from: the source network is time-conditioned; adapt a time-agnostic model")
+        raise OptionError("init_from", "{init_from}: the source network is time-conditioned; adapt a time-agnostic model")
     return dataclasses.replace(
         source, causal=False, shift_logits=keep_shift, context_len=context_len or source.context_len
     )
@@ -66,7 +67,7 @@ def initial_weights(path: str | Path, config: ModelConfig) -> dict[str, torch.Te
     differ = [f for f in dataclasses.fields(ModelConfig) if f.name not in _ADAPTED and getattr(src, f.name) != getattr(config, f.name)]
     if differ:
         shown = ", ".join(f"{f.name} (source {getattr(src, f.name)!r}, this run {getattr(config, f.name)!r})" for f in differ)
-        raise UnmaskError(f"--init-from {path}: the network differs from the one to train: {shown}")
+        raise OptionError("init_from", "{init_from} {_path}: the network differs from the one to train: {_shown}", _path=path, _shown=shown)
     return model.state_dict()
 
 

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError, UnmaskError
 from unmask.device import device_of
 from unmask.likelihood import LikelihoodResult, batch_slices, window_groups
 from unmask.losses import token_nll
@@ -31,7 +31,8 @@ from unmask.schedule import Schedule
 
 def check_block_size(length: int, block_size: int) -> None:
     if block_size < 1 or length % block_size:
-        raise UnmaskError(f"--block-size={block_size} must be a positive divisor of the context length {length}")
+        raise OptionError("block_size", "{block_size}={_size} must be a positive divisor of the context length {_length}", _size=block_size,
+                          _length=length)
 
 
 def bd3_attention_mask(length: int, block_size: int, device=None) -> torch.Tensor:
@@ -117,56 +118,52 @@ def corrupt_blocks(
     mask_rate: tuple[float, float] = (0.0, 1.0),
     u: torch.Tensor | None = None,
     low_discrepancy: bool = True,
+    estimator: str = "t-dce",
 ) -> BlockCorruption:
-    """Mask each block of x0 (B, L) at its own time t_b = beta + (omega - beta) u_b, u_b ~ U(0, 1],
-    with probability 1 - alpha(t_b), weight w(t_b). ``mask_rate`` = (beta, omega): with the linear
-    schedule t is the mask rate (times 1 - eps); (0, 1) is the unbiased bound, a narrower range the
-    clipped, lower-variance training objective. ``u`` (B, nb) may be given (stratified evaluation).
-    Random numbers are drawn on the CPU, so runs are reproducible across devices."""
-    b, length = x0.shape
-    nb = -(-length // block_size)  # a shorter last block (windows of documents) is allowed
-    beta, omega = mask_rate
+    """Mask each block of x0 (B, L) at its own time t_b = beta + (omega - beta) u_b, u_b ~ U(0, 1]
+    (``u`` (B, nb) may be given: stratified evaluation). ``mask_rate`` = (beta, omega): (0, 1) is the
+    unbiased bound, a narrower range the clipped, lower-variance training objective.
+
+    ``estimator`` "t-dce": each token masked with probability 1 - alpha(t_b), weight w(t_b) (with the
+    linear schedule t is the mask rate, times 1 - eps). "k-dce" (docs/algorithms.md, 'MDM loss: t-DCE
+    and k-DCE', within each block): k_b = ceil(t_b n_b) of the n_b tokens of block b masked, chosen
+    uniformly, weight n_b / k_b; the schedule is not used. Over the full range the same bound for a
+    time-agnostic network, with a far smaller variance for small blocks (L' = 1: exactly the AR NLL,
+    zero variance). A shorter last block (windows of documents) is allowed. Random numbers are drawn
+    on the CPU, so runs are reproducible across devices."""
+    length = x0.shape[1]
     if u is None:
-        u = block_times(b, nb, generator, low_discrepancy)
-    t = (beta + (omega - beta) * u.double()).clamp_min(1e-5)
-    weight = schedule.weight(t).float().repeat_interleave(block_size, dim=1)[:, :length]  # (B, L)
+        u = block_times(x0.shape[0], -(-length // block_size), generator, low_discrepancy)
+    beta, omega = mask_rate
+    t = beta + (omega - beta) * u.double()
+    if estimator == "t-dce":
+        masked, weight = _masked_at_times(t.clamp_min(1e-5), length, block_size, schedule, generator)
+    elif estimator == "k-dce":
+        masked, weight = _masked_k_of_each_block(t, length, block_size, generator)
+    else:
+        raise OptionError("estimator", "{estimator} {_name!r} is not one of: t-dce, k-dce", _name=estimator)
+    masked = masked.to(x0.device)
+    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
+    return BlockCorruption(xt, masked, weight.to(x0.device), block_size)
+
+
+def _masked_at_times(t: torch.Tensor, length: int, block_size: int, schedule: Schedule, generator: torch.Generator
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """t-DCE: (masked, weight), both (B, L), for the block times t (B, nb)."""
+    weight = schedule.weight(t).float().repeat_interleave(block_size, dim=1)[:, :length]
     prob = schedule.mask_prob(t).float().repeat_interleave(block_size, dim=1)[:, :length]
-    masked = torch.rand(x0.shape, generator=generator) < prob
-    masked = masked.to(x0.device)
-    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
-    return BlockCorruption(xt, masked, weight.to(x0.device), block_size)
+    return torch.rand(prob.shape, generator=generator) < prob, weight
 
 
-def corrupt_blocks_k(
-    x0: torch.Tensor,
-    block_size: int,
-    mask_id: int,
-    generator: torch.Generator,
-    mask_rate: tuple[float, float] = (0.0, 1.0),
-    u: torch.Tensor | None = None,
-    low_discrepancy: bool = True,
-) -> BlockCorruption:
-    """k-DCE per block (docs/algorithms.md, 'MDM loss: t-DCE and k-DCE', within each block): k_b = ceil(u_b n_b) of the n_b
-    tokens of block b masked, chosen uniformly, weight n_b / k_b; u_b = beta + (omega - beta) U(0, 1].
-    Over the full range the same bound as :func:`corrupt_blocks` for a time-agnostic network, with
-    a far smaller variance for small blocks (L' = 1: exactly the AR NLL, zero variance)."""
-    b, length = x0.shape
-    nb = -(-length // block_size)
-    beta, omega = mask_rate
-    if u is None:
-        u = block_times(b, nb, generator, low_discrepancy)
-    u = beta + (omega - beta) * u.double()
+def _masked_k_of_each_block(t: torch.Tensor, length: int, block_size: int, generator: torch.Generator
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """k-DCE: (masked, weight), both (B, L), for the block times t (B, nb)."""
     block = torch.arange(length) // block_size
-    sizes = torch.bincount(block, minlength=nb).double()  # the last block may be shorter
-    k = torch.ceil(u * sizes).clamp(min=1.0)
-    k = torch.minimum(k, sizes)
-    keys = torch.rand(x0.shape, generator=generator, dtype=torch.float64) + block.double()  # sort within blocks
+    sizes = torch.bincount(block, minlength=t.shape[1]).double()  # the last block may be shorter
+    k = torch.minimum(torch.ceil(t * sizes).clamp(min=1.0), sizes)
+    keys = torch.rand((t.shape[0], length), generator=generator, dtype=torch.float64) + block.double()  # sort within blocks
     rank = keys.argsort(dim=1).argsort(dim=1) - (block * block_size)  # rank inside the block
-    masked = rank < k[:, block]
-    weight = (sizes[None, :] / k)[:, block].float()
-    masked = masked.to(x0.device)
-    xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
-    return BlockCorruption(xt, masked, weight.to(x0.device), block_size)
+    return rank < k[:, block], (sizes[None, :] / k)[:, block].float()
 
 
 def bd3_logits(
@@ -228,11 +225,11 @@ def block_elbo(
     masked, weight L'/k: the same bound with a bounded, far smaller variance.
     """
     if estimator not in ("t-dce", "k-dce"):
-        raise UnmaskError(f"--estimator {estimator!r}: a block model's bound is t-dce or k-dce (or chain-rule, exact)")
+        raise OptionError("estimator", "{estimator} {_name!r}: a block model's bound is t-dce or k-dce (or chain-rule, exact)", _name=estimator)
     from tqdm.auto import tqdm
 
     if draws < 2:
-        raise UnmaskError(f"--draws={draws}: the Monte Carlo ELBO needs at least 2 draws for a standard error")
+        raise OptionError("draws", "{draws}={_draws}: the Monte Carlo ELBO needs at least 2 draws for a standard error", _draws=draws)
     groups = window_groups(windows)
     schedule = replace(schedule, eps=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -248,10 +245,7 @@ def block_elbo(
             u0 = torch.rand((x0.shape[0], -(-length // size)), generator=gen)
             for j in range(draws):
                 u = ((u0 + j / draws) % 1.0).clamp_min(1e-5)
-                if estimator == "t-dce":
-                    noise = corrupt_blocks(x0, size, schedule, model.config.mask_id, gen, u=u)
-                else:
-                    noise = corrupt_blocks_k(x0, size, model.config.mask_id, gen, u=u)
+                noise = corrupt_blocks(x0, size, schedule, model.config.mask_id, gen, u=u, estimator=estimator)
                 per_draw[j] += (bd3_loss(model, x0, noise).double() * length).sum().cpu()
                 bar.update(x0.shape[0])
     bar.close()

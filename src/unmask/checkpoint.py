@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from unmask.config import RunConfig
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError, UnmaskError
 
 FORMAT = "unmask"
 FORMAT_VERSION = 1
@@ -49,8 +49,8 @@ _locked: set[Path] = set()  # run folders whose lock this process holds
 
 class DamagedCheckpoint(UnmaskError):
     """A checkpoint that cannot be read (a truncated or corrupt file). ``detail`` says what is wrong
-    with it; the message adds the checkpoints kept before it, and ``--resume`` turns it into the
-    ``--resume-from`` to give (:func:`resume_hint`)."""
+    with it; the message adds the checkpoints kept before it, and resuming turns it into the
+    ``resume_from`` to give (:func:`resume_hint`)."""
 
     def __init__(self, ckpt: Path, detail: str) -> None:
         self.ckpt, self.detail = Path(ckpt), detail
@@ -77,12 +77,14 @@ def _earlier_steps(ckpt: Path) -> list[int]:
     return [s for s in kept_steps(ckpt.parent.parent) if step is None or s < step]
 
 
-def resume_hint(exc: DamagedCheckpoint) -> UnmaskError:
+def resume_hint(exc: DamagedCheckpoint) -> OptionError:
     """The error for resuming from a damaged checkpoint: resume from the last one kept before it."""
     earlier = _earlier_steps(exc.ckpt)
     if earlier:
-        return UnmaskError(f"{exc.detail}; resume from an earlier checkpoint with --resume-from {earlier[-1]}")
-    return UnmaskError(f"{exc.detail}; no earlier checkpoint of {exc.ckpt.parent.parent} is kept to resume from: start a new --run-dir")
+        return OptionError("resume_from", "{_detail}; resume from an earlier checkpoint with {resume_from} {_step}", _detail=exc.detail,
+                           _step=earlier[-1])
+    return OptionError("run_dir", "{_detail}; no earlier checkpoint of {_run} is kept to resume from: start a new {run_dir}",
+                       _detail=exc.detail, _run=exc.ckpt.parent.parent)
 
 
 def write_failed(what: Path, exc: BaseException, run_dir: Path | None = None) -> UnmaskError:
@@ -90,11 +92,12 @@ def write_failed(what: Path, exc: BaseException, run_dir: Path | None = None) ->
     and, for a run, that its last checkpoint is intact and how to continue."""
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).splitlines()[0]
     message = f"cannot write {what} ({reason})"
-    if run_dir is not None:
-        latest = Path(run_dir) / "checkpoints" / LATEST
-        kept = f"its last checkpoint {latest.read_text().strip()} is intact" if latest.is_file() else "it has no checkpoint yet"
-        message += f"; nothing of the run was lost ({kept}): free space and continue it with --resume"
-    return UnmaskError(message)
+    if run_dir is None:
+        return UnmaskError(message)
+    latest = Path(run_dir) / "checkpoints" / LATEST
+    kept = f"its last checkpoint {latest.read_text().strip()} is intact" if latest.is_file() else "it has no checkpoint yet"
+    return OptionError("resume", "{_message}; nothing of the run was lost ({_kept}): free space and continue it with {resume}",
+                       _message=message, _kept=kept)
 
 
 @contextlib.contextmanager
@@ -115,13 +118,15 @@ def run_folder(run_dir: str | Path, create: bool = True) -> Path:
     """``run_dir`` as a folder, created if needed (and ``create``); an UnmaskError if it cannot be one."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise UnmaskError(f"--run-dir {run_dir} is a file, not a folder; give a folder for the run (new or one to --resume)")
+        raise OptionError("run_dir", "{run_dir} {_dir} is a file, not a folder; give a folder for the run (new or one to {resume})",
+                          _dir=run_dir)
     if not create and not run_dir.is_dir():
-        raise UnmaskError(f"--run-dir {run_dir} does not exist; give the folder of the run to --resume")
+        raise OptionError("run_dir", "{run_dir} {_dir} does not exist; give the folder of the run to {resume}", _dir=run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UnmaskError(f"--run-dir {run_dir}: cannot create the folder ({exc.strerror}); give a folder you can write to") from None
+        raise OptionError("run_dir", "{run_dir} {_dir}: cannot create the folder ({_reason}); give a folder you can write to", _dir=run_dir,
+                          _reason=exc.strerror) from None
     return run_dir
 
 
@@ -147,10 +152,8 @@ def run_lock(run_dir: str | Path, create: bool = True) -> Iterator[Path]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "unknown"
-            raise UnmaskError(
-                f"--run-dir {run_dir} is being written by another process (PID {holder}); wait for it to end or stop it, "
-                "or give another --run-dir"
-            ) from None
+            raise OptionError("run_dir", "{run_dir} {_dir} is being written by another process (PID {_holder}); wait for it to end or "
+                              "stop it, or give another {run_dir}", _dir=run_dir, _holder=holder) from None
         f.truncate(0)
         f.write(f"{os.getpid()}\n")
         f.flush()
@@ -340,17 +343,18 @@ def _unconsolidated(ckpt: Path) -> str:
 
 
 def latest_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
-    """The checkpoint folder LATEST names in a run folder, single-file or sharded (for --resume);
-    with ``step``, the run's checkpoint of that step (for --resume-from)."""
+    """The checkpoint folder LATEST names in a run folder, single-file or sharded (to resume);
+    with ``step``, the run's checkpoint of that step (``resume_from``)."""
     latest = Path(run_dir) / "checkpoints" / LATEST
     if step is not None:
         ckpt = latest.parent / f"step_{step:06d}"
         if not _is_checkpoint(ckpt):
             kept = ", ".join(map(str, kept_steps(run_dir))) or "none"
-            raise UnmaskError(f"--resume-from {step}: {run_dir} has no checkpoint of step {step}; it keeps checkpoints of steps {kept}")
+            raise OptionError("resume_from", "{resume_from} {_step}: {_dir} has no checkpoint of step {_step}; it keeps checkpoints of steps "
+                              "{_kept}", _step=step, _dir=run_dir, _kept=kept)
         return ckpt
     if not latest.is_file():
-        raise UnmaskError(f"--run-dir {run_dir} holds no checkpoint (no checkpoints/LATEST); was training started there?")
+        raise OptionError("run_dir", "{run_dir} {_dir} holds no checkpoint (no checkpoints/LATEST); was training started there?", _dir=run_dir)
     ckpt = latest.parent / latest.read_text().strip()
     if not _is_checkpoint(ckpt):
         raise DamagedCheckpoint(ckpt, f"{latest} names {ckpt.name!r}, which holds no checkpoint")
@@ -382,7 +386,7 @@ def load_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], RunConfig, 
 
 
 def load_trainer_state(ckpt: Path) -> TrainerState:
-    """Optimizer, RNG and counters of a checkpoint folder (for --resume)."""
+    """Optimizer, RNG and counters of a checkpoint folder (to resume)."""
     try:
         info = json.loads((ckpt / "trainer.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -418,7 +422,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", weights: st
         raise UnmaskError(f"weights={weights!r} is not one of: auto, ema, raw")
     state, config, ckpt = load_weights(path)
     if weights == "ema" and not (ckpt / EMA_FILE).is_file():
-        raise UnmaskError(f"{ckpt} has no {EMA_FILE} (the run was trained without --ema); use the raw weights")
+        raise OptionError("weights", "{_ckpt} has no {_file} (the run was trained without {ema}); use the raw weights", _ckpt=ckpt,
+                          _file=EMA_FILE)
     if weights != "raw" and (ckpt / EMA_FILE).is_file():
         state = {**state, **_load_safetensors(ckpt / EMA_FILE)[0]}  # buffers, if any, come from the model file
     model = Transformer(config.model)

@@ -54,7 +54,7 @@ from unmask.checkpoint import (
 from unmask.config import RunConfig
 from unmask.distributed import World, barrier
 from unmask.ema import EMA
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError, UnmaskError
 
 
 def _flat_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None) -> tuple[dict[str, torch.Tensor], dict]:
@@ -165,7 +165,7 @@ def load_sharded(ckpt: Path, model: torch.nn.Module, optimizer: torch.optim.Opti
     number of processes (collective: every process calls it)."""
     _, info, _ = read_sharded_info(ckpt)
     if ema is not None and not info.get("ema"):
-        raise UnmaskError(f"{ckpt} was saved without an EMA of the weights; resume without --ema or start a new run")
+        raise OptionError("ema", "{_ckpt} was saved without an EMA of the weights; resume without {ema} or start a new run", _ckpt=ckpt)
     check_shards(ckpt)  # every process reads every header, so all of them stop alike
     flat, osd = _flat_state(model, optimizer, ema)
     dcp.load(flat, storage_reader=dcp.HuggingFaceStorageReader(str(ckpt / SHARDED_DIR)))

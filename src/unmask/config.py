@@ -210,9 +210,8 @@ class BlockDiffusionConfig:
 
     def __post_init__(self) -> None:  # the size is checked with the objective (TrainConfig)
         if not 0 <= self.mask_rate_min < self.mask_rate_max <= 1:
-            raise UnmaskError(
-                f"--mask-rate-min={self.mask_rate_min} and --mask-rate-max={self.mask_rate_max} must satisfy 0 <= min < max <= 1"
-            )
+            raise OptionError("mask_rate_min", "{mask_rate_min}={_min} and {mask_rate_max}={_max} must satisfy 0 <= min < max <= 1",
+                              _min=self.mask_rate_min, _max=self.mask_rate_max)
 
 
 @dataclass(frozen=True)
@@ -229,16 +228,21 @@ class SFTConfig:
             raise _cfg_dropout_error(self.cfg_dropout)
 
 
-def _block_size_error(size: int) -> UnmaskError:
-    return UnmaskError(f"--objective bd3 needs --block-size >= 1 (tokens per block), got {size}")
+def _block_size_error(size: int) -> OptionError:
+    return OptionError("block_size", "{objective} bd3 needs {block_size} >= 1 (tokens per block), got {_size}", _size=size)
 
 
-def _cfg_dropout_error(value: float) -> UnmaskError:
-    return UnmaskError(f"--cfg-dropout={value} must be in [0, 1), and is for fine-tuning an MDM only "
-                       "(an AR model has no MASK to drop its prompt to)")
+def _cfg_dropout_error(value: float) -> OptionError:
+    return OptionError("cfg_dropout", "{cfg_dropout}={_value} must be in [0, 1), and is for fine-tuning an MDM only "
+                       "(an AR model has no MASK to drop its prompt to)", _value=value)
 
 
-# The sections of a TrainConfig; None where a section is off (no --init-from or annealing, not block
+def _not_one_of(name: str, value: Any, known: Iterable[str]) -> OptionError:
+    """The error for a setting ``name`` whose ``value`` is none of the ``known`` ones."""
+    return OptionError(name, f"{{{name}}} {{_value!r}} is not one of: {{_known}}", _value=value, _known=", ".join(known))
+
+
+# The sections of a TrainConfig; None where a section is off (no init_from or annealing, not block
 # diffusion, not fine-tuning).
 SECTIONS: dict[str, type] = {"adapt": AdaptationConfig, "block": BlockDiffusionConfig, "sft": SFTConfig}
 
@@ -346,25 +350,22 @@ class TrainConfig(metaclass=_Settings):
         from unmask.objectives.registry import trained_from_text
 
         if self.objective not in trained_from_text():
-            raise UnmaskError(f"--objective {self.objective!r} is not one of: {', '.join(trained_from_text())}")
+            raise _not_one_of("objective", self.objective, trained_from_text())
         if self.objective == "bd3" and (self.block is None or self.block.size < 1):
             raise _block_size_error(0 if self.block is None else self.block.size)
         if self.objective != "bd3" and self.block is not None:
-            raise UnmaskError("--block-size, --mask-rate-min, --mask-rate-max and --flex-attention apply to --objective bd3 only")
-        if self.loss not in ("t-dce", "k-dce"):
-            raise UnmaskError(f"--loss {self.loss!r} is not one of: t-dce, k-dce")
-        if self.schedule not in SCHEDULES:
-            raise UnmaskError(f"--schedule {self.schedule!r} is not one of: {', '.join(SCHEDULES)}")
-        if self.precision not in ("auto", "bf16", "fp32"):
-            raise UnmaskError(f"--precision {self.precision!r} is not one of: auto, bf16, fp32")
+            raise OptionError("block_size", "{block_size}, {mask_rate_min}, {mask_rate_max} and {flex_attention} apply to {objective} bd3 only")
+        for key, known in (("loss", ("t-dce", "k-dce")), ("schedule", SCHEDULES), ("precision", ("auto", "bf16", "fp32"))):
+            if getattr(self, key) not in known:
+                raise _not_one_of(key, getattr(self, key), known)
         for key, rule in TRAIN_NUMBERS.items():
             check_number(key, getattr(self, key), rule)
         if self.parallel not in ("ddp", "fsdp"):
-            raise UnmaskError(f"--parallel {self.parallel!r} is not one of: ddp, fsdp")
+            raise _not_one_of("parallel", self.parallel, ("ddp", "fsdp"))
         if self.adapt is not None and self.adapt.anneal_steps and self.objective != "mdm":
-            raise UnmaskError(f"--anneal-attention={self.adapt.anneal_steps} is for --objective mdm only")
+            raise OptionError("anneal_steps", "{anneal_steps}={_steps} is for {objective} mdm only", _steps=self.adapt.anneal_steps)
         if self.sft is not None and self.objective not in ("mdm", "ar"):
-            raise UnmaskError(f"fine-tuning on pairs is for an MDM or AR model, not --objective {self.objective}")
+            raise OptionError("objective", "fine-tuning on pairs is for an MDM or AR model, not {objective} {_name}", _name=self.objective)
         if self.sft is not None and self.sft.cfg_dropout and self.objective != "mdm":
             raise _cfg_dropout_error(self.sft.cfg_dropout)
         for at, before in self.steps_changes:

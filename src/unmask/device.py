@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -14,9 +14,9 @@ def pick_device(device: str = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise UnmaskError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+        raise OptionError("device", "{device} {_device!r} is not a device; use auto, cpu, cuda or cuda:N", _device=device) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UnmaskError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        raise OptionError("device", "{device} {_device}: CUDA is not available on this machine; use {device} cpu", _device=device)
     return dev
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError
 
 
 @dataclass(frozen=True)
@@ -125,7 +125,7 @@ def parallelize(
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         if not dist.is_initialized():
-            raise UnmaskError("--parallel fsdp needs a process group; call unmask.distributed.init_world(device, 'fsdp') first")
+            raise OptionError("parallel", "{parallel} fsdp needs a process group; call unmask.distributed.init_world(device, 'fsdp') first")
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype is not None else MixedPrecisionPolicy()
         for block in model.blocks:
             fully_shard(block, mp_policy=policy)

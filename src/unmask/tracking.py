@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol
 
 from unmask.checkpoint import write_text_atomic
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError
 
 EXTRA = "pip install 'unmask[track]'"
 
@@ -136,7 +136,7 @@ TRACKERS: dict[str, Tracker] = {
 
 def tracker_names(values: str | Iterable[str] | None) -> tuple[str, ...]:
     """The trackers ``--log-to`` asks for, each value a name or a comma-separated list, in order and
-    without repeats; an unknown name, or one whose package is not installed, raises UnmaskError."""
+    without repeats; an unknown name, or one whose package is not installed, raises an OptionError."""
     names: list[str] = []
     for value in [values] if isinstance(values, str) else values or ():
         for name in (part.strip() for part in value.split(",")):
@@ -144,9 +144,11 @@ def tracker_names(values: str | Iterable[str] | None) -> tuple[str, ...]:
                 names.append(name)
     for name in names:
         if name not in TRACKERS:
-            raise UnmaskError(f"--log-to {name}: unknown tracker; choose {' or '.join(TRACKERS)} (repeat the flag or separate names with commas)")
+            raise OptionError("log_to", "{log_to} {_name}: unknown tracker; choose {_known} (repeat the flag or separate names with commas)",
+                              _name=name, _known=" or ".join(TRACKERS))
         if importlib.util.find_spec(TRACKERS[name].package) is None:
-            raise UnmaskError(f"--log-to {name} needs the {TRACKERS[name].package} package: {EXTRA}")
+            raise OptionError("log_to", "{log_to} {_name} needs the {_package} package: {_extra}", _name=name,
+                              _package=TRACKERS[name].package, _extra=EXTRA)
     return tuple(names)
 
 

@@ -26,7 +26,7 @@ from unmask.checkpoint import DamagedCheckpoint, resume_hint, run_lock, write_te
 from unmask.config import ModelConfig, RunConfig, TrainConfig
 from unmask.distributed import World, broadcast_object, init_world, parallelize, shutdown
 from unmask.ema import EMA
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError
 from unmask.model import Transformer
 from unmask.objectives import objective_class, objective_for
 from unmask.tracking import open_trackers, tracker_names
@@ -95,17 +95,19 @@ def train(
 @contextlib.contextmanager
 def _run_writer(run_dir: Path, world, resume: bool) -> Iterator[None]:
     """Rank 0 holds the run folder's lock for the whole run (:func:`unmask.checkpoint.run_lock`);
-    every rank learns whether it got it, so no rank waits in a collective for one that stopped."""
+    every rank learns whether it got it, so no rank waits in a collective for one that stopped, and
+    every rank raises the same OptionError."""
     with contextlib.ExitStack() as stack:
         refused = None
         if world.is_main:
             try:
                 stack.enter_context(run_lock(run_dir, create=not resume))
-            except UnmaskError as exc:
-                refused = str(exc)
+            except OptionError as exc:  # sent as its parts, from which every rank makes it again
+                refused = (exc.param, exc.template, exc.values)
         refused = broadcast_object(refused, world)
         if refused is not None:
-            raise UnmaskError(refused)
+            param, template, values = refused
+            raise OptionError(param, template, **values)
         yield
 
 
@@ -119,7 +121,8 @@ def _train(world: World, dev: torch.device, run_dir: Path, model_cfg: ModelConfi
         ckpt = read_checkpoint(run_dir, resume_from)
         train_cfg = resumed_config(ckpt, model_cfg, train_cfg, data_dir, data, world)
     elif (run_dir / "checkpoints").exists():
-        raise UnmaskError(f"--run-dir {run_dir} already holds a run; pass --resume to continue it or choose a new folder")
+        raise OptionError("run_dir", "{run_dir} {_dir} already holds a run; pass {resume} to continue it or choose a new folder",
+                          _dir=run_dir)
     objective = objective_for(train_cfg, model_cfg)
     check_run(objective, model_cfg, data, data_dir, dev)
     config = RunConfig(model=model_cfg, train=train_cfg, data_dir=str(data_dir), tokenizer_fingerprint=data.tokenizer.fingerprint,
@@ -130,7 +133,7 @@ def _train(world: World, dev: torch.device, run_dir: Path, model_cfg: ModelConfi
 
 def _trainer(world: World, dev: torch.device, run_dir: Path, config: RunConfig, objective, data, ckpt: Checkpoint | None
              ) -> tuple[Trainer, int, int]:
-    """The run's model (initialised, from --init-from, or restored), random streams, wrapper, optimizer and
+    """The run's model (initialised, from ``init_from``, or restored), random streams, wrapper, optimizer and
     EMA, with the step and token count it starts at; rank 0 writes RUN/config.json."""
     model_cfg, cfg = config.model, config.train
     micro_bs, accum = batch_layout(cfg, data.length, world.world_size)

@@ -28,7 +28,7 @@ import torch
 
 from unmask.config import ModelConfig, TrainConfig
 from unmask.data.tokenizer import Tokenizer
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError, UnmaskError
 from unmask.likelihood import LikelihoodResult
 from unmask.objectives.registry import OBJECTIVES
 from unmask.schedule import Schedule
@@ -84,7 +84,8 @@ class Objective:
         if not causal and self.model.mask_id != tokenizer.mask_id:
             raise UnmaskError(f"model MASK id {self.model.mask_id} but the tokenizer of {data_dir} has MASK at {tokenizer.mask_id}")
         if self.model.causal != causal:
-            raise UnmaskError(f"--objective {self.train.objective} needs causal={causal} in the model config")
+            raise OptionError("objective", "{objective} {_name} needs causal={_causal} in the model config", _name=self.train.objective,
+                              _causal=causal)
 
     def draw_noise(self, batch: Batch, generator: torch.Generator) -> Noise | None:
         """The noise of the global ``batch`` (None: the objective has none)."""

@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 
-from unmask.block_diffusion import BlockCorruption, bd3_loss, block_elbo, check_block_size, corrupt_blocks, corrupt_blocks_k, flex_available
+from unmask.block_diffusion import BlockCorruption, bd3_loss, block_elbo, check_block_size, corrupt_blocks, flex_available
 from unmask.config import TrainConfig
 from unmask.data.tokenizer import Tokenizer
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError
 from unmask.likelihood import LikelihoodResult
 from unmask.objectives.base import VALIDATION_SEED, Batch, Objective
 from unmask.objectives.registry import register
@@ -38,22 +38,21 @@ class BlockDiffusion(Objective):
         block, model = self.train.block, self.model
         check_block_size(model.context_len, block.size)
         if block.flex_attention and (not flex_available() or device.type != "cuda"):
-            raise UnmaskError(
-                f"--flex-attention needs torch.nn.attention.flex_attention on a CUDA device (here: {device}; FlexAttention has no backward "
-                "on CPU); leave the flag out to use SDPA with a boolean mask"
+            raise OptionError(
+                "flex_attention", "{flex_attention} needs torch.nn.attention.flex_attention on a CUDA device (here: {_device}; "
+                "FlexAttention has no backward on CPU); leave the flag out to use SDPA with a boolean mask", _device=device,
             )
         if model.block_causal != block.size or model.time_conditioning:
-            raise UnmaskError(
-                f"--objective bd3 --block-size {block.size} needs a time-agnostic model with block_causal={block.size} "
-                f"(got block_causal={model.block_causal}, time_conditioning={model.time_conditioning})"
+            raise OptionError(
+                "block_size", "{objective} bd3 {block_size} {_size} needs a time-agnostic model with block_causal={_size} "
+                "(got block_causal={_causal}, time_conditioning={_time})", _size=block.size, _causal=model.block_causal,
+                _time=model.time_conditioning,
             )
 
     def draw_noise(self, batch: Batch, generator: torch.Generator) -> BlockCorruption:
         x0, block, cfg, clip = batch.tokens[:, 1:], self.train.block, self.train, (self.train.block.mask_rate_min, self.train.block.mask_rate_max)
-        if cfg.loss == "k-dce":
-            noise = corrupt_blocks_k(x0, block.size, self.model.mask_id, generator, clip, low_discrepancy=cfg.low_discrepancy)
-        else:
-            noise = corrupt_blocks(x0, block.size, self.schedule, self.model.mask_id, generator, clip, low_discrepancy=cfg.low_discrepancy)
+        noise = corrupt_blocks(x0, block.size, self.schedule, self.model.mask_id, generator, clip, low_discrepancy=cfg.low_discrepancy,
+                               estimator=cfg.loss)
         return dataclasses.replace(noise, flex=block.flex_attention)
 
     def loss(self, model, batch: Batch, noise: BlockCorruption) -> torch.Tensor:

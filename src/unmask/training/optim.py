@@ -9,7 +9,7 @@ import math
 import torch
 
 from unmask.config import TrainConfig
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -23,7 +23,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     else:
         supported = False
     if precision == "bf16" and not supported:
-        raise UnmaskError(f"--precision bf16: device {device} has no bf16 support; use --precision fp32 or auto")
+        raise OptionError("precision", "{precision} bf16: device {_device} has no bf16 support; use {precision} fp32 or auto", _device=device)
     return torch.bfloat16 if supported else None
 
 

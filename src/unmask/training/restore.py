@@ -16,7 +16,7 @@ from unmask.checkpoint_sharded import is_sharded, load_sharded, read_sharded_inf
 from unmask.config import ModelConfig, RunConfig, TrainConfig
 from unmask.distributed import World
 from unmask.ema import EMA
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError
 from unmask.training.data import PairData, WindowData
 from unmask.training.optim import lr_course
 
@@ -60,11 +60,13 @@ def resumed_config(ckpt: Checkpoint, model_cfg: ModelConfig, train_cfg: TrainCon
 OPERATIONAL = ("eval_every", "checkpoint_every", "log_every", "keep_checkpoints", "compile", "activation_checkpointing")
 
 
-def changed_settings_error(refused: list[str]) -> UnmaskError:
-    """The error for settings that differ from a resumed run's, each given as "--flag (saved X, given Y)"."""
-    return UnmaskError(
-        f"--resume: {', '.join(refused)} differ from the run's saved settings; leave them out to continue the run as it "
-        "was configured, or start a new --run-dir"
+def changed_settings_error(refused: list[str], **values) -> OptionError:
+    """The error for settings that differ from a resumed run's. Each of ``refused`` is a template of
+    :class:`~unmask.errors.OptionError` that names one setting, ``"{lr} (saved {_saved_lr!r}, given
+    {_given_lr!r})"``, whose values are ``values``."""
+    return OptionError(
+        "resume", f"{{resume}}: {', '.join(refused)} differ from the run's saved settings; leave them out to continue the run as "
+        "it was configured, or start a new {run_dir}", **values
     )
 
 
@@ -76,45 +78,46 @@ def resume_config(saved: RunConfig, model_cfg: ModelConfig, train_cfg: TrainConf
     ``fingerprint`` and, when the run recorded one, the content fingerprint of its shards) and
     every training setting must equal the saved ones, except OPERATIONAL settings and ``steps``:
     a new length keeps the LR continuous (see :func:`unmask.training.optim.learning_rate`). Anything else raises
-    UnmaskError naming it.
+    an OptionError naming it.
     """
     if model_cfg != saved.model:
         diffs = [f"{f.name} (saved {getattr(saved.model, f.name)!r}, given {getattr(model_cfg, f.name)!r})"
                  for f in dataclasses.fields(ModelConfig) if getattr(saved.model, f.name) != getattr(model_cfg, f.name)]
-        raise UnmaskError(f"--resume: the model differs from the saved one in {', '.join(diffs)}; resume with the saved model or start a new --run-dir")
+        raise OptionError("resume", "{resume}: the model differs from the saved one in {_diffs}; resume with the saved model or start a new "
+                          "{run_dir}", _diffs=", ".join(diffs))
     if fingerprint != saved.tokenizer_fingerprint:
-        raise UnmaskError(
-            f"--resume: the data folder {data_dir} was made with another tokenizer than the run's data {saved.data_dir} "
-            f"(fingerprint {fingerprint}, saved {saved.tokenizer_fingerprint}); pass --data with the run's prepared data"
-        )
+        raise OptionError("data", "{resume}: the data folder {_dir} was made with another tokenizer than the run's data {_saved} (fingerprint "
+                          "{_print}, saved {_saved_print}); pass {data} with the run's prepared data", _dir=data_dir, _saved=saved.data_dir,
+                          _print=fingerprint, _saved_print=saved.tokenizer_fingerprint)
     if saved.data_fingerprint and data_fingerprint != saved.data_fingerprint:
-        raise UnmaskError(
-            f"--resume: the data in {data_dir} changed since the run trained on it (content fingerprint {data_fingerprint or 'none'}, "
-            f"the run's {saved.data_fingerprint}): it was prepared again; pass --data with the data the run was trained on, or start a new --run-dir"
-        )
+        raise OptionError("data", "{resume}: the data in {_dir} changed since the run trained on it (content fingerprint {_print}, the run's "
+                          "{_saved_print}): it was prepared again; pass {data} with the data the run was trained on, or start a new {run_dir}",
+                          _dir=data_dir, _print=data_fingerprint or "none", _saved_print=saved.data_fingerprint)
     notices = []
     if str(data_dir) != saved.data_dir:
         if Path(saved.data_dir).exists():
-            raise UnmaskError(f"--resume: --data {data_dir} is not the run's data folder {saved.data_dir}; leave --data out to use it")
+            raise OptionError("data", "{resume}: {data} {_dir} is not the run's data folder {_saved}; leave {data} out to use it",
+                              _dir=data_dir, _saved=saved.data_dir)
         notices.append(f"the run's data folder {saved.data_dir} is gone; continuing with {data_dir} (same tokenizer)")
     new = saved.train
-    refused = []
+    refused, values = [], {}
     given_settings = train_cfg.flat_settings()
     for name, before in saved.train.flat_settings().items():  # flat: every setting by its flag's name
         given = given_settings[name]
         if name in ("steps", "steps_changes") or before == given:
             continue
-        flag = "--" + name.replace("_", "-")
         if name in OPERATIONAL or (name == "batch_size" and saved.train.global_batch_tokens):
-            notices.append(f"{flag} changed from {before} to {given}")
+            notices.append(f"--{name.replace('_', '-')} changed from {before} to {given}")
             new = dataclasses.replace(new, **{name: given})
         else:
-            refused.append(f"{flag} (saved {before!r}, given {given!r})")
+            refused.append(f"{{{name}}} (saved {{_saved_{name}!r}}, given {{_given_{name}!r}})")
+            values |= {f"_saved_{name}": before, f"_given_{name}": given}
     if refused:
-        raise changed_settings_error(refused)
+        raise changed_settings_error(refused, **values)
     if train_cfg.steps != saved.train.steps:
         if train_cfg.steps <= step:
-            raise UnmaskError(f"--steps {train_cfg.steps}: the run is already at step {step}; give more steps to continue it")
+            raise OptionError("steps", "{steps} {_steps}: the run is already at step {_step}; give more steps to continue it",
+                              _steps=train_cfg.steps, _step=step)
         new = dataclasses.replace(new, steps=train_cfg.steps, steps_changes=(*saved.train.steps_changes, (step, saved.train.steps)))
         notices.append(f"--steps changed from {saved.train.steps} to {train_cfg.steps} at step {step}: the learning rate {lr_course(step, new)}")
     return new, notices
@@ -129,10 +132,9 @@ def restore_model_and_streams(ckpt: Checkpoint, model: torch.nn.Module, data_rng
         model.load_state_dict(ckpt.weights)
     if state.rng is None or (state.rng["world_size"] != world.world_size and not cfg.global_batch_tokens):
         saved_size = "an unknown number of" if state.rng is None else state.rng["world_size"]
-        raise UnmaskError(
-            f"--resume: {ckpt.path} was written by {saved_size} processes, this run has {world.world_size}; resume with the same "
-            "number (only a run with --global-batch-tokens may change it)"
-        )
+        raise OptionError("resume", "{resume}: {_path} was written by {_saved} processes, this run has {_size}; resume with the same "
+                          "number (only a run with {global_batch_tokens} may change it)", _path=ckpt.path, _saved=saved_size,
+                          _size=world.world_size)
     data_rng.bit_generator.state = state.rng["data"]
     noise_gen.set_state(state.rng["torch"])
     return state.step, state.tokens
@@ -146,5 +148,5 @@ def restore_optimizer(ckpt: Checkpoint, model: torch.nn.Module, optimizer: torch
     optimizer.load_state_dict(ckpt.state.optimizer)  # moments follow the parameters to their device
     if ema is not None:
         if ckpt.ema is None:
-            raise UnmaskError(f"--resume: {ckpt.path} has no {EMA_FILE}; the run was trained without --ema")
+            raise OptionError("ema", "{resume}: {_path} has no {_file}; the run was trained without {ema}", _path=ckpt.path, _file=EMA_FILE)
         ema.load_state_dict(ckpt.ema)

@@ -18,7 +18,7 @@ import torch
 from unmask.config import TrainConfig
 from unmask.distributed import World, all_reduce_mean, full_value, grad_sync, local_rows
 from unmask.ema import EMA
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError
 from unmask.likelihood import LikelihoodResult
 from unmask.objectives import Batch, Objective
 from unmask.training.data import PairData, WindowData
@@ -47,13 +47,15 @@ def batch_layout(cfg: TrainConfig, length: int, world_size: int) -> tuple[int, i
         return cfg.batch_size, cfg.grad_accum
     rows, rest = divmod(cfg.global_batch_tokens, length)
     if rest:
-        raise UnmaskError(f"--global-batch-tokens={cfg.global_batch_tokens} must be a multiple of the context length {length}")
+        raise OptionError("global_batch_tokens", "{global_batch_tokens}={_tokens} must be a multiple of the context length {_length}",
+                          _tokens=cfg.global_batch_tokens, _length=length)
     accum, rest = divmod(rows, world_size * cfg.batch_size)
     if rest or not accum:
-        raise UnmaskError(
-            f"--global-batch-tokens={cfg.global_batch_tokens} is {rows} sequences of {length} tokens, not a multiple of "
-            f"{world_size} processes x --batch-size {cfg.batch_size}; choose --batch-size dividing {rows // world_size if rows % world_size == 0 else rows} "
-            "or another global batch"
+        raise OptionError(
+            "global_batch_tokens", "{global_batch_tokens}={_tokens} is {_rows} sequences of {_length} tokens, not a multiple of "
+            "{_size} processes x {batch_size} {_batch}; choose {batch_size} dividing {_divided} or another global batch",
+            _tokens=cfg.global_batch_tokens, _rows=rows, _length=length, _size=world_size, _batch=cfg.batch_size,
+            _divided=rows // world_size if rows % world_size == 0 else rows,
         )
     return cfg.batch_size, accum
 
@@ -131,7 +133,8 @@ class Trainer:
             self.ema.update()
         loss_value = all_reduce_mean(total, self.world).item()
         if not math.isfinite(loss_value):
-            raise UnmaskError(f"training diverged at step {step + 1} (loss {loss_value}); lower --lr or use --precision fp32")
+            raise OptionError("lr", "training diverged at step {_step} (loss {_loss}); lower {lr} or use {precision} fp32", _step=step + 1,
+                              _loss=loss_value)
         return StepResult(loss_value, float(grad_norm), lr)
 
     def validate(self, held_out: Batch) -> LikelihoodResult:
