@@ -1,0 +1,130 @@
+"""Committing masked positions of a canvas row so that it stays completable under a
+:class:`TokenAutomaton` (see :mod:`unmask.constraints.canvas` for the sets used here).
+
+Both functions take the positions to commit and their log-probabilities (n, W), W >= the
+automaton's ``n_tokens`` (ids from ``n_tokens`` on are never chosen), and return a new row. The
+other masked positions of the region stay MASK; they count as free: any token that keeps the row
+completable may go there later.
+
+* :func:`commit_sampled` draws the positions one after another, in position order, each from its
+  distribution restricted to the tokens that keep the row completable given the commits before it,
+  renormalised. This is the rule of constrained autoregressive decoding, and it shares its bias:
+  the result is not drawn from the model's distribution conditioned on the constraint (that would
+  weigh each token by the probability of all its valid completions, Park et al. 2024, "Grammar-
+  aligned decoding"); a token whose valid completions are unlikely keeps all of its own mass.
+* :func:`commit_greedy` is exact: the assignment of the positions that maximises the sum of their
+  log-probabilities among all assignments that keep the row completable, by a max-sum dynamic
+  program over (position, state) with back-pointers (DINGO, Suresh et al. 2025).
+
+Both cost one backward pass over the region (its sets do not change as positions to their left are
+committed), then a forward pass: O(n P + c E), c the positions committed.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from unmask.constraints.automaton import TokenAutomaton
+from unmask.constraints.canvas import backward_sets, region_tokens, step_forward, token_edges
+from unmask.errors import UnmaskError
+from unmask.sampling.base import categorical
+
+LOG_FLOOR = -1e300  # log-probability of a token the caller ruled out (-inf): chosen only when nothing else fits
+
+
+def _prepare(automaton, row, positions, log_probs, start, end):
+    """(automaton on the row's device, region tokens, backward sets, {offset: row of log_probs}),
+    refusing positions that are not masked positions of the region, and rows not completable."""
+    a = automaton.on(row.device)
+    end, tokens = region_tokens(a, row, start, end)
+    offsets = [int(p) - start for p in (positions.tolist() if torch.is_tensor(positions) else positions)]
+    if log_probs.shape[0] != len(offsets) or log_probs.shape[-1] < a.n_tokens:
+        raise ValueError(f"log_probs {tuple(log_probs.shape)} must be ({len(offsets)}, >= {a.n_tokens})")
+    for k in offsets:
+        if not 0 <= k < len(tokens) or tokens[k] is not None:
+            raise ValueError(f"position {k + start} is not a masked position of the constrained region [{start}, {end})")
+    backward = backward_sets(a, tokens)
+    if not bool(backward[0, a.initial]):
+        raise UnmaskError("the constrained region of this canvas cannot be completed; check it with "
+                          "unmask.constraints.refusal before decoding")
+    return a, tokens, backward, dict(zip(offsets, range(len(offsets))))
+
+
+def _restricted(log_probs: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """log_probs (W,) with the tokens outside ``allowed`` (n_tokens,) at -inf; uniform over the
+    allowed tokens when none of them has any probability."""
+    keep = torch.zeros(log_probs.shape[-1], dtype=torch.bool, device=log_probs.device)
+    keep[: allowed.numel()] = allowed
+    kept = log_probs.double().masked_fill(~keep, -torch.inf)
+    uniform = torch.zeros_like(kept).masked_fill(~keep, -torch.inf)
+    return torch.where((kept > -torch.inf).any(), kept, uniform)
+
+
+def commit_sampled(automaton: TokenAutomaton, row: torch.Tensor, positions: Sequence[int] | torch.Tensor,
+                   log_probs: torch.Tensor, generator: torch.Generator, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """``row`` (L,) with ``positions`` (n,) committed by draws from ``log_probs`` (n, W) (row j for
+    positions[j]) restricted to the tokens that keep the row completable, renormalised; drawn in
+    position order, float64 inverse CDF (:func:`unmask.sampling.base.categorical`). Never syncs
+    with the device after its one read of the row."""
+    a, tokens, backward, commit_row = _prepare(automaton, row, positions, log_probs, start, end)
+    out = row.clone()
+    states = torch.zeros(a.n_states, dtype=torch.bool, device=row.device)
+    states[a.initial] = True
+    for k in range(max(commit_row, default=-1) + 1):
+        if k not in commit_row:
+            states = step_forward(a, states, tokens[k])
+            continue
+        ok = states[a.src] & backward[k + 1][a.dst]
+        allowed = torch.zeros(a.n_tokens, device=row.device).index_add_(0, a.token, ok.float()) > 0
+        token, _ = categorical(_restricted(log_probs[commit_row[k]], allowed), generator)
+        out[start + k] = token
+        taken = ok & (a.token == token)
+        states = torch.zeros(a.n_states, device=row.device).index_add_(0, a.dst, taken.float()) > 0
+    return out
+
+
+def _relax(score, src, dst, gain, key, target, n_states):
+    """One max-sum step over edges (src, dst) with ``gain``: (new score (S,), chosen key (S,)); a
+    state not in ``target`` (S,) bool, or reached by no scored edge, gets -inf. Among the edges of
+    best score into a state, the lowest ``key`` wins."""
+    cand = score[src] + gain
+    cand = torch.where(target[dst] & (score[src] > -torch.inf), cand, -torch.inf)
+    best = torch.full((n_states,), -torch.inf, dtype=score.dtype, device=score.device).scatter_reduce(0, dst, cand, "amax")
+    top = torch.iinfo(torch.long).max
+    tied = torch.where((cand == best[dst]) & (cand > -torch.inf), key, top)
+    chosen = torch.full((n_states,), top, dtype=torch.long, device=score.device).scatter_reduce(0, dst, tied, "amin")
+    return best, chosen
+
+
+def commit_greedy(automaton: TokenAutomaton, row: torch.Tensor, positions: Sequence[int] | torch.Tensor,
+                  log_probs: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """``row`` (L,) with ``positions`` (n,) set to the assignment of greatest total log-probability
+    (``log_probs`` (n, W), row j for positions[j]) among those that keep the row completable; the
+    other masked positions are free. Ties go to the lowest token id at each (position, state), then
+    to the lowest previous state. -inf log-probabilities count as :data:`LOG_FLOOR`."""
+    a, tokens, backward, commit_row = _prepare(automaton, row, positions, log_probs, start, end)
+    S = a.n_states
+    score = torch.full((S,), -torch.inf, dtype=torch.float64, device=row.device)
+    score[a.initial] = 0.0
+    pointers = []  # per position: (previous state (S,), token (S,) or None)
+    for k, token in enumerate(tokens[: max(commit_row, default=-1) + 1]):
+        if k in commit_row:
+            gain = log_probs[commit_row[k]].double().nan_to_num(neginf=LOG_FLOOR)[a.token]
+            score, chosen = _relax(score, a.src, a.dst, gain, a.token * S + a.src, backward[k + 1], S)
+            pointers.append((chosen % S, chosen // S))
+            continue
+        edges = None if token is None else token_edges(a, token)
+        src, dst = (a.pair_src, a.pair_dst) if edges is None else (a.src[edges], a.dst[edges])
+        score, chosen = _relax(score, src, dst, torch.zeros((), dtype=score.dtype, device=row.device), src, backward[k + 1], S)
+        pointers.append((chosen, None))
+    # the last commit's states all complete the row (backward sets); take the best, lowest on ties
+    state = torch.argmax(score) if pointers else None  # argmax returns the first maximum
+    out = row.clone()
+    for k in range(len(pointers) - 1, -1, -1):
+        previous, chosen_token = pointers[k]
+        if chosen_token is not None:
+            out[start + k] = chosen_token[state]
+        state = previous[state]
+    return out
