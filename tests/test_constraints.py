@@ -22,8 +22,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, trainers
 
 from unmask.constraints import (
-    Constraint, allowed, commit_greedy, commit_sampled, compile_constraint, compile_regex, completable, refusal,
-    shortest_completion, token_bytes,
+    Constraint, allowed, commit_greedy, commit_rows, commit_sampled, compile_constraint, compile_regex, completable,
+    reachable, refusal, restrict_logits, shortest_completion, token_bytes,
 )
 from unmask.constraints.spec import escape, json_object_regex
 from unmask.constraints.vocabulary import token_kind
@@ -167,6 +167,51 @@ def test_ar_steps_agree_with_the_canvas():
             prefix.append(int(choice))
             state = a.next_state(state, choice)
         assert matches("(a|b)c?(12)?", prefix)
+
+
+def test_token_edges_and_reach_agree_with_next_state():
+    a = toy("(a|b)c?(12)?")
+    pairs = {(s, v): d for s, v, d in zip(a.src.tolist(), a.token.tolist(), a.dst.tolist())}
+    assert len(pairs) == a.n_edges == a.src.numel()
+    states, tokens = torch.arange(a.n_states).repeat_interleave(V), torch.arange(V).repeat(a.n_states)
+    expected = [pairs.get((s, v), -1) for s, v in zip(states.tolist(), tokens.tolist())]
+    assert a.next_state(states, tokens).tolist() == expected
+    row = torch.tensor([MASK, 5, MASK, MASK])
+    reach = reachable(a, row)
+    assert reach.masked == [0, 2, 3] and reach.forward.shape == reach.backward.shape == (5, a.n_states)
+    assert bool(reach.backward[0, a.initial]) == completable(a, row)
+    region, accepting = row.tolist(), set(a.accepting.nonzero().squeeze(1).tolist())
+    for k in range(5):  # every set at every boundary, against all fillings walked token by token
+        before = {_walk(a, a.initial, fill) for fill in _fills(region[:k])} - {-1}
+        after = {s for s in range(a.n_states) if any(_walk(a, s, fill) in accepting for fill in _fills(region[k:]))}
+        assert set(reach.forward[k].nonzero().squeeze(1).tolist()) == before
+        assert set(reach.backward[k].nonzero().squeeze(1).tolist()) == after
+
+
+def _fills(region):
+    return product(*[range(V) if t == MASK else [t] for t in region])
+
+
+def _walk(a, state, tokens):
+    state = torch.tensor([state])
+    for t in tokens:
+        state = a.next_state(state, torch.tensor([t]))
+    return int(state[0])
+
+
+def test_batched_rows_each_with_its_automaton_or_none():
+    a = toy("(ab)+c?")
+    tokens = torch.tensor([[9, MASK, MASK, MASK], [9, MASK, 2, MASK]])
+    logits = torch.randn(2, 4, V + 2, generator=torch.Generator().manual_seed(4))
+    out = restrict_logits(logits, tokens, [a, None], starts=[1, 1])
+    assert torch.equal(out[1], logits[1]) and torch.equal(out[0, 0], logits[0, 0])
+    assert torch.equal(out[0, 1:] > -torch.inf, torch.cat([allowed(a, tokens[0], 1), torch.zeros(3, 2, dtype=torch.bool)], 1))
+    g = torch.Generator().manual_seed(0)
+    for greedy in (False, True):
+        positions = [torch.tensor([1, 2, 3]), torch.tensor([1, 3])]
+        filled = commit_rows(tokens, positions, [logits[0, 1:].log_softmax(-1), logits[1, [1, 3]].log_softmax(-1)],
+                             [a, None], g, starts=[1, 1], greedy=greedy)
+        assert matches("(ab)+c?", filled[0, 1:].tolist()) and (filled != MASK).all() and filled[1, 2] == 2
 
 
 def test_shortest_completion_and_refusal():

@@ -13,10 +13,11 @@ Two sets of states per boundary k = 0..n (between position k-1 and position k of
 
 The row is completable iff ``backward[0][initial]``. A masked position k may take token v iff some
 edge s --v--> s' has s in ``forward[k]`` and s' in ``backward[k + 1]`` (the DINGO condition, Suresh
-et al. 2025). Each set costs one pass over the edges of a position: the distinct (src, dst) pairs P
-for a masked position, the edges of its token for a fixed one; so the two passes cost O(n P) and
-the allowed tokens of all masked positions O(U E + n V), U the distinct (forward, backward) pairs
-among them (a long run of masks repeats the same sets, so U is often far below n).
+et al. 2025). A set costs one pass over the distinct (src, dst) pairs P for a masked position and
+O(S) for a fixed one (:mod:`unmask.constraints.steps`), so the two passes cost O(n P) and the
+allowed tokens of all masked positions O(U E_c + n V), U the distinct (forward, backward)
+pairs among them (a long run of masks repeats the same sets, so U is often far below n), E_c the
+class edges (see :mod:`unmask.constraints.automaton`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from unmask.constraints.automaton import TokenAutomaton
+from unmask.constraints.steps import backward_sets, forward_sets, region_tokens, steps_of
 from unmask.errors import OptionError
 
 ALLOWED_CHUNK = 1 << 24  # (positions x edges) booleans evaluated at once by `allowed`
@@ -47,106 +49,49 @@ class Reach:
         return [k for k, t in enumerate(self.tokens) if t is None]
 
 
-def region_tokens(automaton: TokenAutomaton, row: torch.Tensor, start: int, end: int | None) -> tuple[int, list]:
-    """(end, the tokens of row[start:end] as a list with None for MASK): one read of the row."""
-    end = row.numel() if end is None else end
-    if not 0 <= start <= end <= row.numel():
-        raise ValueError(f"constrained region [{start}, {end}) is not inside a row of {row.numel()} positions")
-    return end, [None if t == automaton.mask_id else t for t in row[start:end].tolist()]
-
-
-def token_edges(automaton: TokenAutomaton, token: int) -> torch.Tensor:
-    """The edge ids reading ``token`` (a slice of ``by_token``; empty for ids without edges)."""
-    if not 0 <= token < automaton.n_tokens:
-        return automaton.by_token[:0]
-    lo, hi = automaton.token_offsets[token], automaton.token_offsets[token + 1]
-    return automaton.by_token[lo:hi]
-
-
-def _any(index: torch.Tensor, values: torch.Tensor, size: int) -> torch.Tensor:
-    """(size,) bool: out[i] = any(values[j] for j with index[j] == i)."""
-    return torch.zeros(size, device=values.device).index_add_(0, index, values.float()) > 0
-
-
-def step_forward(automaton: TokenAutomaton, states: torch.Tensor, token: int | None) -> torch.Tensor:
-    """The states (S,) bool after reading one position from ``states``: any token when ``token`` is None."""
-    a = automaton
-    if token is None:
-        return _any(a.pair_dst, states[a.pair_src], a.n_states)
-    edges = token_edges(a, token)
-    return _any(a.dst[edges], states[a.src[edges]], a.n_states)
-
-
-def step_backward(automaton: TokenAutomaton, states: torch.Tensor, token: int | None) -> torch.Tensor:
-    """The states (S,) bool from which one position (any token when ``token`` is None) leads into ``states``."""
-    a = automaton
-    if token is None:
-        return _any(a.pair_src, states[a.pair_dst], a.n_states)
-    edges = token_edges(a, token)
-    out = torch.zeros_like(states)
-    out[a.src[edges]] = states[a.dst[edges]]  # one edge per (state, token): no state written twice
-    return out
-
-
-def forward_sets(automaton: TokenAutomaton, tokens: list) -> torch.Tensor:
-    """(n+1, S) bool: ``forward[k]`` for the region ``tokens`` (None: MASK)."""
-    a = automaton
-    states = torch.zeros(a.n_states, dtype=torch.bool, device=a.device)
-    states[a.initial] = True
-    out = [states]
-    for token in tokens:
-        out.append(step_forward(a, out[-1], token))
-    return torch.stack(out)
-
-
-def backward_sets(automaton: TokenAutomaton, tokens: list) -> torch.Tensor:
-    """(n+1, S) bool: ``backward[k]`` for the region ``tokens`` (None: MASK)."""
-    out = [automaton.accepting]
-    for token in reversed(tokens):
-        out.append(step_backward(automaton, out[-1], token))
-    return torch.stack(out[::-1])
-
-
 def reachable(automaton: TokenAutomaton, row: torch.Tensor, start: int = 0, end: int | None = None) -> Reach:
-    """Forward and backward sets of the region [start, end) of ``row`` (L,); ``automaton`` is
-    moved to the row's device."""
+    """Forward and backward sets of the region [start, end) of ``row`` (L,) at every boundary;
+    ``automaton`` is moved to the row's device."""
     a = automaton.on(row.device)
     _, tokens = region_tokens(a, row, start, end)
-    return Reach(forward_sets(a, tokens), backward_sets(a, tokens), tokens, start)
+    steps = steps_of(a, tokens, runs=False)
+    return Reach(forward_sets(a, steps), backward_sets(a, steps), tokens, start)
 
 
 def completable(automaton: TokenAutomaton, row: torch.Tensor, start: int = 0, end: int | None = None) -> bool:
     """Whether some filling of the masked positions of row[start:end] matches the automaton."""
     a = automaton.on(row.device)
     _, tokens = region_tokens(a, row, start, end)
-    return bool(backward_sets(a, tokens)[0, a.initial])
+    return bool(backward_sets(a, steps_of(a, tokens))[0, a.initial])
 
 
 def allowed_between(automaton: TokenAutomaton, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     """(M, n_tokens) bool: for each row m, the tokens of the edges s --v--> s' with ``before[m, s]``
-    and ``after[m, s']`` ((M, S) bool each). Equal rows are evaluated once; the edges are tested
-    for at most :data:`ALLOWED_CHUNK` (row, edge) pairs at a time."""
+    and ``after[m, s']`` ((M, S) bool each). Equal rows are evaluated once, over the class edges,
+    at most :data:`ALLOWED_CHUNK` (row, class edge) pairs at a time."""
     a = automaton
     M = before.shape[0]
-    if M == 0 or a.n_edges == 0:
+    if M == 0 or a.n_class_edges == 0:
         return torch.zeros(M, a.n_tokens, dtype=torch.bool, device=before.device)
     signature = torch.cat([before, after], dim=1).to(torch.uint8)
     distinct, inverse = torch.unique(signature, dim=0, return_inverse=True)
     before_u, after_u = distinct[:, : a.n_states].bool(), distinct[:, a.n_states :].bool()
-    out = torch.zeros(distinct.shape[0], a.n_tokens, device=before.device)
-    rows = max(1, ALLOWED_CHUNK // a.n_edges)
+    classes = torch.zeros(distinct.shape[0], a.n_classes, device=before.device)
+    rows = max(1, ALLOWED_CHUNK // a.n_class_edges)
     for lo in range(0, distinct.shape[0], rows):
-        ok = before_u[lo : lo + rows][:, a.src] & after_u[lo : lo + rows][:, a.dst]
-        out[lo : lo + rows].index_add_(1, a.token, ok.float())
-    return (out > 0)[inverse]
+        ok = before_u[lo : lo + rows][:, a.class_src] & after_u[lo : lo + rows][:, a.class_dst]
+        classes[lo : lo + rows].index_add_(1, a.class_label, ok.float())
+    return (classes > 0)[inverse][:, a.token_class]
 
 
 def allowed(automaton: TokenAutomaton, row: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
     """(n_masked, n_tokens) bool: for each masked position of row[start:end] (in position order),
     the tokens it may take so that the row stays completable. All False when it is not completable."""
-    reach = reachable(automaton, row, start, end)
-    masked = torch.tensor(reach.masked, dtype=torch.long, device=row.device)
-    return allowed_between(automaton.on(row.device), reach.forward[masked], reach.backward[masked + 1])
+    a = automaton.on(row.device)
+    _, tokens = region_tokens(a, row, start, end)
+    steps = steps_of(a, tokens)
+    masked = torch.tensor([j for j, step in enumerate(steps) if step.masked], dtype=torch.long, device=row.device)
+    return allowed_between(a, forward_sets(a, steps)[masked], backward_sets(a, steps)[masked + 1])
 
 
 def shortest_completion(automaton: TokenAutomaton, row: torch.Tensor, start: int = 0, end: int | None = None) -> int | None:
@@ -155,7 +100,7 @@ def shortest_completion(automaton: TokenAutomaton, row: torch.Tensor, start: int
     contradict the pattern, whatever follows them)."""
     a = automaton.on(row.device)
     end, tokens = region_tokens(a, row, start, end)
-    last = forward_sets(a, tokens)[-1]
+    last = forward_sets(a, steps_of(a, tokens))[-1]
     distance = torch.where(last & a.live, a.distance, -1)
     if not bool((distance >= 0).any()):
         return None

@@ -17,7 +17,7 @@ completable may go there later.
   program over (position, state) with back-pointers (DINGO, Suresh et al. 2025).
 
 Both cost one backward pass over the region (its sets do not change as positions to their left are
-committed), then a forward pass: O(n P + c E), c the positions committed.
+committed), then a forward pass: O(n P + c (E_c + V)), c the positions committed.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from unmask.constraints.automaton import TokenAutomaton
-from unmask.constraints.canvas import backward_sets, region_tokens, step_forward, token_edges
+from unmask.constraints.steps import Step, backward_sets, region_tokens, step_forward, steps_of
 from unmask.errors import UnmaskError
 from unmask.sampling.base import categorical
 
@@ -35,8 +35,9 @@ LOG_FLOOR = -1e300  # log-probability of a token the caller ruled out (-inf): ch
 
 
 def _prepare(automaton, row, positions, log_probs, start, end):
-    """(automaton on the row's device, region tokens, backward sets, {offset: row of log_probs}),
-    refusing positions that are not masked positions of the region, and rows not completable."""
+    """(automaton on the row's device, the region's steps, their backward sets, {step index: row of
+    log_probs}), refusing positions that are not masked positions of the region, and rows that
+    cannot be completed."""
     a = automaton.on(row.device)
     end, tokens = region_tokens(a, row, start, end)
     offsets = [int(p) - start for p in (positions.tolist() if torch.is_tensor(positions) else positions)]
@@ -45,11 +46,13 @@ def _prepare(automaton, row, positions, log_probs, start, end):
     for k in offsets:
         if not 0 <= k < len(tokens) or tokens[k] is not None:
             raise ValueError(f"position {k + start} is not a masked position of the constrained region [{start}, {end})")
-    backward = backward_sets(a, tokens)
+    steps = steps_of(a, tokens)
+    backward = backward_sets(a, steps)
     if not bool(backward[0, a.initial]):
         raise UnmaskError("the constrained region of this canvas cannot be completed; check it with "
                           "unmask.constraints.refusal before decoding")
-    return a, tokens, backward, dict(zip(offsets, range(len(offsets))))
+    at = {step.first: j for j, step in enumerate(steps)}
+    return a, steps, backward, {at[k]: i for i, k in enumerate(offsets)}
 
 
 def _restricted(log_probs: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
@@ -68,20 +71,25 @@ def commit_sampled(automaton: TokenAutomaton, row: torch.Tensor, positions: Sequ
     positions[j]) restricted to the tokens that keep the row completable, renormalised; drawn in
     position order, float64 inverse CDF (:func:`unmask.sampling.base.categorical`). Never syncs
     with the device after its one read of the row."""
-    a, tokens, backward, commit_row = _prepare(automaton, row, positions, log_probs, start, end)
+    a, steps, backward, commit_row = _prepare(automaton, row, positions, log_probs, start, end)
     out = row.clone()
     states = torch.zeros(a.n_states, dtype=torch.bool, device=row.device)
     states[a.initial] = True
-    for k in range(max(commit_row, default=-1) + 1):
-        if k not in commit_row:
-            states = step_forward(a, states, tokens[k])
+    steady = False  # a fixed point of the MASK step, as in forward_sets
+    for j in range(max(commit_row, default=-1) + 1):
+        step = steps[j]
+        if j not in commit_row:
+            if not (steady and step.masked):
+                before, states = states, step_forward(a, states, step)
+                steady = step.masked and torch.equal(states, before)
             continue
-        ok = states[a.src] & backward[k + 1][a.dst]
-        allowed = torch.zeros(a.n_tokens, device=row.device).index_add_(0, a.token, ok.float()) > 0
-        token, _ = categorical(_restricted(log_probs[commit_row[k]], allowed), generator)
-        out[start + k] = token
-        taken = ok & (a.token == token)
-        states = torch.zeros(a.n_states, device=row.device).index_add_(0, a.dst, taken.float()) > 0
+        steady = False
+        ok = states[a.class_src] & backward[j + 1][a.class_dst]
+        classes = torch.zeros(a.n_classes, device=row.device).index_add_(0, a.class_label, ok.float()) > 0
+        token, _ = categorical(_restricted(log_probs[commit_row[j]], classes[a.token_class]), generator)
+        out[start + step.first] = token
+        taken = ok & (a.class_label == a.token_class[token])
+        states = torch.zeros(a.n_states, device=row.device).index_add_(0, a.class_dst, taken.float()) > 0
     return out
 
 
@@ -98,33 +106,55 @@ def _relax(score, src, dst, gain, key, target, n_states):
     return best, chosen
 
 
+def _class_best(a: TokenAutomaton, log_probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gain (E_c,), token (E_c,)): for each class edge, the greatest log-probability among the
+    tokens of its class (-inf as :data:`LOG_FLOOR`) and the lowest id that has it."""
+    lp = log_probs[: a.n_tokens].double().nan_to_num(neginf=LOG_FLOOR)
+    best = torch.full((a.n_classes,), -torch.inf, dtype=lp.dtype, device=lp.device).scatter_reduce(0, a.token_class, lp, "amax")
+    ids = torch.arange(a.n_tokens, device=lp.device)
+    top = torch.iinfo(torch.long).max
+    lowest = torch.full((a.n_classes,), top, device=lp.device).scatter_reduce(
+        0, a.token_class, torch.where(lp == best[a.token_class], ids, top), "amin")
+    return best[a.class_label], lowest[a.class_label]
+
+
 def commit_greedy(automaton: TokenAutomaton, row: torch.Tensor, positions: Sequence[int] | torch.Tensor,
                   log_probs: torch.Tensor, start: int = 0, end: int | None = None) -> torch.Tensor:
     """``row`` (L,) with ``positions`` (n,) set to the assignment of greatest total log-probability
     (``log_probs`` (n, W), row j for positions[j]) among those that keep the row completable; the
     other masked positions are free. Ties go to the lowest token id at each (position, state), then
     to the lowest previous state. -inf log-probabilities count as :data:`LOG_FLOOR`."""
-    a, tokens, backward, commit_row = _prepare(automaton, row, positions, log_probs, start, end)
+    a, steps, backward, commit_row = _prepare(automaton, row, positions, log_probs, start, end)
     S = a.n_states
     score = torch.full((S,), -torch.inf, dtype=torch.float64, device=row.device)
     score[a.initial] = 0.0
-    pointers = []  # per position: (previous state (S,), token (S,) or None)
-    for k, token in enumerate(tokens[: max(commit_row, default=-1) + 1]):
-        if k in commit_row:
-            gain = log_probs[commit_row[k]].double().nan_to_num(neginf=LOG_FLOOR)[a.token]
-            score, chosen = _relax(score, a.src, a.dst, gain, a.token * S + a.src, backward[k + 1], S)
+    pointers = []  # per step: (previous state (S,), token (S,) or None)
+    for j, step in enumerate(steps[: max(commit_row, default=-1) + 1]):
+        if j in commit_row:
+            gain, best_token = _class_best(a, log_probs[commit_row[j]])
+            score, chosen = _relax(score, a.class_src, a.class_dst, gain, best_token * S + a.class_src, backward[j + 1], S)
             pointers.append((chosen % S, chosen // S))
             continue
-        edges = None if token is None else token_edges(a, token)
-        src, dst = (a.pair_src, a.pair_dst) if edges is None else (a.src[edges], a.dst[edges])
-        score, chosen = _relax(score, src, dst, torch.zeros((), dtype=score.dtype, device=row.device), src, backward[k + 1], S)
+        src, dst = _step_edges(a, step)
+        score, chosen = _relax(score, src, dst, torch.zeros((), dtype=score.dtype, device=row.device), src, backward[j + 1], S)
         pointers.append((chosen, None))
     # the last commit's states all complete the row (backward sets); take the best, lowest on ties
     state = torch.argmax(score) if pointers else None  # argmax returns the first maximum
     out = row.clone()
-    for k in range(len(pointers) - 1, -1, -1):
-        previous, chosen_token = pointers[k]
+    for j in range(len(pointers) - 1, -1, -1):
+        previous, chosen_token = pointers[j]
         if chosen_token is not None:
-            out[start + k] = chosen_token[state]
+            out[start + steps[j].first] = chosen_token[state]
         state = previous[state]
     return out
+
+
+def _step_edges(a: TokenAutomaton, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+    """(src, dst) of the moves of a step that commits nothing: the (src, dst) pairs for a MASK, the
+    state map for a run of fixed tokens (without the states it leaves dead)."""
+    if step.masked:
+        return a.pair_src, a.pair_dst
+    src = torch.arange(a.n_states, device=step.map.device)
+    dst = step.map[: a.n_states]
+    alive = dst < a.n_states
+    return src[alive], dst[alive]
