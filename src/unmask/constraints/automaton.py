@@ -7,7 +7,8 @@ the same states to the same states). A class edge s --c--> s' stands for the edg
 of class c, so the dynamic programs run over E_c class edges instead of E token edges: for a JSON
 Schema and the 4096-token default tokenizer, about 2,500 instead of 90,000 (the tokens that may
 appear inside a string all behave alike). The token edges ``src``, ``token``, ``dst`` are
-expanded from the classes when asked for.
+expanded from the classes when asked for; ``next_table`` (classes x states) answers "where does
+this token lead from this state" with one lookup.
 
 End of text: generated text ends at its first EOS; the pattern applies to the bytes before it and
 every position after it must be EOS. The automaton says this with an absorbing END state (the last
@@ -32,9 +33,7 @@ class TokenAutomaton:
     the class of each token (the tokens without edges share a class that labels no edge);
     class edges ``class_src``, ``class_label``, ``class_dst`` (E_c,) long sorted by (src, class).
 
-    Derived at construction: ``n_classes``; ``class_of``: ``token_class`` as a list; ``class_key`` (E_c,) the sorted ``src * n_classes + class``;
-    ``class_offsets`` (S+1,) the class edges of each state; ``by_class`` (E_c,) the class edges
-    sorted by class and ``label_offsets`` (a list of n_classes + 1 ints) the slice of each class;
+    Derived at construction: ``n_classes``; ``class_of``: ``token_class`` as a list;
     ``pair_src``/``pair_dst`` (P,) the distinct (src, dst) pairs (the automaton of a position that
     may hold any token); ``distance`` (S,) the fewest tokens from a state to an accepting state
     (-1: none).
@@ -52,10 +51,6 @@ class TokenAutomaton:
     class_dst: torch.Tensor
     n_classes: int = field(init=False)
     class_of: list[int] = field(init=False, repr=False)
-    class_key: torch.Tensor = field(init=False)
-    class_offsets: torch.Tensor = field(init=False)
-    by_class: torch.Tensor = field(init=False)
-    label_offsets: list[int] = field(init=False)
     pair_src: torch.Tensor = field(init=False)
     pair_dst: torch.Tensor = field(init=False)
     distance: torch.Tensor = field(init=False)
@@ -63,17 +58,13 @@ class TokenAutomaton:
 
     def __post_init__(self) -> None:
         S = self.n_states
-        C = max(int(self.token_class.max()) + 1 if self.n_tokens else 1, int(self.class_label.max()) + 1 if self.class_label.numel() else 1)
+        C = 1 + max([0, *(int(x.max()) for x in (self.token_class, self.class_label) if x.numel())])
         key = self.class_src * C + self.class_label
         if key.numel() > 1 and not bool((key[1:] > key[:-1]).all()):
             raise ValueError("TokenAutomaton class edges must be sorted by (src, class) with no (src, class) twice")
         set_ = object.__setattr__
         set_(self, "n_classes", C)
         set_(self, "class_of", self.token_class.tolist())
-        set_(self, "class_key", key)
-        set_(self, "class_offsets", torch.cat([key.new_zeros(1), torch.bincount(self.class_src, minlength=S).cumsum(0)]))
-        set_(self, "by_class", torch.argsort(self.class_label, stable=True))
-        set_(self, "label_offsets", [0, *torch.bincount(self.class_label, minlength=C).cumsum(0).tolist()])
         pairs = torch.unique(self.class_src * S + self.class_dst)
         set_(self, "pair_src", pairs // S)
         set_(self, "pair_dst", pairs % S)
@@ -155,39 +146,28 @@ class TokenAutomaton:
             )
         return self._copies[device]
 
-    def class_edge_of(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """The class edge reading each (state, token) pair (N,) (-1 where there is none or state is -1)."""
-        ok = (states >= 0) & (tokens >= 0) & (tokens < self.n_tokens)
-        if self.n_class_edges == 0:
-            return torch.full_like(states, -1)
-        wanted = states.clamp(min=0) * self.n_classes + self.token_class[tokens.clamp(0, self.n_tokens - 1)]
-        at = torch.searchsorted(self.class_key, wanted).clamp(max=self.n_class_edges - 1)
-        return torch.where(ok & (self.class_key[at] == wanted), at, -1)
-
     def next_state(self, states: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """The state after reading ``tokens`` (N,) from ``states`` (N,): (N,) long, -1 where there is
-        no edge (dead); a dead state stays dead. O(N log E_c), for decoding left to right."""
-        edge = self.class_edge_of(states, tokens)
-        return torch.where(edge >= 0, self.class_dst[edge.clamp(min=0)], -1)
+        no edge (dead); a dead state stays dead. One lookup in ``next_table`` per pair."""
+        S = self.n_states
+        ok = (tokens >= 0) & (tokens < self.n_tokens)
+        classes = self.token_class[tokens.clamp(0, self.n_tokens - 1)]
+        after = self.next_table[classes, torch.where(states >= 0, states, S)]
+        return torch.where(ok & (after < S), after, -1)
 
     def allowed_next(self, states: torch.Tensor, remaining: torch.Tensor | int | None = None) -> torch.Tensor:
         """(N, n_tokens) bool: the tokens that lead from ``states`` (N,) to a live state, and, when
         ``remaining`` (N,) or int is given, to a state that can accept within ``remaining - 1`` more
         tokens (so that a text of at most ``remaining`` tokens from here can still match). A dead
-        state (-1) allows nothing."""
+        state (-1) allows nothing. O(N n_classes + N n_tokens)."""
+        S = self.n_states
         states = states.to(self.device)
-        N = states.numel()
-        safe = states.clamp(min=0)
-        degree = torch.where(states >= 0, self.class_offsets[safe + 1] - self.class_offsets[safe], 0)
-        row = torch.repeat_interleave(torch.arange(N, device=self.device), degree)
-        edge = self.class_offsets[safe][row] + torch.arange(row.numel(), device=self.device) - (degree.cumsum(0) - degree)[row]
-        reach = self.distance[self.class_dst[edge]]
+        after = self.next_table[:, torch.where(states >= 0, states, S)].T  # (N, n_classes)
+        reach = torch.cat([self.distance, self.distance.new_full((1,), -1)])[after]
         ok = reach >= 0
         if remaining is not None:
-            ok &= reach <= torch.as_tensor(remaining, device=self.device).expand(N)[row] - 1
-        classes = torch.zeros(N, self.n_classes, dtype=torch.bool, device=self.device)
-        classes[row[ok], self.class_label[edge[ok]]] = True
-        return classes[:, self.token_class]
+            ok &= reach <= torch.as_tensor(remaining, device=self.device).reshape(-1, 1) - 1
+        return ok[:, self.token_class]
 
 
 def _distances(pair_src: torch.Tensor, pair_dst: torch.Tensor, accepting: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,8 @@ def _prepare(automaton, row, positions, log_probs, start, end):
     offsets = [int(p) - start for p in (positions.tolist() if torch.is_tensor(positions) else positions)]
     if log_probs.shape[0] != len(offsets) or log_probs.shape[-1] < a.n_tokens:
         raise ValueError(f"log_probs {tuple(log_probs.shape)} must be ({len(offsets)}, >= {a.n_tokens})")
+    if len(set(offsets)) != len(offsets):
+        raise ValueError(f"positions {[k + start for k in offsets]} name a position twice")
     for k in offsets:
         if not 0 <= k < len(tokens) or tokens[k] is not None:
             raise ValueError(f"position {k + start} is not a masked position of the constrained region [{start}, {end})")
@@ -69,8 +71,9 @@ def commit_sampled(automaton: TokenAutomaton, row: torch.Tensor, positions: Sequ
                    log_probs: torch.Tensor, generator: torch.Generator, start: int = 0, end: int | None = None) -> torch.Tensor:
     """``row`` (L,) with ``positions`` (n,) committed by draws from ``log_probs`` (n, W) (row j for
     positions[j]) restricted to the tokens that keep the row completable, renormalised; drawn in
-    position order, float64 inverse CDF (:func:`unmask.sampling.base.categorical`). Never syncs
-    with the device after its one read of the row."""
+    position order, float64 inverse CDF (:func:`unmask.sampling.base.categorical`). The drawn
+    tokens stay on the device: it is read only for the row, the check that the row can be
+    completed, and the fixed points of MASK runs."""
     a, steps, backward, commit_row = _prepare(automaton, row, positions, log_probs, start, end)
     out = row.clone()
     states = torch.zeros(a.n_states, dtype=torch.bool, device=row.device)

@@ -18,7 +18,7 @@ import torch
 from unmask.constraints.automaton import TokenAutomaton
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Step:
     """Positions [first, first + length) of the region; ``map`` (S+1,) long: for a run of fixed
     tokens, the state after the run from each state (S: none; the dead state S maps to S); None
