@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 
 from unmask.constraints.automaton import TokenAutomaton
-from unmask.constraints.steps import Step, backward_sets, region_tokens, step_forward, steps_of
+from unmask.constraints.steps import Step, backward_sets, forward_sets, region_tokens, step_forward, steps_of
 from unmask.errors import UnmaskError
 from unmask.sampling.base import categorical
 
@@ -128,23 +128,34 @@ def commit_greedy(automaton: TokenAutomaton, row: torch.Tensor, positions: Seque
     other masked positions are free. Ties go to the lowest token id at each (position, state), then
     to the lowest previous state. -inf log-probabilities count as :data:`LOG_FLOOR`."""
     a, steps, backward, commit_row = _prepare(automaton, row, positions, log_probs, start, end)
-    S = a.n_states
-    score = torch.full((S,), -torch.inf, dtype=torch.float64, device=row.device)
-    score[a.initial] = 0.0
-    pointers = []  # per step: (previous state (S,), token (S,) or None)
-    for j, step in enumerate(steps[: max(commit_row, default=-1) + 1]):
+    out = row.clone()
+    if not commit_row:
+        return out
+    S, first, last = a.n_states, min(commit_row), max(commit_row)
+    # before the first commit every path scores 0: the states reached there, all tied
+    score = torch.zeros(S, dtype=torch.float64, device=row.device).masked_fill(~forward_sets(a, steps[:first])[-1], -torch.inf)
+    pointers = {}  # per step from the first commit: (previous state (S,), token (S,) or None)
+    # a MASK step that left the scores as they were, into the same target set, repeats itself
+    same_target = [False, *(backward[2:] == backward[1:-1]).all(dim=1).tolist()]
+    steady = False
+    for j in range(first, last + 1):
+        step = steps[j]
         if j in commit_row:
             gain, best_token = _class_best(a, log_probs[commit_row[j]])
             score, chosen = _relax(score, a.class_src, a.class_dst, gain, best_token * S + a.class_src, backward[j + 1], S)
-            pointers.append((chosen % S, chosen // S))
-            continue
-        src, dst = _step_edges(a, step)
-        score, chosen = _relax(score, src, dst, torch.zeros((), dtype=score.dtype, device=row.device), src, backward[j + 1], S)
-        pointers.append((chosen, None))
+            pointers[j] = (chosen % S, chosen // S)
+            steady = False
+        elif steady and step.masked and same_target[j]:
+            pointers[j] = pointers[j - 1]
+        else:
+            src, dst = _step_edges(a, step)
+            zero = torch.zeros((), dtype=score.dtype, device=row.device)
+            before, (score, chosen) = score, _relax(score, src, dst, zero, src, backward[j + 1], S)
+            pointers[j] = (chosen, None)
+            steady = step.masked and torch.equal(score, before)
     # the last commit's states all complete the row (backward sets); take the best, lowest on ties
-    state = torch.argmax(score) if pointers else None  # argmax returns the first maximum
-    out = row.clone()
-    for j in range(len(pointers) - 1, -1, -1):
+    state = torch.argmax(score)  # the first maximum
+    for j in range(last, first - 1, -1):
         previous, chosen_token = pointers[j]
         if chosen_token is not None:
             out[start + steps[j].first] = chosen_token[state]
