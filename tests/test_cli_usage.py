@@ -235,3 +235,16 @@ def test_harness_adapter_refuses_bad_options_before_scoring(run, options, named)
 
     with pytest.raises(UnmaskError, match=named):
         UnmaskLM(run["run"], **options)
+
+
+def test_a_parameter_is_spelled_by_the_flag_of_the_command_being_run():
+    """``schedule`` is train's --schedule, while sampling has no flag for the sampler option of that
+    name; a switch's off side is its own flag."""
+    from unmask.cli.spelling import flag_of, invoked_flags
+
+    assert flag_of("schedule", invoked_flags(["train", "--schedule", "x"])) == "--schedule"
+    assert flag_of("schedule", invoked_flags(["sample", "--checkpoint", "x"])) == "schedule"
+    assert flag_of("windows", invoked_flags(["eval", "ppl"])) == "--windows"
+    assert flag_of("no_kv_cache", invoked_flags(["sample"])) == "--no-kv-cache"
+    assert invoked_flags(["eval"]) == {} and invoked_flags([]) == {}
+    assert flag_of("anneal_steps") == "--anneal-attention" and flag_of("init_std") == "init_std"

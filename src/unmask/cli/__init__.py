@@ -25,7 +25,7 @@ import sys
 import typer
 
 from unmask.cli.app import app
-from unmask.cli.spelling import flag_of
+from unmask.cli.spelling import flag_of, invoked_flags
 from unmask.errors import OptionError, UnmaskError
 
 # registering the subcommands
@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = app(args=argv, prog_name="unmask", standalone_mode=False)
     except UnmaskError as exc:
-        typer.echo(f"error: {exc.spelled(flag_of) if isinstance(exc, OptionError) else exc}", err=True)
+        if isinstance(exc, OptionError):
+            own = invoked_flags(sys.argv[1:] if argv is None else argv)
+            exc = exc.spelled(lambda name: flag_of(name, own))
+        typer.echo(f"error: {exc}", err=True)
         return 2
     except _click.ClickException as exc:
         if isinstance(exc, getattr(_click, "NoArgsIsHelpError", ())):  # a command group without its subcommand: its help
