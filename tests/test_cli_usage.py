@@ -248,3 +248,14 @@ def test_a_parameter_is_spelled_by_the_flag_of_the_command_being_run():
     assert flag_of("no_kv_cache", invoked_flags(["sample"])) == "--no-kv-cache"
     assert invoked_flags(["eval"]) == {} and invoked_flags([]) == {}
     assert flag_of("anneal_steps") == "--anneal-attention" and flag_of("init_std") == "init_std"
+
+
+def test_an_option_error_survives_pickling():
+    """Ranks send it to each other (torch.distributed pickles objects); it arrives whole."""
+    import pickle
+
+    from unmask.errors import OptionError
+
+    sent = OptionError("run_dir", "{run_dir} {_dir} is locked; wait or pick another {run_dir}", _dir="/tmp/run")
+    got = pickle.loads(pickle.dumps(sent))
+    assert (type(got), got.param, got.template, got.values, str(got)) == (OptionError, sent.param, sent.template, sent.values, str(sent))

@@ -4,6 +4,7 @@ numbers users give."""
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from typing import Callable
@@ -28,6 +29,9 @@ class OptionError(UnmaskError):
     def __init__(self, param: str, template: str, **values) -> None:
         self.param, self.template, self.values = param, template, values
         super().__init__(self.spelled(str))
+
+    def __reduce__(self):  # pickled whole (ranks send errors to each other): the values are keywords
+        return functools.partial(type(self), **self.values), (self.param, self.template)
 
     def spelled(self, spell: Callable[[str], str]) -> str:
         """The message with every parameter name ``name`` written as ``spell(name)``."""

@@ -102,12 +102,11 @@ def _run_writer(run_dir: Path, world, resume: bool) -> Iterator[None]:
         if world.is_main:
             try:
                 stack.enter_context(run_lock(run_dir, create=not resume))
-            except OptionError as exc:  # sent as its parts, from which every rank makes it again
-                refused = (exc.param, exc.template, exc.values)
+            except OptionError as exc:
+                refused = exc
         refused = broadcast_object(refused, world)
         if refused is not None:
-            param, template, values = refused
-            raise OptionError(param, template, **values)
+            raise refused
         yield
 
 
