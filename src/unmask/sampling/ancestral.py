@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from unmask.sampling.base import Conditioning, Sampler, SamplerConfig, SamplerState, dtype_of, fill, open_positions, predict, start_state
+from unmask.sampling.base import Conditioning, Sampler, SamplerConfig, SamplerState, dtype_of, fill, open_positions, predict, settle, start_state
 from unmask.schedule import Schedule
 
 
@@ -49,7 +49,7 @@ def step(model, state: SamplerState, generator: torch.Generator, config: Ancestr
     unmask[can] = torch.rand(int(can.sum()), generator=generator, dtype=dtype_of(config.precision), device=x.device) >= stay
     time = torch.full((x.shape[0],), t, dtype=torch.float64)
     logits, called, cache = predict(model, state, unmask, cond, config.cfg_scale, time)
-    new = fill(x, unmask, logits, generator, config)
+    new = settle(state, fill(x, unmask, logits, generator, config), unmask, logits, generator, config, cond)
     done = state.step + 1 == config.steps or not bool(open_positions(new, state.mask_id, state.eligible).any())
     return state.advance(new, called, cache, done=done)
 

@@ -37,8 +37,10 @@ def ar_sample(
 ) -> SampleOutput:
     """Extend prompt (B, P), P >= 1 (start with EOS for unconditional text), by max_new_tokens tokens.
 
-    ``cond.key_mask`` (B, P) marks real prompt tokens (False at left padding). With the KV cache:
-    one forward over the prompt, then one single-token forward per new token.
+    ``cond.key_mask`` (B, P) marks real prompt tokens (False at left padding); ``cond.constraint``
+    (structured output) masks, at each step, the tokens after which a constrained row could no
+    longer match within the tokens left. With the KV cache: one forward over the prompt, then one
+    single-token forward per new token.
     """
     if config.cfg_scale:
         raise OptionError("cfg_scale", "{cfg_scale} is for MDMs; the AR baseline has no unconditional pass")
@@ -55,13 +57,20 @@ def ar_sample(
         dtype = next(iter(model.parameters()), torch.empty(0)).dtype
         cache = KVCache.empty(model.config, b, total - 1, prompt.device, dtype)
     step_input, step_mask = prompt, key_mask
+    constraint = None if cond is None else cond.constraint
+    states = None if constraint is None else constraint.initial_states(prompt.device)
     for _ in range(config.max_new_tokens):
         pos = positions_from(step_mask)
         if cache is not None:
             logits = model(step_input, key_mask=step_mask, positions=pos[:, -step_input.shape[1] :], kv_cache=cache)[:, -1]
         else:
             logits = model(state.tokens, key_mask=step_mask, positions=pos)[:, -1]
-        nxt = sample_from(logits.float(), generator, config)
+        logits = logits.float()
+        if constraint is not None:  # the tokens that keep each constrained row able to match within the tokens left
+            logits = constraint.restrict_next(logits, states, config.max_new_tokens - state.step)
+        nxt = sample_from(logits, generator, config)
+        if constraint is not None:
+            states = constraint.advance(states, nxt)
         state = state.advance(torch.cat([state.tokens, nxt[:, None]], dim=1), every, None)
         step_mask = torch.cat([step_mask, ones], dim=1)
         step_input = nxt[:, None] if cache is not None else state.tokens

@@ -90,7 +90,9 @@ class Conditioning:
     the unconditional pass of classifier-free guidance replaces by MASK; canvas_time: a
     time-conditioned network gets the masked fraction of its input row even from a sampler with a
     chain time (ancestral, first-hitting), because the sampler decodes one block of several and its
-    chain's clock, restarted at 1 in each block, says nothing of the rest of the canvas.
+    chain's clock, restarted at 1 in each block, says nothing of the rest of the canvas;
+    constraint: structured output (:class:`unmask.constraints.decode.CanvasConstraint`), applied by
+    :func:`predict` to every call's logits and by :func:`settle` to every step's commits.
     """
 
     key_mask: torch.Tensor | None = None
@@ -98,11 +100,13 @@ class Conditioning:
     prompt_mask: torch.Tensor | None = None
     extra: dict = field(default_factory=dict)
     canvas_time: bool = False
+    constraint: "CanvasConstraint | None" = None  # noqa: F821  (unmask.constraints sits above the samplers)
 
     def rows(self, index: torch.Tensor) -> "Conditioning":
         """The conditioning of a subset of rows."""
         pick = lambda v: None if v is None else v[index]  # noqa: E731
-        return replace(self, key_mask=pick(self.key_mask), positions=pick(self.positions), prompt_mask=pick(self.prompt_mask))
+        return replace(self, key_mask=pick(self.key_mask), positions=pick(self.positions), prompt_mask=pick(self.prompt_mask),
+                       constraint=None if self.constraint is None else self.constraint.rows(index))
 
     def to(self, device) -> "Conditioning":
         """The conditioning on ``device``."""
@@ -170,7 +174,19 @@ def predict(
     logits = logits.float()
     if guided:
         logits = combine(*logits.chunk(2), cfg_scale)
+    if cond.constraint is not None:
+        logits = cond.constraint.restrict(x, want, logits)
     return logits, called, cache
+
+
+def settle(state: SamplerState, new: torch.Tensor, want: torch.Tensor, logits: torch.Tensor, generator: torch.Generator,
+           config: SamplerConfig, cond: Conditioning | None) -> torch.Tensor:
+    """The tokens ``new`` a step wrote over ``state.tokens``, its commits in constrained rows made
+    jointly valid (``cond.constraint``, :meth:`unmask.constraints.decode.CanvasConstraint.settle`);
+    ``logits`` (N, V) from :func:`predict` at the ``want`` positions."""
+    if cond is None or cond.constraint is None:
+        return new
+    return cond.constraint.settle(state.tokens, new, want, logits, generator, config, state.mask_id)
 
 
 def check_guidance(cfg_scale: float, cond: Conditioning | None) -> None:

@@ -8,11 +8,14 @@ blocks: a canvas cache (prefix, dual, delayed; refreshed at each block start) or
 exact cache of finished blocks (moved with the window over a long canvas). Inside a block the
 sampler runs with only the block eligible. With a stop token (EOS), a row that has produced it in a
 finished block leaves the working batch (its remaining MASKs become the stop token), so a batch
-does not wait for its slowest row. The callback sees the whole batch on the canvas's columns, with
+does not wait for its slowest row. A constraint (structured output) reads the full rows of the
+window it is given. The callback sees the whole batch on the canvas's columns, with
 steps and calls counted across blocks.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 
@@ -39,6 +42,8 @@ def decode_blocks(
     ``steps`` option is the total; the plan splits it). ``cond``: left padding and the prompt."""
     lay = plan.layout(model, x, cond, start, config)
     tokens, work_cond, length = lay.tokens, lay.cond, x.shape[1]
+    if work_cond is not None and work_cond.constraint is not None:  # its regions on the laid-out rows
+        work_cond = replace(work_cond, constraint=work_cond.constraint.placed(lay.region))
     mask_id, guided = model.config.mask_id, bool(config.cfg_scale)
     active = torch.arange(x.shape[0], device=x.device)  # rows still decoding
     steps, nfe, kv, window = 0, 0, None, None
@@ -58,6 +63,8 @@ def decode_blocks(
             callback(SamplerState(lay.restore(full), step=done[0] + s.step, nfe=done[1] + s.nfe))
 
         window_cond = plan.window_cond(work_cond, w0, w1, active.numel(), x.device)
+        if window_cond is not None and window_cond.constraint is not None:  # the full rows, of which the sampler sees a window
+            window_cond = replace(window_cond, constraint=window_cond.constraint.window(tokens[active], w0))
         state = sampler.run(model, tokens[active][:, w0:w1], generator, lay.config, window_cond, whole if callback else None, eligible,
                             None if kv is None else kv.new_block())
         part = tokens[active]

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from unmask.sampling.base import (
-    Conditioning, Sampler, SamplerConfig, SamplerState, model_probability, open_positions, predict, propose, scatter_rows,
+    Conditioning, Sampler, SamplerConfig, SamplerState, model_probability, open_positions, predict, settle, propose, scatter_rows,
     sample_from, start_state, top_per_row,
 )
 
@@ -70,7 +70,7 @@ def step(model, state: SamplerState, generator: torch.Generator, config: Confide
         x0 = sample_from(logits, generator, config)
         scores = confidence_scores(logits, x0, config.score, generator)
     commit = top_per_row(scatter_rows(scores, can, -torch.inf), can, k)
-    new = torch.where(commit, scatter_rows(x0, can, mask_id), x)
+    new = settle(state, torch.where(commit, scatter_rows(x0, can, mask_id), x), can, logits, generator, config, cond)
     done = state.step + 1 == config.steps or not bool(open_positions(new, mask_id, state.eligible).any())
     return state.advance(new, called, cache, done=done)
 

@@ -45,8 +45,8 @@ class Decoding:
         """Fill canvas x (B, L): an MDM its MASKs in columns [start, L) (``stop_token``: rows that
         produced it stop early), an AR model ``ar.max_new_tokens`` tokens appended after x."""
         if self.ar is not None:
-            key_mask = None if cond is None or cond.key_mask is None else Conditioning(key_mask=cond.key_mask)
-            return ar_sample(model, x, generator, self.ar, key_mask, callback)
+            ar_cond = None if cond is None else Conditioning(key_mask=cond.key_mask, constraint=cond.constraint)
+            return ar_sample(model, x, generator, self.ar, ar_cond, callback)
         return self.spec.run(model, x, generator, cond, callback, start=start, stop_token=stop_token)
 
 

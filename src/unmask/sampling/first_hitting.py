@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from unmask.sampling.base import (
-    Conditioning, Sampler, SamplerConfig, SamplerState, fill, open_positions, predict, random_subset, start_state,
+    Conditioning, Sampler, SamplerConfig, SamplerState, fill, open_positions, predict, settle, random_subset, start_state,
 )
 from unmask.schedule import Schedule
 
@@ -58,7 +58,7 @@ def step(model, state: FirstHittingState, generator: torch.Generator, config: Fi
     call, t = (torch.where(n > 0, schedule.time_for_mask_prob(m), state.t) for m in (first, last))
     pick = random_subset(can, torch.full_like(n, config.k), generator)
     logits, called, cache = predict(model, state, pick, cond, config.cfg_scale, call.float())
-    new = fill(x, pick, logits, generator, config)
+    new = settle(state, fill(x, pick, logits, generator, config), pick, logits, generator, config, cond)
     done = not bool(open_positions(new, state.mask_id, state.eligible).any())
     return state.advance(new, called, cache, done=done, t=t)
 

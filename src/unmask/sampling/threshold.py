@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from unmask.sampling.base import (
-    Conditioning, Sampler, SamplerConfig, SamplerState, open_positions, predict, propose, scatter_rows,
+    Conditioning, Sampler, SamplerConfig, SamplerState, open_positions, predict, settle, propose, scatter_rows,
     start_state, top_per_row,
 )
 
@@ -37,7 +37,7 @@ def step(model, state: SamplerState, generator: torch.Generator, config: Thresho
     x0, p = propose(logits, generator, config)
     p = scatter_rows(p, can, -torch.inf)
     commit = (can & (p >= config.tau)) | top_per_row(p, can, can.any(dim=1).long())
-    new = torch.where(commit, scatter_rows(x0, can, mask_id), x)
+    new = settle(state, torch.where(commit, scatter_rows(x0, can, mask_id), x), can, logits, generator, config, cond)
     done = not bool(open_positions(new, mask_id, state.eligible).any())
     return state.advance(new, called, cache, done=done)
 
