@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from unmask.checkpoint import checkpoint_tokenizer, load_model
+from unmask.constraints.decode import automata_for, constrain
 from unmask.device import pick_device
 from unmask.errors import OptionError
 from unmask.sampling.base import Conditioning, StepCallback
@@ -33,6 +34,7 @@ def generate(
     kv_cache: bool | None = None,
     callback: StepCallback | None = None,
     weights: str = "auto",
+    constraint=None,
     **options,
 ) -> dict:
     """Samples from a checkpoint, each canvas starting with EOS (the document separator every
@@ -50,7 +52,10 @@ def generate(
     error names them) and ``steps``, if given, must equal ``length``.
 
     ``prompts`` gives one prompt per sample (different lengths allowed); otherwise ``prompt`` is
-    repeated ``num_samples`` times. Returns {"samples": [{"tokens", "text"}], "nfe", "steps", "seconds", ...}.
+    repeated ``num_samples`` times. ``constraint``: structured output, a
+    :class:`~unmask.constraints.Constraint` (regex, JSON Schema, choice, JSON object) for every
+    sample or one per sample (None: free); the generated text matches it (up to its first EOS,
+    after which only EOS follows), and a length too short for it is refused before decoding. Returns {"samples": [{"tokens", "text"}], "nfe", "steps", "seconds", ...}.
     """
     if num_samples < 1:
         raise OptionError("num_samples", "{num_samples}={_n} must be a positive integer", _n=num_samples)
@@ -66,6 +71,9 @@ def generate(
     texts = list(prompts) if prompts else [prompt] * num_samples
     start_time = time.perf_counter()
     x, cond, start = _canvas(cfg.model, tok, texts, infill, num_samples, length, dev)
+    automata = automata_for(constraint, tok, x.shape[0])
+    if automata is not None:
+        cond = constrain(cond, x, start, automata, length if cfg.model.causal else None, "length" if infill is None else "infill")
     stop_token = tok.eos_id if stop_at_eos else None
     out = decoding.run(model, x, sampling_generator(model, seed), cond, callback, start=start, stop_token=stop_token)
     seconds = time.perf_counter() - start_time

@@ -39,10 +39,15 @@ def sample(
     device: str = typer.Option("auto"),
     weights: str = typer.Option("auto", help="auto (the EMA of the weights when the run kept one, else the weights), ema or raw."),
     as_json: bool = typer.Option(False, "--json", help="Print tokens, text and NFE as JSON."),
+    regex: Optional[str] = typer.Option(None, help="Structured output: the generated text matches this regex (up to its first EOS)."),
+    json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="Structured output: JSON that validates against the schema in this file."),
+    choice: Optional[list[str]] = typer.Option(None, help="Structured output: exactly one of these strings (repeat the flag)."),
+    json_object: bool = typer.Option(False, "--json-object", help="Structured output: any JSON object (nested two deep)."),
     sampling: dict = None,
 ) -> None:
     """Generate text from a trained MDM or AR checkpoint."""
     from unmask.checkpoint import checkpoint_tokenizer
+    from unmask.constraints import Constraint
     from unmask.errors import UnmaskError
     from unmask.generation import generate
 
@@ -54,11 +59,17 @@ def sample(
         if not prompts:
             raise UnmaskError(f"--prompts-file {prompts_file} has no non-empty line")
         num_samples = len(prompts)
+    schema = None
+    if json_schema is not None:
+        if not json_schema.is_file():
+            raise UnmaskError(f"--json-schema {str(json_schema)!r} does not exist; give a file holding a JSON Schema")
+        schema = json_schema.read_text(encoding="utf-8")
+    constraint = Constraint.one_of(regex, schema, choice, json_object)
     callback = _show_steps(checkpoint_tokenizer(checkpoint)) if show_steps else None
     # only the options given go on, so that generate() can refuse MDM-only ones on an AR checkpoint
     res = generate(
         checkpoint, prompt, num_samples, length, seed=seed, device=device, prompts=prompts, infill=infill, stop_at_eos=stop_at_eos,
-        kv_cache=kv_cache, callback=callback, weights=weights, **sampling,
+        kv_cache=kv_cache, callback=callback, weights=weights, constraint=constraint, **sampling,
     )
     if show_steps:
         sys.stderr.write("\n")

@@ -153,6 +153,20 @@ def _order(want: torch.Tensor) -> torch.Tensor:
     return at
 
 
+def automata_for(constraint, tokenizer, rows: int) -> tuple[TokenAutomaton | None, ...] | None:
+    """The automata of ``rows`` rows from ``constraint``: one :class:`~unmask.constraints.spec.Constraint`
+    for every row, a sequence of them (None: that row unconstrained), or None (no constraint)."""
+    from unmask.constraints.compile import compile_constraint
+    from unmask.errors import OptionError
+
+    if constraint is None:
+        return None
+    each = [constraint] * rows if not isinstance(constraint, (list, tuple)) else list(constraint)
+    if len(each) != rows:
+        raise OptionError("constraint", "{constraint}: {_n} constraints for {_rows} rows", _n=len(each), _rows=rows)
+    return tuple(None if c is None else compile_constraint(c, tokenizer) for c in each)
+
+
 def constrain(cond, x: torch.Tensor, start: int, automata, new_tokens: int | None = None, param: str = "length"):
     """``cond`` (a :class:`~unmask.sampling.base.Conditioning`, None: none) with the constraint of
     the rows of canvas x (B, L): row b's generated region, columns [start, L), under ``automata[b]``

@@ -95,6 +95,21 @@ class Constraint:
             return cls.choice(value)
         return cls.json_object() if value is None else cls.json_object(value)
 
+    @classmethod
+    def one_of(cls, regex: str | None = None, json_schema: dict | str | None = None, choice: Sequence[str] | None = None,
+               json_object: bool = False) -> "Constraint | None":
+        """The constraint a caller gives by one of these parameters (None when it gives none);
+        more than one is refused, naming them."""
+        given = {name: value for name, value in (("regex", regex), ("json_schema", json_schema), ("choice", choice or None),
+                                                  ("json_object", json_object or None)) if value is not None}
+        if len(given) > 1:
+            names = list(given)
+            raise OptionError(names[1], " and ".join("{%s}" % name for name in names) + ": give one constraint")
+        if not given:
+            return None
+        (kind, value), = given.items()
+        return cls.json_object() if kind == "json_object" else cls.parse(kind, list(value) if kind == "choice" else value)
+
     def to_regex(self) -> str:
         """The regex the output text must match in full. A JSON Schema that is not valid, or that
         outlines-core cannot turn into a regex, raises an :class:`OptionError` naming ``json_schema``."""
