@@ -18,7 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from unmask.sampling.base import Conditioning, Sampler, SamplerConfig, SamplerState, dtype_of, fill, open_positions, predict, settle, start_state
+from unmask.sampling.base import (
+    Conditioning, Sampler, SamplerConfig, SamplerState, dtype_of, fill, open_positions, predict, settle, start_state,
+)
 from unmask.schedule import Schedule
 
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 
 from unmask.sampling.base import (
-    Conditioning, Sampler, SamplerConfig, SamplerState, model_probability, open_positions, predict, settle, propose, scatter_rows,
-    sample_from, start_state, top_per_row,
+    Conditioning, Sampler, SamplerConfig, SamplerState, model_probability, open_positions, predict, propose, sample_from,
+    scatter_rows, settle, start_state, top_per_row,
 )
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from unmask.sampling.base import (
-    Conditioning, Sampler, SamplerConfig, SamplerState, fill, open_positions, predict, settle, random_subset, start_state,
+    Conditioning, Sampler, SamplerConfig, SamplerState, fill, open_positions, predict, random_subset, settle, start_state,
 )
 from unmask.schedule import Schedule
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from unmask.sampling.base import (
-    Conditioning, Sampler, SamplerConfig, SamplerState, open_positions, predict, settle, propose, scatter_rows,
-    start_state, top_per_row,
+    Conditioning, Sampler, SamplerConfig, SamplerState, open_positions, predict, propose, scatter_rows, settle, start_state,
+    top_per_row,
 )
 
 
