@@ -129,3 +129,17 @@ def test_an_experiment_result_of_the_flat_layout_still_counts(tmp_path):
     other = RunSpec("sft", model, dataclasses.replace(spec.train, cfg_dropout=0.1), "/data", {"kind": "mdm"})
     with pytest.raises(UnmaskError, match="different settings"):
         _finished(tmp_path / "result.json", other)
+
+
+def test_an_experiment_result_saved_before_newer_model_fields_still_counts(tmp_path):
+    """A model config written before a field existed reads with that field's default: the same run."""
+    from unmask.experiments.runner import RunSpec, _finished
+
+    model = ModelConfig(vocab_size=64, context_len=16, n_layer=1, n_head=2, n_embd=16)
+    spec = RunSpec("mdm", model, TrainConfig(), "/data", {"kind": "mdm"})
+    older = {key: value for key, value in model.to_dict().items() if key not in ("positions", "sliding_window")}
+    (tmp_path / "result.json").write_text(json.dumps({"spec": {**spec.to_dict(), "model": older}, "result": {"nll": 1.0}}))
+    assert _finished(tmp_path / "result.json", spec) == {"nll": 1.0}
+    wider = RunSpec("mdm", dataclasses.replace(model, n_embd=32), TrainConfig(), "/data", {"kind": "mdm"})
+    with pytest.raises(UnmaskError, match="different settings"):
+        _finished(tmp_path / "result.json", wider)

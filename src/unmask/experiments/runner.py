@@ -53,13 +53,14 @@ def _canonical(data: Any) -> Any:
 
 
 def _same_spec(saved: Any, spec: RunSpec) -> bool:
-    """Whether a result file's spec is ``spec``. Its training settings are compared as a config, so the
-    results of runs whose config.json had the flat layout (before the config's sections) still count."""
+    """Whether a result file's spec is ``spec``. Its model and training settings are compared as configs
+    (a field the file does not have takes its default), so the results of runs written before a field
+    existed, or with the flat training layout (before the config's sections), still count."""
     try:
-        train = TrainConfig.from_dict(saved["train"])
+        model, train = ModelConfig.from_dict(saved["model"]), TrainConfig.from_dict(saved["train"])
     except (UnmaskError, TypeError, KeyError):
         return False
-    return _canonical({**saved, "train": train.to_dict()}) == _canonical(spec.to_dict())
+    return _canonical({**saved, "model": model.to_dict(), "train": train.to_dict()}) == _canonical(spec.to_dict())
 
 
 def _finished(path: Path, spec: RunSpec) -> dict | None:
