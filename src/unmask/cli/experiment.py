@@ -125,3 +125,34 @@ def shift(
                                    eval_windows=windows, chain_rule=chain_rule, seed=seed)
     experiment.run(out, settings, shifted or [], milton, device=device, log_to=tracker_names(log_to))
     typer.echo(f"wrote {out}/results.md, results.json and shift.png", err=True)
+
+
+@experiment_app.command("reversal")
+def reversal(
+    out: Path = typer.Option(Path("runs/experiments/reversal"), help="Results folder."),
+    pairs: int = typer.Option(32, help="Random token pairs (A, B), trained only as 'A r B'; chance is 1/pairs."),
+    inverse_pairs: int = typer.Option(0, help="Other pairs trained only as \"D r' C\" (0: the second relation r' is never seen)."),
+    layouts: str = typer.Option("isolated", help="Comma-separated: isolated (one fact per row), packed (facts back to back in windows)."),
+    layers: str = typer.Option("1,2", help="Comma-separated numbers of layers."),
+    positions: str = typer.Option("rope,absolute", help="Comma-separated: rope (rotary), absolute (learned embeddings)."),
+    seeds: str = typer.Option("0,1,2", help="Comma-separated seeds; each draws its own pairs and initialisation."),
+    steps: int = typer.Option(2000, help="Training steps of each model."),
+    lr: float = typer.Option(1e-2, help="Peak learning rate of both models."),
+    batch_size: int = typer.Option(32, help="Rows (isolated) or windows (packed) per step."),
+    n_embd: int = typer.Option(64, help="Model width."),
+    n_head: int = typer.Option(4, help="Attention heads."),
+    context_len: int = typer.Option(16, help="Window length of the packed layout (isolated rows are 5 tokens)."),
+    repeats: int = typer.Option(50, help="Copies of each fact in the packed stream."),
+    eval_points: int = typer.Option(10, help="Checkpoints scored along training (plus step 0)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    log_to: Optional[List[str]] = log_to_option(),
+) -> None:
+    """Random token pairs learned as 'A r B', asked as 'B r [M]': MDM vs AR, layers, rotary vs absolute positions."""
+    from unmask.experiments import reversal as experiment
+
+    settings = experiment.Settings(pairs=pairs, inverse_pairs=inverse_pairs, repeats=repeats, layouts=tuple(v.strip() for v in layouts.split(",") if v.strip()),
+                                   layers=_ints(layers, "--layers"), positions=tuple(v.strip() for v in positions.split(",") if v.strip()),
+                                   seeds=_ints(seeds, "--seeds"), n_embd=n_embd, n_head=n_head, context_len=context_len, steps=steps,
+                                   batch_size=batch_size, lr=lr, eval_points=eval_points)
+    experiment.run(out, settings, device=device, log_to=tracker_names(log_to))
+    typer.echo(f"wrote {out}/results.md, results.json and reversal.png", err=True)
