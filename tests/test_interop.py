@@ -143,6 +143,18 @@ def test_export_ar_run_loads_natively_in_transformers(tmp_path):
         torch.testing.assert_close(back(x).logits, hf(x).logits, **TOL)
 
 
+def test_export_refuses_learned_absolute_positions(tmp_path):
+    from unmask.checkpoint import TrainerState, save_checkpoint
+    from unmask.config import ModelConfig, RunConfig, TrainConfig
+
+    cfg = ModelConfig(vocab_size=V, context_len=16, n_layer=1, n_head=2, n_embd=16, causal=True, positions="absolute")
+    save_checkpoint(tmp_path / "run", Transformer(cfg), RunConfig(model=cfg, train=TrainConfig(objective="ar")), TrainerState(0, 0),
+                    word_tokenizer(V).to_str())
+    with pytest.raises(UnmaskError, match="absolute positions has no LLaMA layout"):
+        export_run(tmp_path / "run", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_export_trained_ar_run_with_tied_embeddings(tmp_path):
     from unmask.checkpoint import TrainerState, save_checkpoint
     from unmask.config import ModelConfig, RunConfig, TrainConfig

@@ -208,6 +208,8 @@ def export_run(run: str | Path, out: str | Path, dtype: str | None = None) -> Pa
         raise UnmaskError(f"{ckpt}: a time-conditioned network has no LLaMA layout; export a time-agnostic run (the default)")
     if cfg.block_causal:
         raise UnmaskError(f"{ckpt}: a block-causal network has no LLaMA layout")
+    if cfg.positions != "rope":
+        raise UnmaskError(f"{ckpt}: a network with learned absolute positions has no LLaMA layout (rotary positions only)")
     reader = TensorReader(ckpt, files=["model.safetensors"])
     cast = requested or reader.dtype("norm.weight")
     if cast not in DTYPE_NAMES:
