@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import httpx
@@ -65,15 +66,22 @@ def served(engine: Engine) -> Iterator[str]:
         yield url
 
 
+# the checkpoints of `runs`, by data folder: trained once per session (every module that imports the
+# fixture gets a fixture of its own, and the tests only read them)
+TRAINED: dict[str, Path] = {}
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, small_data):
     """A tiny MDM and AR checkpoint (a few training steps: the tests need a network, not a good one)."""
-    root = tmp_path_factory.mktemp("serve_runs")
-    for objective in ("mdm", "ar"):
-        cfg = ModelConfig.from_name("tiny", context_len=64, vocab_size=512, causal=objective == "ar")
-        train(root / objective, cfg, TrainConfig(objective=objective, steps=2, batch_size=4, eval_every=2, checkpoint_every=2),
-              small_data, progress=False)
-    return root
+    if str(small_data) not in TRAINED:
+        root = tmp_path_factory.mktemp("serve_runs")
+        for objective in ("mdm", "ar"):
+            cfg = ModelConfig.from_name("tiny", context_len=64, vocab_size=512, causal=objective == "ar")
+            train(root / objective, cfg, TrainConfig(objective=objective, steps=2, batch_size=4, eval_every=2, checkpoint_every=2),
+                  small_data, progress=False)
+        TRAINED[str(small_data)] = root
+    return TRAINED[str(small_data)]
 
 
 @pytest.fixture(scope="module")

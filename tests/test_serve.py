@@ -428,8 +428,10 @@ def test_load_200_requests_from_8_clients(mdm):
 
 @pytest.fixture(scope="module")
 def small_mdm(runs):
-    """A server with tight limits: generated requests are refused or decoded quickly."""
-    engine = Engine(runs / "mdm", "cpu", Limits(max_tokens=16, max_n=2, max_prompts=2, max_steps=8, max_active=4, max_queue=8, timeout=60))
+    """A server with tight limits: generated requests are refused or decoded quickly (their
+    constraints compiled within a second)."""
+    engine = Engine(runs / "mdm", "cpu", Limits(max_tokens=16, max_n=2, max_prompts=2, max_steps=8, max_active=4, max_queue=8, timeout=60,
+                                                compile_seconds=1))
     with served(engine) as url:
         yield url
 

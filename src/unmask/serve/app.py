@@ -27,10 +27,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from unmask.errors import OptionError, UnmaskError
 from unmask.serve.batcher import Cancelled, Ticket
+from unmask.serve.compiler import COMPILER
 from unmask.serve.engine import Engine, Job, Params, RequestError, refused
 from unmask.serve.schemas import (
     CanvasFrame, ChatCompletionChunk, ChatRequest, ChatResponse, CompletionChunk, CompletionRequest, CompletionResponse, ErrorBody,
-    Health, ModelCard, ModelList, sampler_options,
+    Health, ModelCard, ModelList, constraint_of, sampler_options,
 )
 
 STATIC = Path(__file__).with_name("static")
@@ -313,7 +314,8 @@ def add_info_routes(app: FastAPI, server: Server) -> None:
         stats = dict(engine.scheduler.stats)
         stats["mean_requests_per_forward"] = stats["requests_per_forward"] / stats["forwards"] if stats["forwards"] else 0.0
         return {"status": "ok", "model": engine.name, "objective": engine.config.train.objective, "running": server.running,
-                "waiting": server.waiting, "served": server.served, "cancelled": server.cancelled, "batching": stats}
+                "waiting": server.waiting, "served": server.served, "cancelled": server.cancelled, "batching": stats,
+                "constraints": dict(COMPILER.stats)}
 
     def card() -> dict:
         return {"id": engine.name, "object": "model", "created": 0, "owned_by": "unmask", "objective": engine.config.train.objective,
@@ -366,7 +368,11 @@ async def respond(server: Server, body, prompts: list[str], max_tokens: int, req
     check_model(engine, body.model)
     chat = isinstance(body, ChatRequest)
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    params = Params(prompts, max_tokens, body.n, stop, body.seed, sampler_options(body), getattr(body, "infill", False))
+    try:
+        constraint = constraint_of(body)
+    except OptionError as exc:
+        raise refused(exc) from None
+    params = Params(prompts, max_tokens, body.n, stop, body.seed, sampler_options(body), getattr(body, "infill", False), constraint)
     if body.stream_canvas and not body.stream:
         raise RequestError("stream_canvas needs stream: true", "stream_canvas")
     if body.stream_options is not None and not body.stream:

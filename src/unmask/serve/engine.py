@@ -1,6 +1,11 @@
 """The serving engine: a checkpoint, the checks a request passes before it is decoded, its canvas,
 and its decoding (run in a worker thread against the scheduler's batching proxy).
 
+A request's constraint (structured output) is compiled for the checkpoint's tokenizer by the
+process's :data:`~unmask.serve.compiler.COMPILER` (each constraint once, within
+``Limits.compile_seconds``) and rides in its conditioning; its rows are decoded beside rows with
+other constraints or none.
+
 A request's result depends on the request alone (its prompts, settings and seed), never on the
 requests decoded beside it: its canvas is built from it alone (left-padded to a multiple of
 ``Limits.bucket`` columns so that requests of different lengths share forwards), it has its own
@@ -17,12 +22,15 @@ from pathlib import Path
 import torch
 
 from unmask.checkpoint import checkpoint_tokenizer, load_model
+from unmask.constraints import Constraint
+from unmask.constraints.decode import constrain
 from unmask.device import pick_device
 from unmask.errors import OptionError, check_number
 from unmask.sampling.base import Conditioning, SamplerState
 from unmask.sampling.canvas import INFILL, infill_canvas, infill_ids, make_canvas
 from unmask.sampling.decoding import Decoding, check_kind, decoding_for, sampling_generator
 from unmask.serve.batcher import Scheduler, Ticket
+from unmask.serve.compiler import COMPILER
 from unmask.serve.schemas import field_of
 
 
@@ -46,7 +54,8 @@ class Limits:
     decoded together (``max_active``) and waiting (``max_queue``); seconds per request from arrival
     (``timeout``); canvases are left-padded to a multiple of ``bucket`` columns; request bodies
     are read up to ``max_body_bytes`` (1 MiB by default: far more text than a context holds, and a
-    bound on what tokenising a request costs)."""
+    bound on what tokenising a request costs); a constraint compiles in at most ``compile_seconds``
+    (outlines-core's compile time grows with the pattern's automaton times the vocabulary)."""
 
     max_tokens: int = 256
     max_n: int = 8
@@ -57,6 +66,7 @@ class Limits:
     timeout: float = 300.0
     bucket: int = 16
     max_body_bytes: int = 1 << 20
+    compile_seconds: float = 20.0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -66,7 +76,8 @@ class Limits:
 @dataclass
 class Params:
     """One generation request, as the HTTP layer hands it over (None: not given). ``sampling``: the
-    sampler options it gives, by their library names (:func:`unmask.serve.schemas.sampler_options`)."""
+    sampler options it gives, by their library names (:func:`unmask.serve.schemas.sampler_options`);
+    ``constraint``: what its text must match (:func:`unmask.serve.schemas.constraint_of`)."""
 
     prompts: list[str]
     max_tokens: int = 16
@@ -75,6 +86,7 @@ class Params:
     seed: int | None = None
     sampling: dict = field(default_factory=dict)
     infill: bool = False
+    constraint: Constraint | None = None
 
 
 @dataclass
@@ -154,6 +166,9 @@ class Engine:
             raise RequestError(f"steps={steps} must be between 1 and {lim.max_steps} on this server", "steps")
         if len(p.stop) > 4 or any(not s for s in p.stop):
             raise RequestError("stop takes at most 4 non-empty strings", "stop")
+        if p.stop and p.constraint is not None:
+            raise RequestError("stop cannot be combined with a constraint (response_format, regex or choice): a text cut at a stop "
+                               "string would no longer match it", "stop")
         seed = p.seed if p.seed is not None else secrets.randbits(62)
         try:
             return self._prepare(p, seed)
@@ -168,6 +183,10 @@ class Engine:
         length = p.max_tokens if self.causal else x.shape[1] - start
         decoding = decoding_for(model, length, p.sampling, self.config.train.schedule, infill=p.infill)
         decoding.check(model, length, cond)
+        if p.constraint is not None:  # one automaton for the request's rows; a region it cannot fill is refused now
+            automaton = COMPILER(p.constraint, self.tok.tok, self.limits.compile_seconds)
+            cond = constrain(cond, x, start, (automaton,) * x.shape[0], p.max_tokens if self.causal else None,
+                             "prompt" if p.infill else "length")
         # with blocks (a block model's, or semi-autoregressive ones) a row that produced EOS stops early
         blocks = (model.block_causal or p.sampling.get("block_len")) and not p.infill
         job = Job(p, x, cond, start, length, seed, decoding, prompt_tokens * p.n, self.tok.eos_id if blocks else None)

@@ -9,22 +9,27 @@ Request fields are strict, as in the OpenAI API: an integer field takes a JSON i
 ``"4"``, ``4.0`` or ``true``), a boolean field ``true`` or ``false``; a float field takes any
 number. Text fields refuse what a tokenizer cannot take: lone surrogates (``"\\ud800"`` is a valid
 JSON escape but no Unicode text) and NUL characters.
+
+Structured output: ``response_format`` as OpenAI defines it (``text``, ``json_object``,
+``json_schema``) and the extension fields ``regex`` and ``choice`` (vLLM's guided_regex and
+guided_choice); :func:`constraint_of` reads them as one :class:`~unmask.constraints.Constraint`.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Dict, List, Literal, Optional, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, create_model
 
+from unmask.constraints.spec import JSON_OBJECT_DEPTH, Constraint
 from unmask.errors import rule_bounds
 from unmask.sampling.options import OPTIONS, Option
 from unmask.sampling.spec import ALIASES, SAMPLERS
 
 FinishReason = Literal["stop", "length"]
 # parameters of the decoding path that are not sampler options, as the request calls them
-FIELDS = {"length": "max_tokens", "num_samples": "n"}
+FIELDS = {"length": "max_tokens", "num_samples": "n", "json_schema": "response_format", "json_object": "response_format"}
 
 UNTOKENIZABLE = re.compile("[\x00\ud800-\udfff]")
 
@@ -74,6 +79,15 @@ def field_of(name: str) -> str:
     return FIELDS.get(name, name) if option is None else option.field or name
 
 
+def constraint_of(body: BaseModel) -> Constraint | None:
+    """The constraint a request gives (None: none); more than one is refused (an OptionError naming
+    them, as do a regex that is not a string of one and a schema that is not an object)."""
+    form = body.response_format
+    kind = None if form is None else form.type
+    return Constraint.one_of(regex=body.regex, choice=body.choice, json_object=kind == "json_object",
+                             json_schema=form.json_schema.schema_ if kind == "json_schema" else None)
+
+
 def bounds(rule: str | None) -> dict:
     """A range in the table's notation (``">= 0"``, ``"(0, 1]"``) as pydantic's bounds (ge, gt, le, lt)."""
     keywords = {">": "gt", ">=": "ge", "<": "lt", "<=": "le"}
@@ -95,6 +109,36 @@ def sampler_options(body: BaseModel) -> dict:
     return {name: value for name, value in given.items() if value is not None}
 
 
+class TextFormat(Request):
+    type: Literal["text"] = Field(..., description="Text as the model writes it (no constraint).")
+
+
+class JsonObjectFormat(Request):
+    type: Literal["json_object"] = Field(..., description=(
+        f"Any JSON object, nested at most {JSON_OBJECT_DEPTH} deep: its members are strings, numbers, booleans, null, or objects and "
+        "arrays of those (deeper nesting makes an automaton too large to compile per request; give a json_schema for more)."))
+
+
+class JsonSchema(Request):
+    name: str = Field(..., pattern=r"^[A-Za-z0-9_-]{1,64}$", description="The schema's name (letters, digits, _ and -, at most 64); "
+                                                                          "not used in decoding.")
+    description: Optional[Text] = Field(None, description="What the reply is for; accepted for compatibility, unused.")
+    schema_: Dict[str, Any] = Field(..., alias="schema", description=(
+        "The JSON Schema the reply follows (outlines-core's subset: types, properties (written in their order), required, enum, const, "
+        "items, anyOf/oneOf/allOf, $ref, string lengths and patterns, ...). Refused, naming response_format, when it is no valid "
+        "schema, when outlines-core cannot turn it into a regex, or when its automaton takes longer than the server's "
+        "compile_seconds to compile (a schema that allows any JSON value, such as {}, does)."))
+    strict: Optional[bool] = Field(None, description="Accepted for compatibility: the reply always follows the schema, strict or not.")
+
+
+class JsonSchemaFormat(Request):
+    type: Literal["json_schema"] = Field(..., description="A reply that follows json_schema.schema.")
+    json_schema: JsonSchema = Field(..., description="The schema and its name.")
+
+
+ResponseFormat = Annotated[Union[TextFormat, JsonObjectFormat, JsonSchemaFormat], Field(discriminator="type")]
+
+
 class Fields(Request):
     """Fields shared by /v1/completions and /v1/chat/completions (the sampler fields besides)."""
 
@@ -106,6 +150,17 @@ class Fields(Request):
     stream: bool = Field(False, description="Server-sent events: chunks of committed text, then `data: [DONE]`.")
     stream_options: Optional[StreamOptions] = Field(None, description="With stream: `{\"include_usage\": true}` adds a last chunk with the usage.")
     user: Optional[Text] = Field(None, description="Accepted for compatibility; unused.")
+    response_format: Optional[ResponseFormat] = Field(None, description=(
+        f"Structured output: `{{\"type\": \"json_object\"}}` (any JSON object, nested at most {JSON_OBJECT_DEPTH} deep) or "
+        "`{\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}}`: the text (a chat's reply) is then such "
+        "JSON. It may end before max_tokens (at EOS); a max_tokens too short for it is refused, naming the fewest tokens that work. "
+        "`{\"type\": \"text\"}`: no constraint. At most one of response_format (json_object, json_schema), regex and choice; "
+        "not with stop."))
+    regex: Optional[Text] = Field(None, description=(
+        "Structured output (vLLM's guided_regex): the text matches this regex in full. Rust regex syntax (outlines-core): "
+        "\\d is any Unicode digit, [0-9] an ASCII one."))
+    choice: Optional[List[Text]] = Field(None, min_length=1, description="Structured output (vLLM's guided_choice): the text is one of "
+                                                                        "these strings.")
 
 
 # the sampler fields, from the option table (MDM options are refused on an AR checkpoint, except steps = max_tokens)
@@ -273,6 +328,12 @@ class Batching(Response):
     mean_requests_per_forward: float = Field(description="requests_per_forward / forwards.")
 
 
+class Compiling(Response):
+    compiled: int = Field(description="Constraints compiled (refused ones included), by this process's engines.")
+    reused: int = Field(description="Requests whose constraint was compiled (or refused) before: its outcome is kept, not compiled again.")
+    timed_out: int = Field(description="Compiles stopped at the server's compile_seconds limit.")
+
+
 class Health(Response):
     status: Literal["ok"] = Field(description="Always `ok` (the server answers).")
     model: str = Field(description="The served model's id.")
@@ -282,3 +343,4 @@ class Health(Response):
     served: int = Field(description="Requests decoded (finished, failed or cancelled).")
     cancelled: int = Field(description="Requests stopped because their client went away.")
     batching: Batching = Field(description="Counters of the scheduler that merges requests' forwards.")
+    constraints: Compiling = Field(description="Counters of the structured-output compiler (response_format, regex, choice).")
