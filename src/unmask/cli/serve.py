@@ -25,6 +25,7 @@ def serve(
     max_queue: int = typer.Option(64, min=1, help="Requests waiting for a slot before new ones get 429."),
     timeout: float = typer.Option(300.0, help="Seconds a request may take from arrival (waiting included)."),
     max_body_bytes: int = typer.Option(1 << 20, min=1, help="Largest request body read (bytes); larger ones get 413 before they are parsed."),
+    compile_seconds: float = typer.Option(20.0, help="Longest a structured-output constraint may take to compile; longer ones get 400."),
 ) -> None:
     """Serve a checkpoint over HTTP: /v1/completions, /v1/chat/completions, /v1/models, /health, and a page at /."""
     from unmask.errors import UnmaskError
@@ -38,7 +39,8 @@ def serve(
     from unmask.serve.engine import Engine, Limits
     from unmask.serve.run import bind, serve_forever, url_of
 
-    limits = Limits(max_tokens, max_n, 8, max_steps, max_active, max_queue, timeout, max_body_bytes=max_body_bytes)
+    limits = Limits(max_tokens, max_n, 8, max_steps, max_active, max_queue, timeout, max_body_bytes=max_body_bytes,
+                    compile_seconds=compile_seconds)
     engine = Engine(checkpoint, device, limits, name)
     sock = bind(host, port)
     url = url_of(sock)
