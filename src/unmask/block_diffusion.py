@@ -125,8 +125,8 @@ def corrupt_blocks(
     unbiased bound, a narrower range the clipped, lower-variance training objective.
 
     ``estimator`` "t-dce": each token masked with probability 1 - alpha(t_b), weight w(t_b) (with the
-    linear schedule t is the mask rate, times 1 - eps). "k-dce" (docs/algorithms.md, 'MDM loss: t-DCE
-    and k-DCE', within each block): k_b = ceil(t_b n_b) of the n_b tokens of block b masked, chosen
+    linear schedule t is the mask rate, times 1 - eps). "k-dce" (within each block; docs/algorithms.md,
+    'MDM loss: t-DCE and k-DCE'): k_b = ceil(t_b n_b) of the n_b tokens of block b masked, chosen
     uniformly, weight n_b / k_b; the schedule is not used. Over the full range the same bound for a
     time-agnostic network, with a far smaller variance for small blocks (L' = 1: exactly the AR NLL,
     zero variance). A shorter last block (windows of documents) is allowed. Random numbers are drawn
