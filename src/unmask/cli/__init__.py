@@ -10,7 +10,7 @@
     unmask import HF_FOLDER --out RUN   a LLaMA/Qwen2/Mistral/LLaDA/Dream checkpoint as a run folder
     unmask export RUN --out DIR     a run as a LLaMA-layout folder (AR: loads in transformers)
     unmask presets                  list model presets with parameter counts
-    unmask experiment scaling|reverse-curse|shift   SMDM's experiments, resumable, results folders
+    unmask experiment scaling|reverse-curse|reversal|conditional|shift   SMDM's experiments, resumable, results folders
 
 Errors of the user's making (``UnmaskError``, and usage errors such as an unknown option or a
 value of the wrong type) print one ``error: ...`` line and exit with 2, a decoding parameter named by

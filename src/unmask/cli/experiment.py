@@ -1,5 +1,6 @@
-"""``unmask experiment scaling | reverse-curse | conditional | shift``: SMDM's experiments, each writing a
-results folder (results.json, results.md, a PNG) and resuming where it stopped when run again."""
+"""``unmask experiment scaling | reverse-curse | reversal | conditional | shift``: SMDM's experiments and the
+controlled reversal task, each writing a results folder (results.json, results.md, a PNG) and resuming
+where it stopped when run again."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from unmask.errors import UnmaskError
 from unmask.experiments.conditional import Settings as ConditionalSettings
 from unmask.tracking import tracker_names
 
-experiment_app = command_group("SMDM's experiments: scaling laws, reverse curse, conditional generation, distribution shift.")
+experiment_app = command_group("SMDM's experiments: scaling laws, reverse curse, reversal on random token pairs, conditional generation, distribution shift.")
 app.add_typer(experiment_app, name="experiment")
 
 
