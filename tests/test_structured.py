@@ -264,7 +264,6 @@ def test_a_block_model_decodes_to_a_match_on_its_grid(data):
     assert_free_row(out, free, patterns, temperature, stop_token)
 
 
-@pytest.mark.xfail(strict=True, raises=OptionError, reason="a window past the prompt is refused mid-decoding as guidance without a prompt")
 def test_guidance_when_the_window_slides_past_the_prompt():
     """A block model decodes a canvas longer than its context through a sliding window; the
     guidance checked on the whole canvas must not be refused when a window no longer holds the prompt."""

@@ -146,7 +146,8 @@ def predict(
     t = None if t is None else pick(t.to(x.device))
     guided = bool(cfg_scale)
     if guided:
-        check_guidance(cfg_scale, cond)
+        if cond.prompt_mask is None:  # a window of a checked canvas may hold none of the prompt (its keys are cached): no check of .any()
+            check_guidance(cfg_scale, None)
         # the unconditional half: the same rows with the prompt replaced by MASK (docs/algorithms.md, 'Unsupervised classifier-free guidance')
         tokens = torch.cat([tokens, torch.where(pick(cond.prompt_mask), mask_id, tokens)])
         key_mask, positions, wanted = (None if v is None else torch.cat([v, v]) for v in (key_mask, positions, wanted))
