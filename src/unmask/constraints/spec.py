@@ -142,7 +142,37 @@ def _schema_regex(schema_text: str) -> str:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as exc:
         raise OptionError("json_schema", "{json_schema} is not a valid JSON Schema: {_why}", _why=exc.message) from None
+    dropped = sorted(set(unexpressed(schema)))
+    if dropped:
+        raise OptionError("json_schema", "{json_schema} uses {_words}, which its regex cannot express (output could break "
+                          "them); express the range or rule with enum or a pattern instead", _words=", ".join(dropped))
     try:
         return build_regex_from_schema(schema_text)
     except (ValueError, TypeError) as exc:
         raise OptionError("json_schema", "{json_schema} cannot be turned into a regex: {_why}", _why=str(exc)) from None
+
+
+# keywords the regex of outlines-core (0.2) leaves out: output would match the regex and break them
+UNEXPRESSED = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems", "minProperties",
+               "maxProperties", "not", "if", "contains", "propertyNames", "patternProperties", "dependentSchemas",
+               "dependentRequired")
+_SCHEMA_MAPS = ("properties", "$defs", "definitions", "patternProperties", "dependentSchemas")
+
+
+def unexpressed(schema) -> list[str]:
+    """The keywords of ``schema`` (and its subschemas) that its regex would leave out: those of
+    :data:`UNEXPRESSED`, and a string ``pattern`` beside ``minLength``/``maxLength`` (the pattern
+    wins and the bounds are dropped)."""
+    if isinstance(schema, list):
+        return [word for item in schema for word in unexpressed(item)]
+    if not isinstance(schema, dict):
+        return []
+    found = [key for key in UNEXPRESSED if key in schema]
+    if "pattern" in schema and ("minLength" in schema or "maxLength" in schema):
+        found.append("pattern with minLength/maxLength")
+    for key, value in schema.items():
+        if key in _SCHEMA_MAPS and isinstance(value, dict):
+            found += [word for sub in value.values() for word in unexpressed(sub)]
+        elif key not in ("enum", "const", "default", "examples") and isinstance(value, (dict, list)):
+            found += unexpressed(value)
+    return found
