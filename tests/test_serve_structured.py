@@ -19,7 +19,7 @@ from serving import LIMITS, ar, complete, events, mdm, model_id, post, runs, ser
 from unmask import ModelConfig, TrainConfig  # noqa: E402
 from unmask.serve.engine import Engine, Limits  # noqa: E402
 
-PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "minimum": 0},
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"},
                                            "role": {"enum": ["king", "fool"]}}, "required": ["name", "age", "role"]}
 PERSON_FORMAT = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
 CODE = "[0-9]{3}-[a-z]{2,5}"
