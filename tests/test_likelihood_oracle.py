@@ -154,10 +154,11 @@ def test_single_draw_losses_are_unbiased(oracle):
 
 
 def test_mc_elbo_rejects_bad_draws(oracle):
-    from unmask.errors import UnmaskError
+    from unmask.errors import OptionError
 
-    with pytest.raises(UnmaskError, match="--draws"):
+    with pytest.raises(OptionError, match=r"draws=1 must be an integer >= 2 \(a Monte Carlo estimate") as refused:
         mc_elbo(oracle, draw_data(oracle, 10), draws=1)
+    assert refused.value.param == "draws"
 
 
 def test_any_order_estimator_and_chain_rule_nll(oracle):

@@ -15,10 +15,12 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from unmask.errors import UnmaskError, check_number
+from unmask.errors import OptionError, UnmaskError, check_number
 from unmask.device import device_of
 from unmask.losses import ar_loss, k_dce, t_dce
 from unmask.schedule import Schedule, mask_exactly
+
+FOR_A_STANDARD_ERROR = " (a Monte Carlo estimate needs 2 draws or more for a standard error)"
 
 
 @dataclass
@@ -84,10 +86,9 @@ def mc_elbo(
     under this schedule; a time-conditioned network trained with eps = 1e-3 then sees mask rate t
     instead of (1 - eps) t at time t (t = 1: everything masked), a 0.1% shift of its input time.
     """
-    if draws < 2:
-        raise UnmaskError(f"--draws={draws}: the Monte Carlo ELBO needs at least 2 draws for a standard error")
+    check_number("draws", draws, ">= 2", FOR_A_STANDARD_ERROR)
     if estimator not in ("t-dce", "k-dce", "any-order"):
-        raise UnmaskError(f"--estimator {estimator!r} is not one of: t-dce, k-dce, any-order, chain-rule")
+        raise OptionError("estimator", "{estimator} {_name!r} is not one of: t-dce, k-dce, any-order, chain-rule", _name=estimator)
     groups = window_groups(windows)
     schedule = replace(schedule, eps=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -203,7 +204,7 @@ def decoding_ranks(score_mask: torch.Tensor, order: str, generator: torch.Genera
         keys = keys.masked_fill(~score_mask, 2.0)  # unscored positions sort last
         ranks = keys.argsort(dim=1).argsort(dim=1)
     else:
-        raise UnmaskError(f"--order {order!r} is not one of: left-to-right, random")
+        raise OptionError("order", "{order} {_name!r} is not one of: left-to-right, random", _name=order)
     return torch.where(score_mask, ranks, torch.full_like(ranks, -1))
 
 
@@ -275,8 +276,7 @@ def conditional_elbo(
     """
     from unmask.guidance import guided_logits
 
-    if draws < 2:
-        raise UnmaskError(f"--draws={draws}: the Monte Carlo estimate needs at least 2 draws for a standard error")
+    check_number("draws", draws, ">= 2", FOR_A_STANDARD_ERROR)
     score_mask = score_mask.bool()
     n = score_mask.sum(dim=1)
     scored = torch.where(score_mask, tokens, 0)  # context may hold MASK, which has no logit

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from unmask.data import Tokenizer, hf_documents
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError
 
 
 def wikitext_detokenize(text: str) -> str:
@@ -84,14 +84,14 @@ ZERO_SHOT: dict[str, ZeroShotSet] = {
 
 def detokenizer(name: str) -> Callable[[str], str]:
     if name not in DETOKENIZERS:
-        raise UnmaskError(f"--detokenizer {name!r} is not one of: {', '.join(DETOKENIZERS)}")
+        raise OptionError("detokenizer", "{detokenizer} {_name!r} is not one of: {_known}", _name=name, _known=", ".join(DETOKENIZERS))
     return DETOKENIZERS[name]
 
 
 def zero_shot_documents(name: str, limit: int | None = None) -> Iterator[str]:
     """Detokenised documents of a named zero-shot set (needs network and `unmask[hf]`)."""
     if name not in ZERO_SHOT:
-        raise UnmaskError(f"--dataset {name!r} is not one of: {', '.join(ZERO_SHOT)}")
+        raise OptionError("dataset", "{dataset} {_name!r} is not one of: {_known}", _name=name, _known=", ".join(ZERO_SHOT))
     spec = ZERO_SHOT[name]
     detok = DETOKENIZERS[spec.detokenizer]
     for i, doc in enumerate(hf_documents(spec.hf_name, spec.hf_config, spec.split, spec.field)):
@@ -107,7 +107,8 @@ def packed_windows(docs: list[str], tokenizer: Tokenizer, length: int) -> tuple[
         stream.extend(ids + [tokenizer.eos_id])
     n = len(stream) // length
     if n == 0:
-        raise UnmaskError(f"the text has {len(stream)} tokens, fewer than one window of {length}; pass --unpacked or more text")
+        raise OptionError("packed", "the text has {_n} tokens, fewer than one window of {_length}; give more text, or score each "
+                          "document alone (turn off {packed})", _n=len(stream), _length=length)
     arr = np.asarray(stream[: n * length], dtype=np.int64).reshape(n, length)
     prev = np.concatenate([[tokenizer.eos_id], arr[:-1, -1]])
     return arr, prev

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError, UnmaskError
 from unmask.device import device_of
 from unmask.losses import token_nll
 
@@ -56,9 +56,9 @@ class HFJudge:
         try:
             from transformers import AutoModelForCausalLM, AutoTokenizer
         except ImportError:
-            raise UnmaskError("--judge-hf needs `transformers`: pip install transformers") from None
+            raise OptionError("judge_hf", "{judge_hf} needs `transformers`: pip install transformers") from None
         if not Path(path).is_dir():
-            raise UnmaskError(f"--judge-hf {str(path)!r} is not a local model folder")
+            raise OptionError("judge_hf", "{judge_hf} {_path!r} is not a local model folder", _path=str(path))
         self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(device).eval()
 

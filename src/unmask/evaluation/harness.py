@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from unmask.checkpoint import checkpoint_tokenizer, load_model
 from unmask.data import Tokenizer
 from unmask.device import pick_device
-from unmask.errors import UnmaskError, check_number
+from unmask.errors import OptionError, UnmaskError, check_number
 from unmask.likelihood import chain_rule, conditional_elbo
 from unmask.device import device_of
 from unmask.losses import token_nll
@@ -70,7 +70,7 @@ class UnmaskLM(LM):
         _require_lm_eval()
         super().__init__()
         if method not in ("chain-rule", "mc"):
-            raise UnmaskError(f"--method {method!r} is not one of: chain-rule, mc")
+            raise OptionError("method", "{method} {_name!r} is not one of: chain-rule, mc", _name=method)
         cfg_scale = sampling.get("cfg_scale") or 0.0
         check_value(OPTIONS["cfg_scale"], cfg_scale)
         check_number("draws", draws, ">= 2")
@@ -239,7 +239,8 @@ def run_harness(
         manager = TaskManager(include_path=paths)
         unknown = [t for t in tasks if t not in manager.all_tasks]
         if unknown:
-            raise UnmaskError(f"--tasks: unknown task(s) {unknown}; the shipped offline tasks are {', '.join(LOCAL_TASKS)}")
+            raise OptionError("tasks", "{tasks}: unknown task(s) {_unknown}; the shipped offline tasks are {_local}", _unknown=unknown,
+                              _local=", ".join(LOCAL_TASKS))
         out = simple_evaluate(
             model=lm, tasks=tasks, task_manager=manager, limit=limit, num_fewshot=num_fewshot, log_samples=False,
             random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0,

@@ -19,7 +19,7 @@ from unmask.checkpoint import checkpoint_tokenizer, load_model
 from unmask.data import TokenDataset, default_dataset, read_documents
 from unmask.data.shards import spread
 from unmask.device import pick_device
-from unmask.errors import UnmaskError, check_number
+from unmask.errors import OptionError, check_number
 from unmask.evaluation.corpora import ZERO_SHOT, detokenizer, packed_windows, unpacked_windows, zero_shot_documents
 from unmask.likelihood import LikelihoodResult, ar_nll, chain_rule_nll, mc_elbo
 from unmask.schedule import Schedule
@@ -39,7 +39,8 @@ def score(
         if estimator == "chain-rule":
             return block_chain_rule_nll(model, windows, config.model.block_causal, batch_size=batch_size, progress=progress)
         if estimator not in ("t-dce", "k-dce"):
-            raise UnmaskError(f"--estimator {estimator}: a block model is scored with t-dce or k-dce (its bound) or chain-rule (exact, L' calls)")
+            raise OptionError("estimator", "{estimator} {_name}: a block model is scored with t-dce or k-dce (its bound) or chain-rule "
+                              "(exact, L' calls)", _name=estimator)
         return block_elbo(model, windows, config.model.block_causal, draws=draws, schedule=Schedule(config.train.schedule),
                           batch_size=batch_size, seed=seed, progress=progress, estimator=estimator)
     if estimator == "chain-rule":
@@ -73,7 +74,7 @@ def evaluate_checkpoint(
     ``estimator`` (MDM): t-dce, k-dce, any-order (ELBO bounds) or chain-rule (exact, L calls).
     """
     if estimator is not None and estimator not in ESTIMATORS:
-        raise UnmaskError(f"--estimator {estimator!r} is not one of: {', '.join(ESTIMATORS)}")
+        raise OptionError("estimator", "{estimator} {_name!r} is not one of: {_known}", _name=estimator, _known=", ".join(ESTIMATORS))
     for name, value, rule in (("windows", windows, "> 0"), ("limit_documents", limit_documents, "> 0"),
                               ("draws", draws, ">= 2"), ("batch_size", batch_size, "> 0")):
         check_number(name, value, rule)
@@ -100,12 +101,13 @@ def evaluate_checkpoint(
             w, prev = groups, [torch.full((g.shape[0],), tok.eos_id) for g in groups]
     else:
         if split not in ("val", "train"):
-            raise UnmaskError(f"--split {split!r} is not one of: val, train")
+            raise OptionError("split", "{split} {_name!r} is not one of: val, train", _name=split)
         if data is None:
             data = cfg.data_dir if cfg.data_dir and Path(cfg.data_dir).exists() else default_dataset()
         ds = TokenDataset(data, split)
         if cfg.tokenizer_fingerprint and ds.tokenizer.fingerprint != cfg.tokenizer_fingerprint:
-            raise UnmaskError(f"--data {data} was tokenised with a different tokenizer than {checkpoint}; prepare it with the checkpoint's tokenizer.json")
+            raise OptionError("data", "{data} {_data} was tokenised with a different tokenizer than {_checkpoint}; prepare it with the "
+                              "checkpoint's tokenizer.json", _data=data, _checkpoint=checkpoint)
         w = torch.from_numpy(ds.eval_windows(length, windows))
         prev = torch.from_numpy(ds.eval_previous(length, windows))
         source, packed = f"{data}:{split}", True
