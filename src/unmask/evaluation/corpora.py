@@ -108,7 +108,7 @@ def packed_windows(docs: list[str], tokenizer: Tokenizer, length: int) -> tuple[
     n = len(stream) // length
     if n == 0:
         raise OptionError("packed", "the text has {_n} tokens, fewer than one window of {_length}; give more text, or score each "
-                          "document alone (turn off {packed})", _n=len(stream), _length=length)
+                          "document alone ({no_packed})", _n=len(stream), _length=length)
     arr = np.asarray(stream[: n * length], dtype=np.int64).reshape(n, length)
     prev = np.concatenate([[tokenizer.eos_id], arr[:-1, -1]])
     return arr, prev
