@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from unmask.errors import OptionError, UnmaskError
+from unmask.errors import OptionError, UnmaskError, not_one_of
 from unmask.device import device_of
 from unmask.likelihood import LikelihoodResult, batch_slices, window_groups
 from unmask.losses import token_nll
@@ -141,7 +141,7 @@ def corrupt_blocks(
     elif estimator == "k-dce":
         masked, weight = _masked_k_of_each_block(t, length, block_size, generator)
     else:
-        raise OptionError("estimator", "{estimator} {_name!r} is not one of: t-dce, k-dce", _name=estimator)
+        raise not_one_of("estimator", estimator, "t-dce, k-dce")
     masked = masked.to(x0.device)
     xt = torch.where(masked, torch.full_like(x0, mask_id), x0)
     return BlockCorruption(xt, masked, weight.to(x0.device), block_size)

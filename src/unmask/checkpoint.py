@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from unmask.config import RunConfig
-from unmask.errors import OptionError, UnmaskError
+from unmask.errors import OptionError, UnmaskError, not_one_of
 
 FORMAT = "unmask"
 FORMAT_VERSION = 1
@@ -419,7 +419,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", weights: st
     from unmask.model import Transformer
 
     if weights not in ("auto", "ema", "raw"):
-        raise UnmaskError(f"weights={weights!r} is not one of: auto, ema, raw")
+        raise not_one_of("weights", weights, "auto, ema, raw")
     state, config, ckpt = load_weights(path)
     if weights == "ema" and not (ckpt / EMA_FILE).is_file():
         raise OptionError("weights", "{_ckpt} has no {_file} (the run was trained without {ema}); use the raw weights", _ckpt=ckpt,

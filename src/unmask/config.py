@@ -12,7 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
 
-from unmask.errors import OptionError, UnmaskError, check_number
+from unmask.errors import OptionError, UnmaskError, check_number, not_one_of
 from unmask.schedule import SCHEDULES
 
 
@@ -237,11 +237,6 @@ def _cfg_dropout_error(value: float) -> OptionError:
                        "(an AR model has no MASK to drop its prompt to)", _value=value)
 
 
-def _not_one_of(name: str, value: Any, known: Iterable[str]) -> OptionError:
-    """The error for a setting ``name`` whose ``value`` is none of the ``known`` ones."""
-    return OptionError(name, f"{{{name}}} {{_value!r}} is not one of: {{_known}}", _value=value, _known=", ".join(known))
-
-
 # The sections of a TrainConfig; None where a section is off (no init_from or annealing, not block
 # diffusion, not fine-tuning).
 SECTIONS: dict[str, type] = {"adapt": AdaptationConfig, "block": BlockDiffusionConfig, "sft": SFTConfig}
@@ -350,18 +345,18 @@ class TrainConfig(metaclass=_Settings):
         from unmask.objectives.registry import trained_from_text
 
         if self.objective not in trained_from_text():
-            raise _not_one_of("objective", self.objective, trained_from_text())
+            raise not_one_of("objective", self.objective, trained_from_text())
         if self.objective == "bd3" and (self.block is None or self.block.size < 1):
             raise _block_size_error(0 if self.block is None else self.block.size)
         if self.objective != "bd3" and self.block is not None:
             raise OptionError("block_size", "{block_size}, {mask_rate_min}, {mask_rate_max} and {flex_attention} apply to {objective} bd3 only")
         for key, known in (("loss", ("t-dce", "k-dce")), ("schedule", SCHEDULES), ("precision", ("auto", "bf16", "fp32"))):
             if getattr(self, key) not in known:
-                raise _not_one_of(key, getattr(self, key), known)
+                raise not_one_of(key, getattr(self, key), known)
         for key, rule in TRAIN_NUMBERS.items():
             check_number(key, getattr(self, key), rule)
         if self.parallel not in ("ddp", "fsdp"):
-            raise _not_one_of("parallel", self.parallel, ("ddp", "fsdp"))
+            raise not_one_of("parallel", self.parallel, ("ddp", "fsdp"))
         if self.adapt is not None and self.adapt.anneal_steps and self.objective != "mdm":
             raise OptionError("anneal_steps", "{anneal_steps}={_steps} is for {objective} mdm only", _steps=self.adapt.anneal_steps)
         if self.sft is not None and self.objective not in ("mdm", "ar"):

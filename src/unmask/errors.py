@@ -49,6 +49,13 @@ class _Spelling(dict):
         return self.spell(name)
 
 
+def not_one_of(name: str, value, known, note: str = "") -> OptionError:
+    """The error for a parameter ``name`` whose ``value`` is none of the ``known`` ones (an iterable
+    of str, or one str listing them), followed by ``note``."""
+    listed = known if isinstance(known, str) else ", ".join(known)
+    return OptionError(name, f"{{{name}}} {{_value!r}} is not one of: {{_known}}{{_note}}", _value=value, _known=listed, _note=note)
+
+
 def check_number(name: str, value: float | None, rule: str, note: str = "") -> None:
     """Refuse ``value`` unless it is a finite number obeying ``rule``: ``"> 0"``, ``">= 2"`` (any bound)
     or an interval such as ``"(0, 1]"``. ``None`` ("not given") passes. The error is an

@@ -15,7 +15,7 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from unmask.errors import OptionError, UnmaskError, check_number
+from unmask.errors import UnmaskError, check_number, not_one_of
 from unmask.device import device_of
 from unmask.losses import ar_loss, k_dce, t_dce
 from unmask.schedule import Schedule, mask_exactly
@@ -88,7 +88,7 @@ def mc_elbo(
     """
     check_number("draws", draws, ">= 2", FOR_A_STANDARD_ERROR)
     if estimator not in ("t-dce", "k-dce", "any-order"):
-        raise OptionError("estimator", "{estimator} {_name!r} is not one of: t-dce, k-dce, any-order, chain-rule", _name=estimator)
+        raise not_one_of("estimator", estimator, "t-dce, k-dce, any-order, chain-rule")
     groups = window_groups(windows)
     schedule = replace(schedule, eps=0.0)
     gen = torch.Generator().manual_seed(seed)
@@ -204,7 +204,7 @@ def decoding_ranks(score_mask: torch.Tensor, order: str, generator: torch.Genera
         keys = keys.masked_fill(~score_mask, 2.0)  # unscored positions sort last
         ranks = keys.argsort(dim=1).argsort(dim=1)
     else:
-        raise OptionError("order", "{order} {_name!r} is not one of: left-to-right, random", _name=order)
+        raise not_one_of("order", order, "left-to-right, random")
     return torch.where(score_mask, ranks, torch.full_like(ranks, -1))
 
 

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from unmask.data import Tokenizer, hf_documents
-from unmask.errors import OptionError
+from unmask.errors import OptionError, not_one_of
 
 
 def wikitext_detokenize(text: str) -> str:
@@ -84,14 +84,14 @@ ZERO_SHOT: dict[str, ZeroShotSet] = {
 
 def detokenizer(name: str) -> Callable[[str], str]:
     if name not in DETOKENIZERS:
-        raise OptionError("detokenizer", "{detokenizer} {_name!r} is not one of: {_known}", _name=name, _known=", ".join(DETOKENIZERS))
+        raise not_one_of("detokenizer", name, DETOKENIZERS)
     return DETOKENIZERS[name]
 
 
 def zero_shot_documents(name: str, limit: int | None = None) -> Iterator[str]:
     """Detokenised documents of a named zero-shot set (needs network and `unmask[hf]`)."""
     if name not in ZERO_SHOT:
-        raise OptionError("dataset", "{dataset} {_name!r} is not one of: {_known}", _name=name, _known=", ".join(ZERO_SHOT))
+        raise not_one_of("dataset", name, ZERO_SHOT)
     spec = ZERO_SHOT[name]
     detok = DETOKENIZERS[spec.detokenizer]
     for i, doc in enumerate(hf_documents(spec.hf_name, spec.hf_config, spec.split, spec.field)):

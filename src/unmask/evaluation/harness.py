@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from unmask.checkpoint import checkpoint_tokenizer, load_model
 from unmask.data import Tokenizer
 from unmask.device import pick_device
-from unmask.errors import OptionError, UnmaskError, check_number
+from unmask.errors import OptionError, UnmaskError, check_number, not_one_of
 from unmask.likelihood import chain_rule, conditional_elbo
 from unmask.device import device_of
 from unmask.losses import token_nll
@@ -70,7 +70,7 @@ class UnmaskLM(LM):
         _require_lm_eval()
         super().__init__()
         if method not in ("chain-rule", "mc"):
-            raise OptionError("method", "{method} {_name!r} is not one of: chain-rule, mc", _name=method)
+            raise not_one_of("method", method, "chain-rule, mc")
         cfg_scale = sampling.get("cfg_scale") or 0.0
         check_value(OPTIONS["cfg_scale"], cfg_scale)
         check_number("draws", draws, ">= 2")

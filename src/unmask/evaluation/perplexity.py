@@ -19,7 +19,7 @@ from unmask.checkpoint import checkpoint_tokenizer, load_model
 from unmask.data import TokenDataset, default_dataset, read_documents
 from unmask.data.shards import spread
 from unmask.device import pick_device
-from unmask.errors import OptionError, check_number
+from unmask.errors import OptionError, check_number, not_one_of
 from unmask.evaluation.corpora import ZERO_SHOT, detokenizer, packed_windows, unpacked_windows, zero_shot_documents
 from unmask.likelihood import LikelihoodResult, ar_nll, chain_rule_nll, mc_elbo
 from unmask.schedule import Schedule
@@ -74,7 +74,7 @@ def evaluate_checkpoint(
     ``estimator`` (MDM): t-dce, k-dce, any-order (ELBO bounds) or chain-rule (exact, L calls).
     """
     if estimator is not None and estimator not in ESTIMATORS:
-        raise OptionError("estimator", "{estimator} {_name!r} is not one of: {_known}", _name=estimator, _known=", ".join(ESTIMATORS))
+        raise not_one_of("estimator", estimator, ESTIMATORS)
     for name, value, rule in (("windows", windows, "> 0"), ("limit_documents", limit_documents, "> 0"),
                               ("draws", draws, ">= 2"), ("batch_size", batch_size, "> 0")):
         check_number(name, value, rule)
@@ -101,7 +101,7 @@ def evaluate_checkpoint(
             w, prev = groups, [torch.full((g.shape[0],), tok.eos_id) for g in groups]
     else:
         if split not in ("val", "train"):
-            raise OptionError("split", "{split} {_name!r} is not one of: val, train", _name=split)
+            raise not_one_of("split", split, "val, train")
         if data is None:
             data = cfg.data_dir if cfg.data_dir and Path(cfg.data_dir).exists() else default_dataset()
         ds = TokenDataset(data, split)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from unmask.config import ModelConfig
-from unmask.errors import OptionError, UnmaskError
+from unmask.errors import OptionError, UnmaskError, not_one_of
 
 ROLES = ("q", "k", "v", "o", "gate", "up", "down", "attn_norm", "mlp_norm")
 
@@ -186,7 +186,7 @@ def model_config(layout: Layout, config: dict[str, Any], as_: str, tied: bool, s
     """The :class:`ModelConfig` of a published ``config.json``; ``as_`` "ar" (causal) or "mdm"; ``tied``:
     whether the checkpoint's head is its embedding (a fallback when the config does not say)."""
     if as_ not in ("ar", "mdm"):
-        raise OptionError("as_", "{as_} {_as!r} is not one of: ar, mdm", _as=as_)
+        raise not_one_of("as_", as_, "ar, mdm")
     if layout.default_as == "mdm" and as_ == "ar":
         raise OptionError("as_", "{as_} ar: a {_layout} checkpoint is a masked diffusion model; import it with {as_} mdm", _layout=layout.name)
     if isinstance(config.get("unmask"), dict) and "model" in config["unmask"]:  # written by `unmask export`

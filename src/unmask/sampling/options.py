@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from numbers import Integral, Real
 from typing import Iterable
 
-from unmask.errors import OptionError, broken_rule
+from unmask.errors import OptionError, broken_rule, not_one_of
 from unmask.schedule import SCHEDULES
 
 OWN = "own"  # default: the sampler config's own (the threshold sampler decodes at temperature 0, the others at 1)
@@ -108,7 +108,7 @@ def check_value(option: Option, value) -> None:
             what = "an integer " if option.type is int else "" if math.isfinite(value) else "a finite number "
             raise OptionError(name, f"{{{name}}}={{_value}} must be {what}{{_words}}{{_note}}", _value=value, _words=words, _note=option.note)
     if option.choices is not None and value not in option.choices:
-        raise OptionError(name, f"{{{name}}} {{_value!r}} is not one of: {{_choices}}", _value=value, _choices=", ".join(option.choices))
+        raise not_one_of(name, value, option.choices)
 
 
 def check_fields(config) -> None:
