@@ -4,9 +4,9 @@ check that says whether a text is valid (Python's ``re.fullmatch`` for the regex
 
 Every regex is written so that Rust's regex syntax (outlines-core, which compiles the constraint)
 and Python's ``re`` (which checks the output) read it alike: ``[0-9]``, never ``\\d`` (Unicode
-digits in Rust). The JSON Schemas are checked by ``jsonschema`` in full, including what the
-constraint does not enforce (outlines-core 0.2 writes ``minimum``/``maximum`` of numbers as any
-number, so a constrained output can still break a range: the benchmark reports it).
+digits in Rust). The JSON Schemas are checked by ``jsonschema`` in full. Number ranges are
+written as enums: ``Constraint.json_schema`` refuses ``minimum``/``maximum`` (outlines-core's regex
+of a schema cannot express them).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ ONE_TO_100 = r"([1-9]|[1-9][0-9]|100)"
 LABELS = ("comedy", "tragedy", "history", "romance")
 
 SCHEMAS = {
-    "person": {  # strings with patterns, an integer with a range
+    "person": {  # a string with a pattern, an integer range (as an enum)
         "type": "object",
-        "properties": {"name": {"type": "string", "pattern": "^[A-Z][a-z]{1,11}$"}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+        "properties": {"name": {"type": "string", "pattern": "^[A-Z][a-z]{1,11}$"}, "age": {"type": "integer", "enum": list(range(121))}},
         "required": ["name", "age"],
     },
     "play": {  # a nested object, an enum
@@ -45,16 +45,16 @@ SCHEMAS = {
                        "staged": {"type": "boolean"}},
         "required": ["tags", "staged"],
     },
-    "place": {  # numbers with ranges
+    "place": {  # numbers with ranges (whole degrees, as enums)
         "type": "object",
-        "properties": {"lat": {"type": "number", "minimum": -90, "maximum": 90}, "lon": {"type": "number", "minimum": -180, "maximum": 180}},
+        "properties": {"lat": {"type": "integer", "enum": list(range(-90, 91))}, "lon": {"type": "integer", "enum": list(range(-180, 181))}},
         "required": ["lat", "lon"],
     },
     "scene": {  # patterns, an integer range, an array of strings
         "type": "object",
         "properties": {
             "act": {"type": "string", "pattern": "^[IV]{1,3}$"},
-            "scene": {"type": "integer", "minimum": 1, "maximum": 9},
+            "scene": {"type": "integer", "enum": list(range(1, 10))},
             "cast": {"type": "array", "items": {"type": "string", "maxLength": 10}, "minItems": 1, "maxItems": 3},
         },
         "required": ["act", "scene", "cast"],
@@ -68,7 +68,7 @@ SCHEMAS = {
                          "required": ["name", "email"]},
             "items": {"type": "array", "minItems": 1, "maxItems": 3, "items": {
                 "type": "object", "properties": {"sku": {"type": "string", "pattern": "^[A-Z]{3}[0-9]{2}$"},
-                                                 "qty": {"type": "integer", "minimum": 1, "maximum": 99}},
+                                                 "qty": {"type": "integer", "enum": list(range(1, 100))}},
                 "required": ["sku", "qty"]}},
             "status": {"enum": ["open", "paid", "shipped"]},
         },
@@ -92,9 +92,8 @@ class Task:
     choices: tuple[str, ...] | None = None
     schema: dict | None = None
 
-    def valid(self, text: str, ranges: bool = True) -> bool:
-        """Whether ``text`` (the output up to its first EOS) is a valid answer; ``ranges=False``: the
-        schema's number ranges left out of the check (what outlines-core's regex does not enforce)."""
+    def valid(self, text: str) -> bool:
+        """Whether ``text`` (the output up to its first EOS) is a valid answer."""
         if self.pattern is not None:
             return re.fullmatch(self.pattern, text) is not None
         if self.choices is not None:
@@ -107,19 +106,7 @@ class Task:
             return False
         if self.schema is None:  # json_object: any object
             return isinstance(value, dict)
-        return jsonschema.Draft202012Validator(self.schema if ranges else without_ranges(self.schema)).is_valid(value)
-
-
-RANGES = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
-
-
-def without_ranges(schema):
-    """``schema`` with every number range removed, at any depth."""
-    if isinstance(schema, dict):
-        return {k: without_ranges(v) for k, v in schema.items() if k not in RANGES}
-    if isinstance(schema, list):
-        return [without_ranges(v) for v in schema]
-    return schema
+        return jsonschema.Draft202012Validator(self.schema).is_valid(value)
 
 
 def regex_task(name: str, prompt: str, pattern: str, length: int) -> Task:
