@@ -2,8 +2,8 @@
 measured side by side in one run.
 
 The task suite (benchmarks/structured_tasks.py): dates, e-mail addresses, phone numbers, integers
-1-100 (regexes), one of four labels (choice), six JSON Schemas (nested objects, arrays, enums,
-numbers with ranges, strings with patterns) and any JSON object. For every task, --samples
+1-100 (regexes), one of four labels (choice), five JSON Schemas (nested objects, arrays, enums,
+integer ranges as enums, strings with patterns and length bounds) and any JSON object. For every task, --samples
 outputs of each decoding configuration, unconstrained and constrained:
 
 * validity: ``re.fullmatch`` of the pattern, the choice, or ``json.loads`` + ``jsonschema``, on the
