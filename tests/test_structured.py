@@ -512,7 +512,7 @@ def test_an_infill_template_that_contradicts_the_pattern_is_refused():
     for contradicts in (other_key, compile_constraint(Constraint.regex("[0-9]+"), TOK)):
         with pytest.raises(OptionError) as refused:
             constrain(cond, x, start, [fits, contradicts], param="infill")
-        assert refused.value.param == "infill" and "contradicts it, whatever the infill" in str(refused.value)
+        assert refused.value.param == "infill" and "the fixed text of the infill contradicts it" in str(refused.value)
 
 
 @pytest.fixture(scope="module")

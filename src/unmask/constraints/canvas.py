@@ -116,7 +116,7 @@ def refusal(automaton: TokenAutomaton, row: torch.Tensor, start: int = 0, end: i
     if need == end - start:
         return None
     if need is None:
-        return OptionError(param, "the constraint cannot be met: the fixed text of the canvas contradicts it, "
-                                  "whatever the {%s}" % param)
+        return OptionError(param, "the constraint cannot be met: the fixed text of the {%s} contradicts it, so no filling "
+                                  "of the masked positions matches" % param)
     return OptionError(param, "{%s}={_n} is too short for the constraint: it needs at least {_need} tokens" % param,
                        _n=end - start, _need=need)
