@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from unmask.errors import UnmaskError
+from unmask.errors import OptionError, UnmaskError
 from unmask.experiments import fits
 
 # a synthetic world whose frontiers are known exactly: loss = L*(C) + k (log N - log N*(C))^2
@@ -289,6 +289,25 @@ def test_reverse_curse_miniature(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.import_module("unmask.train"), "train", lambda *a, **k: pytest.fail("trained again"))
     again = reverse_curse.run(tmp_path / "rc", settings, device="cpu", progress=False)["summary"]
     assert json.loads(json.dumps(again)) == json.loads(json.dumps(result["summary"]))
+
+
+def test_reverse_curse_rows_layout_trains_one_fact_per_row(tmp_path):
+    from unmask.data.pairs import PairDataset
+    from unmask.experiments import reverse_curse
+
+    settings = reverse_curse.Settings(facts_per_direction=2, repeats=2, text_chars=0, vocab_size=600, n_layer=1, n_embd=32, n_head=2,
+                                      context_len=96, steps=4, batch_size=4, seeds=(0,), distractors=2, cfg_scales=(0.0,), layout="rows")
+    result = reverse_curse.run(tmp_path / "rc", settings, device="cpu", progress=False)
+    out = tmp_path / "rc"
+    assert {"results.json", "results.md", "reverse_curse.png", "data-rows"} <= {p.name for p in out.iterdir()}
+    rows = PairDataset(out / "data-rows", "train")
+    assert len(rows.tokens) == 4 * 4 * 2 and (rows.start == 1).all()  # 4 facts x 4 paraphrases x 2 repeats, empty prompts
+    assert [r["spec"]["name"] for r in result["runs"]] == ["rows-mdm-seed0", "rows-ar-seed0"]
+    assert all(r["spec"]["train"]["sft"] for r in result["runs"])
+    assert [r["model"] for r in result["summary"]] == ["AR", "MDM"]
+    assert "one document per training row" in (out / "results.md").read_text()
+    with pytest.raises(OptionError, match="layout"):
+        reverse_curse.Settings(layout="stacked")
 
 
 def test_conditional_miniature(tmp_path, monkeypatch):

@@ -57,6 +57,8 @@ def reverse_curse(
     facts_file: Optional[Path] = typer.Option(None, help="JSONL of {\"name\", \"description\"} facts; default: synthetic fictional facts."),
     facts: int = typer.Option(20, min=1, help="Synthetic facts per direction."),
     repeats: int = typer.Option(20, min=1, help="Copies of each paraphrase in the training text."),
+    text_chars: int = typer.Option(200_000, min=0, help="Characters of Shakespeare mixed in as ordinary text (0: the facts alone)."),
+    layout: str = typer.Option("packed", help="Training data layout: packed (documents packed into windows) or rows (one document per row)."),
     steps: int = typer.Option(1000, min=1, help="Training steps of each model."),
     extra_mdm_steps: str = typer.Option("", help="Comma-separated step counts of further MDM runs (more compute than the AR model), e.g. 4000."),
     seeds: str = typer.Option("0,1", help="Comma-separated training seeds; the table reports mean and spread over them."),
@@ -71,7 +73,7 @@ def reverse_curse(
 
     settings = experiment.Settings(facts_per_direction=facts, repeats=repeats, steps=steps, seeds=_ints(seeds, "--seeds"),
                                    cfg_scales=_floats(cfg_scales, "--cfg-scales"), distractors=distractors, context_len=context_len,
-                                   extra_mdm_steps=_ints(extra_mdm_steps, "--extra-mdm-steps"))
+                                   extra_mdm_steps=_ints(extra_mdm_steps, "--extra-mdm-steps"), text_chars=text_chars, layout=layout)
     experiment.run(out, settings, facts_file, device=device, log_to=tracker_names(log_to))
     typer.echo(f"wrote {out}/results.md, results.json and reverse_curse.png", err=True)
 

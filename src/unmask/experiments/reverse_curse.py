@@ -5,6 +5,18 @@ its paraphrases repeated ``repeats`` times, mixed with passages of the embedded 
 corpus as ordinary text, tokenised with a BPE of ``vocab_size`` tokens trained on that mixture.
 Models: an MDM and an AR model trained FROM SCRATCH on it with the same recipe, for each seed.
 
+Layout of the training data (``layout``):
+
+* ``packed`` (the default): the documents packed back to back into windows of ``context_len``
+  tokens and trained as text (``unmask.objectives.mdm`` / ``ar``), as pretraining does; a fact's
+  last words then also stand just before the next document's first ones;
+* ``rows``: one document per training row, ``[EOS ; document ; EOS pads]``, a pairs folder
+  (``unmask.data.pairs``) with an empty prompt trained by fine-tuning's loop (``sft``), as
+  ``unmask experiment reversal`` trains its ``isolated`` layout: each paraphrase of each fact (and
+  each piece of the Shakespeare text, cut at words to fit a row) is its own row, so nothing
+  unrelated stands beside a fact. The MDM's answer likelihoods are then scored on rows of the
+  training length (the positions after the answer MASK, marginalised).
+
 Evaluation, per question ("<A> is" -> "<B>"), in the direction seen in training and the reverse:
 
 * exact match of the greedy completion of the answer's length (AR: argmax left to right; MDM:
@@ -22,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from unmask.errors import OptionError, check_number
+from unmask.errors import OptionError, check_number, not_one_of
 from unmask.experiments import facts as facts_mod
 from unmask.experiments.answers import answer_logprobs, complete
 from unmask.experiments.recipe import SmallModel
@@ -58,14 +70,21 @@ class FactSettings(SmallModel):
         return 1 / (1 + self.distractors)
 
 
+LAYOUTS = ("packed", "rows")
+
+
 @dataclass(frozen=True)
 class Settings(FactSettings):
-    """The experiment's settings: the shared ones, and further MDM runs."""
+    """The experiment's settings: the shared ones, further MDM runs and the layout of the training data."""
 
     extra_mdm_steps: tuple[int, ...] = ()  # further MDM runs trained this many steps (more compute than the AR model)
+    layout: str = "packed"  # packed: documents packed into windows; rows: one document per training row
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_number("text_chars", self.text_chars, ">= 0")
+        if self.layout not in LAYOUTS:
+            raise not_one_of("layout", self.layout, LAYOUTS)
         if any(n <= 0 for n in self.extra_mdm_steps):
             raise OptionError("extra_mdm_steps", "{extra_mdm_steps} {_steps} must be positive step counts", _steps=list(self.extra_mdm_steps))
 
@@ -100,33 +119,84 @@ def prepare(out: Path, settings: FactSettings, facts: list[facts_mod.Fact]) -> P
     return prepare_dataset(data, tok, docs, val, progress=False)
 
 
+def _row_pieces(tok, texts: list[str], limit: int) -> list[str]:
+    """The ``texts`` cut at spaces into pieces of at most ``limit`` tokens each (a single longer word is left out)."""
+    pieces = []
+    for text in texts:
+        words: list[str] = []
+        for word in text.split():
+            if words and len(tok.encode(" ".join([*words, word]))) > limit:
+                pieces.append(" ".join(words))
+                words = []
+            words.append(word)
+        if words:
+            pieces.append(" ".join(words))
+    return [p for p in pieces if len(tok.encode(p)) <= limit]
+
+
+def prepare_rows(out: Path, settings: FactSettings, facts: list[facts_mod.Fact]) -> Path:
+    """OUT/data-rows (made once): the documents of :func:`prepare` (same BPE recipe), one per row of a pairs folder
+    with an empty prompt, rows of at most ``context_len`` tokens (text cut at words to fit)."""
+    from unmask.data import shakespeare_works, train_bpe
+    from unmask.data.pairs import Pair, prepare_pairs
+
+    data = out / "data-rows"
+    if (data / "pairs.json").is_file():
+        return data
+    rng = random.Random(settings.data_seed)
+    fact_docs = facts_mod.fact_documents(facts) * settings.repeats
+    text_docs = _text_documents(settings.text_chars)
+    docs = fact_docs + text_docs
+    rng.shuffle(docs)
+    val = [p.strip() for p in shakespeare_works("validation")[0][1].split("\n\n") if p.strip()][:200]
+    tok = train_bpe(docs + val, vocab_size=settings.vocab_size)
+    limit = settings.context_len - 2  # the row's EOS before and one EOS pad after
+    longest = max(len(tok.encode(d)) for d in fact_docs)
+    if longest > limit:
+        raise OptionError("context_len", "{context_len}={_len}: the longest fact takes {_longest} tokens, a row {_row}; use {context_len} "
+                          "{_row} or more", _len=settings.context_len, _longest=longest, _row=longest + 2)
+    train = fact_docs + _row_pieces(tok, text_docs, limit)
+    rng.shuffle(train)
+    held_out = _row_pieces(tok, val, limit)[:200]
+    return prepare_pairs(data, tok, [Pair("", d) for d in train], [Pair("", d) for d in held_out], max_length=settings.context_len)
+
+
 def facts_corpus(out: Path, settings: FactSettings, facts_file: str | Path | None):
     """(facts, their source, OUT/data, its tokenizer): the facts (written to OUT/facts.jsonl) and the
-    corpus of :func:`prepare`, made once."""
+    corpus of :func:`prepare`, made once (with ``layout`` "rows": OUT/data-rows of :func:`prepare_rows`)."""
     from unmask.data import TokenDataset
+    from unmask.data.pairs import PairDataset
 
     out.mkdir(parents=True, exist_ok=True)
     facts, source = facts_mod.load_facts(facts_file, settings.facts_per_direction, settings.data_seed)
     facts_mod.write_facts(out / "facts.jsonl", facts)
+    if getattr(settings, "layout", "packed") == "rows":
+        data = prepare_rows(out, settings, facts)
+        return facts, source, data, PairDataset(data, "train").tokenizer
     data = prepare(out, settings, facts)
     return facts, source, data, TokenDataset(data, "train").tokenizer
 
 
 def specs_for(settings: Settings, data: Path, vocab: int) -> list[RunSpec]:
     """An MDM and an AR run per seed; ``meta`` records the evaluation settings, so a finished run is
-    reused only when they are the same."""
+    reused only when they are the same. Layout "rows": the runs fine-tune on the pairs folder, named ``rows-...``."""
     evaluation = {"distractors": settings.distractors, "cfg_scales": list(settings.cfg_scales), "data_seed": settings.data_seed}
+    rows = settings.layout == "rows"
+    if rows:
+        evaluation["layout"] = "rows"
     specs = []
     runs = [("mdm", settings.steps, ""), ("ar", settings.steps, ""), *(("mdm", n, f"-{n}steps") for n in settings.extra_mdm_steps)]
     for seed in settings.seeds:
         for kind, steps, suffix in runs:
-            specs.append(RunSpec(f"{kind}-seed{seed}{suffix}", settings.model_config("reverse-curse", vocab, kind),
-                                 settings.train_config(kind, steps, seed), str(data), {"kind": kind, "seed": seed, **evaluation}))
+            train = settings.train_config(kind, steps, seed, sft=True) if rows else settings.train_config(kind, steps, seed)
+            specs.append(RunSpec(f"{'rows-' if rows else ''}{kind}-seed{seed}{suffix}", settings.model_config("reverse-curse", vocab, kind),
+                                 train, str(data), {"kind": kind, "seed": seed, **evaluation}))
     return specs
 
 
-def evaluate_run(run_dir: Path, facts: list[facts_mod.Fact], settings: Settings, device: str = "auto") -> dict[str, Any]:
-    """Exact match, ranking and log-likelihood per direction (and per guidance scale for an MDM)."""
+def evaluate_run(run_dir: Path, facts: list[facts_mod.Fact], settings: Settings, device: str = "auto", row_length: int | None = None) -> dict[str, Any]:
+    """Exact match, ranking and log-likelihood per direction (and per guidance scale for an MDM); ``row_length``: an
+    MDM trained on rows of this length scores its answers on rows of it (``answer_logprobs``'s ``pad_to``)."""
     from unmask.checkpoint import checkpoint_tokenizer, load_model
     from unmask.device import pick_device
 
@@ -144,7 +214,7 @@ def evaluate_run(run_dir: Path, facts: list[facts_mod.Fact], settings: Settings,
     result: dict[str, Any] = {}
     for w in scales:
         pairs = [(p, a) for p, cands in zip(prompts, answers) for a in cands]
-        logp = answer_logprobs(model, pairs, tok.eos_id, cfg_scale=w)
+        logp = answer_logprobs(model, pairs, tok.eos_id, cfg_scale=w, pad_to=row_length)
         fills = complete(model, prompts, [len(cands[0]) for cands in answers], tok.eos_id, cfg_scale=w)
         per_dir: dict[str, dict[str, list[float]]] = {"same": {}, "reverse": {}}
         k = 0
@@ -175,7 +245,9 @@ def summarise(records: list[dict], settings: Settings) -> list[dict]:
 def markdown(settings: Settings, rows: list[dict], source: str, num_facts: int) -> str:
     lines = ["# Reverse curse: MDM vs AR", "",
              f"Facts: {source}; {num_facts // 2} per direction, {len(facts_mod.TEMPLATES['n2d'])} paraphrases each, "
-             f"x{settings.repeats}, mixed with {settings.text_chars:,} characters of Shakespeare. Models trained from scratch "
+             f"x{settings.repeats}, mixed with {settings.text_chars:,} characters of Shakespeare"
+             + ("; one document per training row (layout rows)" if settings.layout == "rows" else "")
+             + ". Models trained from scratch "
              f"({settings.described()}"
              + (f"; further MDM runs of {', '.join(map(str, settings.extra_mdm_steps))} steps" if settings.extra_mdm_steps else "")
              + f"), seeds {list(settings.seeds)}. Values: mean +- sd over seeds.", "",
@@ -224,7 +296,12 @@ def run(out_dir: str | Path, settings: Settings = Settings(), facts_file: str | 
         raise OptionError("context_len", "{context_len}={_len}: the longest question with its answer takes {_longest} tokens; "
                           "use {context_len} {_longest} or more (or shorter facts)", _len=settings.context_len, _longest=longest)
     specs = specs_for(settings, data.resolve(), tok.vocab_size)
-    records = run_grid(out, specs, lambda spec, run_dir: evaluate_run(run_dir, facts, settings, device), device=device,
+    row_length = None
+    if settings.layout == "rows":
+        from unmask.data.pairs import PairDataset
+
+        row_length = PairDataset(data, "train").length
+    records = run_grid(out, specs, lambda spec, run_dir: evaluate_run(run_dir, facts, settings, device, row_length), device=device,
                        progress=progress, chunk=settings.chunk, desc="reverse-curse", log_to=log_to)
     rows = summarise(records, settings)
     _plot(rows, settings, out / "reverse_curse.png")
