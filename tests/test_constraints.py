@@ -22,8 +22,8 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, normalizers, trainers
 
 from unmask.constraints import (
-    Constraint, allowed, commit_greedy, commit_rows, commit_sampled, compile_constraint, compile_regex, completable,
-    reachable, refusal, restrict_logits, shortest_completion, token_bytes,
+    Constraint, allowed, commit_greedy, commit_sampled, compile_constraint, compile_regex, completable,
+    reachable, refusal, shortest_completion, token_bytes,
 )
 from unmask.constraints.spec import escape, json_object_regex
 from unmask.constraints.vocabulary import token_kind
@@ -200,18 +200,25 @@ def _walk(a, state, tokens):
 
 
 def test_batched_rows_each_with_its_automaton_or_none():
+    """What the samplers call (unmask.constraints.decode): a row without an automaton is left as the
+    sampler made it; a constrained row's logits keep only its allowed tokens, and its commits match."""
+    from unmask.constraints.decode import CanvasConstraint
+    from unmask.sampling.base import SamplerConfig
+
     a = toy("(ab)+c?")
     tokens = torch.tensor([[9, MASK, MASK, MASK], [9, MASK, 2, MASK]])
     logits = torch.randn(2, 4, V + 2, generator=torch.Generator().manual_seed(4))
-    out = restrict_logits(logits, tokens, [a, None], starts=[1, 1])
-    assert torch.equal(out[1], logits[1]) and torch.equal(out[0, 0], logits[0, 0])
-    assert torch.equal(out[0, 1:] > -torch.inf, torch.cat([allowed(a, tokens[0], 1), torch.zeros(3, 2, dtype=torch.bool)], 1))
+    want = tokens == MASK
+    constraint = CanvasConstraint.for_canvas([a, None], 4, 1)
+    out = constraint.restrict(tokens, want, logits[want])
+    assert torch.equal(out[3:], logits[1, [1, 3]])
+    assert torch.equal(out[:3] > -torch.inf, torch.cat([allowed(a, tokens[0], 1), torch.zeros(3, 2, dtype=torch.bool)], 1))
     g = torch.Generator().manual_seed(0)
-    for greedy in (False, True):
-        positions = [torch.tensor([1, 2, 3]), torch.tensor([1, 3])]
-        filled = commit_rows(tokens, positions, [logits[0, 1:].log_softmax(-1), logits[1, [1, 3]].log_softmax(-1)],
-                             [a, None], g, starts=[1, 1], greedy=greedy)
+    for temperature in (1.0, 0.0):
+        proposed = torch.where(want, logits.argmax(-1), tokens)
+        filled = constraint.settle(tokens, proposed, want, out, g, SamplerConfig(temperature=temperature), MASK)
         assert matches("(ab)+c?", filled[0, 1:].tolist()) and (filled != MASK).all() and filled[1, 2] == 2
+        assert torch.equal(filled[1], proposed[1])
 
 
 def test_shortest_completion_and_refusal():
