@@ -31,6 +31,9 @@ import torch
 from unmask.constraints.automaton import TokenAutomaton
 from unmask.constraints.canvas import allowed, refusal
 from unmask.constraints.commit import commit_greedy, commit_sampled
+from unmask.constraints.compile import compile_constraint
+from unmask.errors import OptionError
+from unmask.sampling.base import Conditioning, token_log_probs
 
 
 @dataclass(frozen=True)
@@ -99,8 +102,6 @@ class CanvasConstraint:
         """``after`` (B, w), the tokens a step wrote over ``before``, with the positions it committed in
         constrained rows committed again jointly (module docstring), from ``logits`` (N, V) at the
         ``want`` positions (restricted by :meth:`restrict`) under the sampler's ``config``."""
-        from unmask.sampling.base import token_log_probs
-
         committed = (before == mask_id) & (after != before)
         if not bool(committed.any()):
             return after
@@ -156,9 +157,6 @@ def _order(want: torch.Tensor) -> torch.Tensor:
 def automata_for(constraint, tokenizer, rows: int) -> tuple[TokenAutomaton | None, ...] | None:
     """The automata of ``rows`` rows from ``constraint``: one :class:`~unmask.constraints.spec.Constraint`
     for every row, a sequence of them (None: that row unconstrained), or None (no constraint)."""
-    from unmask.constraints.compile import compile_constraint
-    from unmask.errors import OptionError
-
     if constraint is None:
         return None
     each = [constraint] * rows if not isinstance(constraint, (list, tuple)) else list(constraint)
@@ -173,8 +171,6 @@ def constrain(cond, x: torch.Tensor, start: int, automata, new_tokens: int | Non
     (None: unconstrained). An AR model (``new_tokens`` given) generates that many tokens after x.
     Refused before any decoding, naming ``param``, when a row's region cannot be completed: with the
     shortest length that would do, or saying that no length would (fixed text that contradicts it)."""
-    from unmask.sampling.base import Conditioning
-
     automata = tuple(None if a is None else a.on(x.device) for a in automata)
     for b, a in enumerate(automata):
         if a is None:
