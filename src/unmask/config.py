@@ -77,6 +77,9 @@ class ModelConfig:
     # "rope": rotary positions in every attention layer (relative: scores depend on offsets only);
     # "absolute": a learned embedding per position added to the input, no rotation
     positions: str = "rope"
+    # the corruption the network denoises: "mask" (absorbing: MASK replaces tokens) or "uniform"
+    # (uniform-state: tokens are replaced by uniformly drawn ones; UDLM, Duo); a causal model has none
+    noise: str = "mask"
 
     def __post_init__(self) -> None:
         try:  # the fields come from presets and config files, never from a flag: named "model <field>"
@@ -109,6 +112,11 @@ class ModelConfig:
             raise UnmaskError("model sliding_window and block_causal cannot be combined; set one of them to 0")
         if self.positions not in ("rope", "absolute"):
             raise UnmaskError(f"model positions={self.positions!r} is not one of: 'rope' (rotary), 'absolute' (learned embeddings)")
+        if self.noise not in ("mask", "uniform"):
+            raise UnmaskError(f"model noise={self.noise!r} is not one of: 'mask' (absorbing), 'uniform' (uniform-state)")
+        if self.noise == "uniform" and (self.causal or not self.time_conditioning):
+            raise UnmaskError("model noise='uniform' needs a bidirectional, time-conditioned network (causal=False, time_conditioning=True):"
+                              " the noise level is not visible in a uniform-state canvas")
         if self.positions == "absolute" and self.rope_scaling:
             raise UnmaskError("model rope_scaling applies to rotary positions; with positions='absolute' leave it ''")
 
