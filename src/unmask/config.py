@@ -80,8 +80,12 @@ class ModelConfig:
     # the corruption the network denoises: "mask" (absorbing: MASK replaces tokens) or "uniform"
     # (uniform-state: tokens are replaced by uniformly drawn ones; UDLM, Duo); a causal model has none
     noise: str = "mask"
+    # a classifier (docs/algorithms.md, 'Classifier guidance (D-CBG)'): the names of its classes; non-empty puts a
+    # pooled head of len(labels) logits per row in place of the per-position LM head
+    labels: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", tuple(self.labels))  # JSON gives a list; the frozen config compares tuples
         try:  # the fields come from presets and config files, never from a flag: named "model <field>"
             for key in ("vocab_size", "context_len", "n_layer", "n_head", "n_embd", "rope_theta", "norm_eps"):
                 check_number(key, getattr(self, key), "> 0")
@@ -119,6 +123,9 @@ class ModelConfig:
                               " the noise level is not visible in a uniform-state canvas")
         if self.positions == "absolute" and self.rope_scaling:
             raise UnmaskError("model rope_scaling applies to rotary positions; with positions='absolute' leave it ''")
+        if self.labels and (len(self.labels) < 2 or len(set(self.labels)) != len(self.labels) or not all(
+                isinstance(name, str) and name for name in self.labels)):
+            raise UnmaskError(f"model labels={list(self.labels)!r} must be two or more distinct non-empty names (a classifier's classes)")
 
     @property
     def mask_id(self) -> int:
@@ -129,6 +136,11 @@ class ModelConfig:
     def embed_rows(self) -> int:
         """Rows of the input embedding: the vocabulary, plus the MASK row when MASK lies outside it."""
         return self.vocab_size if self.mask_token_id >= 0 else self.vocab_size + 1
+
+    @property
+    def num_labels(self) -> int:
+        """Classes of a classifier's pooled head (0: a language model, logits per position)."""
+        return len(self.labels)
 
     @property
     def kv_heads(self) -> int:
@@ -153,6 +165,8 @@ class ModelConfig:
 
     def total_params(self) -> int:
         head = 0 if self.tie_embeddings else self.vocab_size * self.n_embd
+        if self.labels:  # a classifier's pooled head (with its bias) replaces the LM head
+            head = self.num_labels * (self.n_embd + 1)
         positions = self.context_len * self.n_embd if self.positions == "absolute" else 0
         return self.non_embedding_params() + self.embed_rows * self.n_embd + positions + head
 

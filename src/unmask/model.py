@@ -206,7 +206,9 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         # tied: the head is the embedding's first vocab_size rows (no weight of its own)
-        self.head = None if config.tie_embeddings else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.head = None if config.tie_embeddings or config.labels else nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # a classifier (ModelConfig.labels): one pooled vector per row through this head instead of logits per position
+        self.label_head = nn.Linear(config.n_embd, config.num_labels) if config.labels else None
         self.reset_parameters()
 
     @torch.no_grad()
@@ -256,7 +258,8 @@ class Transformer(nn.Module):
                 ``BlockMask`` (then without key_mask and cache).
         Returns:
             (B, L, vocab_size) logits, or (N, vocab_size) for the N ``logits_at`` positions in
-            row-major order (in the autocast dtype when autocast is on).
+            row-major order (in the autocast dtype when autocast is on); a classifier
+            (``config.labels``): (B, num_labels) label logits of each row.
         Raises:
             UnmaskError: for positions spanning more than ``config.context_len`` (an input, with
                 the AR cache's slots, longer than the context). Positions may start anywhere
@@ -288,6 +291,8 @@ class Transformer(nn.Module):
             x = block(x, cos, sin, attn_mask, is_causal, cache)
         if kv_cache is not None and cache_index is None:
             kv_cache.length = start + l
+        if self.label_head is not None:
+            return self._classify(x, key_mask)
         if cfg.shift_logits:  # Dream: position i reads the hidden state of i - 1 (ModelConfig.shift_logits)
             if kv_cache is not None:
                 raise UnmaskError("a model with shift_logits (Dream layout) cannot decode with a KV cache; sample without a cache")
@@ -299,6 +304,15 @@ class Transformer(nn.Module):
         if cfg.mask_token_id >= 0:  # MASK inside the vocabulary is never a prediction
             logits = logits.index_fill(-1, torch.tensor([cfg.mask_token_id], device=logits.device), NEVER_LOGIT)
         return logits
+
+    def _classify(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """A classifier's (B, num_labels) logits: its head on the mean of the normalised final states
+        over each row's real positions (``key_mask``; all without one), MASKs included."""
+        x = self.norm(x)
+        if key_mask is None:
+            return self.label_head(x.mean(dim=1))
+        weight = key_mask.to(x.dtype)[..., None]
+        return self.label_head((x * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1))
 
     def _embed(self, tokens: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
         """The input embeddings (B, L, D), plus the time embedding of a time-conditioned network."""
