@@ -92,7 +92,9 @@ class Conditioning:
     chain time (ancestral, first-hitting), because the sampler decodes one block of several and its
     chain's clock, restarted at 1 in each block, says nothing of the rest of the canvas;
     constraint: structured output (:class:`unmask.constraints.decode.CanvasConstraint`), applied by
-    :func:`predict` to every call's logits and by :func:`settle` to every step's commits.
+    :func:`predict` to every call's logits and by :func:`settle` to every step's commits;
+    classifier_guide: classifier guidance (D-CBG, :class:`unmask.classifier_guidance.ClassifierGuide`),
+    which :func:`predict` applies to every call's logits at the positions being filled.
     """
 
     key_mask: torch.Tensor | None = None
@@ -101,12 +103,14 @@ class Conditioning:
     extra: dict = field(default_factory=dict)
     canvas_time: bool = False
     constraint: "CanvasConstraint | None" = None  # noqa: F821  (unmask.constraints sits above the samplers)
+    classifier_guide: "ClassifierGuide | None" = None  # noqa: F821  (unmask.classifier_guidance, likewise)
 
     def rows(self, index: torch.Tensor) -> "Conditioning":
         """The conditioning of a subset of rows."""
         pick = lambda v: None if v is None else v[index]  # noqa: E731
         return replace(self, key_mask=pick(self.key_mask), positions=pick(self.positions), prompt_mask=pick(self.prompt_mask),
-                       constraint=None if self.constraint is None else self.constraint.rows(index))
+                       constraint=None if self.constraint is None else self.constraint.rows(index),
+                       classifier_guide=None if self.classifier_guide is None else self.classifier_guide.rows(index))
 
     def to(self, device) -> "Conditioning":
         """The conditioning on ``device``."""
@@ -175,6 +179,8 @@ def predict(
     logits = logits.float()
     if guided:
         logits = combine(*logits.chunk(2), cfg_scale)
+    if cond.classifier_guide is not None:  # D-CBG: the classifier sees the whole canvas (docs/algorithms.md, 'Classifier guidance (D-CBG)')
+        logits = cond.classifier_guide.guide(x, want, logits, cond.key_mask, cond.positions)
     if cond.constraint is not None:
         logits = cond.constraint.restrict(x, want, logits)
     return logits, called, cache

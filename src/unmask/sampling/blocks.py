@@ -65,6 +65,8 @@ def decode_blocks(
         window_cond = plan.window_cond(work_cond, w0, w1, active.numel(), x.device)
         if window_cond is not None and window_cond.constraint is not None:  # the full rows, of which the sampler sees a window
             window_cond = replace(window_cond, constraint=window_cond.constraint.window(tokens[active], w0))
+        if window_cond is not None and window_cond.classifier_guide is not None and w1 - w0 < length:  # the classifier sees whole rows
+            window_cond = replace(window_cond, classifier_guide=window_cond.classifier_guide.window(tokens[active], work_cond.key_mask, w0))
         state = sampler.run(model, tokens[active][:, w0:w1], generator, lay.config, window_cond, whole if callback else None, eligible,
                             None if kv is None else kv.new_block())
         part = tokens[active]
