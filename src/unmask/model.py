@@ -236,6 +236,7 @@ class Transformer(nn.Module):
         cache_index: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        soft_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits for every position (or for the ``logits_at`` ones).
 
@@ -256,6 +257,7 @@ class Transformer(nn.Module):
                 mask, :mod:`unmask.block_diffusion`, or the annealed mask of AR -> MDM adaptation,
                 :mod:`unmask.adaptation`); ``key_mask`` still applies. Or a FlexAttention
                 ``BlockMask`` (then without key_mask and cache).
+            soft_tokens: (B, L, vocab_size) weights: embed ``soft_tokens @ embed.weight[:vocab_size]``, not ``tokens`` (Duo).
         Returns:
             (B, L, vocab_size) logits, or (N, vocab_size) for the N ``logits_at`` positions in
             row-major order (in the autocast dtype when autocast is on); a classifier
@@ -279,15 +281,13 @@ class Transformer(nn.Module):
         if positions is None:
             positions = q_slot
         cos, sin = rotary_tables(positions, rope_frequencies(cfg, tokens.device))
-        x = self._embed(tokens, t)
+        x = self._embed(tokens, t, soft_tokens)
         if self.pos_embed is not None:  # absolute positions: added to the input, and no rotation (angle 0)
             x = x + self._absolute(positions)
             cos, sin = torch.ones_like(cos), torch.zeros_like(sin)
         attn_mask, is_causal = self._attention_mask(attn_mask, key_mask, q_slot, num_keys, start, kv_cache, cache_index)
         for i, block in enumerate(self.blocks):
-            cache = None
-            if kv_cache is not None:
-                cache = (kv_cache.k[i], kv_cache.v[i], start if cache_index is None else cache_index)
+            cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i], start if cache_index is None else cache_index)
             x = block(x, cos, sin, attn_mask, is_causal, cache)
         if kv_cache is not None and cache_index is None:
             kv_cache.length = start + l
@@ -314,9 +314,14 @@ class Transformer(nn.Module):
         weight = key_mask.to(x.dtype)[..., None]
         return self.label_head((x * weight).sum(dim=1) / weight.sum(dim=1).clamp_min(1))
 
-    def _embed(self, tokens: torch.Tensor, t: torch.Tensor | None) -> torch.Tensor:
-        """The input embeddings (B, L, D), plus the time embedding of a time-conditioned network."""
-        x = self.embed(tokens)
+    def _embed(self, tokens: torch.Tensor, t: torch.Tensor | None, soft_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """The input embeddings (B, L, D) of ``tokens`` (or the ``soft_tokens`` mixtures of the real tokens' rows),
+        plus the time embedding of a time-conditioned network."""
+        if soft_tokens is None:
+            x = self.embed(tokens)
+        else:
+            rows = self.embed.weight[: self.config.vocab_size]
+            x = soft_tokens.to(rows.dtype) @ rows
         if self.time_embed is None:
             return x
         if t is None:

@@ -46,6 +46,12 @@ class Schedule:
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
         return 1 - self.mask_prob(t)
 
+    def alpha_prime(self, t: torch.Tensor) -> torch.Tensor:
+        """d alpha / dt: -(1 - eps) (linear) or -(pi/2) sin(pi t / 2) (cosine); the uniform-state bound's rate."""
+        if self.kind == "linear":
+            return torch.full_like(t, -(1 - self.eps))
+        return -(math.pi / 2) * torch.sin(math.pi / 2 * t)
+
     def weight(self, t: torch.Tensor) -> torch.Tensor:
         """ELBO weight w(t) = -alpha'(t) / (1 - alpha(t)) (= 1/t for the linear schedule)."""
         if self.kind == "linear":
