@@ -21,7 +21,8 @@ test: $(BIN)/.installed
 	# when running as root (CI); elsewhere that test is skipped and the skip reason printed (-rs)
 	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) || echo "could not install chromium"; fi
-	$(BIN)/python -m pytest -q -rs
+	# one worker per core (at most 8), each on one thread; a file's tests stay on one worker (its fixtures are built once)
+	$(BIN)/python -m pytest -q -rs -n auto --maxprocesses=8 --dist loadfile
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/train_throughput.py

@@ -1,4 +1,14 @@
+import os
+
 import pytest
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs the files on one worker per core: each worker (and every command it starts in
+    # a subprocess) computes on one thread, so the workers do not fight over the cores
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 from unmask.data import prepare_dataset, shakespeare_works, train_bpe
 
