@@ -94,7 +94,11 @@ class Conditioning:
     constraint: structured output (:class:`unmask.constraints.decode.CanvasConstraint`), applied by
     :func:`predict` to every call's logits and by :func:`settle` to every step's commits;
     classifier_guide: classifier guidance (D-CBG, :class:`unmask.classifier_guidance.ClassifierGuide`),
-    which :func:`predict` applies to every call's logits at the positions being filled.
+    which :func:`predict` applies to every call's logits at the positions being filled;
+    steering: reward- or energy-guided decoding (:class:`unmask.steering.steering.Steering`), which
+    :meth:`unmask.sampling.spec.SamplerSpec.run` hands the decoding to; target (B, L): the tokens a
+    step moves toward (a guide's picked x0, EDLM): :func:`settle` gives every position a step
+    commits the target's token there.
     """
 
     key_mask: torch.Tensor | None = None
@@ -104,18 +108,22 @@ class Conditioning:
     canvas_time: bool = False
     constraint: "CanvasConstraint | None" = None  # noqa: F821  (unmask.constraints sits above the samplers)
     classifier_guide: "ClassifierGuide | None" = None  # noqa: F821  (unmask.classifier_guidance, likewise)
+    steering: "Steering | None" = None  # noqa: F821  (unmask.steering, likewise)
+    target: torch.Tensor | None = None
 
     def rows(self, index: torch.Tensor) -> "Conditioning":
         """The conditioning of a subset of rows."""
         pick = lambda v: None if v is None else v[index]  # noqa: E731
         return replace(self, key_mask=pick(self.key_mask), positions=pick(self.positions), prompt_mask=pick(self.prompt_mask),
                        constraint=None if self.constraint is None else self.constraint.rows(index),
-                       classifier_guide=None if self.classifier_guide is None else self.classifier_guide.rows(index))
+                       classifier_guide=None if self.classifier_guide is None else self.classifier_guide.rows(index),
+                       steering=None if self.steering is None else self.steering.rows(index), target=pick(self.target))
 
     def to(self, device) -> "Conditioning":
         """The conditioning on ``device``."""
         move = lambda v: None if v is None else v.to(device)  # noqa: E731
-        return replace(self, key_mask=move(self.key_mask), positions=move(self.positions), prompt_mask=move(self.prompt_mask))
+        return replace(self, key_mask=move(self.key_mask), positions=move(self.positions), prompt_mask=move(self.prompt_mask),
+                       target=move(self.target))
 
 
 def start_state(model, x: torch.Tensor, eligible: torch.Tensor | None = None, cache: CanvasCache | None = None, **extra) -> SamplerState:
@@ -188,9 +196,13 @@ def predict(
 
 def settle(state: SamplerState, new: torch.Tensor, want: torch.Tensor, logits: torch.Tensor, generator: torch.Generator,
            config: SamplerConfig, cond: Conditioning | None) -> torch.Tensor:
-    """The tokens ``new`` a step wrote over ``state.tokens``, its commits in constrained rows made
-    jointly valid (``cond.constraint``, :meth:`unmask.constraints.decode.CanvasConstraint.settle`);
+    """The tokens ``new`` a step wrote over ``state.tokens``: its commits take ``cond.target``'s
+    tokens where it has one (not MASK), and in constrained rows are made jointly valid
+    (``cond.constraint``, :meth:`unmask.constraints.decode.CanvasConstraint.settle`);
     ``logits`` (N, V) from :func:`predict` at the ``want`` positions."""
+    if cond is not None and cond.target is not None:
+        committed = (state.tokens == state.mask_id) & (new != state.mask_id) & (cond.target != state.mask_id)
+        new = torch.where(committed, cond.target, new)
     if cond is None or cond.constraint is None:
         return new
     return cond.constraint.settle(state.tokens, new, want, logits, generator, config, state.mask_id)

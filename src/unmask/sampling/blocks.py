@@ -44,6 +44,8 @@ def decode_blocks(
     tokens, work_cond, length = lay.tokens, lay.cond, x.shape[1]
     if work_cond is not None and work_cond.constraint is not None:  # its regions on the laid-out rows
         work_cond = replace(work_cond, constraint=work_cond.constraint.placed(lay.region))
+    if work_cond is not None and work_cond.steering is not None:  # a guide's scores read the laid-out rows' regions
+        work_cond = replace(work_cond, steering=work_cond.steering.placed(lay.region))
     mask_id, guided = model.config.mask_id, bool(config.cfg_scale)
     active = torch.arange(x.shape[0], device=x.device)  # rows still decoding
     steps, nfe, kv, window = 0, 0, None, None
@@ -65,6 +67,8 @@ def decode_blocks(
         window_cond = plan.window_cond(work_cond, w0, w1, active.numel(), x.device)
         if window_cond is not None and window_cond.constraint is not None:  # the full rows, of which the sampler sees a window
             window_cond = replace(window_cond, constraint=window_cond.constraint.window(tokens[active], w0))
+        if window_cond is not None and window_cond.steering is not None:  # and its full rows
+            window_cond = replace(window_cond, steering=window_cond.steering.window(tokens[active], w0))
         if window_cond is not None and window_cond.classifier_guide is not None and w1 - w0 < length:  # the classifier sees whole rows
             window_cond = replace(window_cond, classifier_guide=window_cond.classifier_guide.window(tokens[active], work_cond.key_mask, w0))
         state = sampler.run(model, tokens[active][:, w0:w1], generator, lay.config, window_cond, whole if callback else None, eligible,

@@ -36,14 +36,21 @@ class Decoding:
 
     def check(self, model_config, gen_len: int, cond: Conditioning | None = None) -> None:
         """Refuse now what :meth:`run` would refuse for ``gen_len`` generated tokens of a canvas with
-        ``cond`` (guidance without a prompt, blocks, caches)."""
+        ``cond`` (guidance without a prompt, blocks, caches, a guide on an AR model)."""
+        self.check_steering(cond)
         if self.spec is not None:
             self.spec.check(model_config, gen_len, cond)
+
+    def check_steering(self, cond: Conditioning | None) -> None:
+        """A guide (``cond.steering``) steers MDM decoding only."""
+        if self.ar is not None and cond is not None and cond.steering is not None:
+            raise OptionError("guide", "{guide} steers MDM decoding; this checkpoint is an AR model (for best-of-N, score its samples)")
 
     def run(self, model, x: torch.Tensor, generator: torch.Generator, cond: Conditioning | None = None,
             callback: StepCallback | None = None, start: int = 0, stop_token: int | None = None) -> SampleOutput:
         """Fill canvas x (B, L): an MDM its MASKs in columns [start, L) (``stop_token``: rows that
         produced it stop early), an AR model ``ar.max_new_tokens`` tokens appended after x."""
+        self.check_steering(cond)
         if self.ar is not None:
             ar_cond = None if cond is None else Conditioning(key_mask=cond.key_mask, constraint=cond.constraint)
             return ar_sample(model, x, generator, self.ar, ar_cond, callback)

@@ -115,10 +115,15 @@ class SamplerSpec:
 
     def run(self, model, x: torch.Tensor, generator: torch.Generator, cond: Conditioning | None = None,
             callback: StepCallback | None = None, start: int = 0, stop_token: int | None = None) -> SampleOutput:
-        """Fill the MASKs of x (B, L); columns [start, L) are the generation region (blocks, EOS stops)."""
+        """Fill the MASKs of x (B, L); columns [start, L) are the generation region (blocks, EOS stops).
+        With a guide in ``cond.steering`` the result is a :class:`unmask.steering.steering.SteeredOutput`."""
         gen_len = x.shape[1] - start
         self.check(model.config, gen_len, cond)
         sampler, config, cache = SAMPLERS[self.sampler], self.sampler_config(), self.cache_for(model.config)
+        if cond is not None and cond.steering is not None:  # a guide (unmask.steering): its rows through this path, its step around the sampler's
+            if not cond.steering.bound:
+                return cond.steering.decode(self.run, model, x, generator, cond, callback, start, stop_token)
+            sampler = cond.steering.wrap(sampler)
         if model.config.block_causal:
             return decode_blocks(model, x, generator, sampler, config, GridBlocks(), start, cond, callback, stop_token, cache)
         block_len = self.block_len or gen_len
