@@ -7,16 +7,27 @@ draws the pattern independently of x, so this is p(y | x_t) at every t).
 """
 
 
+import json
+import random
+import subprocess
+import sys
+
 import pytest
 import torch
 from scipy.stats import chisquare
 
-from unmask.classifier import Classifier
+from runs import finetune_source
+from unmask.cli import main
+from unmask.classifier import Classifier, label_log_probs
 from unmask.classifier_guidance import ClassifierGuide, exact_terms, first_order_terms
-from unmask.config import ModelConfig
+from unmask.config import ModelConfig, TrainConfig
+from unmask.data import default_tokenizer
+from unmask.data.labels import prepare_labels, read_labelled
+from unmask.errors import UnmaskError
 from unmask.model import Transformer
 from unmask.sampling import AncestralConfig, Conditioning, FirstHittingConfig, SamplerSpec, ancestral, first_hitting
 from unmask.testing import BlockOracle, OracleModel
+from unmask.train import train
 
 V, L = 3, 2
 
@@ -168,3 +179,74 @@ def test_guide_forms_and_budget():
         ClassifierGuide(classifier.score("a"), gamma=-1.0)
     with pytest.raises(Exception, match="label"):
         classifier.score("c")
+
+
+WORDS = {"pos": ["good", "great", "happy", "bright", "lovely", "sweet"], "neg": ["bad", "awful", "sad", "dark", "cruel", "bitter"]}
+FILLER = ["the", "day", "was", "and", "a", "king", "queen", "night", "of", "my", "heart"]
+
+
+def toy_jsonl(path, rows: int, seed: int):
+    """Texts of four neutral words and two words of their label's list: separable by vocabulary."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(rows):
+        label = rng.choice(["pos", "neg"])
+        words = rng.sample(FILLER, 4) + rng.sample(WORDS[label], 2)
+        rng.shuffle(words)
+        lines.append(json.dumps({"text": " ".join(words), "label": label}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_classifier_objective_learns_a_separable_set(tmp_path):
+    tok = default_tokenizer()
+    folder = prepare_labels(tmp_path / "labels", tok, read_labelled(toy_jsonl(tmp_path / "train.jsonl", 160, 0)),
+                            read_labelled(toy_jsonl(tmp_path / "val.jsonl", 32, 1)), max_length=16)
+    model = ModelConfig(vocab_size=tok.vocab_size, context_len=16, n_layer=1, n_head=2, n_embd=32, labels=("neg", "pos"))
+    cfg = TrainConfig(objective="classifier", steps=80, batch_size=16, warmup_steps=5, eval_every=80, precision="fp32")
+    train(tmp_path / "run", model, cfg, folder, device="cpu", progress=False)
+    val = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"val"' in line][-1]
+    assert val["val_clean_accuracy"] >= 0.9 and val["val_accuracy"] > 0.6  # chance: about 0.5
+    score = label_log_probs(tmp_path / "run", "pos", "cpu")
+    texts = ["the king was good and happy", "the king was bad and cruel"]
+    tokens = torch.tensor([[tok.eos_id] + tok.encode(text) for text in texts])
+    assert score(tokens, None).dtype == torch.float32 and score(tokens, None)[0] > score(tokens, None)[1]
+
+
+def test_bad_labelled_files_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine", "label": "pos"}\n{"text": "no label"}\n')
+    with pytest.raises(UnmaskError, match=r"bad.jsonl line 2: needs a field 'label'"):
+        read_labelled(bad)
+    bad.write_text('{"text": "fine", "label": "pos"}\n\n{"text": "fine", "label": "neg"}\nnot json\n')
+    with pytest.raises(UnmaskError, match=r"bad.jsonl line 4 is not valid JSON"):
+        read_labelled(bad)
+    bad.write_text('{"text": "", "label": "pos"}\n')
+    with pytest.raises(UnmaskError, match=r"bad.jsonl line 1: needs a non-empty string field 'text'"):
+        read_labelled(bad)
+    val = tmp_path / "val.jsonl"
+    val.write_text('{"text": "fine", "label": "pos"}\n{"text": "fine", "label": "maybe"}\n')
+    train_rows = read_labelled(toy_jsonl(tmp_path / "train.jsonl", 8, 0))
+    with pytest.raises(UnmaskError, match=r"val.jsonl line 2: label 'maybe' is not among the training labels: neg, pos"):
+        prepare_labels(tmp_path / "labels", default_tokenizer(), train_rows, read_labelled(val))
+    with pytest.raises(UnmaskError, match=r"val.jsonl line 2: label 'maybe' is not one of the classifier's labels: neg, pos"):
+        read_labelled(val, labels=("neg", "pos"))
+
+
+def test_cli_trains_a_classifier_on_an_mdm_and_samples_with_it(tmp_path, small_data, capsys):
+    """`unmask train --objective classifier --init-from MDM` (in this process), then `unmask sample --classifier
+    --label --gamma` in a subprocess, and a wrong label refused in one line naming its flag."""
+    mdm, _ = finetune_source(tmp_path, small_data)
+    data = toy_jsonl(tmp_path / "toy.jsonl", 40, 0)
+    assert main(["train", "--objective", "classifier", "--run-dir", str(tmp_path / "cls"), "--data", str(data), "--init-from", str(mdm),
+                 "--steps", "2", "--batch-size", "4", "--precision", "fp32", "--device", "cpu"]) == 0
+    sample = ["sample", "--checkpoint", str(mdm), "--classifier", str(tmp_path / "cls"), "--label", "pos", "--length", "6", "--device", "cpu"]
+    sampled = subprocess.run([sys.executable, "-m", "unmask", *sample, "--gamma", "2", "--steps", "6", "--num-samples", "2", "--json"],
+                             capture_output=True, text=True, timeout=300)
+    assert sampled.returncode == 0, sampled.stderr
+    result = json.loads(sampled.stdout)
+    assert len(result["samples"]) == 2 and result["dcbg"]["label"] == "pos" and result["dcbg"]["gamma"] == 2
+    assert result["dcbg"]["used"] in ("exact", "first-order", "exact+first-order")
+    capsys.readouterr()
+    assert main([arg if arg != "pos" else "maybe" for arg in sample]) != 0
+    assert "--label 'maybe' is not one of: neg, pos" in capsys.readouterr().err

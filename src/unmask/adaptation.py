@@ -26,7 +26,7 @@ from unmask.config import ModelConfig, RunConfig
 from unmask.errors import OptionError
 
 # fields that may differ between the AR source and the MDM initialised from it
-_ADAPTED = ("name", "causal", "shift_logits", "context_len", "block_causal")
+_ADAPTED = ("name", "causal", "shift_logits", "context_len", "block_causal", "labels")
 
 
 def source_config(path: str | Path) -> ModelConfig:
@@ -59,7 +59,8 @@ def adapted_config(source: ModelConfig, keep_shift: bool, context_len: int | Non
 
 def initial_weights(path: str | Path, config: ModelConfig) -> dict[str, torch.Tensor]:
     """The weights of ``path`` for the network ``config`` (which may differ from the source only in
-    its attention pattern (causal, block-causal), the logit shift, name and context length)."""
+    its attention pattern (causal, block-causal), the logit shift, name and context length, or be a
+    classifier with other labels: its heads are then left out, the new label head is the caller's)."""
     from unmask.interop.hf_import import load_pretrained
 
     model = load_pretrained(path)
@@ -68,6 +69,8 @@ def initial_weights(path: str | Path, config: ModelConfig) -> dict[str, torch.Te
     if differ:
         shown = ", ".join(f"{f.name} (source {getattr(src, f.name)!r}, this run {getattr(config, f.name)!r})" for f in differ)
         raise OptionError("init_from", "{init_from} {_path}: the network differs from the one to train: {_shown}", _path=path, _shown=shown)
+    if src.labels != config.labels:  # a classifier on a language model's body (unmask.objectives.classifier)
+        return {name: value for name, value in model.state_dict().items() if not name.startswith(("head.", "label_head."))}
     return model.state_dict()
 
 

@@ -13,28 +13,37 @@ from a time-conditioned MDM is given the canvas's masked fraction.
   respect to the one-hot input (B, L, rows), what first-order guidance needs; it is the
   ``score`` of :class:`unmask.classifier_guidance.ClassifierGuide`.
 * :func:`label_log_probs`: the scorer of one label of a run folder, loaded once.
+* :func:`with_classifier_guide`: the conditioning of a decoding guided by a classifier run (D-CBG;
+  :mod:`unmask.classifier_guidance`), checked against the model it guides, and
+  :func:`guidance_report`, what :func:`unmask.generation.generate` reports of it.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from unmask.classifier_guidance import ClassifierGuide
+from unmask.config import RunConfig
 from unmask.errors import OptionError, UnmaskError, not_one_of
 from unmask.guidance import network_time
+from unmask.sampling.base import Conditioning
 
 SCORE_BATCH = 1024  # canvases per classifier forward (a longer batch is scored in pieces)
 
 
 class Classifier:
-    """A classifier network (``model.config.labels`` non-empty) with its label names."""
+    """A classifier network (``model.config.labels`` non-empty) with its label names; ``run``: the
+    RunConfig it was trained with, when loaded from a run (its tokenizer's fingerprint is checked
+    against the model it guides)."""
 
-    def __init__(self, model: torch.nn.Module) -> None:
+    def __init__(self, model: torch.nn.Module, run: RunConfig | None = None) -> None:
         if not getattr(model.config, "labels", ()):
             raise UnmaskError("the network has no label head (ModelConfig.labels is empty): it is a language model, not a classifier")
-        self.model, self.labels = model, tuple(model.config.labels)
+        self.model, self.labels, self.run = model, tuple(model.config.labels), run
 
     @property
     def config(self):
@@ -129,7 +138,7 @@ def load_classifier(run_dir: str | Path, device: str | torch.device = "cpu", wei
     if not config.model.labels:
         raise OptionError("classifier", "{classifier} {_run} is a language model (objective {_objective}), not a classifier; train one "
                           "with {objective} classifier", _run=str(run_dir), _objective=config.train.objective)
-    return Classifier(model)
+    return Classifier(model, config)
 
 
 def label_log_probs(run_dir: str | Path, label: str, device: str | torch.device = "cpu") -> Callable[..., torch.Tensor]:
@@ -140,3 +149,55 @@ def label_log_probs(run_dir: str | Path, label: str, device: str | torch.device 
     on the classifier's device. The returned :class:`LabelScore` also gives the one-hot gradient.
     """
     return load_classifier(run_dir, device).score(label)
+
+
+def with_classifier_guide(cond: Conditioning | None, canvas: torch.Tensor, run: RunConfig, device, classifier=None, label: str | None = None,
+                          gamma: float | None = None, dcbg: str = "auto") -> Conditioning | None:
+    """``cond`` with D-CBG guidance toward ``label`` by ``classifier`` (a run folder or a
+    :class:`Classifier`) at weight ``gamma`` (default 1) in the form ``dcbg`` (auto, exact,
+    first-order), for decoding ``canvas`` (B, W) with the MDM of ``run``; ``cond`` itself without a
+    classifier. Refused: guidance options without a classifier, an AR or uniform-noise model, a
+    classifier of another vocabulary or tokenizer, a canvas longer than the classifier's context."""
+    if classifier is None:
+        for name, value in (("label", label), ("gamma", gamma), ("dcbg", None if dcbg == "auto" else dcbg)):
+            if value is not None:
+                raise OptionError(name, f"{{{name}}} is an option of classifier guidance; give {{classifier}} too, or leave it out")
+        return cond
+    if run.model.causal or run.model.noise != "mask":
+        raise OptionError("classifier", "{classifier} guides the samplers of a masked diffusion model; this checkpoint is {_kind}",
+                          _kind="an AR model" if run.model.causal else f"a {run.model.noise}-noise model")
+    if label is None:
+        raise OptionError("label", "{classifier} guidance needs {label}: the class the samples are steered toward")
+    loaded = classifier if isinstance(classifier, Classifier) else load_classifier(classifier, device)
+    _check_pair(loaded, run, canvas.shape[1], classifier)
+    guide = ClassifierGuide(loaded.score(label), 1.0 if gamma is None else gamma, dcbg)
+    return replace(cond or Conditioning(), classifier_guide=guide)
+
+
+def _check_pair(classifier: Classifier, run: RunConfig, width: int, name) -> None:
+    """Refuse a classifier that cannot read the canvases of the model of ``run`` (``width`` columns)."""
+    mine, theirs = classifier.config, run.model
+    fingerprint = None if classifier.run is None else classifier.run.tokenizer_fingerprint
+    if (mine.vocab_size, mine.mask_id) != (theirs.vocab_size, theirs.mask_id):
+        raise OptionError("classifier", "{classifier} {_name} reads a vocabulary of {_v} (MASK {_m}), the model {_mv} (MASK {_mm}); train "
+                          "the classifier with {init_from} the model it guides", _name=str(name), _v=mine.vocab_size, _m=mine.mask_id,
+                          _mv=theirs.vocab_size, _mm=theirs.mask_id)
+    if fingerprint and run.tokenizer_fingerprint and fingerprint != run.tokenizer_fingerprint:
+        raise OptionError("classifier", "{classifier} {_name} was trained with another tokenizer than the model's (fingerprint {_f}, the "
+                          "model's {_mf}); train it with {init_from} the model it guides", _name=str(name), _f=fingerprint,
+                          _mf=run.tokenizer_fingerprint)
+    if width > mine.context_len:
+        raise OptionError("classifier", "{classifier} {_name} reads {_ctx} tokens, fewer than the canvas of {_w} (EOS, prompt and the "
+                          "generated tokens); shorten the canvas or train the classifier with a longer context", _name=str(name),
+                          _ctx=mine.context_len, _w=width)
+
+
+def guidance_report(cond: Conditioning | None) -> dict:
+    """What a D-CBG decoding adds to :func:`unmask.generation.generate`'s result: {"dcbg": {label,
+    gamma, form (the option), used (the form(s) that guided: exact, first-order or both), steps
+    (guided calls per form), classifier_rows (canvases the classifier scored)}}; nothing unguided."""
+    guide = None if cond is None else cond.classifier_guide
+    if guide is None:
+        return {}
+    return {"dcbg": {"label": guide.score.label, "gamma": guide.gamma, "form": guide.form, "used": guide.used(), "steps": dict(guide.calls),
+                     "classifier_rows": guide.score.rows}}

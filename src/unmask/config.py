@@ -2,7 +2,8 @@
 
 Each component receives only its own config: the model a :class:`ModelConfig`, the training
 loop a :class:`TrainConfig`, whose settings of block diffusion, fine-tuning and adaptation are
-sections of their own (:class:`BlockDiffusionConfig`, :class:`SFTConfig`, :class:`AdaptationConfig`).
+sections of their own (:class:`BlockDiffusionConfig`, :class:`SFTConfig`, :class:`AdaptationConfig`,
+:class:`DistillConfig`).
 Presets are looked up by name (``ModelConfig.from_name("tiny")``).
 """
 
@@ -250,6 +251,41 @@ class SFTConfig:
             raise _cfg_dropout_error(self.cfg_dropout)
 
 
+DIVERGENCES = ("kl", "tvd")  # how a distilled student's distribution is compared with its teacher's target
+DISTILLATION = ("sdtt", "dcd")  # the objectives that distil a teacher run (the distill section)
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Distillation for few-step sampling (``unmask distill``; docs/algorithms.md, 'Distillation for few-step
+    sampling'): the ``teacher`` run, whose weights the student starts from, and ``rounds`` of
+    ``steps_per_round`` optimizer steps. In the first round the teacher samples with ``teacher_steps``
+    steps and the student learns to take half as many; after each round the student becomes the teacher
+    and the steps halve, so the distilled model samples with teacher_steps / 2^rounds steps. ``divergence``:
+    how the student's distribution is compared with the teacher's target (kl: KL(target || student); tvd:
+    total variation)."""
+
+    teacher: str = ""
+    rounds: int = 1
+    steps_per_round: int = 1000
+    teacher_steps: int = 1024
+    divergence: str = "kl"
+
+    def __post_init__(self) -> None:
+        for key in ("rounds", "steps_per_round", "teacher_steps"):
+            check_number(key, getattr(self, key), ">= 1")
+        if self.teacher_steps % 2**self.rounds:
+            raise OptionError("teacher_steps", "{teacher_steps}={_steps} must be a multiple of {_power} = 2^{_rounds}: each of the {_rounds} "
+                              "{rounds} halves the sampling steps", _steps=self.teacher_steps, _power=2**self.rounds, _rounds=self.rounds)
+        if self.divergence not in DIVERGENCES:
+            raise not_one_of("divergence", self.divergence, DIVERGENCES)
+
+    @property
+    def student_steps(self) -> int:
+        """The sampling steps of the distilled model, after every round: teacher_steps / 2^rounds."""
+        return self.teacher_steps // 2**self.rounds
+
+
 def _block_size_error(size: int) -> OptionError:
     return OptionError("block_size", "{objective} bd3 needs {block_size} >= 1 (tokens per block), got {_size}", _size=size)
 
@@ -261,7 +297,7 @@ def _cfg_dropout_error(value: float) -> OptionError:
 
 # The sections of a TrainConfig; None where a section is off (no init_from or annealing, not block
 # diffusion, not fine-tuning).
-SECTIONS: dict[str, type] = {"adapt": AdaptationConfig, "block": BlockDiffusionConfig, "sft": SFTConfig}
+SECTIONS: dict[str, type] = {"adapt": AdaptationConfig, "block": BlockDiffusionConfig, "sft": SFTConfig, "distill": DistillConfig}
 
 # The sections' settings in the flat layout (config.json before sections, and the flags): name -> (section, field).
 # Fine-tuning is switched on by ``sft`` itself (True, or its section).
@@ -269,6 +305,8 @@ FLAT_SETTINGS: dict[str, tuple[str, str]] = {
     "init_from": ("adapt", "init_from"), "anneal_steps": ("adapt", "anneal_steps"), "block_size": ("block", "size"),
     "mask_rate_min": ("block", "mask_rate_min"), "mask_rate_max": ("block", "mask_rate_max"),
     "flex_attention": ("block", "flex_attention"), "cfg_dropout": ("sft", "cfg_dropout"),
+    "teacher": ("distill", "teacher"), "rounds": ("distill", "rounds"), "steps_per_round": ("distill", "steps_per_round"),
+    "teacher_steps": ("distill", "teacher_steps"), "divergence": ("distill", "divergence"),
 }
 
 
@@ -321,7 +359,7 @@ class _Settings(type):
 class TrainConfig(metaclass=_Settings):
     """The training loop's settings. Batches hold ``batch_size * grad_accum`` sequences per step.
 
-    The sections ``adapt``, ``block`` and ``sft`` are None where they are off. ``TrainConfig(...)`` and
+    The sections ``adapt``, ``block``, ``sft`` and ``distill`` are None where they are off. ``TrainConfig(...)`` and
     :meth:`from_dict` also take their settings flat (``block_size=4``, ``sft=True``, ``cfg_dropout=0.1``),
     the layout of older config.json files; :meth:`flat_settings` gives that view back.
     """
@@ -362,6 +400,7 @@ class TrainConfig(metaclass=_Settings):
     adapt: AdaptationConfig | None = None
     block: BlockDiffusionConfig | None = None  # objective bd3 only, where it is needed
     sft: SFTConfig | None = None
+    distill: DistillConfig | None = None  # objectives sdtt and dcd only, where it is needed
 
     def __post_init__(self) -> None:
         from unmask.objectives.registry import trained_from_text
@@ -385,9 +424,22 @@ class TrainConfig(metaclass=_Settings):
             raise OptionError("objective", "fine-tuning on pairs is for an MDM or AR model, not {objective} {_name}", _name=self.objective)
         if self.sft is not None and self.sft.cfg_dropout and self.objective != "mdm":
             raise _cfg_dropout_error(self.sft.cfg_dropout)
+        self._check_distill()
         for at, before in self.steps_changes:
             if not 0 <= at <= min(before, self.steps):
                 raise UnmaskError(f"steps_changes entry ({at}, {before}) must change the length at a step within both runs")
+
+    def _check_distill(self) -> None:
+        """The distill section is there exactly for the objectives that distil, names its teacher, and its rounds fit in the run."""
+        if self.objective in DISTILLATION and (self.distill is None or not self.distill.teacher):
+            raise OptionError("teacher", "{objective} {_name} distils a teacher run: give its {teacher} (and {rounds}, {steps_per_round})",
+                              _name=self.objective)
+        if self.objective not in DISTILLATION and self.distill is not None:
+            raise OptionError("teacher", "{teacher}, {rounds}, {steps_per_round}, {teacher_steps} and {divergence} apply to {objective} "
+                              "sdtt or dcd only")
+        if self.distill is not None and self.steps < self.distill.rounds * self.distill.steps_per_round:
+            raise OptionError("steps", "{steps}={_steps} is fewer than {rounds} x {steps_per_round} = {_total}", _steps=self.steps,
+                              _total=self.distill.rounds * self.distill.steps_per_round)
 
     @property
     def init_from(self) -> str:

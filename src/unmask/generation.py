@@ -12,6 +12,7 @@ from typing import Sequence
 import torch
 
 from unmask.checkpoint import checkpoint_tokenizer, load_model
+from unmask.classifier import guidance_report, with_classifier_guide
 from unmask.constraints.decode import automata_for, constrain
 from unmask.device import pick_device
 from unmask.errors import OptionError
@@ -35,6 +36,7 @@ def generate(
     callback: StepCallback | None = None,
     weights: str = "auto",
     constraint=None,
+    classifier=None, label: str | None = None, gamma: float | None = None, dcbg: str = "auto",
     **options,
 ) -> dict:
     """Samples from a checkpoint, each canvas starting with EOS (the document separator every
@@ -50,6 +52,10 @@ def generate(
     AR: token by token after [EOS ; prompt], with an exact KV cache unless ``kv_cache=False``;
     temperature, top_k, top_p, precision and stop_at_eos apply, MDM-only options are refused (an
     error names them) and ``steps``, if given, must equal ``length``.
+
+    ``classifier`` (a run trained with objective classifier), ``label``, ``gamma``, ``dcbg``: D-CBG,
+    every MDM sampler's draws tilted by p(label | x)^gamma, exactly or to first order (auto, exact,
+    first-order; :mod:`unmask.classifier_guidance`); the result then holds "dcbg" (the form used).
 
     ``prompts`` gives one prompt per sample (different lengths allowed); otherwise ``prompt`` is
     repeated ``num_samples`` times. ``constraint``: structured output, a
@@ -74,6 +80,7 @@ def generate(
     automata = automata_for(constraint, tok, x.shape[0])
     if automata is not None:
         cond = constrain(cond, x, start, automata, length if cfg.model.causal else None, "length" if infill is None else "infill")
+    cond = with_classifier_guide(cond, x, cfg, dev, classifier, label, gamma, dcbg)
     stop_token = tok.eos_id if stop_at_eos else None
     out = decoding.run(model, x, sampling_generator(model, seed), cond, callback, start=start, stop_token=stop_token)
     seconds = time.perf_counter() - start_time
@@ -84,7 +91,7 @@ def generate(
     cache = {} if decoding.spec is None or not cfg.model.block_causal else {"cache": decoding.spec.cache_for(cfg.model).kind}
     return {
         "checkpoint": str(checkpoint), "objective": cfg.train.objective, "sampler": decoding.sampler, "nfe": out.nfe,
-        "steps": out.steps, "seconds": seconds, "generated_tokens": num_samples * length, "samples": samples, **cache,
+        "steps": out.steps, "seconds": seconds, "generated_tokens": num_samples * length, "samples": samples, **cache, **guidance_report(cond),
     }
 
 

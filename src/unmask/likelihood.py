@@ -43,6 +43,11 @@ class LikelihoodResult:
     def to_dict(self) -> dict:
         return asdict(self) | {"perplexity_stderr": self.perplexity_stderr}
 
+    def extra(self) -> dict[str, float]:
+        """Held-out figures beside the score, for the training loop's validation line (a classifier's
+        accuracy: unmask.objectives.classifier); none for a likelihood."""
+        return {}
+
 
 def batch_slices(n: int, batch_size: int):
     """Slices of ``batch_size`` rows covering ``n`` (checked here, before any work, for every estimator;

@@ -141,7 +141,8 @@ def _trainer(world: World, dev: torch.device, run_dir: Path, config: RunConfig, 
     if ckpt is None and cfg.init_from:  # AR -> MDM adaptation, MDM -> block model, fine-tuning (unmask.adaptation)
         from unmask.adaptation import initial_weights
 
-        model.load_state_dict(initial_weights(cfg.init_from, model_cfg))
+        state = initial_weights(cfg.init_from, model_cfg)  # a classifier's new label head keeps its initialisation
+        model.load_state_dict({**model.state_dict(), **state} if model_cfg.labels else state)
     # Every rank draws the GLOBAL batch and its noise from the same streams and keeps its own rows
     data_rng = np.random.default_rng(stream_seed(cfg.seed, DATA_STREAM))
     noise_gen = torch.Generator().manual_seed(stream_seed(cfg.seed, NOISE_STREAM))
@@ -200,10 +201,12 @@ def _loop(trainer: Trainer, run_dir: Path, config: RunConfig, step: int, tokens:
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 result = trainer.validate(held_out)
                 if world.is_main:
-                    bar.write(f"step {step}: val {result.nats_per_token:.4f} nats/token (ppl {'<= ' if result.kind == 'elbo' else ''}{result.perplexity:.2f})")
+                    bar.write(f"step {step}: val {result.nats_per_token:.4f} nats/token (ppl {'<= ' if result.kind == 'elbo' else ''}{result.perplexity:.2f})"
+                              + "".join(f", {name} {value:.4f}" for name, value in result.extra().items()))
                     append_metrics(metrics_path, sink, {
                         "kind": "val", "step": step, "tokens": tokens, "flops": flops_per_token * tokens,
                         "val_nats_per_token": result.nats_per_token, "val_stderr": result.stderr, "val_ppl": result.perplexity,
+                        **{f"val_{name}": value for name, value in result.extra().items()},
                     })
             if step % cfg.checkpoint_every == 0 or step == end:
                 save(trainer, run_dir, config, tokenizer_json, step, tokens)

@@ -4,6 +4,7 @@
     unmask data prepare FILES...    tokenise your corpus into packed shards
     unmask train --run-dir RUN ...  train an MDM (default) or the AR baseline
     unmask finetune --init-from RUN --pairs P.jsonl --run-dir OUT   SFT on prompt/response pairs (MDM or AR)
+    unmask distill RUN --method sdtt|dcd --out OUT   distil a run for few-step sampling (SDTT: MDM; DCD: Duo)
     unmask eval --checkpoint RUN    perplexity (MDM: ELBO bound +- SE; AR: exact)
     unmask sample --checkpoint RUN  generate text
     unmask serve --checkpoint RUN   OpenAI-compatible HTTP server and a page that animates the decoding
@@ -31,6 +32,7 @@ from unmask.errors import OptionError, UnmaskError
 # registering the subcommands
 from unmask.cli import data as _data  # noqa: F401,E402
 from unmask.cli import demo as _demo  # noqa: F401,E402
+from unmask.cli import distill as _distill  # noqa: F401,E402
 from unmask.cli import evaluate as _evaluate  # noqa: F401,E402
 from unmask.cli import interop as _interop  # noqa: F401,E402
 from unmask.cli import experiment as _experiment  # noqa: F401,E402

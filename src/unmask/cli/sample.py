@@ -43,6 +43,12 @@ def sample(
     json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="Structured output: JSON that validates against the schema in this file."),
     choice: Optional[list[str]] = typer.Option(None, help="Structured output: exactly one of these strings (repeat the flag)."),
     json_object: bool = typer.Option(False, "--json-object", help="Structured output: any JSON object (nested two deep)."),
+    classifier: Optional[Path] = typer.Option(None, help="Classifier guidance (D-CBG): a run trained with --objective classifier on the "
+                                              "model's tokenizer; every MDM sampler's draws are tilted by p(--label | x)^--gamma."),
+    label: Optional[str] = typer.Option(None, help="D-CBG: the class the samples are steered toward (one of the classifier's labels)."),
+    gamma: Optional[float] = typer.Option(None, help="D-CBG: the classifier's weight gamma >= 0 (default 1: the posterior p(x | label))."),
+    dcbg: str = typer.Option("auto", help="D-CBG form: exact (one classifier call on every position x token canvas), first-order (one "
+                             "gradient per step) or auto (exact while positions x vocabulary <= 4096 canvases)."),
     sampling: dict = None,
 ) -> None:
     """Generate text from a trained MDM or AR checkpoint."""
@@ -69,7 +75,8 @@ def sample(
     # only the options given go on, so that generate() can refuse MDM-only ones on an AR checkpoint
     res = generate(
         checkpoint, prompt, num_samples, length, seed=seed, device=device, prompts=prompts, infill=infill, stop_at_eos=stop_at_eos,
-        kv_cache=kv_cache, callback=callback, weights=weights, constraint=constraint, **sampling,
+        kv_cache=kv_cache, callback=callback, weights=weights, constraint=constraint, classifier=classifier, label=label, gamma=gamma,
+        dcbg=dcbg, **sampling,
     )
     if show_steps:
         sys.stderr.write("\n")
@@ -79,3 +86,6 @@ def sample(
     for i, s in enumerate(res["samples"]):
         typer.echo(f"--- sample {i} ---\n{s['text']}")
     typer.echo(f"({res['sampler']}: {res['nfe']} network calls, {res['seconds']:.2f} s)", err=True)
+    if "dcbg" in res:
+        typer.echo(f"(D-CBG toward {res['dcbg']['label']!r}, gamma {res['dcbg']['gamma']:g}: {res['dcbg']['used']} guidance, "
+                   f"{res['dcbg']['classifier_rows']} canvases scored)", err=True)

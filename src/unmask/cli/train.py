@@ -81,7 +81,7 @@ def _saved_data_dir(saved: RunConfig, run_dir: Path) -> Path:
     from unmask.data import default_dataset, default_tokenizer
 
     path = Path(saved.data_dir)
-    if (path / "meta.json").is_file():
+    if (path / "meta.json").is_file() or (path / "labels.json").is_file():  # a prepared folder, or a classifier's RUN/labels
         return path
     if path.name == f"shakespeare-{saved.tokenizer_fingerprint}" == f"shakespeare-{default_tokenizer().fingerprint}":
         return default_dataset(path.parent)
@@ -99,7 +99,8 @@ def train(
     mask_rate_min: Optional[float] = typer.Option(None, help="bd3: clipped schedule, lowest block time / mask rate beta (default 0)."),
     mask_rate_max: Optional[float] = typer.Option(None, help="bd3: clipped schedule, highest block time / mask rate omega (default 1)."),
     flex_attention: Optional[bool] = typer.Option(None, "--flex-attention", help="bd3: run the 2L training forward through FlexAttention (GPU; default: SDPA with a boolean mask)."),
-    data: Optional[Path] = typer.Option(None, help="Folder from `unmask data prepare`; default: the embedded Shakespeare corpus (on --resume: the run's)."),
+    data: Optional[Path] = typer.Option(None, help="Folder from `unmask data prepare`; default: the embedded Shakespeare corpus (on --resume: the run's). "
+                                        "--objective classifier (of noisy canvases, for D-CBG): a JSONL file of {\"text\": ..., \"label\": ...} lines."),
     steps: Optional[int] = typer.Option(None, min=1, help=HELP["steps"]),
     batch_size: Optional[int] = typer.Option(None, min=1, help=f"Sequences per micro-batch, per process (default {_T.batch_size})."),
     grad_accum: Optional[int] = typer.Option(None, min=1, help=f"Micro-batches per optimizer step (default {_T.grad_accum})."),
@@ -148,9 +149,8 @@ def train(
         model_cfg, train_cfg, data_dir = _resumed(run_dir, data, given, {"--preset": preset, "--context-len": context_len,
                                                                          "--time-conditioning": time_conditioning})
     else:
-        data_dir = _data_dir(data)
         train_cfg = TrainConfig(**given)
-        model_cfg = _new_model(train_cfg, data_dir, preset, context_len, time_conditioning, init_from, keep_shift)
+        model_cfg, data_dir = _new_run(train_cfg, run_dir, data, preset, context_len, time_conditioning, init_from, keep_shift)
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun, one process reports
     if main_process:
         typer.echo(
@@ -175,6 +175,19 @@ def _resumed(run_dir: Path, data: Optional[Path], given: dict, model_flags: dict
         raise changed_settings_error(refused)
     data_dir = Path(data) if data is not None else _saved_data_dir(saved, run_dir)
     return saved.model, dataclasses.replace(saved.train, **given), data_dir
+
+
+def _new_run(train_cfg: TrainConfig, run_dir: Path, data: Optional[Path], preset: Optional[str], context_len: Optional[int],
+             time_conditioning: Optional[bool], init_from: Optional[Path], keep_shift: Optional[bool]) -> tuple[ModelConfig, Path]:
+    """(network, data folder) of a new run; a classifier's labelled texts (--data JSONL) are tokenised into RUN/labels."""
+    if objective_class(train_cfg).data == "labels":
+        from unmask.objectives.classifier import new_classifier
+
+        if keep_shift is not None:
+            raise UnmaskError("--keep-shift is for adapting an AR model; a classifier has no per-position logits")
+        return new_classifier(run_dir, data, preset, context_len, time_conditioning, init_from)
+    data_dir = _data_dir(data)
+    return _new_model(train_cfg, data_dir, preset, context_len, time_conditioning, init_from, keep_shift), data_dir
 
 
 def _new_model(train_cfg: TrainConfig, data_dir: Path, preset: Optional[str], context_len: Optional[int], time_conditioning: Optional[bool],

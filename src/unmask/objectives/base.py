@@ -5,7 +5,8 @@ registered by name (:func:`unmask.objectives.registry.register`). The loop (:mod
 asks it for
 
 * ``data``: what it learns from: ``"windows"``, windows of L+1 tokens of a prepared folder (the
-  first token is context only), or ``"pairs"``, prompt/response rows with their response masks;
+  first token is context only), ``"pairs"``, prompt/response rows with their response masks, or
+  ``"labels"``, labelled texts (a classifier's; :mod:`unmask.data.labels`);
 * :meth:`Objective.draw_noise`: the noise of a whole global batch, drawn on the CPU from the run's
   noise generator, so every process draws the same and keeps its own rows (``noise.rows(i)``);
 * :meth:`Objective.loss`: the per-sequence loss (B,) in nats/token of given rows and noise, calling
@@ -49,16 +50,20 @@ class Noise(Protocol):
 @dataclass(frozen=True)
 class Batch:
     """Rows of training data: ``tokens`` (B, L+1) windows, or (B, T) pair rows with ``response``
-    (B, T) bool marking each row's response region."""
+    (B, T) bool marking each row's response region; a classifier's labelled rows (B, T) have their
+    text after the EOS as ``response`` and their class indices ``labels`` (B,)."""
 
     tokens: torch.Tensor
     response: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
 
     def rows(self, index: slice) -> "Batch":
-        return Batch(self.tokens[index], None if self.response is None else self.response[index])
+        pick = lambda v: None if v is None else v[index]  # noqa: E731
+        return Batch(self.tokens[index], pick(self.response), pick(self.labels))
 
     def to(self, device: torch.device) -> "Batch":
-        return Batch(self.tokens.to(device), None if self.response is None else self.response.to(device))
+        move = lambda v: None if v is None else v.to(device)  # noqa: E731
+        return Batch(self.tokens.to(device), move(self.response), move(self.labels))
 
 
 class Objective:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from unmask.data import TokenDataset
+from unmask.data.labels import LabelDataset
 from unmask.data.pairs import PairDataset
 from unmask.data.tokenizer import Tokenizer
 from unmask.objectives import Batch
@@ -62,9 +63,30 @@ class PairData:
         return Batch(*map(torch.from_numpy, self.val.eval_rows(count)))
 
 
-DATA: dict[str, type] = {"windows": WindowData, "pairs": PairData}
+class LabelData:
+    """Labelled rows ``[EOS ; text ; PAD ...]`` of a labels folder (``unmask.data.labels``), with their
+    text masks and class indices: what a classifier learns from."""
+
+    fingerprint = ""  # a labels folder is made for its run (RUN/labels), with the tokenizer of the model it guides
+
+    def __init__(self, data_dir: str | Path, context_len: int) -> None:
+        self.train, self.val = LabelDataset(data_dir, "train"), LabelDataset(data_dir, "val")
+        self.length = self.train.length
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.train.tokenizer
+
+    def sample(self, rng: np.random.Generator, rows: int) -> Batch:
+        return Batch(*map(torch.from_numpy, self.train.sample(rng, rows)))
+
+    def held_out(self, count: int) -> Batch:
+        return Batch(*map(torch.from_numpy, self.val.eval_rows(count)))
 
 
-def open_data(kind: str, data_dir: str | Path, context_len: int) -> WindowData | PairData:
+DATA: dict[str, type] = {"windows": WindowData, "pairs": PairData, "labels": LabelData}
+
+
+def open_data(kind: str, data_dir: str | Path, context_len: int) -> WindowData | PairData | LabelData:
     """The train and val splits of ``data_dir`` as the data ``kind`` an objective learns from."""
     return DATA[kind](data_dir, context_len)

@@ -115,6 +115,7 @@ class Trainer:
             group["lr"] = lr
         self.net.train()
         total = torch.zeros((), device=self.device)
+        self.objective.before_step(step, self.model)
         batch = self.data.sample(self.data_rng, self.global_batch)
         noise = self.objective.draw_noise(batch, self.noise_gen)
         net = self.network_at(step)
