@@ -15,10 +15,12 @@ from unmask.sampling.options import OPTIONS, Option
 from unmask.sampling.plans import ColumnBlocks, GridBlocks
 from unmask.sampling.spec import SAMPLERS, SamplerSpec
 from unmask.sampling.threshold import ThresholdConfig, threshold
+from unmask.sampling.uniform import UniformConfig, UniformState, uniform
 
 __all__ = [
     "AncestralConfig", "ancestral", "ARConfig", "ar_sample", "BlockCache", "CacheConfig", "CanvasCache", "ColumnBlocks", "Conditioning",
     "ConfidenceConfig", "confidence", "Decoding", "decode_blocks", "decoding_for", "exponential_race", "FirstHittingConfig",
     "first_hitting", "GridBlocks", "infill_canvas", "make_canvas", "OPTIONS", "Option", "SAMPLERS", "SampleOutput", "Sampler",
     "SamplerConfig", "SamplerSpec", "SamplerState", "sampling_generator", "ThresholdConfig", "threshold",
+    "UniformConfig", "UniformState", "uniform",
 ]

@@ -4,7 +4,8 @@ table (:mod:`unmask.sampling.options`) into a :class:`Decoding` for their model 
 :func:`decoding_for`, build a canvas (:mod:`unmask.sampling.canvas`) and call :meth:`Decoding.run`.
 
 An MDM decodes with its :class:`~unmask.sampling.spec.SamplerSpec` (a block model block by block
-with its exact cache), an AR model token by token with the AR sampler. Options the model's kind
+with its exact cache), a uniform-state model (``noise="uniform"``) with the uniform sampler
+(:mod:`unmask.sampling.uniform`), an AR model token by token with the AR sampler. Options the model's kind
 would otherwise silently ignore are refused by name.
 """
 
@@ -20,6 +21,7 @@ from unmask.sampling.ar import ARConfig, ar_sample
 from unmask.sampling.base import Conditioning, SampleOutput, StepCallback
 from unmask.sampling.options import OPTIONS, known, spelled
 from unmask.sampling.spec import SamplerSpec
+from unmask.sampling.uniform import check_uniform
 
 
 @dataclass(frozen=True)
@@ -62,13 +64,19 @@ def decoding_for(model_config, length: int, options: dict, schedule: str = "line
     """The decoding of ``length`` new tokens by a model of ``model_config`` from the table's
     ``options`` (None or absent: not given, the sampler's own default). MDM: the spec, ``steps``
     defaulting to ``length`` and ``schedule`` to the model's (``schedule``: the one it was trained
-    with). AR: the AR sampler with its exact KV cache unless ``kv_cache`` is False."""
+    with). AR: the AR sampler with its exact KV cache unless ``kv_cache`` is False. A uniform-state
+    model: the uniform sampler (its default), without blocks or caches."""
     given = known(options)
     check_kind(model_config, given, length, kv_cache, infill)
     if model_config.causal:
         honoured = {name: value for name, value in given.items() if OPTIONS[name].ar}
         return Decoding(ar=ARConfig(max_new_tokens=length, kv_cache=kv_cache is not False, **honoured))
-    return Decoding(spec=SamplerSpec.from_options(**SamplerSpec.with_defaults(given, length, schedule)))
+    if model_config.noise == "uniform":
+        given.setdefault("sampler", "uniform")
+    spec = SamplerSpec.from_options(**SamplerSpec.with_defaults(given, length, schedule))
+    if "uniform" in (spec.sampler, model_config.noise):  # a sampler of the other kind, blocks or a cache: refused now, by name
+        check_uniform(model_config, spec.sampler, spec.block_len, spec.cache)
+    return Decoding(spec=spec)
 
 
 def check_kind(model_config, given: dict, length: int | None = None, kv_cache: bool | None = None, infill: bool = False) -> None:

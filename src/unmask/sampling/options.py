@@ -62,9 +62,10 @@ ALLOCATIONS = ("even", "schedule")
 PRECISIONS = ("float64", "float32")
 
 OPTIONS: dict[str, Option] = {o.name: o for o in (
-    Option("sampler", str, "MDM: ancestral (default; cached is another name of it), first-hitting, confidence or threshold.",
+    Option("sampler", str, "MDM: ancestral (default; cached is another name of it), first-hitting, confidence or threshold; "
+           "a uniform-state model (noise uniform): uniform, its default and only sampler.",
            default="ancestral", field="sampler", config=False),
-    Option("steps", int, "MDM: sampling steps (samplers that take steps: ancestral, confidence); the total, split over blocks. "
+    Option("steps", int, "MDM: sampling steps (samplers that take steps: ancestral, confidence, uniform); the total, split over blocks. "
            "Default: the generation length.", rule=">= 1", default=LENGTH, field="steps"),
     Option("block_len", int, "MDM: decode semi-autoregressively in blocks of this many tokens, which must divide the generation "
            "length (default: no blocks).", rule=">= 0", default=0, field="block_length", field_rule=">= 1", config=False),
@@ -86,11 +87,14 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("top_p", float, "Nucleus sampling mass, in (0, 1] (default 1: off).", rule="(0, 1]", field="top_p", ar=True),
     Option("precision", str, "Categorical sampling precision: float64 (default, exact) or float32 (ablation only; biased).",
            choices=PRECISIONS, ar=True),
-    Option("schedule", str, "MDM ancestral and first-hitting: the masking schedule (default: the one the model was trained with).",
+    Option("greedy_tail", bool, "Uniform-state models: the last step takes the argmax of the network's prediction instead of a "
+           "draw (Duo's greedy tail; default off).", field="greedy_tail"),
+    Option("schedule", str, "MDM ancestral, first-hitting and uniform: the noise schedule (default: the one the model was trained "
+           "with).",
            choices=SCHEDULES, default=TRAINED, flag=None),
 )}
 
-_KINDS = {int: ("an integer", Integral), float: ("a number", Real), str: ("a string", str)}
+_KINDS = {int: ("an integer", Integral), float: ("a number", Real), str: ("a string", str), bool: ("true or false", bool)}
 
 
 def check_value(option: Option, value) -> None:
@@ -100,7 +104,7 @@ def check_value(option: Option, value) -> None:
         return
     name = option.name
     kind, cls = _KINDS[option.type]
-    if isinstance(value, bool) or not isinstance(value, cls):
+    if isinstance(value, bool) is not (option.type is bool) or not isinstance(value, cls):
         raise OptionError(name, f"{{{name}}}={{_value!r}} must be {kind}", _value=value)
     if option.rule is not None:
         words = broken_rule(value, option.rule)

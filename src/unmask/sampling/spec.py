@@ -24,8 +24,9 @@ from unmask.sampling.first_hitting import first_hitting
 from unmask.sampling.options import LENGTH, OPTIONS, TRAINED, check_options, check_value
 from unmask.sampling.plans import ColumnBlocks, GridBlocks
 from unmask.sampling.threshold import threshold
+from unmask.sampling.uniform import check_uniform, uniform
 
-SAMPLERS: dict[str, Sampler] = {s.name: s for s in (ancestral, first_hitting, confidence, threshold)}
+SAMPLERS: dict[str, Sampler] = {s.name: s for s in (ancestral, first_hitting, confidence, threshold, uniform)}
 # other names of a sampler: RADD's cached sampler is the ancestral one, which already calls the
 # network only on rows where a token unmasks (a row that does not move needs no new output)
 ALIASES = {"cached": "ancestral"}
@@ -97,7 +98,10 @@ class SamplerSpec:
         """Refuse what cannot decode ``gen_len`` tokens of a canvas with ``cond`` by a model of
         ``model_config``: guidance without a prompt, an approximate cache or foreign blocks on a
         block model, the block cache on another model, blocks that do not divide the length or
-        steps that do not split evenly over them."""
+        steps that do not split evenly over them; a uniform-state model with another sampler, blocks
+        or a cache, or the uniform sampler on another model (:func:`unmask.sampling.uniform.check_uniform`)."""
+        if self.sampler == "uniform" or model_config.noise == "uniform":
+            return check_uniform(model_config, self.sampler, self.block_len, self.cache, cond, self.sampler_config().cfg_scale)
         check_guidance(self.sampler_config().cfg_scale, cond)
         cache, size = self.cache_for(model_config), model_config.block_causal
         if size:

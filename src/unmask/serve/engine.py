@@ -280,7 +280,10 @@ class Engine:
 
     def text_of(self, job: Job, ids: list[int], final: bool) -> tuple[str, str | None, int]:
         """(text, finish_reason or None, tokens) of a row's region. Not final: the text that can no
-        longer change (up to the first MASK; a piece that could begin a stop string is held back)."""
+        longer change (up to the first MASK; a piece that could begin a stop string is held back;
+        none from a uniform-state model, whose every token may change until the last step)."""
+        if not final and self.config.model.noise == "uniform":
+            return "", None, 0
         tok = self.tok
         if job.params.infill:
             text, tokens = tok.decode(ids, mask_text=""), sum(1 for c in job.committed_at[0] if c != 0)
