@@ -127,6 +127,7 @@ def _train(world: World, dev: torch.device, run_dir: Path, model_cfg: ModelConfi
     config = RunConfig(model=model_cfg, train=train_cfg, data_dir=str(data_dir), tokenizer_fingerprint=data.tokenizer.fingerprint,
                        data_fingerprint=data.fingerprint)
     trainer, step, tokens = _trainer(world, dev, run_dir, config, objective, data, ckpt)
+    objective.begin(run_dir, world.is_main)
     return _loop(trainer, run_dir, config, step, tokens, progress, stop_after, log_to)
 
 
@@ -197,6 +198,7 @@ def _loop(trainer: Trainer, run_dir: Path, config: RunConfig, step: int, tokens:
                 append_metrics(metrics_path, sink, {
                     "kind": "train", "step": step, "tokens": tokens, "flops": flops_per_token * tokens, "loss": done.loss,
                     "lr": done.lr, "grad_norm": done.grad_norm, "tokens_per_s": rate, "elapsed_s": now - t_start,
+                    **trainer.objective.metrics(step - 1),
                 })
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 result = trainer.validate(held_out)

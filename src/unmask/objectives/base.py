@@ -12,6 +12,9 @@ asks it for
 * :meth:`Objective.loss`: the per-sequence loss (B,) in nats/token of given rows and noise, calling
   the network only through its forward arguments, so DDP/FSDP/compile wrappers work;
 * :meth:`Objective.validate`: the bound (or exact NLL) reported on the held-out rows;
+* :meth:`Objective.begin`, :meth:`Objective.before_step`, :meth:`Objective.metrics`: for objectives with
+  state outside the model (distillation's teacher): the run folder, the step about to be taken, and
+  what the metrics line of a step adds (nothing, by default);
 * :meth:`Objective.network` and :meth:`Objective.check`: the network it trains (the ``ModelConfig``
   fields a new run gets) and the refusal of any other; ``defaults``: the settings it gives a
   ``TrainConfig`` that leaves them unset (``lr``, ``loss``).
@@ -91,6 +94,18 @@ class Objective:
         if self.model.causal != causal:
             raise OptionError("objective", "{objective} {_name} needs causal={_causal} in the model config", _name=self.train.objective,
                               _causal=causal)
+
+    def begin(self, run_dir: Path, is_main: bool) -> None:
+        """Called on every process once before this call's first step, with the run folder (written by the main
+        process only): where an objective with state outside the model (a distillation teacher) keeps it."""
+
+    def before_step(self, step: int, model: torch.nn.Module) -> None:
+        """Called on every process before optimizer step ``step`` (0-based) draws its noise, with the unwrapped
+        model being trained (distillation: the teacher of the step's round is set here)."""
+
+    def metrics(self, step: int) -> dict[str, Any]:
+        """What the objective adds to the training metrics line of ``step`` (distillation: its round)."""
+        return {}
 
     def draw_noise(self, batch: Batch, generator: torch.Generator) -> Noise | None:
         """The noise of the global ``batch`` (None: the objective has none)."""
