@@ -286,6 +286,29 @@ class DistillConfig:
         return self.teacher_steps // 2**self.rounds
 
 
+@dataclass(frozen=True)
+class DuoConfig:
+    """Duo's curriculum (objective duo; docs/algorithms.md, 'Uniform-state diffusion (UDLM, Duo)'): for the first
+    ``curriculum_steps`` optimizer steps the network sees softmax(w_t / ``tau``) of Gaussian latents at a gamma
+    drawn uniformly in [``gamma_min``, ``gamma_max``] (alpha~^2 = sigmoid(-gamma)), and the loss scores their
+    argmax at the uniform-state alpha = T(gamma); then plain UDLM. The defaults are the Duo paper's language-model
+    settings (tau = 10^-3, gamma in [-3.5, -1.75], the curriculum for the first half of the run: here of the
+    default 1000 steps)."""
+
+    curriculum_steps: int = 500
+    tau: float = 1e-3
+    gamma_min: float = -3.5
+    gamma_max: float = -1.75
+
+    def __post_init__(self) -> None:
+        check_number("curriculum_steps", self.curriculum_steps, ">= 0")
+        check_number("tau", self.tau, "> 0")
+        for key in ("gamma_min", "gamma_max"):
+            check_number(key, getattr(self, key), "(-30, 30)")
+        if not self.gamma_min < self.gamma_max:
+            raise OptionError("gamma_min", "{gamma_min}={_min} must be below {gamma_max}={_max}", _min=self.gamma_min, _max=self.gamma_max)
+
+
 def _block_size_error(size: int) -> OptionError:
     return OptionError("block_size", "{objective} bd3 needs {block_size} >= 1 (tokens per block), got {_size}", _size=size)
 
@@ -297,7 +320,8 @@ def _cfg_dropout_error(value: float) -> OptionError:
 
 # The sections of a TrainConfig; None where a section is off (no init_from or annealing, not block
 # diffusion, not fine-tuning).
-SECTIONS: dict[str, type] = {"adapt": AdaptationConfig, "block": BlockDiffusionConfig, "sft": SFTConfig, "distill": DistillConfig}
+SECTIONS: dict[str, type] = {"adapt": AdaptationConfig, "block": BlockDiffusionConfig, "sft": SFTConfig, "distill": DistillConfig,
+                            "duo": DuoConfig}
 
 # The sections' settings in the flat layout (config.json before sections, and the flags): name -> (section, field).
 # Fine-tuning is switched on by ``sft`` itself (True, or its section).
@@ -307,6 +331,8 @@ FLAT_SETTINGS: dict[str, tuple[str, str]] = {
     "flex_attention": ("block", "flex_attention"), "cfg_dropout": ("sft", "cfg_dropout"),
     "teacher": ("distill", "teacher"), "rounds": ("distill", "rounds"), "steps_per_round": ("distill", "steps_per_round"),
     "teacher_steps": ("distill", "teacher_steps"), "divergence": ("distill", "divergence"),
+    "curriculum_steps": ("duo", "curriculum_steps"), "tau": ("duo", "tau"), "gamma_min": ("duo", "gamma_min"),
+    "gamma_max": ("duo", "gamma_max"),
 }
 
 
@@ -333,6 +359,7 @@ def _nested(settings: dict[str, Any]) -> dict[str, Any]:
         values |= flat
         defaults = {f.name: f.default for f in dataclasses.fields(section)}
         on = given is not None or (name != "sft" and any(value != defaults[key] for key, value in flat.items()))
+        on = on or (name == "duo" and out.get("objective") == "duo")  # a duo run records its curriculum, defaults included
         if not on and values.get("cfg_dropout"):
             raise _cfg_dropout_error(values["cfg_dropout"])
         out[name] = section(**values) if on else None
@@ -401,6 +428,7 @@ class TrainConfig(metaclass=_Settings):
     block: BlockDiffusionConfig | None = None  # objective bd3 only, where it is needed
     sft: SFTConfig | None = None
     distill: DistillConfig | None = None  # objectives sdtt and dcd only, where it is needed
+    duo: DuoConfig | None = None  # objective duo only (always there for it)
 
     def __post_init__(self) -> None:
         from unmask.objectives.registry import trained_from_text
@@ -425,6 +453,8 @@ class TrainConfig(metaclass=_Settings):
         if self.sft is not None and self.sft.cfg_dropout and self.objective != "mdm":
             raise _cfg_dropout_error(self.sft.cfg_dropout)
         self._check_distill()
+        if self.objective != "duo" and self.duo is not None:
+            raise OptionError("curriculum_steps", "{curriculum_steps}, {tau}, {gamma_min} and {gamma_max} apply to {objective} duo only")
         for at, before in self.steps_changes:
             if not 0 <= at <= min(before, self.steps):
                 raise UnmaskError(f"steps_changes entry ({at}, {before}) must change the length at a step within both runs")

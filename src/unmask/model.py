@@ -319,9 +319,10 @@ class Transformer(nn.Module):
         plus the time embedding of a time-conditioned network."""
         if soft_tokens is None:
             x = self.embed(tokens)
-        else:
+        else:  # in the embedding's dtype, as a lookup is (autocast would make it bf16)
             rows = self.embed.weight[: self.config.vocab_size]
-            x = soft_tokens.to(rows.dtype) @ rows
+            with torch.autocast(rows.device.type, enabled=False):
+                x = soft_tokens.to(rows.dtype) @ rows
         if self.time_embed is None:
             return x
         if t is None:

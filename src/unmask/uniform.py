@@ -34,7 +34,7 @@ from unmask.errors import check_number
 from unmask.likelihood import FOR_A_STANDARD_ERROR, LikelihoodResult, batch_slices, window_groups
 from unmask.schedule import Schedule, sample_times
 
-ALPHA_MAX = 1 - 1e-6  # 1 - alpha is clamped above 0: the bound divides by it where z_t differs from x
+ALPHA_MAX = 1 - 1e-6  # Duo's T(gamma) is kept below 1 (in float32 it rounds to 1 where the latents almost never flip a token)
 
 
 # --------------------------------------------------------------------------- UDLM: the forward process
@@ -98,7 +98,7 @@ def udlm_nelbo(logits: torch.Tensor, zt: torch.Tensor, x0: torch.Tensor, alpha: 
     """
     dtype = torch.promote_types(logits.dtype, torch.float32)
     k = logits.shape[-1]
-    alpha = alpha.to(dtype).clamp(max=ALPHA_MAX)[:, None]
+    alpha = alpha.to(dtype).clamp(max=1 - torch.finfo(dtype).eps)[:, None]  # 1 - alpha > 0: the bound divides by it where z_t != x
     b, c = k * alpha, 1 - alpha  # xbar = b x + c
     log_p = torch.log_softmax(logits.to(dtype), dim=-1)
     log_xbar = torch.logaddexp(log_p + b.log()[..., None], c.log()[..., None])  # log xbar_theta

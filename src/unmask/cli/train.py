@@ -11,11 +11,12 @@ from typing import List, Optional
 import typer
 
 from unmask.cli.app import app, command_group
-from unmask.config import PRESETS, ModelConfig, RunConfig, TrainConfig
+from unmask.config import PRESETS, DuoConfig, ModelConfig, RunConfig, TrainConfig
 from unmask.errors import UnmaskError
 from unmask.objectives import OBJECTIVES, objective_class, trained_from_text
 
 _T = TrainConfig()
+_DUO = DuoConfig()
 
 
 # The longer help texts of `unmask train`
@@ -32,6 +33,8 @@ HELP = {
                  "--block-size, e.g. an MDM fine-tuned into a block model). Data must use the source's tokenizer.",
     "keep_shift": "With --init-from: logits of position i from position i - 1, as in the AR model (Dream) (default: the source's own).",
     "anneal_attention": "MDM: anneal the attention mask from causal to bidirectional over N steps (DiffuLLaMA) (default 0: off).",
+    "curriculum_steps": f"duo: optimizer steps of the curriculum, where the network sees relaxed one-hot inputs of Gaussian latents; "
+                        f"then plain udlm (default {_DUO.curriculum_steps}).",
     "resume": "Continue RUN exactly as it was configured, from its latest checkpoint. Only --steps, --eval-every, --checkpoint-every, "
               "--log-every, --compile, --activation-checkpointing and --device may change (and --batch-size with "
               "--global-batch-tokens); other flags must be left out or equal the run's.",
@@ -94,11 +97,15 @@ def _saved_data_dir(saved: RunConfig, run_dir: Path) -> Path:
 def train(
     run_dir: Path = typer.Option(..., help="Folder for config, metrics.jsonl and checkpoints."),
     preset: Optional[str] = typer.Option(None, help=f"Model size: {', '.join(PRESETS)} (default tiny)."),
-    objective: Optional[str] = typer.Option(None, help=f"mdm (masked diffusion), ar (autoregressive baseline) or bd3 (block diffusion) (default {_T.objective})."),
+    objective: Optional[str] = typer.Option(None, help=f"mdm (masked diffusion), ar (autoregressive baseline), bd3 (block diffusion), udlm (uniform-state diffusion) or duo (UDLM after a Gaussian curriculum) (default {_T.objective})."),
     block_size: Optional[int] = typer.Option(None, min=1, help="bd3: tokens per block L' (1: the AR NLL; the context length: the MDM); must divide the context."),
     mask_rate_min: Optional[float] = typer.Option(None, help="bd3: clipped schedule, lowest block time / mask rate beta (default 0)."),
     mask_rate_max: Optional[float] = typer.Option(None, help="bd3: clipped schedule, highest block time / mask rate omega (default 1)."),
     flex_attention: Optional[bool] = typer.Option(None, "--flex-attention", help="bd3: run the 2L training forward through FlexAttention (GPU; default: SDPA with a boolean mask)."),
+    curriculum_steps: Optional[int] = typer.Option(None, min=0, help=HELP["curriculum_steps"]),
+    tau: Optional[float] = typer.Option(None, help=f"duo: temperature of the relaxed one-hot input softmax(w / tau) during the curriculum (default {_DUO.tau:g})."),
+    gamma_min: Optional[float] = typer.Option(None, help=f"duo: lowest Gaussian log-SNR parameter gamma of the curriculum (least noise) (default {_DUO.gamma_min:g})."),
+    gamma_max: Optional[float] = typer.Option(None, help=f"duo: highest gamma of the curriculum (most noise) (default {_DUO.gamma_max:g})."),
     data: Optional[Path] = typer.Option(None, help="Folder from `unmask data prepare`; default: the embedded Shakespeare corpus (on --resume: the run's). "
                                         "--objective classifier (of noisy canvases, for D-CBG): a JSONL file of {\"text\": ..., \"label\": ...} lines."),
     steps: Optional[int] = typer.Option(None, min=1, help=HELP["steps"]),
@@ -108,7 +115,7 @@ def train(
     warmup_steps: Optional[int] = typer.Option(None, min=0, help=f"Linear warmup steps (default {_T.warmup_steps})."),
     weight_decay: Optional[float] = typer.Option(None, help=f"AdamW weight decay (default {_T.weight_decay})."),
     loss: Optional[str] = typer.Option(None, help=f"MDM objective: t-dce or k-dce (default {OBJECTIVES['mdm'].defaults['loss']}; bd3: per block, default t-dce)."),
-    schedule: Optional[str] = typer.Option(None, help=f"MDM masking schedule: linear or cosine (default {_T.schedule})."),
+    schedule: Optional[str] = typer.Option(None, help=f"MDM masking schedule, or udlm/duo's alpha(t): linear or cosine (default {_T.schedule})."),
     precision: Optional[str] = typer.Option(None, help="auto (bf16 autocast where supported), bf16 or fp32 (default auto)."),
     context_len: Optional[int] = typer.Option(None, min=1, help="Override the preset's context length."),
     time_conditioning: Optional[bool] = typer.Option(None, help="Give the MDM network the time t (default: time-agnostic)."),
@@ -142,6 +149,7 @@ def train(
         "global_batch_tokens": global_batch_tokens, "compile": compile, "activation_checkpointing": activation_checkpointing, "ema": ema,
         "anneal_steps": anneal_attention, "init_from": None if init_from is None else str(Path(init_from).resolve()),
         "block_size": block_size, "mask_rate_min": mask_rate_min, "mask_rate_max": mask_rate_max, "flex_attention": flex_attention,
+        "curriculum_steps": curriculum_steps, "tau": tau, "gamma_min": gamma_min, "gamma_max": gamma_max,
     }
     given = {key: value for key, value in flags.items() if value is not None}
     resume = resume or resume_from is not None
@@ -200,10 +208,12 @@ def _new_model(train_cfg: TrainConfig, data_dir: Path, preset: Optional[str], co
 
         if keep_shift is not None:
             raise UnmaskError("--keep-shift is for --init-from (adapting an AR model)")
+        if time_conditioning is not None and network.get("time_conditioning", time_conditioning) != time_conditioning:
+            raise UnmaskError(f"--objective {train_cfg.objective} trains a time-conditioned network; leave out --no-time-conditioning")
         tok = TokenDataset(data_dir, "train").tokenizer
         size = {} if context_len is None else {"context_len": context_len}
         return ModelConfig.from_name(preset or "tiny", vocab_size=tok.vocab_size, mask_token_id=tok.mask_id if tok.mask_inside else -1,
-                                     time_conditioning=bool(time_conditioning), **size, **network)
+                                     **{"time_conditioning": bool(time_conditioning), **size, **network})
     from unmask.adaptation import adapted_config, source_config
 
     if preset is not None or time_conditioning:

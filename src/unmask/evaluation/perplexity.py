@@ -30,9 +30,17 @@ ESTIMATORS = ("t-dce", "k-dce", "any-order", "chain-rule")
 def score(
     model, config, windows, prev, estimator: str, draws: int, batch_size: int, seed: int, progress: bool
 ) -> LikelihoodResult:
-    """Dispatch to the AR or MDM estimator; windows (N, L) or a list of groups, prev likewise."""
+    """Dispatch to the AR, uniform-state (UDLM) or MDM estimator; windows (N, L) or a list of groups, prev likewise."""
     if config.model.causal:
         return ar_nll(model, windows, prev, batch_size=batch_size, progress=progress)
+    if config.model.noise == "uniform":  # udlm, duo: the continuous-time UDLM bound (no MASK, no chain rule)
+        from unmask.uniform import udlm_elbo
+
+        if estimator != "t-dce":
+            raise OptionError("estimator", "{estimator} {_name}: a uniform-state network (udlm, duo) is scored with t-dce, its "
+                              "continuous-time bound", _name=estimator)
+        return udlm_elbo(model, windows, draws=draws, schedule=Schedule(config.train.schedule), batch_size=batch_size, seed=seed,
+                         progress=progress)
     if config.model.block_causal:  # a block model (bd3): its bound, or its exact block chain rule
         from unmask.block_diffusion import block_chain_rule_nll, block_elbo
 
@@ -117,7 +125,7 @@ def evaluate_checkpoint(
 
 def format_likelihood(res: dict) -> str:
     """One line for a result of :func:`evaluate_checkpoint`."""
-    who = "MDM" if res["objective"] == "mdm" else "AR "
+    who = {"ar": "AR ", "udlm": "UDLM", "duo": "Duo"}.get(res["objective"], "MDM")
     if res["kind"] == "elbo":
         return (
             f"{who}  {res['nats_per_token']:.4f} +- {res['stderr']:.4f} nats/token   perplexity <= {res['perplexity']:.2f} +- {res['perplexity_stderr']:.2f}"

@@ -204,6 +204,10 @@ def export_run(run: str | Path, out: str | Path, dtype: str | None = None) -> Pa
     with safe_open(str(ckpt / "model.safetensors"), framework="pt") as f:
         run_cfg = RunConfig.from_dict(json.loads((f.metadata() or {})["config"]))
     cfg = run_cfg.model
+    if cfg.noise == "uniform":
+        raise UnmaskError(f"{ckpt}: a uniform-state network ({run_cfg.train.objective}) has no Hugging Face layout: its tokens are "
+                          "corrupted by other tokens rather than MASK and it needs the time t, which the exported MDM layout "
+                          "(bidirectional LLaMA with a MASK token) cannot express; sample and score it with unmask itself")
     if cfg.time_conditioning:
         raise UnmaskError(f"{ckpt}: a time-conditioned network has no LLaMA layout; export a time-agnostic run (the default)")
     if cfg.block_causal:
