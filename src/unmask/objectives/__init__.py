@@ -8,6 +8,7 @@
     udlm.py  uniform-state diffusion (UDLM): the exact continuous-time bound, time-conditioned network
     duo.py   Duo: UDLM after a curriculum through its Gaussian dual (relaxed one-hot inputs)
     sdtt.py  distilling an MDM for few-step sampling (self-distillation through time; distillation.py: the rounds)
+    dcd.py   distilling a Duo model for few-step sampling (discrete consistency distillation)
 
 Each supplies its noise, loss, held-out bound, data and network to the one training loop
 (:mod:`unmask.train`) and is registered by name in :data:`OBJECTIVES`. The losses they share with
@@ -17,7 +18,7 @@ evaluation live in :mod:`unmask.losses` (and :mod:`unmask.block_diffusion`).
 from unmask.objectives.base import Batch, Objective, objective_class, objective_for
 from unmask.objectives.registry import OBJECTIVES, register, trained_from_text
 from unmask.objectives import mdm, ar, bd3, sft, udlm, duo  # noqa: E402,F401  (registers the built-in objectives, in this order)
-from unmask.objectives import sdtt  # noqa: E402,F401
+from unmask.objectives import sdtt, dcd  # noqa: E402,F401
 from unmask.objectives import classifier  # noqa: E402,F401
 from unmask.objectives.sft import corrupt_response
 

@@ -46,6 +46,14 @@ def teacher_run(path: str | Path) -> RunConfig:
         return RunConfig.from_dict(json.loads((f.metadata() or {})["config"]))
 
 
+def divergence(target: torch.Tensor, student: torch.Tensor, kind: str) -> torch.Tensor:
+    """D(target || student) over the last dim of log-probabilities (..., V) -> (...): ``kl`` sum_v T (log T - log S),
+    or ``tvd`` (1/2) sum_v |T - S| (``DistillConfig.divergence``)."""
+    if kind == "kl":
+        return (target.exp() * (target - student)).sum(dim=-1)
+    return 0.5 * (target.exp() - student.exp()).abs().sum(dim=-1)
+
+
 class RoundTeacher:
     """The frozen teacher of the round a step belongs to (``net``), loaded when the round changes."""
 
@@ -137,7 +145,7 @@ class Distillation(Objective):
         """The teacher run's config, refused unless it is a run this objective distils."""
         config = teacher_run(path)
         if config.train.objective not in cls.sources:
-            raise OptionError("teacher", "{_name} distils {_kind} runs (objective {_sources}); {teacher} {_path} is a {_other} run",
+            raise OptionError("teacher", "{_name} distils {_kind} runs (objective {_sources}); {teacher} {_path} is a run of objective {_other}",
                               _name=cls.name, _kind=cls.kind, _sources=" or ".join(cls.sources), _path=str(path),
                               _other=config.train.objective)
         return config

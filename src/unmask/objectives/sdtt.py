@@ -35,7 +35,7 @@ import torch
 from unmask.likelihood import LikelihoodResult, mc_elbo
 from unmask.losses import denoiser_logits
 from unmask.objectives.base import VALIDATION_SEED, Batch
-from unmask.objectives.distillation import Distillation
+from unmask.objectives.distillation import Distillation, divergence
 from unmask.objectives.registry import register
 from unmask.schedule import Schedule, add_noise, sample_times
 
@@ -107,14 +107,6 @@ def teacher_target(teacher, noise: TwoStepNoise, schedule: Schedule) -> tuple[to
     if bool(second.any()):
         target[~unmasks] = denoiser_logits(teacher, zu, noise.u.float(), logits_at=second).float().log_softmax(dim=-1)
     return target, first
-
-
-def divergence(target: torch.Tensor, student: torch.Tensor, kind: str) -> torch.Tensor:
-    """D(target || student) per row of log-probabilities (N, V) -> (N,): ``kl`` sum_v T (log T - log S), or
-    ``tvd`` (1/2) sum_v |T - S|."""
-    if kind == "kl":
-        return (target.exp() * (target - student)).sum(dim=-1)
-    return 0.5 * (target.exp() - student.exp()).abs().sum(dim=-1)
 
 
 def per_row_mean(values: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
