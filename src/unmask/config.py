@@ -257,13 +257,13 @@ DISTILLATION = ("sdtt", "dcd")  # the objectives that distil a teacher run (the 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """Distillation for few-step sampling (``unmask distill``; docs/algorithms.md, 'Distillation for few-step
-    sampling'): the ``teacher`` run, whose weights the student starts from, and ``rounds`` of
-    ``steps_per_round`` optimizer steps. In the first round the teacher samples with ``teacher_steps``
-    steps and the student learns to take half as many; after each round the student becomes the teacher
-    and the steps halve, so the distilled model samples with teacher_steps / 2^rounds steps. ``divergence``:
-    how the student's distribution is compared with the teacher's target (kl: KL(target || student); tvd:
-    total variation)."""
+    """Distillation for few-step sampling (``unmask distill``;
+    docs/algorithms.md, 'Distillation for few-step sampling'): the ``teacher`` run, whose weights the
+    student starts from, and ``rounds`` of ``steps_per_round`` optimizer steps. In the first round the
+    teacher samples with ``teacher_steps`` steps and the student learns to take half as many; after each
+    round the student becomes the teacher and the steps halve, so the distilled model samples with
+    teacher_steps / 2^rounds steps. ``divergence``: how the student's distribution is compared with the
+    teacher's target (kl: KL(target || student); tvd: total variation)."""
 
     teacher: str = ""
     rounds: int = 1

@@ -80,8 +80,8 @@ def distill(
     """Distil a run for few-step sampling: SDTT for an MDM run, DCD for a Duo run.
 
     The student starts as the teacher; in each round it learns to take one sampling step where the teacher
-    takes two, then becomes the teacher of the next round (docs/algorithms.md, 'Distillation for few-step
-    sampling'). The same command runs under torchrun.
+    takes two, then becomes the teacher of the next round
+    (docs/algorithms.md, 'Distillation for few-step sampling'). The same command runs under torchrun.
     """
     from unmask.cli.train import _saved_data_dir, _saved_run
     from unmask.tracking import tracker_names

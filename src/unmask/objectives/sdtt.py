@@ -1,10 +1,11 @@
 """Self-distillation through time (SDTT; Deschenaux & Gulcehre 2024) of an MDM. docs/algorithms.md,
 'Distillation for few-step sampling'.
 
-In a round whose teacher samples with N steps of the ancestral sampler (docs/algorithms.md, 'Ancestral
-sampler'), the student learns to take one step of 2 dt where the teacher takes two of dt = 1/N. A window
-x0 is masked at a time t = j / (N/2) of the student's grid (the forward process: each token masked with
-probability 1 - alpha(t)), and the teacher takes its two steps t -> u = t - dt -> s = t - 2 dt:
+In a round whose teacher samples with N steps of the ancestral sampler
+(docs/algorithms.md, 'Ancestral sampler'), the student learns to take one step of 2 dt where the
+teacher takes two of dt = 1/N. A window x0 is masked at a time t = j / (N/2) of the student's grid (the
+forward process: each token masked with probability 1 - alpha(t)), and the teacher takes its two steps
+t -> u = t - dt -> s = t - 2 dt:
 
 1. one call p_T(. | z_t, t); each masked position unmasks with probability 1 - m(u)/m(t) (m = 1 - alpha)
    and takes a token drawn from that distribution, giving the intermediate state z_u;
