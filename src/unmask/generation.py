@@ -19,6 +19,8 @@ from unmask.errors import OptionError
 from unmask.sampling.base import Conditioning, StepCallback
 from unmask.sampling.canvas import infill_canvas, infill_ids, make_canvas, trim_at_eos
 from unmask.sampling.decoding import decoding_for, sampling_generator
+from unmask.steering.registry import NUMBERS as GUIDE_NUMBERS
+from unmask.steering.steering import SteeredOutput, steer
 
 
 def generate(
@@ -37,6 +39,7 @@ def generate(
     weights: str = "auto",
     constraint=None,
     classifier=None, label: str | None = None, gamma: float | None = None, dcbg: str = "auto",
+    guide=None, reward=None, energy=None,
     **options,
 ) -> dict:
     """Samples from a checkpoint, each canvas starting with EOS (the document separator every
@@ -61,7 +64,11 @@ def generate(
     repeated ``num_samples`` times. ``constraint``: structured output, a
     :class:`~unmask.constraints.Constraint` (regex, JSON Schema, choice, JSON object) for every
     sample or one per sample (None: free); the generated text matches it (up to its first EOS,
-    after which only EOS follows), and a length too short for it is refused before decoding. Returns {"samples": [{"tokens", "text"}], "nfe", "steps", "seconds", ...}.
+    after which only EOS follows), and a length too short for it is refused before decoding.
+
+    ``guide``: best-of, svdd, smc (with a ``reward``) or edlm (with an ``energy``), a score spec or a
+    :class:`~unmask.steering.Score`, its options (particles, alpha, ess, window) among ``options``
+    (:mod:`unmask.steering`); it adds "guide", "score_calls", "score_seconds", "network_rows". Returns {"samples": [{"tokens", "text"}], "nfe", "steps", "seconds", ...}.
     """
     if num_samples < 1:
         raise OptionError("num_samples", "{num_samples}={_n} must be a positive integer", _n=num_samples)
@@ -72,6 +79,7 @@ def generate(
         raise OptionError("length", "{length}={_n} must be a positive integer", _n=length)
     dev = pick_device(device)
     model, cfg = load_model(checkpoint, dev, weights=weights)  # weights: auto (EMA when kept), ema or raw
+    guided = {name: options.pop(name) for name in GUIDE_NUMBERS if name in options}  # the guide's options, the rest the sampler's
     decoding = decoding_for(cfg.model, length, options, cfg.train.schedule, kv_cache, infill is not None)
     tok = checkpoint_tokenizer(checkpoint)
     texts = list(prompts) if prompts else [prompt] * num_samples
@@ -81,6 +89,7 @@ def generate(
     if automata is not None:
         cond = constrain(cond, x, start, automata, length if cfg.model.causal else None, "length" if infill is None else "infill")
     cond = with_classifier_guide(cond, x, cfg, dev, classifier, label, gamma, dcbg)
+    cond = steer(cond, guide, reward, energy, tok, dev, **guided)
     stop_token = tok.eos_id if stop_at_eos else None
     out = decoding.run(model, x, sampling_generator(model, seed), cond, callback, start=start, stop_token=stop_token)
     seconds = time.perf_counter() - start_time
@@ -92,7 +101,16 @@ def generate(
     return {
         "checkpoint": str(checkpoint), "objective": cfg.train.objective, "sampler": decoding.sampler, "nfe": out.nfe,
         "steps": out.steps, "seconds": seconds, "generated_tokens": num_samples * length, "samples": samples, **cache, **guidance_report(cond),
+        **_steered(out, cond),
     }
+
+
+def _steered(out, cond) -> dict:
+    """What a guided decoding adds to :func:`generate`'s result (nothing for an unguided one)."""
+    if not isinstance(out, SteeredOutput):
+        return {}
+    return {"guide": cond.steering.guide.name, "score_calls": out.score_calls, "scored_sequences": out.scored_sequences,
+            "score_seconds": out.score_seconds, "network_rows": int(out.row_nfe.sum())}
 
 
 def _canvas(model_config, tok, texts: list[str], infill: str | None, rows: int, length: int,

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from unmask.cli.app import app, echo_json
+from unmask.cli.guide_options import with_guide_options
 from unmask.cli.sampler_options import with_sampler_options
 
 
@@ -25,6 +26,7 @@ def _show_steps(tok, mask_text: str = "_"):
 
 @app.command()
 @with_sampler_options
+@with_guide_options
 def sample(
     checkpoint: Path = typer.Option(..., help="Run folder or checkpoints/step_* folder."),
     prompt: str = typer.Option("", help="Text the samples start with."),
@@ -50,8 +52,9 @@ def sample(
     dcbg: str = typer.Option("auto", help="D-CBG form: exact (one classifier call on every position x token canvas), first-order (one "
                              "gradient per step) or auto (exact while positions x vocabulary <= 4096 canvases)."),
     sampling: dict = None,
+    guiding: dict = None,
 ) -> None:
-    """Generate text from a trained MDM or AR checkpoint."""
+    """Generate text from a trained MDM or AR checkpoint (with --guide: reward- or energy-guided)."""
     from unmask.checkpoint import checkpoint_tokenizer
     from unmask.constraints import Constraint
     from unmask.errors import UnmaskError
@@ -76,7 +79,7 @@ def sample(
     res = generate(
         checkpoint, prompt, num_samples, length, seed=seed, device=device, prompts=prompts, infill=infill, stop_at_eos=stop_at_eos,
         kv_cache=kv_cache, callback=callback, weights=weights, constraint=constraint, classifier=classifier, label=label, gamma=gamma,
-        dcbg=dcbg, **sampling,
+        dcbg=dcbg, **guiding, **sampling,
     )
     if show_steps:
         sys.stderr.write("\n")
@@ -86,6 +89,9 @@ def sample(
     for i, s in enumerate(res["samples"]):
         typer.echo(f"--- sample {i} ---\n{s['text']}")
     typer.echo(f"({res['sampler']}: {res['nfe']} network calls, {res['seconds']:.2f} s)", err=True)
+    if "guide" in res:
+        typer.echo(f"({res['guide']}: {res['network_rows']} network rows, {res['score_calls']} score calls on "
+                   f"{res['scored_sequences']} sequences, {res['score_seconds']:.2f} s in the score)", err=True)
     if "dcbg" in res:
         typer.echo(f"(D-CBG toward {res['dcbg']['label']!r}, gamma {res['dcbg']['gamma']:g}: {res['dcbg']['used']} guidance, "
                    f"{res['dcbg']['classifier_rows']} canvases scored)", err=True)

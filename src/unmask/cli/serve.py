@@ -26,6 +26,9 @@ def serve(
     timeout: float = typer.Option(300.0, help="Seconds a request may take from arrival (waiting included)."),
     max_body_bytes: int = typer.Option(1 << 20, min=1, help="Largest request body read (bytes); larger ones get 413 before they are parsed."),
     compile_seconds: float = typer.Option(20.0, help="Longest a structured-output constraint may take to compile; longer ones get 400."),
+    reward: Optional[list[str]] = typer.Option(None, help="A reward guided requests may name: NAME=SPEC, SPEC one of ar:RUN, "
+                                               "regex:PATTERN, classifier:RUN:LABEL, python:MODULE:FUNCTION (repeat the flag)."),
+    max_particles: int = typer.Option(8, min=1, help="Most particles (or candidates per step) a guided request may ask for."),
 ) -> None:
     """Serve a checkpoint over HTTP: /v1/completions, /v1/chat/completions, /v1/models, /health, and a page at /."""
     from unmask.errors import UnmaskError
@@ -40,10 +43,29 @@ def serve(
     from unmask.serve.run import bind, serve_forever, url_of
 
     limits = Limits(max_tokens, max_n, 8, max_steps, max_active, max_queue, timeout, max_body_bytes=max_body_bytes,
-                    compile_seconds=compile_seconds)
-    engine = Engine(checkpoint, device, limits, name)
+                    compile_seconds=compile_seconds, max_particles=max_particles)
+    engine = Engine(checkpoint, device, limits, name, configured_rewards(reward or [], device))
     sock = bind(host, port)
     url = url_of(sock)
     typer.echo(f"serving {engine.name!r} ({engine.config.train.objective}, {engine.device}) at {url}/ "
                f"(OpenAI base URL {url}/v1; API docs at {url}/docs)")
     serve_forever(create_app(engine), sock)
+
+
+def configured_rewards(given: list[str], device: str) -> dict:
+    """The server's rewards from ``NAME=SPEC`` strings, each loaded once, here (a request names one)."""
+    import re
+
+    from unmask.device import pick_device
+    from unmask.errors import OptionError
+    from unmask.steering.rewards import parse_score
+
+    rewards = {}
+    for item in given:
+        name, _, spec = item.partition("=")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", name) or not spec:
+            raise OptionError("reward", "{reward} {_item!r} must read NAME=SPEC, NAME of letters, digits, '_', '.' and '-'", _item=item)
+        if name in rewards:
+            raise OptionError("reward", "{reward} {_name!r} is given twice", _name=name)
+        rewards[name] = parse_score(spec, "reward", pick_device(device))
+    return rewards

@@ -31,7 +31,7 @@ from unmask.serve.compiler import COMPILER
 from unmask.serve.engine import Engine, Job, Params, RequestError, refused
 from unmask.serve.schemas import (
     CanvasFrame, ChatCompletionChunk, ChatRequest, ChatResponse, CompletionChunk, CompletionRequest, CompletionResponse, ErrorBody,
-    Health, ModelCard, ModelList, constraint_of, sampler_options,
+    Health, ModelCard, ModelList, constraint_of, guide_options, sampler_options,
 )
 
 STATIC = Path(__file__).with_name("static")
@@ -227,7 +227,8 @@ def streamed(chunk: type) -> dict:
 
 # request fields bounded by the server's limits: field -> (Limits attribute, JSON-schema keyword, type it applies to)
 LIMITED = {"max_tokens": ("max_tokens", "maximum", "integer"), "max_completion_tokens": ("max_tokens", "maximum", "integer"),
-           "n": ("max_n", "maximum", "integer"), "steps": ("max_steps", "maximum", "integer"), "prompt": ("max_prompts", "maxItems", "array")}
+           "n": ("max_n", "maximum", "integer"), "steps": ("max_steps", "maximum", "integer"), "prompt": ("max_prompts", "maxItems", "array"),
+           "particles": ("max_particles", "maximum", "integer")}
 
 
 def bound(schema: dict, limits) -> None:
@@ -319,7 +320,8 @@ def add_info_routes(app: FastAPI, server: Server) -> None:
 
     def card() -> dict:
         return {"id": engine.name, "object": "model", "created": 0, "owned_by": "unmask", "objective": engine.config.train.objective,
-                "context_length": engine.context, "limits": vars(engine.limits)}
+                "context_length": engine.context, "limits": vars(engine.limits),
+                "rewards": {name: reward_kind(score) for name, score in engine.rewards.items()}}
 
     @app.get("/v1/models", response_model=ModelList)
     async def models():
@@ -354,6 +356,12 @@ def add_completion_routes(app: FastAPI, server: Server) -> None:
                              {"max_tokens": "max_completion_tokens"})
 
 
+def reward_kind(score) -> str:
+    """What a configured reward is, as a client may see it (its kind, not its path or pattern): ``ar
+    (reward or energy)``, ``regex (reward)``, ..."""
+    return f"{score.spec.partition(':')[0]} ({'reward or energy' if score.density else 'reward'})"
+
+
 def check_model(engine: Engine, name: str) -> None:
     """Refuse (404) a model id other than the served one."""
     if name != engine.name:
@@ -372,7 +380,8 @@ async def respond(server: Server, body, prompts: list[str], max_tokens: int, req
         constraint = constraint_of(body)
     except OptionError as exc:
         raise refused(exc) from None
-    params = Params(prompts, max_tokens, body.n, stop, body.seed, sampler_options(body), getattr(body, "infill", False), constraint)
+    params = Params(prompts, max_tokens, body.n, stop, body.seed, sampler_options(body), getattr(body, "infill", False), constraint,
+                    guide_options(body))
     if body.stream_canvas and not body.stream:
         raise RequestError("stream_canvas needs stream: true", "stream_canvas")
     if body.stream_options is not None and not body.stream:

@@ -6,6 +6,9 @@ process's :data:`~unmask.serve.compiler.COMPILER` (each constraint once, within
 ``Limits.compile_seconds``) and rides in its conditioning; its rows are decoded beside rows with
 other constraints or none.
 
+A guided request (``guide``) names one of the rewards the server was started with (``unmask serve
+--reward NAME=SPEC``) as its reward or energy, never a spec, code or a file.
+
 A request's result depends on the request alone (its prompts, settings and seed), never on the
 requests decoded beside it: its canvas is built from it alone (left-padded to a multiple of
 ``Limits.bucket`` columns so that requests of different lengths share forwards), it has its own
@@ -32,6 +35,8 @@ from unmask.sampling.decoding import Decoding, check_kind, decoding_for, samplin
 from unmask.serve.batcher import Scheduler, Ticket
 from unmask.serve.compiler import COMPILER
 from unmask.serve.schemas import field_of
+from unmask.steering.rewards import Score
+from unmask.steering.steering import steer
 
 
 class RequestError(Exception):
@@ -55,7 +60,8 @@ class Limits:
     (``timeout``); canvases are left-padded to a multiple of ``bucket`` columns; request bodies
     are read up to ``max_body_bytes`` (1 MiB by default: far more text than a context holds, and a
     bound on what tokenising a request costs); a constraint compiles in at most ``compile_seconds``
-    (outlines-core's compile time grows with the pattern's automaton times the vocabulary)."""
+    (outlines-core's compile time grows with the pattern's automaton times the vocabulary); a guided
+    request takes at most ``max_particles`` particles (or candidates) per row."""
 
     max_tokens: int = 256
     max_n: int = 8
@@ -67,6 +73,7 @@ class Limits:
     bucket: int = 16
     max_body_bytes: int = 1 << 20
     compile_seconds: float = 20.0
+    max_particles: int = 8
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -77,7 +84,9 @@ class Limits:
 class Params:
     """One generation request, as the HTTP layer hands it over (None: not given). ``sampling``: the
     sampler options it gives, by their library names (:func:`unmask.serve.schemas.sampler_options`);
-    ``constraint``: what its text must match (:func:`unmask.serve.schemas.constraint_of`)."""
+    ``constraint``: what its text must match (:func:`unmask.serve.schemas.constraint_of`); ``guiding``:
+    its guide, the names of the server's rewards it uses and the guide's options
+    (:func:`unmask.serve.schemas.guide_options`)."""
 
     prompts: list[str]
     max_tokens: int = 16
@@ -87,6 +96,7 @@ class Params:
     sampling: dict = field(default_factory=dict)
     infill: bool = False
     constraint: Constraint | None = None
+    guiding: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -138,7 +148,9 @@ def cut_text(text: str, stops: list[str]) -> tuple[str, bool]:
 class Engine:
     """A loaded checkpoint served to many requests at once."""
 
-    def __init__(self, checkpoint: str | Path, device: str = "auto", limits: Limits = Limits(), name: str | None = None) -> None:
+    def __init__(self, checkpoint: str | Path, device: str = "auto", limits: Limits = Limits(), name: str | None = None,
+                 rewards: dict[str, Score] | None = None) -> None:
+        """``rewards``: the scores requests may name as their reward or energy (:mod:`unmask.steering`)."""
         self.device = pick_device(device)
         self.model, self.config = load_model(checkpoint, self.device)
         self.tok = ReleasingTokenizer(checkpoint_tokenizer(checkpoint))
@@ -148,6 +160,7 @@ class Engine:
         path = Path(checkpoint).resolve()
         self.name = name or (path.parent.parent.name if path.parent.name == "checkpoints" else path.name)
         self.scheduler = Scheduler(self.model)
+        self.rewards = dict(rewards or {})
         self.pieces = [self.tok.decode([i]) for i in range(self.tok.vocab_size)]
 
     # ---- checks and canvases -------------------------------------------------------------
@@ -164,6 +177,9 @@ class Engine:
             raise RequestError(f"max_tokens={p.max_tokens} must be between 1 and {lim.max_tokens} on this server", "max_tokens")
         if steps is not None and not 1 <= steps <= lim.max_steps:
             raise RequestError(f"steps={steps} must be between 1 and {lim.max_steps} on this server", "steps")
+        particles = p.guiding.get("particles")
+        if particles is not None and not 1 <= particles <= lim.max_particles:
+            raise RequestError(f"particles={particles} must be between 1 and {lim.max_particles} on this server", "particles")
         if len(p.stop) > 4 or any(not s for s in p.stop):
             raise RequestError("stop takes at most 4 non-empty strings", "stop")
         if p.stop and p.constraint is not None:
@@ -187,6 +203,8 @@ class Engine:
             automaton = COMPILER(p.constraint, self.tok.tok, self.limits.compile_seconds)
             cond = constrain(cond, x, start, (automaton,) * x.shape[0], p.max_tokens if self.causal else None,
                              "prompt" if p.infill else "length")
+        cond = self._steer(cond, p)
+        decoding.check_steering(cond)
         # with blocks (a block model's, or semi-autoregressive ones) a row that produced EOS stops early
         blocks = (model.block_causal or p.sampling.get("block_len")) and not p.infill
         job = Job(p, x, cond, start, length, seed, decoding, prompt_tokens * p.n, self.tok.eos_id if blocks else None)
@@ -195,6 +213,19 @@ class Engine:
         else:
             job.committed_at = ((x[:, start:] != self.tok.mask_id).long() - 1).tolist()  # given template text: step 0; MASK: -1
         return job
+
+    def _steer(self, cond: Conditioning, p: Params) -> Conditioning:
+        """The request's guide in its conditioning, its reward or energy one of the server's, by name
+        (a request never names code or a file); its text ends at EOS as the client's does."""
+        given = dict(p.guiding)
+        for key in ("reward", "energy"):
+            name = given.get(key)
+            if name is not None and name not in self.rewards:
+                known = ", ".join(map(repr, self.rewards)) or "none (unmask serve --reward NAME=SPEC configures them)"
+                raise RequestError(f"{key} {name!r} is not a reward of this server; its rewards: {known}", key)
+            given[key] = None if name is None else self.rewards[name]
+        return steer(cond, given.pop("guide", None), given.pop("reward"), given.pop("energy"), self.tok.tok, self.device,
+                     None if p.infill else self.tok.eos_id, **given)
 
     def _check_room(self, prompt_len: int, new: int, room: int, what: str = "prompt") -> None:
         """A canvas holds a separator, the prompt and ``new`` generated tokens in ``room`` positions."""

@@ -26,6 +26,7 @@ from unmask.constraints.spec import JSON_OBJECT_DEPTH, Constraint
 from unmask.errors import rule_bounds
 from unmask.sampling.options import OPTIONS, Option
 from unmask.sampling.spec import ALIASES, SAMPLERS
+from unmask.steering.options import GUIDE_OPTIONS
 
 FinishReason = Literal["stop", "length"]
 # parameters of the decoding path that are not sampler options, as the request calls them
@@ -103,6 +104,22 @@ def request_field(option: Option) -> tuple[object, object]:
     return Optional[kind], Field(None, description=option.help, **limits)
 
 
+def guide_field(option: Option) -> tuple[object, object]:
+    """(annotation, Field) of a guide option: as :func:`request_field`, but ``reward`` and ``energy``
+    take the name of one of the server's rewards."""
+    if option.name in ("reward", "energy"):
+        use = "best-of, svdd or smc maximise" if option.name == "reward" else "edlm uses as its energy (a log-density)"
+        return Optional[str], Field(None, description=f"The name of one of this server's rewards (GET /v1/models lists them), which "
+                                                      f"{use}; the server's operator configures them, a request names no code or file.")
+    return request_field(option)
+
+
+def guide_options(body: BaseModel) -> dict:
+    """The guide options a request gives (library names -> values; fields left out are absent)."""
+    given = {name: getattr(body, option.field) for name, option in GUIDE_OPTIONS.items()}
+    return {name: value for name, value in given.items() if value is not None}
+
+
 def sampler_options(body: BaseModel) -> dict:
     """The sampler options a request gives (library names -> values; fields left out are absent)."""
     given = {name: getattr(body, option.field) for name, option in OPTIONS.items() if option.field}
@@ -167,6 +184,7 @@ class Fields(Request):
 Sampling = create_model(
     "Sampling", __base__=Fields, __doc__=Fields.__doc__, __module__=__name__,
     **{option.field: request_field(option) for option in OPTIONS.values() if option.field},
+    **{option.field: guide_field(option) for option in GUIDE_OPTIONS.values()},
     stream_canvas=(bool, Field(False, description="With stream: also send `event: canvas` frames with the whole partially unmasked canvas "
                                                   "after every step.")),
 )
@@ -311,6 +329,8 @@ class ModelCard(Response):
     objective: str = Field(description="What the checkpoint was trained for: mdm (masked diffusion) or ar (autoregressive), ...")
     context_length: int = Field(description="Positions per canvas: the prompt, a separator and max_tokens must fit.")
     limits: Dict[str, Union[int, float]] = Field(description="The server's limits per request (the `unmask serve` flags of the same names).")
+    rewards: Dict[str, str] = Field(description="The rewards a guided request may name as its `reward` (and, where it says so, its "
+                                                "`energy`): name -> its kind (ar, regex, classifier, python).")
 
 
 class ModelList(Response):

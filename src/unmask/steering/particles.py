@@ -63,16 +63,20 @@ def effective_size(log_w: torch.Tensor) -> torch.Tensor:
 
 def systematic(log_w: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Systematic resampling of each group's N particles (G, N) log-weights: one uniform u per group,
-    particle j takes the ancestor whose cumulative normalised weight first exceeds (u + j) / N.
-    Returns the ancestors (G, N) (indices within the group, ascending). Equal weights keep every
-    particle in place."""
+    the j-th of N points (u + j) / N takes the ancestor whose cumulative normalised weight first
+    exceeds it, so ancestor i gets N w_i copies in expectation (rounded up or down). The copies come in
+    ancestor order, which a slot must not inherit (slot 0 would favour the first ancestors): they are
+    rotated by a uniform random offset per group, so that every slot holds a draw by weight. Returns
+    the ancestors (G, N) (indices within the group)."""
     g, n = log_w.shape
     w = (log_w.double() - log_w.double().amax(dim=1, keepdim=True)).exp()
     cdf = w.cumsum(dim=1)
     cdf = cdf / cdf[:, -1:]
     u = torch.rand((g, 1), generator=generator, dtype=torch.float64, device=log_w.device)
-    points = (u + torch.arange(n, dtype=torch.float64, device=log_w.device)) / n
-    return torch.searchsorted(cdf, points, right=True).clamp(max=n - 1)
+    slots = torch.arange(n, device=log_w.device)
+    ancestors = torch.searchsorted(cdf, (u + slots.double()) / n, right=True).clamp(max=n - 1)
+    shift = torch.randint(n, (g, 1), generator=generator, device=log_w.device)
+    return ancestors.gather(1, (slots + shift) % n)
 
 
 def softmax_choice(values: torch.Tensor, alpha: float, generator: torch.Generator) -> torch.Tensor:

@@ -5,13 +5,16 @@ resampled (systematic) when their effective sample size falls below ess x N. At 
 left and v = r, so the weights telescope to exp((r(x) - v(x_start)) / alpha) and the particles
 target p(x) exp(r(x) / alpha) / Z as N grows. docs/algorithms.md, 'Reward- and energy-guided decoding'.
 
-The end of every block (and of the decoding) resamples regardless of the ESS, so that a prompt's
-particles leave it with equal weights: the kept particle is then the first of its group (a draw by
-weight), and a block starts from particles whose weights need not be carried. The first block's
+The end of every block (and of the decoding) resamples regardless of the ESS (unless a group's
+weights are all equal already), so that a prompt's particles leave it with equal weights: a block
+then starts from particles whose weights need not be carried, and the particle kept at the end is
+the first of its group, a draw by weight (:func:`~unmask.steering.particles.systematic` leaves no
+slot favouring an ancestor; a group never resampled holds independent particles). The first block's
 particles start equal and need no value; a later block's start values cost one estimate.
 Cost per step: the sampler's call over the N particles, one estimate call over them, one reward call
-on N sequences per prompt. With alpha large the weights stay equal, nothing is ever moved, and SMC
-decodes token for token as the unguided sampler over the N copies of each prompt.
+on N sequences per prompt. When the weights never differ (a constant reward) nothing is ever moved
+and SMC decodes token for token as the unguided sampler over the N copies of each prompt; a huge
+alpha gives the unguided sampler's distribution.
 """
 
 from __future__ import annotations
@@ -61,8 +64,8 @@ def step(steering, sampler, model, state: GuidedState, generator: torch.Generato
     log_w = state.log_w + (v - state.value) / cfg.alpha
     groups = log_w.view(-1, n)
     due = effective_size(groups) < cfg.ess * n
-    if moved.done:
-        due = torch.ones_like(due)
+    if moved.done:  # a block's end: every group leaves with equal weights
+        due = ~(groups == groups[:, :1]).all(dim=1)
     if not bool(due.any()):
         return GuidedState(moved, log_w, v)
     cols = torch.arange(n, device=groups.device)

@@ -42,8 +42,8 @@ class SteeredOutput(SampleOutput):
 class Steering:
     """A guide (its registry entry and typed config) with its score; the other fields are bound by
     :meth:`decode` for one decoding: the score ``meter``, the guide's generator ``side``, rows per
-    prompt row ``group``, the generation start column, the stop token, each row's prompt ids, the
-    MASK id and, under block decoding, the rows' generated ``region`` (R, L) and the ``full`` rows
+    prompt row ``group``, the generation start column, the stop token (``end``, else the decoding's
+    own), each row's prompt ids, the MASK id and, under block decoding, the rows' generated ``region`` (R, L) and the ``full`` rows
     of which the sampler sees the columns from ``offset`` on."""
 
     guide: Guide
@@ -57,6 +57,7 @@ class Steering:
     stop_token: int | None = None
     prompt_ids: tuple | None = None
     mask_id: int = -1
+    end: int | None = None
     region: torch.Tensor | None = None
     full: torch.Tensor | None = None
     offset: int = 0
@@ -115,7 +116,8 @@ class Steering:
         n, b = self.guide.group(self.config), x.shape[0]
         index = torch.arange(b, device=x.device).repeat_interleave(n)
         prompts = prompt_ids(x, cond, start)
-        bound = replace(self, meter=ScoreMeter(), side=side_generator(generator), group=n, start=start, stop_token=stop_token,
+        end = self.end if self.end is not None else stop_token
+        bound = replace(self, meter=ScoreMeter(), side=side_generator(generator), group=n, start=start, stop_token=end,
                         prompt_ids=tuple(prompts[i] for i in index.tolist()), mask_id=model.config.mask_id)
         work = replace(cond.rows(index), steering=bound)
         view = None if callback is None else (lambda s: callback(SamplerState(s.tokens[::n], step=s.step, nfe=s.nfe)))
@@ -140,11 +142,12 @@ def side_generator(generator: torch.Generator) -> torch.Generator:
 
 
 def steer(cond: Conditioning | None, guide, reward: str | Score | None = None, energy: str | Score | None = None,
-          tokenizer=None, device="cpu", **options) -> Conditioning | None:
+          tokenizer=None, device="cpu", end: int | None = None, **options) -> Conditioning | None:
     """``cond`` with a guide: ``guide`` a name of :data:`~unmask.steering.registry.GUIDES` with its
     ``options`` (particles, alpha, ess, window; None: the guide's default) or a guide config;
     ``reward`` (best-of, svdd, smc) or ``energy`` (edlm) a score spec or a :class:`Score`;
-    ``tokenizer``: the decoding model's, for text scores; ``device``: where a score's model runs.
+    ``tokenizer``: the decoding model's, for text scores; ``device``: where a score's model runs;
+    ``end``: the token a scored text ends at (None: the decoding's stop token, if any).
     ``guide`` None: ``cond`` unchanged, and any guide option given is refused by name."""
     given = {"reward": reward, "energy": energy, **options}
     if guide is None:
@@ -165,7 +168,7 @@ def steer(cond: Conditioning | None, guide, reward: str | Score | None = None, e
     if given[entry.score] is None:
         raise OptionError(entry.score, "{guide} {_guide} needs a {" + entry.score + "}", _guide=entry.name)
     score = parse_score(given[entry.score], entry.score, device)
-    return replace(cond or Conditioning(), steering=Steering(entry, config, score, tokenizer))
+    return replace(cond or Conditioning(), steering=Steering(entry, config, score, tokenizer, end=end))
 
 
 def guide_fields(config) -> dict:
