@@ -32,7 +32,7 @@ import torch
 from unmask.errors import OptionError, check_number, not_one_of
 
 FORMS = ("auto", "exact", "first-order")
-EXACT_BUDGET = 4096  # canvases one exact step may score ("auto": more, and the step is first-order)
+EXACT_BUDGET = 1024  # canvases one exact step may score ("auto": more, and the step is first-order; a 4096-token vocabulary always is)
 
 
 class LabelScorer(Protocol):

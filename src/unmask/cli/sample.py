@@ -50,7 +50,7 @@ def sample(
     label: Optional[str] = typer.Option(None, help="D-CBG: the class the samples are steered toward (one of the classifier's labels)."),
     gamma: Optional[float] = typer.Option(None, help="D-CBG: the classifier's weight gamma >= 0 (default 1: the posterior p(x | label))."),
     dcbg: str = typer.Option("auto", help="D-CBG form: exact (one classifier call on every position x token canvas), first-order (one "
-                             "gradient per step) or auto (exact while positions x vocabulary <= 4096 canvases)."),
+                             "gradient per step) or auto (exact while positions x vocabulary <= 1024 canvases)."),
     sampling: dict = None,
     guiding: dict = None,
 ) -> None:
