@@ -17,11 +17,12 @@ These are the maths that training (the objectives of :mod:`unmask.objectives`) a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from unmask.counter_rng import hashed_uniform, hashed_words
 from unmask.schedule import Schedule, add_noise, mask_exactly, sample_times
 
 
@@ -85,6 +86,68 @@ def corrupt_k_dce(
     xt, masked = mask_exactly(x0, k, mask_id, generator)
     k = k.to(x0.device)
     return Corruption(xt, masked, k.float() / l, l / k.float())
+
+
+@dataclass(frozen=True)
+class MaskDraw:
+    """One draw of the MDM forward process for a batch, held as per-row numbers: the (B, L) masks
+    are made where the loss runs (:meth:`corrupt`), on its device.
+
+    The training loop draws the noise of a whole global batch on the host, so that every process
+    draws the same; drawing (B, L) positions there, sorting them for k-DCE and sending them to the
+    device each step costs host time a GPU step does not hide (docs/training.md, 'Masking noise').
+    Here the host draws only t (or k) per row and one seed per step; the positions are a
+    counter-based hash of (seed, the row's index in the global batch, position)
+    (:mod:`unmask.counter_rng`), so any process or micro-batch makes its own rows' masks alone, the
+    same bits on any device. The distribution is that of :func:`corrupt_k_dce` / :func:`corrupt_t_dce`.
+    """
+
+    seed: int  # the step's seed of the positions
+    row: torch.Tensor  # (B,) int64, each row's index in the global batch
+    t: torch.Tensor  # (B,) the time a time-conditioned network sees
+    weight: torch.Tensor  # (B,) ELBO weight: w(t) for t-DCE, L / k for k-DCE
+    count: torch.Tensor | None = None  # (B,) int64, k-DCE: exactly count[b] positions of row b masked
+    mask_prob: torch.Tensor | None = None  # (B,) t-DCE: each position masked with probability 1 - alpha(t)
+
+    def rows(self, index: slice) -> "MaskDraw":
+        pick = lambda v: None if v is None else v[index]  # noqa: E731
+        return replace(self, row=self.row[index], t=self.t[index], weight=self.weight[index], count=pick(self.count),
+                       mask_prob=pick(self.mask_prob))
+
+    def to(self, device: torch.device) -> "MaskDraw":
+        move = lambda v: None if v is None else v.to(device)  # noqa: E731
+        return replace(self, row=move(self.row), t=move(self.t), weight=move(self.weight), count=move(self.count),
+                       mask_prob=move(self.mask_prob))
+
+    def corrupt(self, x0: torch.Tensor, mask_id: int) -> Corruption:
+        """The :class:`Corruption` of clean rows x0 (B, L) (on the draw's device): k-DCE masks the count[b]
+        positions of row b with the smallest hashed words (distinct within a row, so a uniformly random
+        k-subset); t-DCE masks where a hashed uniform falls below the mask probability."""
+        length = x0.shape[1]
+        if self.count is not None:
+            order = hashed_words(self.seed, self.row, length).argsort(dim=1)
+            first = torch.arange(length, device=x0.device)[None, :] < self.count[:, None]
+            masked = torch.empty(x0.shape, dtype=torch.bool, device=x0.device).scatter_(1, order, first)
+        else:
+            masked = hashed_uniform(self.seed, self.row, length) < self.mask_prob[:, None]
+        return Corruption(x0.masked_fill(masked, mask_id), masked, self.t, self.weight)
+
+
+def draw_k_dce(rows: int, length: int, generator: torch.Generator, low_discrepancy: bool = True) -> MaskDraw:
+    """k-DCE noise of ``rows`` rows of ``length`` tokens as a :class:`MaskDraw`: k = ceil(u L) ~ U{1..L} per row
+    (u low-discrepancy over the rows), t = k / L, weight L / k, and the step's seed, all from ``generator``."""
+    u = sample_times(rows, generator, low_discrepancy)
+    k = torch.ceil(u * length).clamp(1, length).long()
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    return MaskDraw(seed, torch.arange(rows), k.float() / length, length / k.float(), count=k)
+
+
+def draw_t_dce(rows: int, schedule: Schedule, generator: torch.Generator, low_discrepancy: bool = True) -> MaskDraw:
+    """t-DCE noise of ``rows`` rows as a :class:`MaskDraw`: t ~ U(0, 1] per row (low-discrepancy), mask probability
+    1 - alpha(t), weight w(t), and the step's seed, all from ``generator``."""
+    t = sample_times(rows, generator, low_discrepancy)
+    seed = int(torch.randint(0, 2**62, (), generator=generator))
+    return MaskDraw(seed, torch.arange(rows), t, schedule.weight(t), mask_prob=schedule.mask_prob(t))
 
 
 def dce_loss(model, x0: torch.Tensor, noise: Corruption) -> torch.Tensor:
