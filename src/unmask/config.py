@@ -462,8 +462,8 @@ class TrainConfig(metaclass=_Settings):
     def _check_distill(self) -> None:
         """The distill section is there exactly for the objectives that distil, names its teacher, and its rounds fit in the run."""
         if self.objective in DISTILLATION and (self.distill is None or not self.distill.teacher):
-            raise OptionError("teacher", "{objective} {_name} distils a teacher run: give its {teacher} (and {rounds}, {steps_per_round})",
-                              _name=self.objective)
+            raise OptionError("teacher", "{objective} {_name} distils a teacher run: start it with unmask distill, or give the distill "
+                              "section ({teacher}, {rounds}, {steps_per_round})", _name=self.objective)
         if self.objective not in DISTILLATION and self.distill is not None:
             raise OptionError("teacher", "{teacher}, {rounds}, {steps_per_round}, {teacher_steps} and {divergence} apply to {objective} "
                               "sdtt or dcd only")
