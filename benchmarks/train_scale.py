@@ -8,12 +8,14 @@ median tokens/s of the logged intervals after the first (warm-up and compilation
     MFU = tokens/s x FLOPs per token / peak matmul FLOP/s of this machine at the precision used.
 
 FLOPs per training token (PaLM, appendix B; forward + backward = 3 x forward):
-    6 x (N + V d) + 12 x n_layer x L x d
+    6 x (N + V d) + 12 x n_layer x L x d     bidirectional attention (MDM)
+    6 x (N + V d) +  6 x n_layer x L x d     causal attention (AR)
 N = non-embedding parameters (``ModelConfig.non_embedding_params``), V d = the output head (the
-input embedding is a lookup, no FLOPs), L = context length, d = width; the attention term counts
-the full L x L score and value products for MDM and AR alike (a causal kernel skips about half of
-them: AR MFU is thus comparable to MDM's, not a count of the work done). Activation recomputation
-is not counted (model FLOPs, not hardware FLOPs). The peak is measured in the same run: the best
+input embedding is a lookup, no FLOPs), L = context length, d = width. The attention term counts
+the L x L score and value products a query actually makes: all L keys for the MDM, on average
+L / 2 for the AR model, whose causal kernel skips the masked half (counting the full square for
+both would credit the AR model with work it never does). Activation recomputation is not counted
+(model FLOPs, not hardware FLOPs). The peak is measured in the same run: the best
 of repeated square matmuls (CPU 2048, CUDA 8192) in bf16 where the trainer computes in bf16, else
 fp32, with all the cores (CPU) of the machine.
 
@@ -62,8 +64,10 @@ if int(os.environ.get("RANK", "0")) == 0:
 
 
 def flops_per_token(r: dict) -> float:
-    """6 (N + V d) + 12 n_layer L d: training FLOPs per token (see the module docstring)."""
-    return 6 * (r["non_embedding"] + r["vocab"] * r["n_embd"]) + 12 * r["n_layer"] * r["context"] * r["n_embd"]
+    """6 (N + V d) + 12 n_layer L d (bidirectional) or + 6 n_layer L d (causal, ``r["objective"] == "ar"``):
+    training FLOPs per token (see the module docstring)."""
+    attention = (6 if r["objective"] == "ar" else 12) * r["n_layer"] * r["context"] * r["n_embd"]
+    return 6 * (r["non_embedding"] + r["vocab"] * r["n_embd"]) + attention
 
 
 def cpu_isa() -> dict:
@@ -80,13 +84,13 @@ def cpu_isa() -> dict:
             "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
 
 
-def peak_matmul(device: str, dtype_name: str) -> float:
-    """Best FLOP/s of repeated square matmuls on this device in this dtype."""
+def peak_matmul(device: str, dtype_name: str, size: int | None = None, reps: int | None = None) -> float:
+    """Best FLOP/s of repeated square matmuls on this device in this dtype (default size: CUDA 8192, CPU 2048)."""
     import torch
 
     dtype = getattr(torch, dtype_name)
-    n = 8192 if device == "cuda" else 2048
-    reps = 20 if device == "cuda" else 4
+    n = size or (8192 if device == "cuda" else 2048)
+    reps = reps or (20 if device == "cuda" else 4)
     if device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)
     a = torch.randn(n, n, device=device).to(dtype)
@@ -209,7 +213,8 @@ def main() -> None:
           f"CPU ISA: AVX2 {machine['cpu']['avx2']}, AVX-512 {machine['cpu']['avx512f']}, AVX512-BF16 {machine['cpu']['avx512_bf16']}, "
           f"AMX-BF16 {machine['cpu']['amx_bf16']}.",
           f"Compute dtype: {dtype}; measured peak matmul: {peak / 1e12:.3f} TFLOP/s ({'8192' if args.device == 'cuda' else '2048'}^2 {dtype}).",
-          "FLOPs per token: 6 (N + V d) + 12 n_layer L d (PaLM; full attention counted for MDM and AR; recomputation not counted).",
+          "FLOPs per token: 6 (N + V d) + 12 n_layer L d for the MDM, + 6 n_layer L d for the AR model (PaLM; causal attention "
+          "makes half the score and value products; recomputation not counted).",
           f"Steps per row: {args.steps}; tokens/s: median of {args.log_every}-step intervals after the first.", "",
           "| preset | objective | processes | parallel | compile | act. ckpt | batch x L | tokens/s | MFU | peak GPU MiB | peak RSS MiB |",
           "|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -61,8 +61,10 @@ def host_noise_path(objective) -> None:
     objective.loss = lambda model, batch, noise: dce_loss(model, batch.tokens[:, 1:], noise)
 
 
-def build_trainer(variant: str, args, preset: str, run_dir: Path):
-    """The loop's own Trainer for ``variant`` on ``preset`` (what ``unmask.train.train`` steps)."""
+def build_trainer(variant: str, preset: str, run_dir: Path, *, batch_size: int, precision: str, device: str, compile: bool = False,
+                  context: int | None = None):
+    """The loop's own Trainer for ``variant`` (mdm, mdm-host-noise or ar) on ``preset`` (what ``unmask.train.train``
+    steps); ``context`` overrides the preset's context length."""
     from unmask.config import ModelConfig, RunConfig, TrainConfig
     from unmask.data import TokenDataset, default_dataset
     from unmask.distributed import init_world
@@ -73,12 +75,12 @@ def build_trainer(variant: str, args, preset: str, run_dir: Path):
 
     data_dir = Path(default_dataset()).resolve()
     objective = variant.split("-")[0]
-    cfg = TrainConfig(objective=objective, steps=10**6, batch_size=args.batch_size, precision=args.precision, warmup_steps=5,
-                      eval_every=10**9, checkpoint_every=10**9, compile=args.compile)
+    cfg = TrainConfig(objective=objective, steps=10**6, batch_size=batch_size, precision=precision, warmup_steps=5,
+                      eval_every=10**9, checkpoint_every=10**9, compile=compile)
     vocab = TokenDataset(data_dir, "train").tokenizer.vocab_size
-    model_cfg = ModelConfig.from_name(preset, vocab_size=vocab, causal=objective == "ar")
+    model_cfg = ModelConfig.from_name(preset, vocab_size=vocab, causal=objective == "ar", **({"context_len": context} if context else {}))
     data = open_data(objective_class(cfg).data, data_dir, model_cfg.context_len)
-    world, dev = init_world(args.device)
+    world, dev = init_world(device)
     obj = objective_for(cfg, model_cfg)
     check_run(obj, model_cfg, data, data_dir, dev)
     config = RunConfig(model=model_cfg, train=cfg, data_dir=str(data_dir), tokenizer_fingerprint=data.tokenizer.fingerprint,
@@ -192,7 +194,8 @@ def noise_ms(trainer, shape: str, device: torch.device, repeats: int = 7) -> dic
 def measure_preset(preset: str, args, root: Path) -> dict:
     """Rounds of MDM, MDM with host noise and AR steps on ``preset`` (in turn, the order reversed every round), then each one's profile."""
     device = torch.device(args.device)
-    trainers = {name: build_trainer(name, args, preset, root / f"{preset}-{name}") for name in VARIANTS}
+    trainers = {name: build_trainer(name, preset, root / f"{preset}-{name}", batch_size=args.batch_size, precision=args.precision,
+                                    device=args.device, compile=args.compile) for name in VARIANTS}
     clocks = {name: PhaseClock(t, device) for name, t in trainers.items()}
     steps = {name: 0 for name in trainers}
     samples: dict[str, list[dict]] = {name: [] for name in trainers}
