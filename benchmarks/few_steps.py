@@ -13,8 +13,9 @@ Gaussian curriculum (the paper's proportion). The distilled runs are ``unmask di
   --draws stratified draws, the same seed), the AR model's exact NLL.
 * Generation (``unmask.generate``, the path of ``unmask eval genppl``): --samples samples of
   --length tokens after the EOS separator at temperature 1, at each count of --sampling-steps; the
-  masked models with the ancestral sampler (RADD caching: NFE <= min(steps, ~length)), the
-  uniform-state ones with the uniform sampler and Duo's greedy tail (NFE = steps). Step counts
+  masked models with the ancestral sampler (RADD caching: a call only where a row unmasks), the
+  uniform-state ones with the uniform sampler (NFE = steps), its last step Duo's greedy tail (the
+  argmax of the prediction) and, with --tails greedy,plain (default), also a plain draw. Step counts
   above the length are kept: both samplers are exact only as steps >> length, so 1024 steps is the
   many-step reference. gen-PPL under a judge AR model that is none of the compared models (the
   same preset trained with another seed for --judge-steps), unigram entropy of each sample
@@ -23,7 +24,7 @@ Gaussian curriculum (the paper's proportion). The distilled runs are ``unmask di
   with its KV cache (one step per token). Held-out text of the same length is scored by the same
   judge as the data's reference.
 * Goals (summary lines): the MDM has the best bound among the diffusion models; Duo + DCD with
-  greedy tail has the best gen-PPL at <= 32 steps among the diffusion models with healthy
+  greedy tail has the best gen-PPL at <= 32 steps among the diffusion configurations with healthy
   entropy (>= --healthy-entropy x the held-out text's); distillation needs >= 4x fewer steps for
   the teacher's gen-PPL (:func:`steps_for_ppl`: each curve interpolated linearly in log steps vs
   log gen-PPL at its first crossing).
@@ -31,7 +32,7 @@ Gaussian curriculum (the paper's proportion). The distilled runs are ``unmask di
 Writes few_steps.json, few_steps.md and few_steps.png to --out; the runs go to --runs (a finished
 run is reused, so a second call only evaluates).
 
-    nice -n 10 python benchmarks/few_steps.py                       # tiny preset, context 64, CPU: ~20 min on 2 cores
+    nice -n 10 python benchmarks/few_steps.py --threads 1           # tiny preset, context 64, on a shared 2-core CPU
     OUT=runs/gpu-few-steps bash benchmarks/gpu_few_steps.sh         # 85m preset on one CUDA GPU
     python benchmarks/few_steps.py --from-json benchmarks/results/few_steps/few_steps.json   # rewrite the report only
 """
@@ -41,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -66,7 +68,6 @@ MODELS = {
     "Duo + DCD": ("duo-dcd", "dcd", "Duo"),
 }
 JUDGE = "ar-judge"
-DIFFUSION = [name for name in MODELS if name != "AR"]
 UNIFORM = ("udlm", "duo", "dcd")
 FEW = 32  # "few steps": at most this many
 
@@ -191,19 +192,35 @@ def bounds(args, runs: dict[str, dict]) -> list[dict]:
     return rows
 
 
-def sampler_options(objective: str, steps: int) -> dict:
-    """The options of ``unmask.generate`` for one model at ``steps`` sampling steps (AR: none)."""
+def variants(tails: list[str]) -> list[tuple[str, str, bool | None]]:
+    """(label, model, greedy tail) of every diffusion configuration: the masked models once, the
+    uniform-state ones once per tail in ``tails`` (greedy, plain)."""
+    out = []
+    for name, (_, objective, _) in MODELS.items():
+        if objective != "ar":
+            out += [(f"{name}, {tail} tail", name, tail == "greedy") for tail in tails] if objective in UNIFORM else [(name, name, None)]
+    return out
+
+
+def teacher_label(label: str) -> str | None:
+    """The configuration of a distilled configuration's teacher with the same tail (None: not distilled)."""
+    name, _, tail = label.partition(", ")
+    teacher = MODELS[name][2]
+    return None if teacher is None else ", ".join([teacher, *([tail] if tail else [])])
+
+
+def sampler_options(objective: str, steps: int, greedy: bool | None) -> dict:
+    """The options of ``unmask.generate`` for one configuration at ``steps`` sampling steps (AR: none)."""
     if objective == "ar":
         return {}
     if objective in UNIFORM:
-        return {"sampler": "uniform", "steps": steps, "greedy_tail": True}
+        return {"sampler": "uniform", "steps": steps, "greedy_tail": bool(greedy)}
     return {"sampler": "ancestral", "steps": steps}
 
 
-def sample_row(args, name: str, run: dict, steps: int | None, judge) -> dict:
-    """gen-PPL, entropy and seconds per sample of one model at ``steps`` (the median of --repeats calls)."""
-    objective = run["config"]["train"]["objective"]
-    options = sampler_options(objective, steps or args.length)
+def sample_row(args, label: str, name: str, run: dict, steps: int | None, greedy: bool | None, judge) -> dict:
+    """gen-PPL, entropy and seconds per sample of one configuration at ``steps`` (the median of --repeats calls)."""
+    options = sampler_options(run["config"]["train"]["objective"], steps or args.length, greedy)
     seconds, tokens, nfe = [], [], 0
     for r in range(args.repeats):
         out = unmask.generate(run["dir"], "", args.samples, args.length, seed=args.seed + r, device=args.device, temperature=1.0, **options)
@@ -211,24 +228,25 @@ def sample_row(args, name: str, run: dict, steps: int | None, judge) -> dict:
         tokens += [s["tokens"] for s in out["samples"]]
         nfe = out["nfe"]
     nll = judge_nll(judge, torch.tensor(tokens), bos=0)
-    return {"model": name, "steps": steps or args.length, "sampler": options.get("sampler", "ar kv-cache"),
+    return {"config": label, "model": name, "steps": steps or args.length, "sampler": options.get("sampler", "ar kv-cache"),
             "greedy_tail": options.get("greedy_tail", False), "nfe": nfe, "seconds_per_sample": statistics.median(seconds),
             **quality_report(tokens, nll), "example": tokens[0][:24]}
 
 
 def generation(args, runs: dict[str, dict]) -> tuple[list[dict], dict]:
-    """Every diffusion model at every step count (step counts outer), the AR model once, and the
-    held-out text's reference (judge gen-PPL and entropy of windows of --length tokens)."""
+    """Every diffusion configuration at every step count (step counts outer), the AR model once, and
+    the held-out text's reference (judge gen-PPL and entropy of windows of --length tokens)."""
     judge, _ = unmask.load_model(runs[JUDGE]["dir"], args.device)
     torch.set_grad_enabled(False)
     grid = [int(s) for s in args.sampling_steps.split(",")]
-    plan = [("AR", None)] + [(name, steps) for steps in grid for name in DIFFUSION]
+    configs = variants(args.tails.split(","))
+    plan = [("AR", "AR", None, None)] + [(label, name, steps, greedy) for steps in grid for label, name, greedy in configs]
     for name in MODELS:  # untimed: the first call of each path pays its one-time costs
         objective = runs[name]["config"]["train"]["objective"]
-        unmask.generate(runs[name]["dir"], "", 1, args.length, device=args.device, **sampler_options(objective, grid[0]))
+        unmask.generate(runs[name]["dir"], "", 1, args.length, device=args.device, **sampler_options(objective, grid[0], True))
     rows = []
-    for name, steps in tqdm(plan, desc="gen-PPL", unit="config"):
-        row = sample_row(args, name, runs[name], steps, judge)
+    for label, name, steps, greedy in tqdm(plan, desc="gen-PPL", unit="config"):
+        row = sample_row(args, label, name, runs[name], steps, greedy, judge)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "example"}), flush=True)
     held_out = torch.from_numpy(TokenDataset(unmask.default_dataset(), "val").eval_windows(args.length, 64))
@@ -241,8 +259,13 @@ def generation(args, runs: dict[str, dict]) -> tuple[list[dict], dict]:
 # ---------------------------------------------------------------- goals
 
 
-def curve(rows: list[dict], name: str) -> dict[int, float]:
-    return {r["steps"]: r["gen_ppl"] for r in rows if r["model"] == name}
+def labels(rows: list[dict]) -> list[str]:
+    """The diffusion configurations of ``rows`` in their order."""
+    return list(dict.fromkeys(r["config"] for r in rows if r["model"] != "AR"))
+
+
+def curve(rows: list[dict], label: str) -> dict[int, float]:
+    return {r["steps"]: r["gen_ppl"] for r in rows if r["config"] == label}
 
 
 def student_steps(config: dict) -> int | None:
@@ -252,39 +275,41 @@ def student_steps(config: dict) -> int | None:
 
 
 def ratios(rows: list[dict], runs: dict[str, dict]) -> list[dict]:
-    """Distillation's step reduction at equal gen-PPL, at every few-step count and at the distilled count."""
+    """Distillation's step reduction at equal gen-PPL (the teacher with the same tail), at every
+    few-step count and at the distilled count."""
     out = []
-    for name, (_, _, teacher) in MODELS.items():
+    for label in labels(rows):
+        teacher = teacher_label(label)
         if teacher is None:
             continue
-        own = student_steps(runs[name]["config"])
-        student = curve(rows, name)
+        own = student_steps(runs[label.partition(", ")[0]]["config"])
+        student = curve(rows, label)
         for at in sorted(s for s in student if s <= FEW or s == own):
-            out.append({"student": name, "teacher": teacher, "distilled_for": own, **distillation_ratio(curve(rows, teacher), student, at)})
+            out.append({"student": label, "teacher": teacher, "distilled_for": own, **distillation_ratio(curve(rows, teacher), student, at)})
     return out
 
 
 def goals(bound_rows: list[dict], rows: list[dict], data: dict, distilled: list[dict], healthy: float) -> list[str]:
     """The three goals, each a line that says whether this scale reproduces it."""
     lines = []
-    diffusion = sorted((r for r in bound_rows if r["model"] in DIFFUSION), key=lambda r: r["nats_per_token"])
+    diffusion = sorted((r for r in bound_rows if r["model"] != "AR"), key=lambda r: r["nats_per_token"])
     best, second = diffusion[0], diffusion[1]
     gap = second["nats_per_token"] - best["nats_per_token"]
     lines.append(f"best bound among the diffusion models: {best['model']} {best['nats_per_token']:.3f} +- {best['stderr']:.3f} nats/token "
                  f"(next {second['model']} {second['nats_per_token']:.3f}, {gap / max(best['stderr'], second['stderr'], 1e-9):.1f} SE apart); "
                  f"goal MDM: {'reproduced' if best['model'] == 'MDM' else 'NOT reproduced'}")
-    floor = healthy * data["unigram_entropy"]
-    for steps in sorted({r["steps"] for r in rows if r["model"] in DIFFUSION and r["steps"] <= FEW}):
-        at = [r for r in rows if r["model"] in DIFFUSION and r["steps"] == steps]
+    floor, goal = healthy * data["unigram_entropy"], "Duo + DCD, greedy tail"
+    for steps in sorted({r["steps"] for r in rows if r["model"] != "AR" and r["steps"] <= FEW}):
+        at = [r for r in rows if r["model"] != "AR" and r["steps"] == steps]
         ok = [r for r in at if r["unigram_entropy"] >= floor]
+        dropped = ", ".join(f"{r['config']} (H={r['unigram_entropy']:.2f})" for r in at if r not in ok)
+        dropped = f"; below the floor: {dropped}" if dropped else ""
         if not ok:
-            lines.append(f"{steps} steps: no diffusion model keeps entropy >= {floor:.2f}; goal Duo + DCD best: NOT reproduced")
+            lines.append(f"{steps} steps: no diffusion configuration keeps entropy >= {floor:.2f}{dropped}; goal {goal}: NOT reproduced")
             continue
         win = min(ok, key=lambda r: r["gen_ppl"])
-        dropped = ", ".join(f"{r['model']} (H={r['unigram_entropy']:.2f})" for r in at if r not in ok)
-        lines.append(f"{steps} steps: best gen-PPL at entropy >= {floor:.2f}: {win['model']} {win['gen_ppl']:.1f} (H={win['unigram_entropy']:.2f})"
-                     + (f", below the floor: {dropped}" if dropped else "")
-                     + f"; goal Duo + DCD: {'reproduced' if win['model'] == 'Duo + DCD' else 'NOT reproduced'}")
+        lines.append(f"{steps} steps: best gen-PPL at entropy >= {floor:.2f}: {win['config']} {win['gen_ppl']:.1f} "
+                     f"(H={win['unigram_entropy']:.2f}){dropped}; goal {goal}: {'reproduced' if win['config'] == goal else 'NOT reproduced'}")
     for r in distilled:
         if r["at_steps"] != r["distilled_for"]:
             continue
@@ -298,11 +323,12 @@ def goals(bound_rows: list[dict], rows: list[dict], data: dict, distilled: list[
 
 
 def pivot(rows: list[dict], fmt) -> list[str]:
-    grid = sorted({r["steps"] for r in rows if r["model"] in DIFFUSION})
-    table = ["| model | " + " | ".join(f"{s} steps" for s in grid) + " |", "|---|" + "---|" * len(grid)]
-    for name in DIFFUSION:
-        by = {r["steps"]: r for r in rows if r["model"] == name}
-        table.append(f"| {name} | " + " | ".join(fmt(by[s]) if s in by else "" for s in grid) + " |")
+    """A table of ``fmt(row)``: one line per diffusion configuration, one column per step count."""
+    grid = sorted({r["steps"] for r in rows if r["model"] != "AR"})
+    table = ["| configuration | " + " | ".join(f"{s} steps" for s in grid) + " |", "|---|" + "---|" * len(grid)]
+    for label in labels(rows):
+        by = {r["steps"]: r for r in rows if r["config"] == label}
+        table.append(f"| {label} | " + " | ".join(fmt(by[s]) if s in by else "" for s in grid) + " |")
     return table
 
 
@@ -321,7 +347,8 @@ def markdown(saved: dict) -> str:
         run = runs[b["model"]]
         lines.append(f"| {b['model']} | {run['config']['train']['objective']} | {b['nats_per_token']:.4f} | {b['stderr']:.4f} | "
                      f"{'exact' if b['kind'] == 'exact' else 'bound'} ({b['estimator']}) | {run['seconds']:.0f} |")
-    lines += ["", f"gen-PPL under the judge (unigram entropy), MDMs ancestral, uniform-state models with greedy tail; "
+    lines += ["", f"gen-PPL under the judge (unigram entropy); the masked models ancestral, the uniform-state ones with the uniform "
+              f"sampler, its last step the argmax of the prediction (greedy tail) or a draw (plain tail); "
               f"AR + KV cache: {ar['gen_ppl']:.1f} ({ar['unigram_entropy']:.2f}); held-out text: {data['gen_ppl']:.1f} "
               f"({data['unigram_entropy']:.2f}); healthy entropy >= {s['healthy_entropy'] * data['unigram_entropy']:.2f}:", ""]
     lines += pivot(rows, lambda r: f"{r['gen_ppl']:.1f} ({r['unigram_entropy']:.2f})")
@@ -349,11 +376,11 @@ def plot(saved: dict, path: Path) -> None:
     rows, data, s = saved["generation"], saved["held_out"], saved["settings"]
     ar = next(r for r in rows if r["model"] == "AR")
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
-    for name in DIFFUSION:
-        rs = sorted((r for r in rows if r["model"] == name), key=lambda r: r["steps"])
-        style = "--" if MODELS[name][2] else "-"
+    for label in labels(rows):
+        rs = sorted((r for r in rows if r["config"] == label), key=lambda r: r["steps"])
+        style = ("--" if teacher_label(label) else "-") + ("s" if "plain" in label else "o")
         for ax, key in zip(axes, ("gen_ppl", "unigram_entropy", "seconds_per_sample")):
-            ax.plot([r["steps"] for r in rs], [r[key] for r in rs], style, marker="o", label=name)
+            ax.plot([r["steps"] for r in rs], [r[key] for r in rs], style, label=label)
     for ax, key, ylabel in zip(axes, ("gen_ppl", "unigram_entropy", "seconds_per_sample"),
                                ("gen-PPL (AR judge)", "unigram entropy (nats)", "wall seconds per sample")):
         ax.axhline(ar[key], color="gray", linestyle=":", label="AR + KV cache")
@@ -395,6 +422,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--distill-steps", type=int, default=40, help="optimizer steps per distillation round")
     parser.add_argument("--teacher-steps", type=int, default=0, help="the teachers' sampling steps in the first round (0: unmask distill's default)")
     parser.add_argument("--sampling-steps", default="8,16,32,64,128,1024")
+    parser.add_argument("--tails", default="greedy,plain", help="the uniform-state models' last steps: greedy (Duo's greedy tail), "
+                        "plain (a draw), or both")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--length", type=int, default=0, help="generated tokens per sample (0: the context length - 1)")
     parser.add_argument("--repeats", type=int, default=1)
@@ -403,9 +432,13 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--healthy-entropy", type=float, default=0.9, help="healthy: entropy >= this fraction of the held-out text's")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (training, scoring and decoding)")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads of this process and of the unmask commands it starts "
+                        "(0: torch's default; 1 wastes least on a CPU shared with other jobs)")
     parser.add_argument("--from-json", default="", help="only rewrite the Markdown and the plot from a few_steps.json of an earlier run")
     args = parser.parse_args()
     args.judge_steps = args.judge_steps or 2 * args.steps
+    if not args.from_json and (not args.tails or set(args.tails.split(",")) - {"greedy", "plain"}):
+        parser.error(f"--tails {args.tails}: give greedy, plain or greedy,plain")
     return args
 
 
@@ -424,6 +457,9 @@ def main() -> None:
     if args.from_json:
         write(json.loads(Path(args.from_json).read_text()), Path(args.out))
         return
+    if args.threads:
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)  # read by the commands' processes
+        torch.set_num_threads(args.threads)
     start = time.perf_counter()
     unmask.default_dataset()  # the embedded corpus, prepared once for every run
     runs = train_all(args)
