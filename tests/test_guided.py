@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import subprocess
 import sys
 from dataclasses import replace
@@ -20,8 +19,7 @@ from scipy.stats import chisquare
 from unmask.config import ModelConfig
 from unmask.errors import OptionError
 from unmask.model import Transformer
-from unmask.sampling import AncestralConfig, Conditioning, FirstHittingConfig, SamplerSpec, ancestral
-from unmask.sampling.cache import CacheConfig
+from unmask.sampling import AncestralConfig, Conditioning, SamplerSpec, ancestral
 from unmask.steering import BestOfConfig, EDLMConfig, SMCConfig, SVDDConfig, TokenScore, steer
 from unmask.steering.steering import side_generator
 from unmask.testing import OracleModel
@@ -172,6 +170,9 @@ CONSTANT = TokenScore(lambda tokens, key_mask: torch.zeros(tokens.shape[0]), spe
 # guide -> (config, rows per prompt the equal unguided decoding runs over)
 EQUAL = {"best-of": (BestOfConfig(particles=3), 3), "smc": (SMCConfig(particles=3, alpha=0.5), 3),
          "svdd": (SVDDConfig(particles=3, alpha=1.0), 1), "edlm": (EDLMConfig(particles=3, window=0.0), 1)}
+EQUAL_KEY = {"best-of": "reward", "smc": "reward", "svdd": "reward", "edlm": "energy",
+             SVDDConfig: "reward", SMCConfig: "reward", EDLMConfig: "energy"}
+RANDOMISH = TokenScore(lambda tokens, key_mask: (tokens * key_mask).sum(dim=1).double().sin())  # a score that tells rows apart
 
 
 @pytest.mark.parametrize("sampler,cache", list(itertools.product(SAMPLERS, CACHES)))
@@ -187,17 +188,13 @@ def test_every_guide_composes_and_a_constant_score_changes_nothing(network, samp
     cond = Conditioning(prompt_mask=prompt)
     spec = SamplerSpec.from_options(sampler=sampler, cfg_scale=0.5, **SAMPLERS[sampler], **CACHES[cache])
     for name, (config, n) in EQUAL.items():
-        plain = spec.run(network, x.repeat_interleave(n, dim=0), torch.Generator().manual_seed(1), cond.rows(torch.arange(2).repeat_interleave(n)), start=2)
+        copies = torch.arange(2).repeat_interleave(n)
+        plain = spec.run(network, x[copies], torch.Generator().manual_seed(1), cond.rows(copies), start=2)
         out = spec.run(network, x, torch.Generator().manual_seed(1), steer(cond, config, **{EQUAL_KEY[name]: CONSTANT}), start=2)
         assert torch.equal(out.tokens, plain.tokens[::n]), (name, sampler, cache)
     for config in (SVDDConfig(particles=2, alpha=0.0), SMCConfig(particles=2), EDLMConfig(particles=2, window=1.0)):
         out = spec.run(network, x, torch.Generator().manual_seed(1), steer(cond, config, **{EQUAL_KEY[type(config)]: RANDOMISH}), start=2)
         assert (out.tokens != mask_id).all() and torch.equal(out.tokens[:, :2], x[:, :2])
-
-
-EQUAL_KEY = {"best-of": "reward", "smc": "reward", "svdd": "reward", "edlm": "energy",
-             SVDDConfig: "reward", SMCConfig: "reward", EDLMConfig: "energy"}
-RANDOMISH = TokenScore(lambda tokens, key_mask: (tokens * key_mask).sum(dim=1).double().sin())
 
 
 def test_guided_decoding_is_reproducible_and_a_guide_moves_it(network):
@@ -241,7 +238,7 @@ def test_the_meter_counts_score_calls_apart_from_network_calls(oracle):
 # ---------------------------------------------------------------- the command line and the server
 
 
-from serving import LIMITS, model_id, post, served, statuses_documented  # noqa: E402,F401  (answers checked against /openapi.json)
+from serving import LIMITS, model_id, post, served, statuses_documented  # noqa: E402,F401  (autouse: answers checked against /openapi.json)
 
 
 @pytest.fixture(scope="module")

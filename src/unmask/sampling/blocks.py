@@ -9,7 +9,7 @@ exact cache of finished blocks (moved with the window over a long canvas). Insid
 sampler runs with only the block eligible. With a stop token (EOS), a row that has produced it in a
 finished block leaves the working batch (its remaining MASKs become the stop token), so a batch
 does not wait for its slowest row. A constraint (structured output) reads the full rows of the
-window it is given. The callback sees the whole batch on the canvas's columns, with
+window it is given, and so does a guide's score (``Conditioning.steering``). The callback sees the whole batch on the canvas's columns, with
 steps and calls counted across blocks.
 """
 

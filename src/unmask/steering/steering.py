@@ -14,7 +14,7 @@ leaves the batch at a stop token; a text still ends at its first stop token).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -170,7 +170,3 @@ def steer(cond: Conditioning | None, guide, reward: str | Score | None = None, e
     score = parse_score(given[entry.score], entry.score, device)
     return replace(cond or Conditioning(), steering=Steering(entry, config, score, tokenizer, end=end))
 
-
-def guide_fields(config) -> dict:
-    """A guide config's options by name."""
-    return {f.name: getattr(config, f.name) for f in fields(config)}
