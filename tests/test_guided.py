@@ -243,7 +243,7 @@ from serving import LIMITS, model_id, post, served, statuses_documented  # noqa:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A tiny random MDM and AR checkpoint with a small BPE (the tests need networks, not good ones)."""
+    """A tiny random MDM, AR and classifier checkpoint with a small BPE (the tests need networks, not good ones)."""
     from unmask.checkpoint import TrainerState, save_checkpoint
     from unmask.config import RunConfig, TrainConfig
     from unmask.data import shakespeare_works, train_bpe
@@ -251,8 +251,9 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("guided_runs")
     tok = train_bpe([shakespeare_works("train")[0][1][:20000]], vocab_size=300)
     torch.manual_seed(0)
-    for objective in ("mdm", "ar"):
-        cfg = ModelConfig(vocab_size=tok.vocab_size, context_len=32, n_layer=1, n_head=2, n_embd=16, causal=objective == "ar")
+    for objective in ("mdm", "ar", "classifier"):
+        cfg = ModelConfig(vocab_size=tok.vocab_size, context_len=32, n_layer=1, n_head=2, n_embd=16, causal=objective == "ar",
+                          labels=("comedy", "tragedy") if objective == "classifier" else ())
         save_checkpoint(root / objective, Transformer(cfg), RunConfig(cfg, TrainConfig(objective=objective)), TrainerState(0, 0),
                         tok.to_json())
     return root
@@ -296,3 +297,21 @@ def test_a_request_names_a_configured_reward(runs):
         assert wrong.status_code == 400 and wrong.json()["error"]["param"] == "energy"
         card = httpx.get(url + "/v1/models").json()["data"][0]
         assert card["rewards"] == {"letters": "regex (reward)", "judge": "ar (reward or energy)"}
+
+
+def test_the_classifier_score_reads_whole_canvases(runs):
+    """``classifier:RUN:LABEL`` scores [EOS ; prompt ; text] as the classifier was trained, padding hidden."""
+    from unmask.checkpoint import checkpoint_tokenizer
+    from unmask.classifier import label_log_probs
+    from unmask.steering import Candidates, parse_score
+
+    tok = checkpoint_tokenizer(runs / "mdm")
+    score = parse_score(f"classifier:{runs / 'classifier'}:tragedy")
+    tokens = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    cands = Candidates(tokens, torch.tensor([[True, True, True], [True, True, False]]), [[3, 4], []], tok)
+    direct = label_log_probs(runs / "classifier", "tragedy")
+    expected = [direct(torch.tensor([[tok.eos_id, 3, 4, 5, 6, 7]]))[0], direct(torch.tensor([[tok.eos_id, 8, 9]]))[0]]
+    assert torch.allclose(score(cands), torch.stack(expected).double(), atol=1e-5)
+    with pytest.raises(OptionError) as err:
+        parse_score(f"classifier:{runs / 'classifier'}:farce")
+    assert err.value.param == "reward" and "farce" in str(err.value)

@@ -12,8 +12,8 @@ of EDLM (:meth:`Score.log_density`). A spec string names one:
   the texts are tokenised again with the AR run's own tokenizer.
 * ``regex:PATTERN``: 1 when the generated text matches PATTERN in full (Python ``re.fullmatch``), else 0.
   A reward only (0/1 is no log-density).
-* ``classifier:RUN:LABEL``: log p(LABEL | tokens) of a noisy-input classifier run
-  (``unmask.classifier.label_log_probs``), read on the generated tokens.
+* ``classifier:RUN:LABEL``: log p(LABEL | x) of a noisy-input classifier run
+  (``unmask.classifier.label_log_probs``), read on [EOS ; prompt ; generated text] as it was trained.
 * ``python:MODULE:FUNCTION``: ``FUNCTION(texts: list[str]) -> list[float]`` from an importable module
   (the command line and the Python API; a server loads them at startup only, requests name none).
 
@@ -145,21 +145,29 @@ class PythonScore(Score):
 
 
 class ClassifierScore(Score):
-    """log p(label | tokens) of a noisy-input classifier run, on the generated tokens."""
+    """log p(label | x) of a noisy-input classifier run (``unmask.classifier.label_log_probs``), read
+    on each row as the classifier was trained: [EOS ; prompt ; generated text], right-padded (the
+    key mask hides the padding)."""
 
     density = True
 
     def __init__(self, run: str, label: str, device, param: str = "reward") -> None:
+        from unmask.classifier import label_log_probs
+
         self.spec = f"classifier:{run}:{label}"
         try:
-            from unmask.classifier import label_log_probs  # built beside this module; imported when first asked for
-        except ImportError as exc:
-            raise OptionError(param, "{" + param + "} {_spec}: classifier scores need unmask.classifier ({_why})", _spec=self.spec,
-                              _why=exc) from None
-        self.fn = label_log_probs(run, label, device)
+            self.fn = label_log_probs(run, label, device)
+        except OptionError as exc:  # the classifier names its own parameters; here they are parts of this spec
+            raise OptionError(param, "{" + param + "} {_spec}: {_why}", _spec=self.spec, _why=exc) from None
+        self.device = device
 
     def __call__(self, candidates: Candidates) -> torch.Tensor:
-        return torch.as_tensor(self.fn(candidates.tokens, candidates.key_mask)).double().reshape(len(candidates)).cpu()
+        eos = [] if candidates.tokenizer is None else [candidates.tokenizer.eos_id]
+        rows = [eos + list(p) + candidates.ids(r) for r, p in enumerate(candidates.prompt_ids)]
+        width = max(map(len, rows))
+        tokens = torch.tensor([q + [0] * (width - len(q)) for q in rows], device=self.device)
+        key_mask = torch.tensor([[True] * len(q) + [False] * (width - len(q)) for q in rows], device=self.device)
+        return torch.as_tensor(self.fn(tokens, key_mask)).double().reshape(len(candidates)).cpu()
 
 
 class ARLikelihood(Score):
