@@ -21,7 +21,7 @@ from unmask.cli import main
 from unmask.classifier import Classifier, label_log_probs
 from unmask.classifier_guidance import ClassifierGuide, exact_terms, first_order_terms
 from unmask.config import ModelConfig, TrainConfig
-from unmask.data import default_tokenizer
+from unmask.data import TokenDataset, default_tokenizer
 from unmask.data.labels import prepare_labels, read_labelled
 from unmask.errors import UnmaskError
 from unmask.model import Transformer
@@ -198,19 +198,23 @@ def toy_jsonl(path, rows: int, seed: int):
     return path
 
 
-def test_classifier_objective_learns_a_separable_set(tmp_path):
-    tok = default_tokenizer()
+def test_classifier_objective_learns_a_separable_set(tmp_path, small_data):
+    tok = TokenDataset(small_data, "train").tokenizer
     folder = prepare_labels(tmp_path / "labels", tok, read_labelled(toy_jsonl(tmp_path / "train.jsonl", 160, 0)),
-                            read_labelled(toy_jsonl(tmp_path / "val.jsonl", 32, 1)), max_length=16)
-    model = ModelConfig(vocab_size=tok.vocab_size, context_len=16, n_layer=1, n_head=2, n_embd=32, labels=("neg", "pos"))
-    cfg = TrainConfig(objective="classifier", steps=80, batch_size=16, warmup_steps=5, eval_every=80, precision="fp32")
+                            read_labelled(toy_jsonl(tmp_path / "val.jsonl", 32, 1)), max_length=32)
+    model = ModelConfig(vocab_size=tok.vocab_size, context_len=32, n_layer=1, n_head=2, n_embd=32, labels=("neg", "pos"))
+    cfg = TrainConfig(objective="classifier", steps=60, batch_size=16, warmup_steps=5, eval_every=60, precision="fp32")
     train(tmp_path / "run", model, cfg, folder, device="cpu", progress=False)
     val = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"val"' in line][-1]
     assert val["val_clean_accuracy"] >= 0.9 and val["val_accuracy"] > 0.6  # chance: about 0.5
     score = label_log_probs(tmp_path / "run", "pos", "cpu")
     texts = ["the king was good and happy", "the king was bad and cruel"]
-    tokens = torch.tensor([[tok.eos_id] + tok.encode(text) for text in texts])
-    assert score(tokens, None).dtype == torch.float32 and score(tokens, None)[0] > score(tokens, None)[1]
+    ids = [[tok.eos_id] + tok.encode(text) for text in texts]
+    width = max(map(len, ids))
+    tokens = torch.tensor([row + [tok.pad_id] * (width - len(row)) for row in ids])
+    key_mask = torch.tensor([[True] * len(row) + [False] * (width - len(row)) for row in ids])
+    logp = score(tokens, key_mask)
+    assert logp.dtype == torch.float32 and logp.shape == (2,) and logp[0] > logp[1]
 
 
 def test_bad_labelled_files_name_the_file_and_line(tmp_path):
