@@ -97,7 +97,7 @@ def _saved_data_dir(saved: RunConfig, run_dir: Path) -> Path:
 def train(
     run_dir: Path = typer.Option(..., help="Folder for config, metrics.jsonl and checkpoints."),
     preset: Optional[str] = typer.Option(None, help=f"Model size: {', '.join(PRESETS)} (default tiny)."),
-    objective: Optional[str] = typer.Option(None, help=f"mdm (masked diffusion), ar (autoregressive baseline), bd3 (block diffusion), udlm (uniform-state diffusion) or duo (UDLM after a Gaussian curriculum) (default {_T.objective})."),
+    objective: Optional[str] = typer.Option(None, help=f"mdm (masked diffusion), ar (autoregressive baseline), bd3 (block diffusion), udlm (uniform-state diffusion), duo (UDLM after a Gaussian curriculum) or classifier (of noisy canvases, for D-CBG guidance; --data a JSONL file of labelled texts) (default {_T.objective})."),
     block_size: Optional[int] = typer.Option(None, min=1, help="bd3: tokens per block L' (1: the AR NLL; the context length: the MDM); must divide the context."),
     mask_rate_min: Optional[float] = typer.Option(None, help="bd3: clipped schedule, lowest block time / mask rate beta (default 0)."),
     mask_rate_max: Optional[float] = typer.Option(None, help="bd3: clipped schedule, highest block time / mask rate omega (default 1)."),
