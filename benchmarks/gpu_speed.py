@@ -25,6 +25,7 @@ minute), to check the script before a GPU is lent. Goals: docs/benchmarks.md, 'G
 
     OUT=runs/gpu-speed bash benchmarks/gpu_speed.sh          # one GPU, about 6 minutes on an H100
     python benchmarks/gpu_speed.py --smoke --out /tmp/speed   # CPU, tiny shapes
+    python benchmarks/gpu_speed.py --device cpu --cpu-shapes --out benchmarks/results/gpu_speed_cpu   # the GPU batches, tiny preset
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ from pathlib import Path
 
 import torch
 from sampling import measure, random_network
-from train_scale import flops_per_token, peak_matmul
-from train_step_profile import build_trainer
+from train_scale import cpu_isa, flops_per_token, peak_matmul
+from train_step_profile import PhaseClock, build_trainer, timed_steps
 
 from unmask.sampling import decoding_for, make_canvas
 
@@ -67,8 +68,9 @@ class Shapes:
     train_presets: tuple[str, ...] = ("85m", "350m")
     train_batches: tuple[int, ...] = (64, 32)
     train_context: int | None = None
-    train_warmup: int = 4
-    train_steps: int = 8
+    train_warmup: int = 10  # compilation, and the slow steps after it (the earlier 20-step table's MDM sped up after step 15)
+    train_steps: int = 10
+    phase_steps: int = 3
     compile: bool = True
     repeats: int = 3
     call_reps: int = 20
@@ -76,10 +78,16 @@ class Shapes:
     matmul_size: int = 8192
 
     @classmethod
+    def cpu(cls) -> "Shapes":
+        """The GPU run's batches on the tiny preset (context 128, so the caches' canvas is 128, not 1024)."""
+        return cls(preset="tiny", ar_tokens=64, call_canvas=128, cache_canvas=128, overhead_length=64, train_presets=("tiny",),
+                   train_batches=(16,), train_warmup=2, train_steps=6, compile=False, call_reps=5, copy_mib=256, matmul_size=1024)
+
+    @classmethod
     def smoke(cls) -> "Shapes":
         return cls(preset="tiny", ar_tokens=8, call_canvas=32, call_batches=(1, 4), cache_batch=2, cache_canvas=64, block=16,
                    overhead_batches=(1, 2), overhead_length=16, train_presets=("tiny",), train_batches=(2,), train_context=32,
-                   train_warmup=1, train_steps=2, compile=False, repeats=1, call_reps=2, copy_mib=16, matmul_size=256)
+                   train_warmup=1, train_steps=2, phase_steps=1, compile=False, repeats=1, call_reps=2, copy_mib=16, matmul_size=256)
 
 
 def sync(device: torch.device) -> None:
@@ -89,7 +97,7 @@ def sync(device: torch.device) -> None:
 
 def machine_info(device: torch.device) -> dict:
     """The card (torch's name and nvidia-smi's line) and the software."""
-    info = {"device": device.type, "torch": torch.__version__, "name": "cpu"}
+    info = {"device": device.type, "torch": torch.__version__, "name": f"{cpu_isa()['model']} (1 thread)"}
     if device.type == "cuda":
         info["name"] = torch.cuda.get_device_name(device)
         try:
@@ -213,7 +221,9 @@ def overhead(mdm, shapes: Shapes, device: torch.device) -> list[dict]:
 
 
 def train_row(objective: str, preset: str, batch: int, shapes: Shapes, device: torch.device, peak: float) -> dict:
-    """Tokens/s (median step) and MFU of ``objective`` on ``preset`` through the loop's Trainer.step."""
+    """Tokens/s (median step) and MFU of ``objective`` (mdm, ar, or mdm-host-noise: the MDM with its masks drawn on
+    the host as before) on ``preset`` through the loop's Trainer.step; then the step's phases, each timed with
+    the device synchronised around it (``train_step_profile.PhaseClock``)."""
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(objective, preset, Path(tmp), batch_size=batch, precision="auto" if device.type == "cuda" else "fp32",
                                 device=str(device), compile=shapes.compile, context=shapes.train_context)
@@ -228,12 +238,15 @@ def train_row(objective: str, preset: str, batch: int, shapes: Shapes, device: t
             start = time.perf_counter()
             trainer.step(step)  # ends with the loss read back: the step is done
             times.append(time.perf_counter() - start)
+        first = shapes.train_warmup + shapes.train_steps
+        phases = timed_steps(trainer, PhaseClock(trainer, device), first, shapes.phase_steps)
         cfg, tokens = trainer.model.config, trainer.global_batch * trainer.data.length
         row = {"objective": objective, "preset": preset, "batch": batch, "context": cfg.context_len, "n_layer": cfg.n_layer,
                "n_embd": cfg.n_embd, "vocab": cfg.vocab_size, "non_embedding": cfg.non_embedding_params(), "compile": shapes.compile,
                "precision": str(trainer.amp or torch.float32).replace("torch.", ""), "warmup_s": warmup_s,
-               "step_ms": 1e3 * statistics.median(times), "tokens_per_s": tokens / statistics.median(times),
-               "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None}
+               "step_ms": 1e3 * statistics.median(times), "step_ms_each": [1e3 * t for t in times], "tokens_per_s": tokens / statistics.median(times),
+               "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+               "phases_ms": {key: statistics.median(p[key] for p in phases) for key in phases[0]}}
         del trainer
     gc.collect()
     if device.type == "cuda":
@@ -244,9 +257,10 @@ def train_row(objective: str, preset: str, batch: int, shapes: Shapes, device: t
 
 
 def training(shapes: Shapes, device: torch.device, peak: float) -> list[dict]:
+    """MDM and AR at every preset; at the first also the MDM with its noise drawn on the host, as the loop did before."""
     rows = []
-    for preset, batch in zip(shapes.train_presets, shapes.train_batches):
-        for objective in ("mdm", "ar"):
+    for i, (preset, batch) in enumerate(zip(shapes.train_presets, shapes.train_batches)):
+        for objective in ("mdm", "ar") + (("mdm-host-noise",) if i == 0 else ()):
             rows.append(train_row(objective, preset, batch, shapes, device, peak))
             r = rows[-1]
             print(f"train {preset} {objective}: {r['tokens_per_s']:,.0f} tokens/s, MFU {100 * r['mfu']:.1f}%", flush=True)
@@ -290,10 +304,11 @@ def mib(value: float | None) -> str:
 def markdown(res: dict) -> str:
     m, f = res["machine"], res["floors"]
     table_bw = "unknown card" if f["table_bandwidth_gbs"] is None else f"{f['table_bandwidth_gbs']:,.0f} GB/s"
-    lines = ["# GPU speed", "", f"Card: {m['name']}" + (f" (nvidia-smi: {m['nvidia_smi']})" if m.get("nvidia_smi") else "")
+    title = "# GPU speed" + ("" if m["device"] == "cuda" else " (the benchmark run on a CPU)")
+    lines = [title, "", f"Card: {m['name']}" + (f" (nvidia-smi: {m['nvidia_smi']})" if m.get("nvidia_smi") else "")
              + f"; torch {m['torch']}{'; SMOKE RUN (CPU, tiny shapes): not a GPU figure' if res['smoke'] else ''}.",
              f"Floors measured in this run: copy bandwidth {f['bandwidth_gbs']:,.0f} GB/s (data sheet: {table_bw}), "
-             f"matmul peak {f['peak_tflops']:,.1f} TFLOP/s ({f['dtype']}). Random networks ({res['shapes']['preset']}), "
+             f"matmul peak {f['peak_tflops']:.3g} TFLOP/s ({f['dtype']}). Random networks ({res['shapes']['preset']}), "
              f"{f['dtype']} for decoding; weights read per forward {f['weight_mib']:,.0f} MiB.", "",
              "| goal | target | measured | met |", "|---|---|---|---|"]
     lines += [f"| {g['goal']} | {g['target']} | {g['value']:.3g} {g['unit']} | {'yes' if g['met'] else 'no'} |" for g in res["goals"]]
@@ -310,6 +325,10 @@ def markdown(res: dict) -> str:
     lines += [f"| {r['preset']} {r['objective']} | {r['batch']} x {r['context']} | {r['precision']} | {r['compile']} | {r['step_ms']:.1f} | "
               f"{r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {mib(r['peak_gpu_mib'])} |"
               for r in res["training"]]
+    phases = [k for k in res["training"][0]["phases_ms"]] if res["training"] else []
+    lines += ["", "Phases of a training step, ms (each timed with the device synchronised around it):", "",
+              "| training | " + " | ".join(phases) + " |", "|---|" + "---|" * len(phases)]
+    lines += [f"| {r['preset']} {r['objective']} | " + " | ".join(f"{r['phases_ms'][k]:.2f}" for k in phases) + " |" for r in res["training"]]
     lines += ["", "MFU: FLOPs per token 6 (N + V d) + 12 n_layer L d for the MDM, + 6 n_layer L d for the AR model (causal attention "
               "makes half the score and value products) over the matmul peak above."]
     return "\n".join(lines) + "\n"
@@ -319,19 +338,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--smoke", action="store_true", help="every part on the CPU at tiny shapes (checks the script; not a GPU figure)")
+    parser.add_argument("--cpu-shapes", action="store_true", help="the GPU run's batches on the tiny preset (a CPU's figures)")
     parser.add_argument("--skip-training", action="store_true", help="decoding figures only")
     parser.add_argument("--out", default="benchmarks/results/gpu_speed")
     args = parser.parse_args()
-    shapes = Shapes.smoke() if args.smoke else Shapes()
+    shapes = Shapes.smoke() if args.smoke else Shapes.cpu() if args.cpu_shapes else Shapes()
     device = torch.device("cpu" if args.smoke else args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     res = {"smoke": args.smoke, "shapes": asdict(shapes), "machine": machine_info(device)}
     print(json.dumps(res["machine"]), flush=True)
     bandwidth = copy_bandwidth(device, shapes.copy_mib)
-    peak = peak_matmul(device.type, str(dtype).replace("torch.", ""), size=shapes.matmul_size, reps=20 if device.type == "cuda" else 3)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # steadier on a shared CPU; the peak below is one thread's too
+    peak = peak_matmul(device.type, str(dtype).replace("torch.", ""), size=shapes.matmul_size, reps=20 if device.type == "cuda" else 3,
+                       threads=1)
     table = table_bandwidth(res["machine"]["name"]) if device.type == "cuda" else None
-    if args.smoke:
-        torch.set_num_threads(1)  # peak_matmul took every core; one thread is steadier on a shared CPU
     with torch.no_grad():
         mdm, ar = (random_network(shapes.preset, causal, device).to(dtype) for causal in (False, True))
         res["floors"] = {"bandwidth_gbs": bandwidth / 1e9, "table_bandwidth_gbs": None if table is None else table / 1e9,

@@ -84,15 +84,16 @@ def cpu_isa() -> dict:
             "avx512_bf16": "avx512_bf16" in flags, "amx_bf16": "amx_bf16" in flags}
 
 
-def peak_matmul(device: str, dtype_name: str, size: int | None = None, reps: int | None = None) -> float:
-    """Best FLOP/s of repeated square matmuls on this device in this dtype (default size: CUDA 8192, CPU 2048)."""
+def peak_matmul(device: str, dtype_name: str, size: int | None = None, reps: int | None = None, threads: int | None = None) -> float:
+    """Best FLOP/s of repeated square matmuls on this device in this dtype (default size: CUDA 8192, CPU 2048;
+    CPU: with ``threads`` threads, default all the cores)."""
     import torch
 
     dtype = getattr(torch, dtype_name)
     n = size or (8192 if device == "cuda" else 2048)
     reps = reps or (20 if device == "cuda" else 4)
     if device == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
+        torch.set_num_threads(threads or os.cpu_count() or 1)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     best = float("inf")

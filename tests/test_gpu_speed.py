@@ -21,7 +21,7 @@ def test_the_smoke_run_writes_every_figure(tmp_path):
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
     res = json.loads((tmp_path / "results.json").read_text())
     assert (tmp_path / "results.md").read_text().startswith("# GPU speed")
-    assert res["smoke"] and res["machine"]["name"] == "cpu"
+    assert res["smoke"] and res["machine"]["device"] == "cpu"
     floors = res["floors"]
     assert all(floors[k] > 0 for k in ("bandwidth_gbs", "peak_tflops", "weight_mib"))
     ar = res["ar_decode"]
@@ -37,7 +37,9 @@ def test_the_smoke_run_writes_every_figure(tmp_path):
     assert {r["batch"] for r in res["sampler_overhead"]} == set(res["shapes"]["overhead_batches"])
     assert all(0 <= r["overhead"] < 1 and r["nfe"] > 0 for r in res["caches"]["rows"] + res["sampler_overhead"])
     train = {(r["preset"], r["objective"]): r for r in res["training"]}
-    assert set(train) == {(p, o) for p in res["shapes"]["train_presets"] for o in ("mdm", "ar")}
+    presets = res["shapes"]["train_presets"]
+    assert set(train) == {(p, o) for p in presets for o in ("mdm", "ar")} | {(presets[0], "mdm-host-noise")}
+    assert all(r["phases_ms"]["step_ms"] > 0 for r in train.values())
     for (preset, objective), r in train.items():
         assert r["tokens_per_s"] > 0 and math.isclose(r["mfu"], r["tokens_per_s"] * r["flops_per_token"] / (1e12 * floors["peak_tflops"]))
         # 6 (N + V d) + 12 n_layer L d (bidirectional) or 6 n_layer L d (causal)
