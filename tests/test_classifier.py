@@ -77,12 +77,12 @@ def pvalue(samples: torch.Tensor, probs: torch.Tensor, oracle: OracleModel) -> f
 
 def test_exact_dcbg_makes_the_ancestral_sampler_sample_the_posterior(joint):
     oracle, exact = joint
-    x = torch.full((4000, L), oracle.config.mask_id)
+    x = torch.full((3000, L), oracle.config.mask_id)
     guide = ClassifierGuide(exact, gamma=1.0, form="exact")
-    out = ancestral(oracle, x, torch.Generator().manual_seed(0), AncestralConfig(steps=100), Conditioning(classifier_guide=guide))
+    out = ancestral(oracle, x, torch.Generator().manual_seed(0), AncestralConfig(steps=64), Conditioning(classifier_guide=guide))
     assert pvalue(out.tokens, exact.posterior(), oracle) > 1e-3 and guide.used() == "exact"
     # the same chain unguided samples p(x), which the test tells apart from p(x | y)
-    plain = ancestral(oracle, x, torch.Generator().manual_seed(0), AncestralConfig(steps=100))
+    plain = ancestral(oracle, x, torch.Generator().manual_seed(0), AncestralConfig(steps=64))
     assert pvalue(plain.tokens, exact.posterior(), oracle) < 1e-6 and pvalue(plain.tokens, oracle.probs, oracle) > 1e-3
 
 
