@@ -23,7 +23,7 @@ The networks are randomly initialised (speed only), in bf16 for decoding; traini
 precision (bf16 autocast on a GPU). ``--smoke`` runs every part on the CPU at tiny shapes (under a
 minute), to check the script before a GPU is lent. Goals: docs/benchmarks.md, 'GPU speed'.
 
-    OUT=runs/gpu-speed bash benchmarks/gpu_speed.sh          # one GPU, about 6 minutes on an H100
+    OUT=runs/gpu-speed bash benchmarks/gpu_speed.sh          # one GPU; sized for under 8 minutes on an H100
     python benchmarks/gpu_speed.py --smoke --out /tmp/speed   # CPU, tiny shapes
     python benchmarks/gpu_speed.py --device cpu --cpu-shapes --out benchmarks/results/gpu_speed_cpu   # the GPU batches, tiny preset
 """
@@ -224,6 +224,7 @@ def train_row(objective: str, preset: str, batch: int, shapes: Shapes, device: t
     """Tokens/s (median step) and MFU of ``objective`` (mdm, ar, or mdm-host-noise: the MDM with its masks drawn on
     the host as before) on ``preset`` through the loop's Trainer.step; then the step's phases, each timed with
     the device synchronised around it (``train_step_profile.PhaseClock``)."""
+    torch._dynamo.reset()  # each row compiles afresh, as its own process would: no shapes made dynamic by an earlier row
     with tempfile.TemporaryDirectory() as tmp:
         trainer = build_trainer(objective, preset, Path(tmp), batch_size=batch, precision="auto" if device.type == "cuda" else "fp32",
                                 device=str(device), compile=shapes.compile, context=shapes.train_context)

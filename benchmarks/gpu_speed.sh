@@ -2,8 +2,8 @@
 # Decoding and training speed on one CUDA GPU against the card's measured floors (bandwidth by a
 # device-to-device copy, bf16 matmul peak): AR decoding at batch 1, MDM network calls at batch 1
 # and 64, prefix/dual caches vs none, the sampler's overhead, MDM vs AR training tokens/s and MFU
-# at 85m and 350m (benchmarks/gpu_speed.py; goals in docs/benchmarks.md, 'GPU speed'). About 6
-# minutes on one H100 with compilation. Writes $OUT/results.{json,md}, log.txt and nvidia-smi.txt.
+# at 85m and 350m (benchmarks/gpu_speed.py; goals in docs/benchmarks.md, 'GPU speed'). Sized for
+# under 8 minutes on one H100, compilation included. Writes $OUT/results.{json,md}, log.txt and nvidia-smi.txt.
 #   bash benchmarks/gpu_speed.sh                       (OUT defaults to benchmarks/results/gpu_speed)
 #   OUT=/tmp/speed bash benchmarks/gpu_speed.sh --smoke  (every part on the CPU at tiny shapes, < 1 min)
 # PYTHON: an interpreter with CUDA torch and unmask's dependencies (default: python).
