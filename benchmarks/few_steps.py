@@ -340,7 +340,8 @@ def markdown(saved: dict) -> str:
             f"(distilled: + {s['distill_rounds']} rounds x {s['distill_steps']} steps); judge: AR, seed {s['seed'] + 1}, "
             f"{s['judge_steps']} steps. {m['device']}, {m['threads']} threads, training {m['train_precision']}, sampling fp32, "
             f"torch {m['torch']}; {s['samples']} x {s['length']} tokens at temperature 1, median of {s['repeats']} "
-            f"repeat(s); {s['windows']} validation windows, {s['draws']} draws.")
+            f"repeat(s); {s['windows']} validation windows, {s['draws']} draws; {m['seconds'] / 60:.0f} min in all (the runs "
+            f"trained in this call included).")
     lines = ["# Few-step generation: MDM, UDLM, Duo, distillation", "", head, "",
              "| model | objective | validation nats/token | +- SE | kind | train s |", "|---|---|---|---|---|---|"]
     for b in saved["bounds"]:
