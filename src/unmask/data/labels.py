@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -24,6 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from unmask.data.corpus import jsonl_records
+from unmask.data.pairs import replaced_folder
 from unmask.data.shards import spread
 from unmask.data.tokenizer import Tokenizer
 from unmask.errors import OptionError, UnmaskError
@@ -103,9 +102,7 @@ def prepare_labels(out_dir: str | Path, tokenizer: Tokenizer, train: list[Labell
     longest = max(1 + len(tokenizer.encode(row.text)) for row in train + val)
     length = min(longest, max_length)
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with replaced_folder(out) as tmp:
         meta = {"kind": "labels", "format_version": LABELS_VERSION, "length": length, "labels": labels, "splits": {}}
         for split, rows in (("train", train), ("val", val)):
             tokens, lengths, classes = label_rows(tokenizer, rows, labels, length)
@@ -115,11 +112,6 @@ def prepare_labels(out_dir: str | Path, tokenizer: Tokenizer, train: list[Labell
             meta["splits"][split] = {"rows": len(rows), "counts": {name: int((classes == k).sum()) for k, name in enumerate(labels)}}
         tokenizer.save(tmp)
         (tmp / LABELS_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

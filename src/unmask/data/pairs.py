@@ -17,10 +17,11 @@ import json
 import random
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -103,9 +104,7 @@ def prepare_pairs(out_dir: str | Path, tokenizer: Tokenizer, train: list[Pair], 
     if max_length is not None and length > max_length:
         raise UnmaskError(f"the pairs need rows of {length} tokens (the longest pair: {longest}), more than the model's context of "
                           f"{max_length}; shorten the pairs or use a model with a longer context")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with replaced_folder(out) as tmp:
         meta = {"kind": "pairs", "format_version": PAIRS_VERSION, "length": length, "eos_id": tokenizer.eos_id, "splits": {}}
         for split, rows in encoded.items():
             tokens, start = pair_rows(rows, length, tokenizer.eos_id)
@@ -114,12 +113,22 @@ def prepare_pairs(out_dir: str | Path, tokenizer: Tokenizer, train: list[Pair], 
             meta["splits"][split] = {"pairs": len(rows), "response_tokens": int((length - start).sum())}
         tokenizer.save(tmp)
         (tmp / PAIRS_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    return out
+
+
+@contextmanager
+def replaced_folder(out: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out`` to write a prepared folder into; on success it replaces ``out``
+    (one rename on the same file system), on failure it is removed and ``out`` stays as it was."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield tmp
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return out
 
 
 def is_pairs_folder(path: str | Path) -> bool:

@@ -47,9 +47,10 @@ class PairData:
     """Rows ``[EOS ; prompt ; response ; EOS ...]`` of a pairs folder (``unmask.data.pairs``), with their response masks."""
 
     fingerprint = ""  # a pairs folder is made for its run (RUN/pairs), from the source run's tokenizer
+    dataset = PairDataset  # one split of the folder
 
     def __init__(self, data_dir: str | Path, context_len: int) -> None:
-        self.train, self.val = PairDataset(data_dir, "train"), PairDataset(data_dir, "val")
+        self.train, self.val = self.dataset(data_dir, "train"), self.dataset(data_dir, "val")
         self.length = self.train.length
 
     @property
@@ -63,25 +64,12 @@ class PairData:
         return Batch(*map(torch.from_numpy, self.val.eval_rows(count)))
 
 
-class LabelData:
+class LabelData(PairData):
     """Labelled rows ``[EOS ; text ; PAD ...]`` of a labels folder (``unmask.data.labels``), with their
     text masks and class indices: what a classifier learns from."""
 
     fingerprint = ""  # a labels folder is made for its run (RUN/labels), with the tokenizer of the model it guides
-
-    def __init__(self, data_dir: str | Path, context_len: int) -> None:
-        self.train, self.val = LabelDataset(data_dir, "train"), LabelDataset(data_dir, "val")
-        self.length = self.train.length
-
-    @property
-    def tokenizer(self) -> Tokenizer:
-        return self.train.tokenizer
-
-    def sample(self, rng: np.random.Generator, rows: int) -> Batch:
-        return Batch(*map(torch.from_numpy, self.train.sample(rng, rows)))
-
-    def held_out(self, count: int) -> Batch:
-        return Batch(*map(torch.from_numpy, self.val.eval_rows(count)))
+    dataset = LabelDataset
 
 
 DATA: dict[str, type] = {"windows": WindowData, "pairs": PairData, "labels": LabelData}
