@@ -1,6 +1,6 @@
 """Few-step generation, side by side: MDM, MDM + SDTT, UDLM, Duo, Duo + DCD, with the AR model as reference.
 
-Every base model is trained by ``unmask train`` on the embedded corpus (prepared once) with the same
+Every base model is trained by ``unmask train`` on the embedded corpus (prepared once; or --data) with the same
 preset, context, seed, batch and number of optimizer steps, so the same training tokens; each
 objective with its own default learning rate. Duo spends the first half of its steps in its
 Gaussian curriculum (the paper's proportion). The distilled runs are ``unmask distill`` of the MDM
@@ -51,6 +51,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -149,6 +150,8 @@ def train_all(args) -> dict[str, dict]:
     common = ["--preset", args.preset, "--batch-size", str(args.batch), "--device", args.device, "--log-every", str(max(1, args.steps // 20))]
     if args.context:
         common += ["--context-len", str(args.context)]
+    if args.data:
+        common += ["--data", args.data]
 
     def base(folder: str, objective: str, steps: int, seed: int, extra: list[str]) -> dict:
         run = root / folder
@@ -190,6 +193,15 @@ def bounds(args, runs: dict[str, dict]) -> list[dict]:
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def unigram_level(data: str | Path, context: int, windows: int) -> float:
+    """Nats/token of the evaluation windows under the training split's token frequencies (add-1/2):
+    the level a model that has learned no context cannot beat, next to the bounds."""
+    train = TokenDataset(data, "train")
+    counts = sum(np.bincount(np.asarray(shard, dtype=np.int64), minlength=train.tokenizer.vocab_size) for shard in train.shards) + 0.5
+    held_out = TokenDataset(data, "val").eval_windows(context, windows).reshape(-1)
+    return float(-np.log(counts[held_out] / counts.sum()).mean())
 
 
 def variants(tails: list[str]) -> list[tuple[str, str, bool | None]]:
@@ -249,7 +261,7 @@ def generation(args, runs: dict[str, dict]) -> tuple[list[dict], dict]:
         row = sample_row(args, label, name, runs[name], steps, greedy, judge)
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != "example"}), flush=True)
-    held_out = torch.from_numpy(TokenDataset(unmask.default_dataset(), "val").eval_windows(args.length, 64))
+    held_out = torch.from_numpy(TokenDataset(args.data or unmask.default_dataset(), "val").eval_windows(args.length, 64))
     data = {"gen_ppl": math.exp(judge_nll(judge, held_out, bos=0)), "unigram_entropy": unigram_entropy(held_out.tolist()),
             "windows": held_out.shape[0]}
     print(json.dumps({"held_out": data}), flush=True)
@@ -336,7 +348,7 @@ def markdown(saved: dict) -> str:
     m, s, runs = saved["machine"], saved["settings"], saved["runs"]
     rows, data = saved["generation"], saved["held_out"]
     ar = next(r for r in rows if r["model"] == "AR")
-    head = (f"{s['preset']} preset, context {m['context']}, {s['steps']} steps x {s['batch']} sequences per base model "
+    head = (f"{s.get('data') or 'The embedded corpus'}, {s['preset']} preset, context {m['context']}, {s['steps']} steps x {s['batch']} sequences per base model "
             f"(distilled: + {s['distill_rounds']} rounds x {s['distill_steps']} steps); judge: AR, seed {s['seed'] + 1}, "
             f"{s['judge_steps']} steps. {m['device']}, {m['threads']} threads, training {m['train_precision']}, sampling fp32, "
             f"torch {m['torch']}; {s['samples']} x {s['length']} tokens at temperature 1, median of {s['repeats']} "
@@ -348,6 +360,8 @@ def markdown(saved: dict) -> str:
         run = runs[b["model"]]
         lines.append(f"| {b['model']} | {run['config']['train']['objective']} | {b['nats_per_token']:.4f} | {b['stderr']:.4f} | "
                      f"{'exact' if b['kind'] == 'exact' else 'bound'} ({b['estimator']}) | {run['seconds']:.0f} |")
+    if "unigram_level" in saved:
+        lines += ["", f"The training split's token frequencies (no context) give {saved['unigram_level']:.4f} nats/token on the same windows."]
     lines += ["", f"gen-PPL under the judge (unigram entropy); the masked models ancestral, the uniform-state ones with the uniform "
               f"sampler, its last step the argmax of the prediction (greedy tail) or a draw (plain tail); "
               f"AR + KV cache: {ar['gen_ppl']:.1f} ({ar['unigram_entropy']:.2f}); held-out text: {data['gen_ppl']:.1f} "
@@ -414,6 +428,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="benchmarks/results/few_steps")
     parser.add_argument("--runs", default="runs/bench-few-steps", help="folder of the training runs (a finished run is reused)")
+    parser.add_argument("--data", default="", help="folder from `unmask data prepare` for every run (default: the embedded corpus)")
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--context", type=int, default=64, help="context length (0: the preset's)")
     parser.add_argument("--steps", type=int, default=250, help="optimizer steps of every base model (AR, MDM, UDLM, Duo)")
@@ -462,15 +477,17 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)  # read by the commands' processes
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    unmask.default_dataset()  # the embedded corpus, prepared once for every run
+    if not args.data:
+        unmask.default_dataset()  # the embedded corpus, prepared once for every run
     runs = train_all(args)
     context = runs["MDM"]["config"]["model"]["context_len"]
     args.length = args.length or context - 1  # the masked models' canvas holds EOS + length tokens
     bound_rows = bounds(args, runs)
+    unigram = unigram_level(args.data or unmask.default_dataset(), context, args.windows)
     rows, data = generation(args, runs)
     distilled = ratios(rows, runs)
     saved = {"machine": machine_info(args, runs), "settings": {k: v for k, v in vars(args).items() if k != "from_json"},
-             "runs": runs, "bounds": bound_rows, "generation": rows, "held_out": data, "ratios": distilled,
+             "runs": runs, "bounds": bound_rows, "unigram_level": unigram, "generation": rows, "held_out": data, "ratios": distilled,
              "summary": goals(bound_rows, rows, data, distilled, args.healthy_entropy)}
     saved["machine"]["seconds"] = time.perf_counter() - start
     write(saved, Path(args.out))
