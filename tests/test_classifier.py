@@ -244,6 +244,9 @@ def test_cli_trains_a_classifier_on_an_mdm_and_samples_with_it(tmp_path, small_d
     data = toy_jsonl(tmp_path / "toy.jsonl", 40, 0)
     assert main(["train", "--objective", "classifier", "--run-dir", str(tmp_path / "cls"), "--data", str(data), "--init-from", str(mdm),
                  "--steps", "2", "--batch-size", "4", "--precision", "fp32", "--device", "cpu"]) == 0
+    trained = capsys.readouterr()
+    val_line = next(line for line in (trained.out + trained.err).splitlines() if line.startswith("step 2: val"))
+    assert "nats/row" in val_line and "ppl" not in val_line and "accuracy" in val_line  # a classifier's score, not a perplexity
     sample = ["sample", "--checkpoint", str(mdm), "--classifier", str(tmp_path / "cls"), "--label", "pos", "--length", "6", "--device", "cpu"]
     sampled = subprocess.run([sys.executable, "-m", "unmask", *sample, "--gamma", "2", "--steps", "6", "--num-samples", "2", "--json"],
                              capture_output=True, text=True, timeout=300)

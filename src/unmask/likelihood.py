@@ -43,6 +43,10 @@ class LikelihoodResult:
     def to_dict(self) -> dict:
         return asdict(self) | {"perplexity_stderr": self.perplexity_stderr}
 
+    def headline(self) -> str:
+        """The score as the training loop's validation line states it."""
+        return f"{self.nats_per_token:.4f} nats/token (ppl {'<= ' if self.kind == 'elbo' else ''}{self.perplexity:.2f})"
+
     def extra(self) -> dict[str, float]:
         """Held-out figures beside the score, for the training loop's validation line (a classifier's
         accuracy: unmask.objectives.classifier); none for a likelihood."""

@@ -203,7 +203,7 @@ def _loop(trainer: Trainer, run_dir: Path, config: RunConfig, step: int, tokens:
             if step % cfg.eval_every == 0 or step == cfg.steps:
                 result = trainer.validate(held_out)
                 if world.is_main:
-                    bar.write(f"step {step}: val {result.nats_per_token:.4f} nats/token (ppl {'<= ' if result.kind == 'elbo' else ''}{result.perplexity:.2f})"
+                    bar.write(f"step {step}: val {result.headline()}"
                               + "".join(f", {name} {value:.4f}" for name, value in result.extra().items()))
                     append_metrics(metrics_path, sink, {
                         "kind": "val", "step": step, "tokens": tokens, "flops": flops_per_token * tokens,

@@ -50,6 +50,9 @@ class ClassifierResult(LikelihoodResult):
     accuracy: float = math.nan
     clean_accuracy: float = math.nan
 
+    def headline(self) -> str:
+        return f"{self.nats_per_token:.4f} nats/row (-log p(label | noisy text))"
+
     def extra(self) -> dict[str, float]:
         return {"accuracy": self.accuracy, "clean_accuracy": self.clean_accuracy}
 
