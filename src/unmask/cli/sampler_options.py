@@ -34,19 +34,24 @@ OPTIONS: dict[str, tuple[type, object]] = {name: typer_option(option) for name, 
 
 def with_sampler_options(command: Callable) -> Callable:
     """Add the sampler options to a Typer command that takes a ``sampling: dict`` parameter."""
-    options = OPTIONS
+    return with_options(command, OPTIONS, "sampling")
+
+
+def with_options(command: Callable, options: dict[str, tuple[type, object]], into: str) -> Callable:
+    """Add ``options`` (name: (annotation, typer.Option)) to a Typer command, which receives the ones
+    given (not None) as one dict, its parameter ``into``."""
     signature = inspect.signature(command)
-    own = [p for p in signature.parameters.values() if p.name != "sampling"]
+    own = [p for p in signature.parameters.values() if p.name != into]
     added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind) for name, (kind, option) in options.items()]
 
     @functools.wraps(command)
     def wrapper(**kwargs):
-        sampling = {name: kwargs.pop(name) for name in options}
-        return command(**kwargs, sampling={name: value for name, value in sampling.items() if value is not None})
+        given = {name: kwargs.pop(name) for name in options}
+        return command(**kwargs, **{into: {name: value for name, value in given.items() if value is not None}})
 
     wrapper.__signature__ = signature.replace(parameters=[*own, *added])
     wrapper.__annotations__ = {
-        **{name: kind for name, kind in command.__annotations__.items() if name != "sampling"},
+        **{name: kind for name, kind in command.__annotations__.items() if name != into},
         **{name: kind for name, (kind, _) in options.items()},
     }
     return wrapper

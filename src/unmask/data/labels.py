@@ -13,7 +13,6 @@ names (sorted: class k is the k-th name) and each split's counts; per split ``{s
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import Sequence
 import numpy as np
 
 from unmask.data.corpus import jsonl_records
-from unmask.data.pairs import replaced_folder
+from unmask.data.pairs import hold_out, replaced_folder
 from unmask.data.shards import spread
 from unmask.data.tokenizer import Tokenizer
 from unmask.errors import OptionError, UnmaskError
@@ -87,12 +86,7 @@ def prepare_labels(out_dir: str | Path, tokenizer: Tokenizer, train: list[Labell
     a validation label outside them is an error naming its line.
     """
     if val is None:
-        if len(train) < 2:
-            raise UnmaskError("a held-out split needs at least 2 labelled texts; give more texts or a validation file")
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        cut = max(1, round(val_fraction * len(train)))
-        train, val = [train[i] for i in sorted(order[cut:])], [train[i] for i in sorted(order[:cut])]
+        train, val = hold_out(train, val_fraction, seed, "labelled texts")
     labels = sorted({row.label for row in train})
     if len(labels) < 2:
         raise UnmaskError(f"the training texts have one label ({labels[0]!r}); a classifier needs two or more")

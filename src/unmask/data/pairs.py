@@ -88,13 +88,7 @@ def prepare_pairs(out_dir: str | Path, tokenizer: Tokenizer, train: list[Pair], 
     """
     out = Path(out_dir)
     if val is None:
-        if len(train) < 2:
-            raise UnmaskError("a held-out split needs at least 2 pairs; give more pairs or a validation file")
-        order = list(range(len(train)))
-        random.Random(seed).shuffle(order)
-        cut = max(1, round(val_fraction * len(train)))
-        val = [train[i] for i in sorted(order[:cut])]
-        train = [train[i] for i in sorted(order[cut:])]
+        train, val = hold_out(train, val_fraction, seed, "pairs")
     encoded = {split: [encode_pair(tokenizer, p) for p in pairs] for split, pairs in (("train", train), ("val", val))}
     longest = max(2 + len(p) + len(r) for rows in encoded.values() for p, r in rows)
     if length is not None and length < longest:
@@ -114,6 +108,17 @@ def prepare_pairs(out_dir: str | Path, tokenizer: Tokenizer, train: list[Pair], 
         tokenizer.save(tmp)
         (tmp / PAIRS_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
     return out
+
+
+def hold_out(rows: list, fraction: float, seed: int, what: str) -> tuple[list, list]:
+    """(train, held out): a ``fraction`` of ``rows`` (at least one) held out, chosen with ``seed``,
+    both in their original order; ``what`` names the rows in the error when there are fewer than 2."""
+    if len(rows) < 2:
+        raise UnmaskError(f"a held-out split needs at least 2 {what}; give more {what} or a validation file")
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    cut = max(1, round(fraction * len(rows)))
+    return [rows[i] for i in sorted(order[cut:])], [rows[i] for i in sorted(order[:cut])]
 
 
 @contextmanager
