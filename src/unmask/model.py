@@ -237,6 +237,7 @@ class Transformer(nn.Module):
         logits_at: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         soft_tokens: torch.Tensor | None = None,
+        check_span: bool = True,
     ) -> torch.Tensor:
         """Logits for every position (or for the ``logits_at`` ones).
 
@@ -258,6 +259,9 @@ class Transformer(nn.Module):
                 :mod:`unmask.adaptation`); ``key_mask`` still applies. Or a FlexAttention
                 ``BlockMask`` (then without key_mask and cache).
             soft_tokens: (B, L, vocab_size) weights: embed ``soft_tokens @ embed.weight[:vocab_size]``, not ``tokens`` (Duo).
+            check_span: False skips the check that the given ``positions`` span at most the context,
+                which reads them from the device: for a decoder that checked its canvas once
+                (:mod:`unmask.sampling.shapes`).
         Returns:
             (B, L, vocab_size) logits, or (N, vocab_size) for the N ``logits_at`` positions in
             row-major order (in the autocast dtype when autocast is on); a classifier
@@ -277,7 +281,8 @@ class Transformer(nn.Module):
         num_keys = kv_cache.k[0].shape[2] if cache_index is not None else start + l
         placed = positions if positions is not None else cache_index
         appending = kv_cache is not None and cache_index is None  # the AR cache: its slots and the new ones
-        self._check_context(start + l if appending or placed is None else placed)
+        if check_span or appending or placed is None:
+            self._check_context(start + l if appending or placed is None else placed)
         if positions is None:
             positions = q_slot
         cos, sin = rotary_tables(positions, rope_frequencies(cfg, tokens.device))

@@ -37,11 +37,12 @@ class Schedule:
         if not 0 <= self.eps < 1:
             raise UnmaskError(f"schedule eps={self.eps} must be in [0, 1)")
 
-    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
-        """1 - alpha(t): probability that a token is masked at time t."""
+    def mask_prob(self, t: torch.Tensor | float) -> torch.Tensor | float:
+        """1 - alpha(t): probability that a token is masked at time t (a tensor, or a float on the host)."""
         if self.kind == "linear":
             return (1 - self.eps) * t
-        return 2 * torch.sin(math.pi / 4 * t) ** 2  # = 1 - cos(pi t / 2), without cancellation at small t
+        sin = torch.sin if torch.is_tensor(t) else math.sin
+        return 2 * sin(math.pi / 4 * t) ** 2  # = 1 - cos(pi t / 2), without cancellation at small t
 
     def alpha(self, t: torch.Tensor) -> torch.Tensor:
         return 1 - self.mask_prob(t)

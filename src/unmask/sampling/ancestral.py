@@ -31,10 +31,8 @@ class AncestralConfig(SamplerConfig):
 
 
 def stay_probability(schedule: Schedule, t: float, s: float) -> float:
-    """(1 - alpha(s)) / (1 - alpha(t)): a masked token at time t is still masked at s < t."""
-    m_t = schedule.mask_prob(torch.tensor(t, dtype=torch.float64))
-    m_s = schedule.mask_prob(torch.tensor(s, dtype=torch.float64))
-    return (m_s / m_t).clamp(0, 1).item()
+    """(1 - alpha(s)) / (1 - alpha(t)): a masked token at time t is still masked at s < t (host arithmetic)."""
+    return min(max(schedule.mask_prob(s) / schedule.mask_prob(t), 0.0), 1.0)
 
 
 def start(model, x: torch.Tensor, config: AncestralConfig, eligible=None, cache=None) -> SamplerState:
@@ -47,13 +45,11 @@ def step(model, state: SamplerState, generator: torch.Generator, config: Ancestr
     t, s = (config.steps - state.step) / config.steps, (config.steps - state.step - 1) / config.steps
     can = open_positions(x, state.mask_id, state.eligible)
     stay = stay_probability(Schedule(config.schedule), t, s)
-    unmask = torch.zeros_like(can)
-    unmask[can] = torch.rand(int(can.sum()), generator=generator, dtype=dtype_of(config.precision), device=x.device) >= stay
+    unmask = can & (torch.rand(can.shape, generator=generator, dtype=dtype_of(config.precision), device=x.device) >= stay)
     time = torch.full((x.shape[0],), t, dtype=torch.float64)
     logits, called, cache = predict(model, state, unmask, cond, config.cfg_scale, time)
     new = settle(state, fill(x, unmask, logits, generator, config), unmask, logits, generator, config, cond)
-    done = state.step + 1 == config.steps or not bool(open_positions(new, state.mask_id, state.eligible).any())
-    return state.advance(new, called, cache, done=done)
+    return state.advance(new, called, cache, done=state.finished(new, config.steps))
 
 
 ancestral = Sampler("ancestral", AncestralConfig, start, step)

@@ -29,6 +29,7 @@ from unmask.errors import OptionError
 from unmask.guidance import combine, network_time
 from unmask.sampling.cache import CanvasCache, fed_index
 from unmask.sampling.options import OPTIONS, check_fields, check_value
+from unmask.sampling.shapes import static_shapes
 
 Precision = Literal["float64", "float32"]
 _DTYPES = {"float64": torch.float64, "float32": torch.float32}
@@ -39,7 +40,9 @@ class SamplerState:
     """tokens (B, L) with MASK where still undecided; ``eligible`` (B, L): the positions this phase
     may fill (None: every MASK); ``step`` steps done; ``nfe`` network calls so far, ``row_nfe`` (B,)
     per row; ``cache``: the KV cache of the canvas (None: no cache); ``done``: nothing left to do;
-    ``mask_id``: the model's MASK token, read from its config once, at the start."""
+    ``mask_id``: the model's MASK token, read from its config once, at the start; ``static``: the
+    step runs with static shapes (:mod:`unmask.sampling.shapes`), and ``open_max`` is then the most
+    positions any row had to fill at the start, read once, from which a sampler decides its steps."""
 
     tokens: torch.Tensor
     eligible: torch.Tensor | None = None
@@ -49,11 +52,26 @@ class SamplerState:
     cache: CanvasCache | None = None
     done: bool = False
     mask_id: int = -1
+    static: bool = False
+    open_max: int = 0
 
     def advance(self, tokens: torch.Tensor, called: torch.Tensor, cache: CanvasCache | None, **changes) -> "SamplerState":
-        """The state after a step that wrote ``tokens`` and called the network on the ``called`` (B,) rows."""
+        """The state after a step that wrote ``tokens`` and called the network on the ``called`` (B,) rows
+        (static shapes: the call covered every row)."""
+        if self.static:
+            return replace(self, tokens=tokens, step=self.step + 1, nfe=self.nfe + 1, row_nfe=self.row_nfe + 1, cache=cache, **changes)
         return replace(self, tokens=tokens, step=self.step + 1, nfe=self.nfe + int(bool(called.any())),
                        row_nfe=self.row_nfe + called, cache=cache, **changes)
+
+    def finished(self, new: torch.Tensor, last: int, poll: int = 0) -> bool:
+        """Whether decoding is over after the step that wrote ``new``: ``last`` steps are done, or
+        nothing is left to fill. With static shapes ``last`` is the bound the sampler decided at the
+        start, and whether anything is left is read only every ``poll`` steps (0: never)."""
+        if self.step + 1 >= last:
+            return True
+        if self.static and (not poll or (self.step + 1) % poll):
+            return False
+        return not bool(open_positions(new, self.mask_id, self.eligible).any())
 
 
 StepCallback = Callable[[SamplerState], None]
@@ -138,7 +156,9 @@ def predict(
     model, state: SamplerState, want: torch.Tensor, cond: Conditioning | None, cfg_scale: float, t: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, CanvasCache | None]:
     """float32 logits (N, V) at the N ``want`` (B, L) positions of ``state.tokens`` (row-major order),
-    with padding masks, positions, guidance and the state's KV cache applied.
+    with padding masks, positions, guidance and the state's KV cache applied; with static shapes
+    (``state.static``, no cache, constraint or classifier) at all N = B L positions, which
+    :func:`fill` and :func:`scatter_rows` read as a (B, L) grid.
 
     One forward over the rows with a wanted position; returns (logits, called (B,) bool, cache after).
     ``t`` (B,): the chain time a time-conditioned network is given (ancestral, first-hitting); None,
@@ -149,10 +169,11 @@ def predict(
     cond = cond or Conditioning()
     t = None if cond.canvas_time else t
     called = want.any(dim=1)
-    if not bool(called.any()):
+    static = state.static
+    if not static and not bool(called.any()):
         return torch.empty((0, model.config.vocab_size), device=x.device), called, state.cache
-    rows = called.nonzero().squeeze(1)
-    everyone = rows.numel() == x.shape[0]
+    rows = None if static else called.nonzero().squeeze(1)
+    everyone = static or rows.numel() == x.shape[0]
     pick = (lambda v: v) if everyone else (lambda v: None if v is None else v[rows])  # noqa: E731
     tokens, key_mask, positions, wanted = pick(x), pick(cond.key_mask), pick(cond.positions), pick(want)
     t = None if t is None else pick(t.to(x.device))
@@ -166,7 +187,9 @@ def predict(
         t = None if t is None else torch.cat([t, t])
     time = network_time(model, tokens, t, key_mask)
     cache = state.cache
-    if cache is None:
+    if static:  # every row, every position: (B L, V), no shape read from the device (the canvas's span was checked when it was made)
+        logits = model(tokens, t=time, key_mask=key_mask, positions=positions, check_span=False).flatten(0, 1)
+    elif cache is None:
         logits = model(tokens, t=time, key_mask=key_mask, positions=positions, logits_at=wanted)
     else:
         length = x.shape[1]
@@ -316,6 +339,8 @@ def model_probability(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
 
 def scatter_rows(values: torch.Tensor, where: torch.Tensor, fill_value: float) -> torch.Tensor:
     """(B, L) tensor holding ``values`` (N,) at the N True positions of ``where`` (row-major), ``fill_value`` elsewhere."""
+    if values.shape[0] == where.numel():  # a value at every position (static shapes, or every position wanted)
+        return torch.where(where, values.view(where.shape), fill_value)
     out = torch.full(where.shape, fill_value, dtype=values.dtype, device=values.device)
     out[where] = values
     return out
@@ -343,6 +368,8 @@ def fill(tokens: torch.Tensor, where: torch.Tensor, logits: torch.Tensor, genera
     categorical over V per chosen position, not B x L of them)."""
     if logits.shape[0] == 0:
         return tokens
+    if logits.shape[0] == where.numel():  # logits at every position (static shapes, or every position wanted)
+        return torch.where(where, sample_from(logits, generator, config).view(where.shape), tokens)
     out = tokens.clone()
     out[where] = sample_from(logits, generator, config)
     return out
@@ -377,6 +404,8 @@ class Sampler:
         """Like calling it, but returns the final state (with its cache)."""
         config = self.config() if config is None else config
         state = self.start(model, x, config, eligible, cache)
+        if static_shapes(x) and cache is None and (cond is None or cond.constraint is cond.classifier_guide is cond.steering is None):
+            state = replace(state, static=True, open_max=int(open_positions(x, state.mask_id, eligible).sum(dim=1).max()))
         while not state.done:
             state = self.step(model, state, generator, config, cond)
             if callback is not None:

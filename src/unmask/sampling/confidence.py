@@ -71,8 +71,9 @@ def step(model, state: SamplerState, generator: torch.Generator, config: Confide
         scores = confidence_scores(logits, x0, config.score, generator)
     commit = top_per_row(scatter_rows(scores, can, -torch.inf), can, k)
     new = settle(state, torch.where(commit, scatter_rows(x0, can, mask_id), x), can, logits, generator, config, cond)
-    done = state.step + 1 == config.steps or not bool(open_positions(new, mask_id, state.eligible).any())
-    return state.advance(new, called, cache, done=done)
+    # static shapes: with the even allocation and more steps than positions a row fills one per step
+    last = min(config.steps, state.open_max) if state.static and config.allocation == "even" else config.steps
+    return state.advance(new, called, cache, done=state.finished(new, last))
 
 
 confidence = Sampler("confidence", ConfidenceConfig, start, step)

@@ -59,8 +59,8 @@ def step(model, state: FirstHittingState, generator: torch.Generator, config: Fi
     pick = random_subset(can, torch.full_like(n, config.k), generator)
     logits, called, cache = predict(model, state, pick, cond, config.cfg_scale, call.float())
     new = settle(state, fill(x, pick, logits, generator, config), pick, logits, generator, config, cond)
-    done = not bool(open_positions(new, state.mask_id, state.eligible).any())
-    return state.advance(new, called, cache, done=done, t=t)
+    last = -(-state.open_max // config.k) if state.static else x.shape[1] + 1  # static: k events per call in every unfinished row
+    return state.advance(new, called, cache, done=state.finished(new, last), t=t)
 
 
 first_hitting = Sampler("first-hitting", FirstHittingConfig, start, step)

@@ -18,6 +18,7 @@ from unmask.sampling.base import (
     Conditioning, Sampler, SamplerConfig, SamplerState, open_positions, predict, propose, scatter_rows, settle, start_state,
     top_per_row,
 )
+from unmask.sampling.shapes import POLL
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,8 @@ def step(model, state: SamplerState, generator: torch.Generator, config: Thresho
     p = scatter_rows(p, can, -torch.inf)
     commit = (can & (p >= config.tau)) | top_per_row(p, can, can.any(dim=1).long())
     new = settle(state, torch.where(commit, scatter_rows(x0, can, mask_id), x), can, logits, generator, config, cond)
-    done = not bool(open_positions(new, mask_id, state.eligible).any())
-    return state.advance(new, called, cache, done=done)
+    # static shapes: every step commits at least one position of each unfinished row, so at most open_max steps
+    return state.advance(new, called, cache, done=state.finished(new, state.open_max if state.static else x.shape[1] + 1, POLL))
 
 
 threshold = Sampler("threshold", ThresholdConfig, start, step)
