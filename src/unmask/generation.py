@@ -13,6 +13,7 @@ import torch
 
 from unmask.checkpoint import checkpoint_tokenizer, load_model
 from unmask.classifier import guidance_report, with_classifier_guide
+from unmask.compiled import compile_for_decoding
 from unmask.constraints.decode import automata_for, constrain
 from unmask.device import pick_device
 from unmask.errors import OptionError
@@ -39,7 +40,7 @@ def generate(
     weights: str = "auto",
     constraint=None,
     classifier=None, label: str | None = None, gamma: float | None = None, dcbg: str = "auto",
-    guide=None, reward=None, energy=None,
+    guide=None, reward=None, energy=None, compile: bool = False,
     **options,
 ) -> dict:
     """Samples from a checkpoint, each canvas starting with EOS (the document separator every
@@ -68,7 +69,8 @@ def generate(
 
     ``guide``: best-of, svdd, smc (with a ``reward``) or edlm (with an ``energy``), a score spec or a
     :class:`~unmask.steering.Score`, its options (particles, alpha, ess, window) among ``options``
-    (:mod:`unmask.steering`); it adds "guide", "score_calls", "score_seconds", "network_rows". Returns {"samples": [{"tokens", "text"}], "nfe", "steps", "seconds", ...}.
+    (:mod:`unmask.steering`); it adds "guide", "score_calls", "score_seconds", "network_rows". ``compile``: the network runs
+    compiled (:mod:`unmask.compiled`), and "compiled" counts its calls. Returns {"samples": [{"tokens", "text"}], "nfe", "steps", "seconds", ...}.
     """
     if num_samples < 1:
         raise OptionError("num_samples", "{num_samples}={_n} must be a positive integer", _n=num_samples)
@@ -77,8 +79,7 @@ def generate(
                           "text after it")
     if length < 1:
         raise OptionError("length", "{length}={_n} must be a positive integer", _n=length)
-    dev = pick_device(device)
-    model, cfg = load_model(checkpoint, dev, weights=weights)  # weights: auto (EMA when kept), ema or raw
+    model, cfg, dev = _network(checkpoint, device, weights, compile)
     guided = {name: options.pop(name) for name in GUIDE_NUMBERS if name in options}  # the guide's options, the rest the sampler's
     decoding = decoding_for(cfg.model, length, options, cfg.train.schedule, kv_cache, infill is not None)
     tok = checkpoint_tokenizer(checkpoint)
@@ -101,8 +102,16 @@ def generate(
     return {
         "checkpoint": str(checkpoint), "objective": cfg.train.objective, "sampler": decoding.sampler, "nfe": out.nfe,
         "steps": out.steps, "seconds": seconds, "generated_tokens": num_samples * length, "samples": samples, **cache, **guidance_report(cond),
-        **_steered(out, cond),
+        **_steered(out, cond), **({"compiled": dict(model.stats)} if compile else {}),
     }
+
+
+def _network(checkpoint, device: str, weights: str, compile: bool):
+    """(model, run config, device) of a checkpoint on ``device`` (auto: CUDA when available): its weights' moving
+    average when the run kept one (``weights`` auto), ema or raw; with ``compile`` compiled for decoding (:mod:`unmask.compiled`)."""
+    dev = pick_device(device)
+    model, cfg = load_model(checkpoint, dev, weights=weights)
+    return compile_for_decoding(model, compile), cfg, dev
 
 
 def _steered(out, cond) -> dict:

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from unmask.cli.app import app, command_group, echo_json
-from unmask.cli.sampler_options import with_sampler_options
+from unmask.cli.sampler_options import COMPILE_HELP, with_sampler_options
 
 eval_app = command_group("Likelihood, lm-eval tasks, generation quality.")
 app.add_typer(eval_app, name="eval")
@@ -108,6 +108,7 @@ def genppl(
     device: str = typer.Option("auto"),
     save: bool = SAVE,
     as_json: bool = JSON,
+    compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     sampling: dict = None,
 ) -> None:
     """Generate samples (any sampler, cache and guidance) and report generative perplexity with unigram entropy and distinct-n."""
@@ -122,7 +123,7 @@ def genppl(
     if (judge is None) == (judge_hf is None):
         raise UnmaskError("genppl: give exactly one of --judge RUN or --judge-hf FOLDER")
     start = time.perf_counter()
-    out = generate(checkpoint, "", num_samples, length, seed=seed, device=device, **sampling)
+    out = generate(checkpoint, "", num_samples, length, seed=seed, device=device, compile=compile, **sampling)
     tokens = [s["tokens"] for s in out["samples"]]
     if judge is not None:
         model, cfg = load_model(judge, pick_device(device))
@@ -139,7 +140,7 @@ def genppl(
         "checkpoint": str(checkpoint), "label": label or " ".join([out["sampler"], *(f"{k}={v}" for k, v in sampling.items() if k != "sampler")]),
         "sampling": sampling, "generated_tokens": num_samples * length,
         "tokens_per_s": num_samples * length / out["seconds"], "nfe": out["nfe"], "seconds": out["seconds"],
-        **quality_report(tokens, nll), "judge": str(judge or judge_hf),
+        **quality_report(tokens, nll), "judge": str(judge or judge_hf), **({"compiled": out["compiled"]} if compile else {}),
     }
     if save:
         _save(checkpoint, "genppl", record)

@@ -10,7 +10,7 @@ import typer
 
 from unmask.cli.app import app, echo_json
 from unmask.cli.guide_options import with_guide_options
-from unmask.cli.sampler_options import with_sampler_options
+from unmask.cli.sampler_options import COMPILE_HELP, with_sampler_options
 
 
 def _show_steps(tok, mask_text: str = "_"):
@@ -41,6 +41,7 @@ def sample(
     device: str = typer.Option("auto"),
     weights: str = typer.Option("auto", help="auto (the EMA of the weights when the run kept one, else the weights), ema or raw."),
     as_json: bool = typer.Option(False, "--json", help="Print tokens, text and NFE as JSON."),
+    compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     regex: Optional[str] = typer.Option(None, help="Structured output: the generated text matches this regex (up to its first EOS)."),
     json_schema: Optional[Path] = typer.Option(None, "--json-schema", help="Structured output: JSON that validates against the schema in this file."),
     choice: Optional[list[str]] = typer.Option(None, help="Structured output: exactly one of these strings (repeat the flag)."),
@@ -79,7 +80,7 @@ def sample(
     res = generate(
         checkpoint, prompt, num_samples, length, seed=seed, device=device, prompts=prompts, infill=infill, stop_at_eos=stop_at_eos,
         kv_cache=kv_cache, callback=callback, weights=weights, constraint=constraint, classifier=classifier, label=label, gamma=gamma,
-        dcbg=dcbg, **guiding, **sampling,
+        dcbg=dcbg, compile=compile, **guiding, **sampling,
     )
     if show_steps:
         sys.stderr.write("\n")
@@ -92,6 +93,9 @@ def sample(
     if "guide" in res:
         typer.echo(f"({res['guide']}: {res['network_rows']} network rows, {res['score_calls']} score calls on "
                    f"{res['scored_sequences']} sequences, {res['score_seconds']:.2f} s in the score)", err=True)
+    if "compiled" in res:
+        stats = res["compiled"]
+        typer.echo(f"(compiled: {stats['compiled']} compiled calls over {stats['shapes']} shapes, {stats['eager']} eager calls)", err=True)
     if "dcbg" in res:
         typer.echo(f"(D-CBG toward {res['dcbg']['label']!r}, gamma {res['dcbg']['gamma']:g}: {res['dcbg']['used']} guidance, "
                    f"{res['dcbg']['classifier_rows']} canvases scored)", err=True)

@@ -19,6 +19,10 @@ from unmask.errors import rule_bounds
 from unmask.sampling.options import OPTIONS as TABLE
 from unmask.sampling.options import Option
 
+# --compile of every command that decodes (sample, eval genppl, serve; the harness takes compile=True in its model_args)
+COMPILE_HELP = ("Run the network through torch.compile at a few bucketed batch sizes and canvas lengths (CUDA graphs on a GPU): "
+                "the same tokens at temperature 0, faster steps; the first call of each shape is slow (compilation).")
+
 
 def typer_option(option: Option) -> tuple[type, object]:
     """(annotation, typer.Option) of a table option; default None ("not given"). An integer's lower
