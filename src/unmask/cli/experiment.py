@@ -1,4 +1,4 @@
-"""``unmask experiment scaling | reverse-curse | reversal | conditional | shift``: SMDM's experiments and the
+"""``unmask experiment scaling | reverse-curse | reverse-curse-ablation | reversal | conditional | shift``: SMDM's experiments and the
 controlled reversal task, each writing a results folder (results.json, results.md, a PNG) and resuming
 where it stopped when run again."""
 
@@ -76,6 +76,32 @@ def reverse_curse(
                                    extra_mdm_steps=_ints(extra_mdm_steps, "--extra-mdm-steps"), text_chars=text_chars, layout=layout)
     experiment.run(out, settings, facts_file, device=device, log_to=tracker_names(log_to))
     typer.echo(f"wrote {out}/results.md, results.json and reverse_curse.png", err=True)
+
+
+@experiment_app.command("reverse-curse-ablation")
+def reverse_curse_ablation(
+    out: Path = typer.Option(Path("runs/experiments/reverse-curse-ablation"), help="Results folder (runs/, corpora/, results.json, results.md, ablation.png)."),
+    points: str = typer.Option("", help="Comma-separated points of the grid to run (default all): base, mixed, depth1, depth4, width64, width256, "
+                                        "repeats5, paraphrases1, lr1e-3, lr4e-3, constant-lr, t-dce."),
+    ar_points: str = typer.Option("base,mixed", help="Comma-separated points that also train an AR model (the control)."),
+    seeds: str = typer.Option("0", help="Comma-separated training seeds of every run."),
+    steps: int = typer.Option(4000, min=1, help="Training steps of every run (the base configuration's)."),
+    slack: int = typer.Option(4, help="MASK positions after the answer when its length is not told."),
+    elbo_draws: int = typer.Option(16, help="Monte Carlo draws of the MDM's any-order bound per answer."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    log_to: Optional[List[str]] = log_to_option(),
+) -> None:
+    """One factor at a time around a base where the MDM learns the facts: text, depth, width, repeats, paraphrases, lr, schedule,
+    k-DCE vs t-DCE; every run asked with the answer's length told or not, on three canvases, ranked in three orders."""
+    from dataclasses import replace
+
+    from unmask.experiments import reverse_curse_ablation as experiment
+
+    names = tuple(v.strip() for v in points.split(",") if v.strip()) or experiment.Settings().points
+    grid = experiment.Settings(base=replace(experiment.BASE, steps=steps), points=names, seeds=_ints(seeds, "--seeds"), slack=slack, elbo_draws=elbo_draws,
+                               ar_points=tuple(v.strip() for v in ar_points.split(",") if v.strip()))
+    experiment.run(out, grid, device=device, log_to=tracker_names(log_to))
+    typer.echo(f"wrote {out}/results.md, results.json and ablation.png", err=True)
 
 
 _C = ConditionalSettings()

@@ -101,9 +101,9 @@ def load_facts(facts_file: str | Path | None, per_direction: int, seed: int) -> 
     return facts, f"synthetic (seed {seed}), {len(facts)} facts"
 
 
-def fact_documents(facts: list[Fact]) -> list[str]:
-    """Every fact in every paraphrase of its own direction, one document each."""
-    return [_fill(t, f) for f in facts for t in TEMPLATES[f.direction]]
+def fact_documents(facts: list[Fact], paraphrases: int | None = None) -> list[str]:
+    """Every fact in the first ``paraphrases`` paraphrases of its own direction (default all), one document each."""
+    return [_fill(t, f) for f in facts for t in TEMPLATES[f.direction][:paraphrases]]
 
 
 def questions(facts: list[Fact]) -> list[Question]:

@@ -53,9 +53,11 @@ class FactSettings(SmallModel):
     distractors: int = 7
     cfg_scales: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 3.0)
     data_seed: int = 0
+    paraphrases: int = len(facts_mod.TEMPLATES["n2d"])  # how many of the paraphrase templates the training text uses (the first is the plain one)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_number("paraphrases", self.paraphrases, f"[1, {len(facts_mod.TEMPLATES['n2d'])}]")
         if not self.seeds:
             raise OptionError("seeds", "{seeds} must name at least one seed")
         if not self.cfg_scales:
@@ -71,6 +73,7 @@ class FactSettings(SmallModel):
 
 
 LAYOUTS = ("packed", "rows")
+LOSSES = ("k-dce", "t-dce")
 
 
 @dataclass(frozen=True)
@@ -79,14 +82,27 @@ class Settings(FactSettings):
 
     extra_mdm_steps: tuple[int, ...] = ()  # further MDM runs trained this many steps (more compute than the AR model)
     layout: str = "packed"  # packed: documents packed into windows; rows: one document per training row
+    loss: str = "k-dce"  # the MDM's estimator of its bound (docs/algorithms.md, 'MDM loss: t-DCE and k-DCE')
+    min_lr_ratio: float = 0.1  # the cosine decays the learning rate to lr x this (1: constant after warmup)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         check_number("text_chars", self.text_chars, ">= 0")
+        check_number("min_lr_ratio", self.min_lr_ratio, "[0, 1]")
         if self.layout not in LAYOUTS:
             raise not_one_of("layout", self.layout, LAYOUTS)
+        if self.loss not in LOSSES:
+            raise not_one_of("loss", self.loss, LOSSES)
         if any(n <= 0 for n in self.extra_mdm_steps):
             raise OptionError("extra_mdm_steps", "{extra_mdm_steps} {_steps} must be positive step counts", _steps=list(self.extra_mdm_steps))
+
+    def training(self, kind: str) -> dict[str, Any]:
+        """The :class:`~unmask.config.TrainConfig` settings of a run of ``kind`` (mdm, ar) beyond the recipe's: the
+        learning-rate floor, and the MDM's estimator where it is not the objective's default (k-DCE)."""
+        extra: dict[str, Any] = {"min_lr_ratio": self.min_lr_ratio}
+        if kind == "mdm" and self.loss != "k-dce":
+            extra["loss"] = self.loss
+        return extra
 
 
 def _text_documents(chars: int) -> list[str]:
@@ -112,7 +128,7 @@ def prepare(out: Path, settings: FactSettings, facts: list[facts_mod.Fact]) -> P
     if (data / "meta.json").is_file():
         return data
     rng = random.Random(settings.data_seed)
-    docs = facts_mod.fact_documents(facts) * settings.repeats + _text_documents(settings.text_chars)
+    docs = facts_mod.fact_documents(facts, settings.paraphrases) * settings.repeats + _text_documents(settings.text_chars)
     rng.shuffle(docs)
     val = [p.strip() for p in shakespeare_works("validation")[0][1].split("\n\n") if p.strip()][:200]
     tok = train_bpe(docs + val, vocab_size=settings.vocab_size)
@@ -144,7 +160,7 @@ def prepare_rows(out: Path, settings: FactSettings, facts: list[facts_mod.Fact])
     if (data / "pairs.json").is_file():
         return data
     rng = random.Random(settings.data_seed)
-    fact_docs = facts_mod.fact_documents(facts) * settings.repeats
+    fact_docs = facts_mod.fact_documents(facts, settings.paraphrases) * settings.repeats
     text_docs = _text_documents(settings.text_chars)
     docs = fact_docs + text_docs
     rng.shuffle(docs)
@@ -188,10 +204,22 @@ def specs_for(settings: Settings, data: Path, vocab: int) -> list[RunSpec]:
     runs = [("mdm", settings.steps, ""), ("ar", settings.steps, ""), *(("mdm", n, f"-{n}steps") for n in settings.extra_mdm_steps)]
     for seed in settings.seeds:
         for kind, steps, suffix in runs:
-            train = settings.train_config(kind, steps, seed, sft=True) if rows else settings.train_config(kind, steps, seed)
+            train = settings.train_config(kind, steps, seed, **settings.training(kind), **({"sft": True} if rows else {}))
             specs.append(RunSpec(f"{'rows-' if rows else ''}{kind}-seed{seed}{suffix}", settings.model_config("reverse-curse", vocab, kind),
                                  train, str(data), {"kind": kind, "seed": seed, **evaluation}))
     return specs
+
+
+def question_ids(facts: list[facts_mod.Fact], settings: FactSettings, tok) -> tuple[list[facts_mod.Question], list[list[int]], list[list[list[int]]]]:
+    """(questions, their prompts' ids, per question the ids of [correct answer, distractors...]): the
+    distractors are answers of other facts of the same kind, drawn from the ``data_seed``."""
+    qs = facts_mod.questions(facts)
+    rng = random.Random(settings.data_seed + 1)
+    candidates = []  # per question: [correct answer, distractors...]
+    for q in qs:
+        others = [getattr(f, q.asks) for j, f in enumerate(facts) if j != q.fact]
+        candidates.append([q.answer, *rng.sample(others, min(settings.distractors, len(others)))])
+    return qs, [tok.encode(q.prompt) for q in qs], [[tok.encode(" " + a) for a in cands] for cands in candidates]
 
 
 def evaluate_run(run_dir: Path, facts: list[facts_mod.Fact], settings: Settings, device: str = "auto", row_length: int | None = None) -> dict[str, Any]:
@@ -202,14 +230,7 @@ def evaluate_run(run_dir: Path, facts: list[facts_mod.Fact], settings: Settings,
 
     model, cfg = load_model(run_dir, pick_device(device))
     tok = checkpoint_tokenizer(run_dir)
-    qs = facts_mod.questions(facts)
-    rng = random.Random(settings.data_seed + 1)
-    candidates = []  # per question: [correct answer, distractors...]
-    for q in qs:
-        others = [getattr(f, q.asks) for j, f in enumerate(facts) if j != q.fact]
-        candidates.append([q.answer, *rng.sample(others, min(settings.distractors, len(others)))])
-    prompts = [tok.encode(q.prompt) for q in qs]
-    answers = [[tok.encode(" " + a) for a in cands] for cands in candidates]
+    qs, prompts, answers = question_ids(facts, settings, tok)
     scales = (0.0,) if cfg.model.causal else settings.cfg_scales
     result: dict[str, Any] = {}
     for w in scales:
@@ -244,7 +265,7 @@ def summarise(records: list[dict], settings: Settings) -> list[dict]:
 
 def markdown(settings: Settings, rows: list[dict], source: str, num_facts: int) -> str:
     lines = ["# Reverse curse: MDM vs AR", "",
-             f"Facts: {source}; {num_facts // 2} per direction, {len(facts_mod.TEMPLATES['n2d'])} paraphrases each, "
+             f"Facts: {source}; {num_facts // 2} per direction, {settings.paraphrases} paraphrases each, "
              f"x{settings.repeats}, mixed with {settings.text_chars:,} characters of Shakespeare"
              + ("; one document per training row (layout rows)" if settings.layout == "rows" else "")
              + ". Models trained from scratch "
@@ -285,16 +306,21 @@ def _plot(rows: list[dict], settings: Settings, path: Path) -> None:
     save_figure(fig, path)
 
 
+def check_questions_fit(facts: list[facts_mod.Fact], settings: FactSettings, tok) -> None:
+    """Refuse a ``context_len`` shorter than the longest [EOS ; question ; answer] row (any candidate answer)."""
+    longest = max(1 + len(tok.encode(q.prompt)) + len(tok.encode(" " + getattr(f, q.asks))) for q in facts_mod.questions(facts) for f in facts)
+    if longest > settings.context_len:
+        raise OptionError("context_len", "{context_len}={_len}: the longest question with its answer takes {_longest} tokens; "
+                          "use {context_len} {_longest} or more (or shorter facts)", _len=settings.context_len, _longest=longest)
+
+
 def run(out_dir: str | Path, settings: Settings = Settings(), facts_file: str | Path | None = None, device: str = "auto",
         progress: bool = True, log_to: tuple[str, ...] = ()) -> dict:
     """Prepare (once), train (resumably), evaluate and write results.json, results.md, reverse_curse.png; ``log_to``:
     the trackers of every run (:mod:`unmask.tracking`)."""
     out = Path(out_dir)
     facts, source, data, tok = facts_corpus(out, settings, facts_file)
-    longest = max(1 + len(tok.encode(q.prompt)) + len(tok.encode(" " + getattr(f, q.asks))) for q in facts_mod.questions(facts) for f in facts)
-    if longest > settings.context_len:
-        raise OptionError("context_len", "{context_len}={_len}: the longest question with its answer takes {_longest} tokens; "
-                          "use {context_len} {_longest} or more (or shorter facts)", _len=settings.context_len, _longest=longest)
+    check_questions_fit(facts, settings, tok)
     specs = specs_for(settings, data.resolve(), tok.vocab_size)
     row_length = None
     if settings.layout == "rows":
