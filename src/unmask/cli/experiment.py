@@ -82,10 +82,16 @@ def reverse_curse(
 def reverse_curse_ablation(
     out: Path = typer.Option(Path("runs/experiments/reverse-curse-ablation"), help="Results folder (runs/, corpora/, results.json, results.md, ablation.png)."),
     points: str = typer.Option("", help="Comma-separated points of the grid to run (default all): base, mixed, depth1, depth4, width64, width256, "
-                                        "repeats5, paraphrases1, lr1e-3, lr4e-3, constant-lr, t-dce."),
+                                        "repeats5, paraphrases1, lr1e-3, lr4e-3, constant-lr, t-dce, context64."),
     ar_points: str = typer.Option("base,mixed", help="Comma-separated points that also train an AR model (the control)."),
     seeds: str = typer.Option("0", help="Comma-separated training seeds of every run."),
+    more_seeds: str = typer.Option("", help="Comma-separated POINT:SEED runs beyond --seeds, e.g. base:1 (with the point's AR control)."),
     steps: int = typer.Option(4000, min=1, help="Training steps of every run (the base configuration's)."),
+    n_layer: int = typer.Option(2, min=1, help="The base configuration's layers."),
+    n_embd: int = typer.Option(128, min=1, help="The base configuration's width."),
+    n_head: int = typer.Option(4, min=1, help="The base configuration's attention heads."),
+    context_len: int = typer.Option(32, min=1, help="The base configuration's context in tokens."),
+    batch_size: int = typer.Option(16, min=1, help="The base configuration's sequences per step."),
     slack: int = typer.Option(4, help="MASK positions after the answer when its length is not told."),
     elbo_draws: int = typer.Option(16, help="Monte Carlo draws of the MDM's any-order bound per answer."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
@@ -98,8 +104,15 @@ def reverse_curse_ablation(
     from unmask.experiments import reverse_curse_ablation as experiment
 
     names = tuple(v.strip() for v in points.split(",") if v.strip()) or experiment.Settings().points
-    grid = experiment.Settings(base=replace(experiment.BASE, steps=steps), points=names, seeds=_ints(seeds, "--seeds"), slack=slack, elbo_draws=elbo_draws,
-                               ar_points=tuple(v.strip() for v in ar_points.split(",") if v.strip()))
+    extra = []
+    for item in (v.strip() for v in more_seeds.split(",") if v.strip()):
+        point, _, seed = item.partition(":")
+        if not seed.isdigit():
+            raise UnmaskError(f"--more-seeds {item!r}: give POINT:SEED, e.g. base:1")
+        extra.append((point, int(seed)))
+    base = replace(experiment.BASE, steps=steps, n_layer=n_layer, n_embd=n_embd, n_head=n_head, context_len=context_len, batch_size=batch_size)
+    grid = experiment.Settings(base=base, points=names, ar_points=tuple(v.strip() for v in ar_points.split(",") if v.strip()),
+                               seeds=_ints(seeds, "--seeds"), more_seeds=tuple(extra), slack=slack, elbo_draws=elbo_draws)
     experiment.run(out, grid, device=device, log_to=tracker_names(log_to))
     typer.echo(f"wrote {out}/results.md, results.json and ablation.png", err=True)
 

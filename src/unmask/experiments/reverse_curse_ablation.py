@@ -41,6 +41,7 @@ POINTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("lr4e-3", "learning rate", {"lr": 4e-3}),
     ("constant-lr", "schedule", {"min_lr_ratio": 1.0}),
     ("t-dce", "objective", {"loss": "t-dce"}),
+    ("context64", "context", {"context_len": 64}),
 )
 _DATA_FIELDS = ("text_chars", "repeats", "paraphrases", "facts_per_direction", "data_seed", "vocab_size")
 
@@ -57,10 +58,11 @@ class Settings:
     slack: int = 4  # MASK positions after the answer when its length is not told
     elbo_draws: int = 16  # Monte Carlo draws of the any-order bound per answer
     overrides: tuple[tuple[str, str, Any], ...] = ()  # (point, field, value): e.g. more steps for one point
+    more_seeds: tuple[tuple[str, int], ...] = ()  # (point, seed): further runs of a point (and its AR control) with another seed
 
     def __post_init__(self) -> None:
         known = [p[0] for p in POINTS]
-        for name in (*self.points, *self.ar_points, *(o[0] for o in self.overrides)):
+        for name in (*self.points, *self.ar_points, *(o[0] for o in self.overrides), *(m[0] for m in self.more_seeds)):
             if name not in known:
                 raise not_one_of("points", name, known)
         if not self.points:
@@ -97,7 +99,7 @@ def specs_for(grid: Settings, corpora: dict[str, tuple[Path, int]]) -> list[RunS
     for point in grid.points:
         s = grid.settings(point)
         data, vocab = corpora[data_key(s)]
-        for seed in grid.seeds:
+        for seed in (*grid.seeds, *(seed for name, seed in grid.more_seeds if name == point and seed not in grid.seeds)):
             for kind in ("mdm", "ar") if point in grid.ar_points else ("mdm",):
                 specs.append(RunSpec(f"{point}-{kind}-seed{seed}", s.model_config("reverse-curse", vocab, kind),
                                      s.train_config(kind, s.steps, seed, **s.training(kind)), str(data),
