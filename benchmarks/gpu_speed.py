@@ -15,6 +15,10 @@ compute peak by the best of repeated square bf16 matmuls (``train_scale.peak_mat
   batch 16 on a canvas of 1024: tokens/s and the caches' speed-ups;
 * the sampler's overhead, the share of wall time spent outside the network's forward
   (``sampling.measure``), at batch 1 and 8, without a cache and with the dual cache;
+* with ``--compiled-decode``: the same decodes eager and compiled (``unmask.compiled``: torch.compile
+  at bucketed shapes, CUDA graphs without a cache), the confidence sampler at each batch of the
+  overhead rows and AR decoding at batch 1: tokens/s of each and the compiled/eager ratio, after
+  one untimed decode that compiles every shape;
 * training tokens/s and MFU of the MDM and the AR model, compiled, at the 85m and 350m presets,
   through the loop's own ``Trainer.step`` (``train_step_profile.build_trainer``), MFU with the
   attention FLOPs as made: full for the MDM, causal (half) for the AR model (``train_scale.flops_per_token``).
@@ -45,6 +49,7 @@ from sampling import measure, random_network
 from train_scale import cpu_isa, flops_per_token, peak_matmul
 from train_step_profile import PhaseClock, build_trainer, timed_steps
 
+from unmask.compiled import CompiledModel
 from unmask.sampling import decoding_for, make_canvas
 
 # memory bandwidth of known cards, bytes/s (vendors' data sheets)
@@ -220,6 +225,32 @@ def overhead(mdm, shapes: Shapes, device: torch.device) -> list[dict]:
     return rows
 
 
+def compiled_decode(mdm, ar, shapes: Shapes, device: torch.device) -> list[dict]:
+    """Eager vs compiled decoding (:mod:`unmask.compiled`): the confidence sampler without a cache (length / 4 steps,
+    blocks of ``block``) at each batch of ``overhead_batches``, and AR decoding with its KV cache at batch 1; median
+    tokens/s over ``repeats`` decodes (one seed, so every decode meets the same shapes) after one untimed decode, which
+    compiles them; the compiled wrapper's counts of compiled and eager calls and of shapes."""
+    length = shapes.overhead_length
+    cases = []
+    for batch in shapes.overhead_batches:
+        x, cond, start = make_canvas([[]] * batch, length, mdm.config.mask_id, 0, separator=0, device=device)
+        decoding = decoding_for(mdm.config, length, {"sampler": "confidence", "steps": length // 4, "block_len": shapes.block})
+        cases.append(("mdm confidence", mdm, decoding, x, cond, start, batch * length))
+    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
+    cases.append(("ar kv-cache", ar, decoding_for(ar.config, shapes.ar_tokens, {}), prompt, None, 0, shapes.ar_tokens))
+    rows = []
+    for name, model, decoding, x, cond, start, tokens in cases:
+        row = {"decode": name, "batch": x.shape[0], "canvas": x.shape[1] + (tokens if start == 0 else 0), "tokens": tokens}
+        compiled = CompiledModel(model)
+        for path, network in (("eager", model), ("compiled", compiled)):
+            wall = timed(lambda: decoding.run(network, x, torch.Generator(device=device).manual_seed(0), cond, start=start), device,
+                         shapes.repeats)
+            row[f"{path}_tokens_per_s"] = tokens / wall
+        rows.append(row | {"ratio": row["compiled_tokens_per_s"] / row["eager_tokens_per_s"], "calls": dict(compiled.stats)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def train_row(objective: str, preset: str, batch: int, shapes: Shapes, device: torch.device, peak: float) -> dict:
     """Tokens/s (median step) and MFU of ``objective`` (mdm, ar, or mdm-host-noise: the MDM with its masks drawn on
     the host as before) on ``preset`` through the loop's Trainer.step; then the step's phases, each timed with
@@ -322,6 +353,10 @@ def markdown(res: dict) -> str:
     lines += ["", "| sampler (confidence, blocks) | batch | canvas | NFE | tokens/s | outside the network |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['config']} | {r['batch']} | {r['canvas']} | {r['nfe']} | {r['tokens_per_s']:,.1f} | {100 * r['overhead']:.1f}% |"
               for r in res["caches"]["rows"] + res["sampler_overhead"]]
+    lines += ["", "| decode, eager vs compiled | batch | canvas | eager tokens/s | compiled tokens/s | ratio | shapes |",
+              "|---|---|---|---|---|---|---|"] if res.get("compiled_decode") else []
+    lines += [f"| {r['decode']} | {r['batch']} | {r['canvas']} | {r['eager_tokens_per_s']:,.1f} | {r['compiled_tokens_per_s']:,.1f} | "
+              f"{r['ratio']:.2f} | {r['calls']['shapes']} |" for r in res.get("compiled_decode", [])]
     lines += ["", "| training | batch x L | precision | compile | step ms | tokens/s | MFU | peak GPU MiB |", "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['preset']} {r['objective']} | {r['batch']} x {r['context']} | {r['precision']} | {r['compile']} | {r['step_ms']:.1f} | "
               f"{r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | {mib(r['peak_gpu_mib'])} |"
@@ -341,6 +376,7 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="every part on the CPU at tiny shapes (checks the script; not a GPU figure)")
     parser.add_argument("--cpu-shapes", action="store_true", help="the GPU run's batches on the tiny preset (a CPU's figures)")
     parser.add_argument("--skip-training", action="store_true", help="decoding figures only")
+    parser.add_argument("--compiled-decode", action="store_true", help="also the decodes compiled (torch.compile, CUDA graphs) beside eager")
     parser.add_argument("--out", default="benchmarks/results/gpu_speed")
     args = parser.parse_args()
     shapes = Shapes.smoke() if args.smoke else Shapes.cpu() if args.cpu_shapes else Shapes()
@@ -365,6 +401,8 @@ def main() -> None:
         res["caches"] = caches(mdm, shapes, device)
         res["sampler_overhead"] = overhead(mdm, shapes, device)
         print(json.dumps({"caches": res["caches"]["speedup"], "overhead": [r["overhead"] for r in res["sampler_overhead"]]}), flush=True)
+        if args.compiled_decode:
+            res["compiled_decode"] = compiled_decode(mdm, ar, shapes, device)
     del mdm, ar
     res["training"] = [] if args.skip_training else training(shapes, device, peak)
     res["goals"] = goals(res) if res["training"] else []

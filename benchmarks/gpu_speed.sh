@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Decoding and training speed on one CUDA GPU against the card's measured floors (bandwidth by a
 # device-to-device copy, bf16 matmul peak): AR decoding at batch 1, MDM network calls at batch 1
-# and 64, prefix/dual caches vs none, the sampler's overhead, MDM vs AR training tokens/s and MFU
+# and 64, prefix/dual caches vs none, the sampler's overhead, eager vs compiled decoding (--compile's
+# torch.compile + CUDA graphs), MDM vs AR training tokens/s and MFU
 # at 85m and 350m (benchmarks/gpu_speed.py; goals in docs/benchmarks.md, 'GPU speed'). Sized for
 # under 8 minutes on one H100, compilation included. Writes $OUT/results.{json,md}, log.txt and nvidia-smi.txt.
 #   bash benchmarks/gpu_speed.sh                       (OUT defaults to benchmarks/results/gpu_speed)
@@ -18,4 +19,4 @@ fi
 OUT="${OUT:-benchmarks/results/gpu_speed}"
 mkdir -p "$OUT"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
-"$PY" benchmarks/gpu_speed.py --device cuda --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"
+"$PY" benchmarks/gpu_speed.py --device cuda --compiled-decode --out "$OUT" "$@" 2>&1 | tee "$OUT/log.txt"

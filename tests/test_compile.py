@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from unmask.checkpoint import load_model
 from unmask.compiled import CompiledModel, bucket_batch, bucket_length, compile_for_decoding
@@ -54,9 +55,14 @@ def _decode(model, cfg, seed: int = 0, **options) -> torch.Tensor:
     return decoding.run(model, _canvas(cfg), torch.Generator().manual_seed(seed), start=1).tokens
 
 
+def graphs() -> int:
+    """Graphs torch.compile has made in this process (a shape it meets again must not make another)."""
+    return counters["stats"]["unique_graphs"]
+
+
 def test_buckets():
     assert [bucket_batch(b) for b in (1, 2, 3, 5, 8, 9, 64, 65, 130)] == [1, 2, 4, 8, 8, 16, 64, 128, 192]
-    assert [bucket_length(n, 100) for n in (1, 3, 7, 33, 64, 65, 100)] == [1, 4, 8, 64, 64, 100, 100]
+    assert [bucket_length(n, 100) for n in (1, 3, 7, 9, 15, 17, 33, 64, 65, 81, 97)] == [1, 4, 8, 10, 16, 20, 40, 64, 80, 96, 100]
     assert bucket_length(70, 64) == 70  # never shorter than the input
 
 
@@ -80,10 +86,11 @@ def test_padded_logits_equal_the_eager_ones(mdm):
 
 def test_greedy_and_sampled_decodes_equal_the_eager_ones(mdm):
     model, compiled, cfg = mdm
-    before = dict(compiled.stats)
+    before, made = dict(compiled.stats), graphs()
     for options in ({"sampler": "confidence", "temperature": 0.0}, {"sampler": "confidence", "temperature": 1.0}):
         assert torch.equal(_decode(compiled, cfg, seed=3, **options), _decode(model, cfg, seed=3, **options)), options
     assert compiled.stats["compiled"] - before["compiled"] == 2 * LENGTH and compiled.stats["eager"] == before["eager"]
+    assert graphs() - made == compiled.stats["shapes"] - before["shapes"]  # one graph per new bucket, none per step
 
 
 def test_cached_decode_equals_the_eager_one(mdm):
@@ -91,7 +98,9 @@ def test_cached_decode_equals_the_eager_one(mdm):
     then the block's slots fed (6 of 8 -> padded to 8 by repeating a slot)."""
     model, compiled, cfg = mdm
     options = {"sampler": "confidence", "temperature": 0.0, "block_len": LENGTH, "cache": "dual"}
+    before, made = dict(compiled.stats), graphs()
     assert torch.equal(_decode(compiled, cfg, **options), _decode(model, cfg, **options))
+    assert compiled.stats["eager"] == before["eager"] and graphs() - made == compiled.stats["shapes"] - before["shapes"] == 1
 
 
 def test_ar_decode_equals_the_eager_one():
@@ -106,8 +115,10 @@ def test_ar_decode_equals_the_eager_one():
     decoding = decoding_for(config, 8, {"temperature": 0.0})
     cond = Conditioning(key_mask=key_mask)
     eager = decoding.run(model, prompt, torch.Generator(), cond).tokens
+    made = graphs()
     assert torch.equal(decoding.run(compiled, prompt, torch.Generator(), cond).tokens, eager)
-    assert compiled.stats["compiled"] == 8 and compiled.stats["eager"] == 0
+    # the prompt's call (3 columns, padded to 4) and the one-token calls: two graphs for the 8 calls
+    assert compiled.stats == {"compiled": 8, "graphed": 0, "eager": 0, "shapes": 2} and graphs() - made == 2
     assert compile_for_decoding(model, False) is model
 
 

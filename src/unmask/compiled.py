@@ -10,8 +10,9 @@ calls that feed a different number of slots per step). So every call is padded u
 
 * the batch to the next power of two up to 64, then to the next multiple of 64; the added rows are
   copies of the first row, and their outputs are discarded;
-* the canvas length (or, with a cache, the number of fed slots) to the next power of two up to 64,
-  then to the next multiple of 64, at most the model's context (the cache's slots). An added column
+* the canvas length (or, with a cache, the number of fed slots) to the next power of two up to 8,
+  then in quarter steps of the octave (10, 12, 14, 16, 20, ..., 64, 80, 96, 112, 128, 160, ...),
+  at most the model's context (the cache's slots). An added column
   repeats the last real column's token and rotary position (the next slots' positions where the
   caller gave none, as the network's default); without a cache, the key mask hides
   it from every real query (False at its key; a causal model's mask hides it already, since it
@@ -61,14 +62,22 @@ def bucket_batch(rows: int) -> int:
 
 
 def bucket_length(length: int, limit: int) -> int:
-    """The padded length of ``length`` >= 1 columns: as :func:`bucket_batch`, but at most ``limit``
-    (the model's context, or the cache's slots), and never less than ``length``."""
-    return max(length, min(bucket_batch(length), limit))
+    """The padded length of ``length`` >= 1 columns: the next power of two up to 8, then the next
+    multiple of a quarter of the power of two below (9..16 -> 10, 12, 14, 16; 65 -> 80), so that
+    at most a fifth of a call is padding (a canvas is often a power of two plus the separator);
+    at most ``limit`` (the model's context, or the cache's slots), and never less than ``length``."""
+    if length <= 8:
+        padded = 1 << (length - 1).bit_length()
+    else:
+        step = 1 << ((length - 1).bit_length() - 3)
+        padded = -(-length // step) * step
+    return max(length, min(padded, limit))
 
 
 def _pad(x: torch.Tensor | None, rows: int, cols: int | None = None, fill=None) -> torch.Tensor | None:
     """``x`` (B, ...) with rows added up to ``rows`` (copies of row 0) and, for a (B, L) ``x``,
-    columns up to ``cols``: ``fill`` where given, else copies of the last column."""
+    columns up to ``cols``: ``fill`` where given, else copies of the last column; contiguous (a
+    graph is specialised to its inputs' strides too, and a slice of a growing tensor changes them)."""
     if x is None:
         return None
     if cols is not None and cols > x.shape[1]:
@@ -77,7 +86,7 @@ def _pad(x: torch.Tensor | None, rows: int, cols: int | None = None, fill=None) 
         x = torch.cat([x, added], dim=1)
     if rows > x.shape[0]:
         x = torch.cat([x, x[:1].expand(rows - x.shape[0], *x.shape[1:])])
-    return x
+    return x.contiguous()
 
 
 class CompiledModel(nn.Module):
@@ -165,7 +174,8 @@ class CompiledModel(nn.Module):
             positions = cache_index
         cols = bucket_length(q, slots)
         self._met(("cached", b, cols, slots, t is not None, key_mask is not None))
-        args = (_pad(tokens, b, cols), t, key_mask, _pad(positions, b, cols), kv_cache.k, kv_cache.v, _pad(cache_index, b, cols))
+        args = (_pad(tokens, b, cols), _pad(t, b), _pad(key_mask, b), _pad(positions, b, cols), kv_cache.k, kv_cache.v,
+                _pad(cache_index, b, cols))
         logits = self._run(self._cached, args)[:, :q]
         if appending:
             kv_cache.length += q

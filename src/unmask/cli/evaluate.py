@@ -75,6 +75,7 @@ def harness(
     device: str = typer.Option("auto"),
     save: bool = SAVE,
     as_json: bool = JSON,
+    compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
     sampling: dict = None,
 ) -> None:
     """lm-eval-harness tasks in-process through the unmask model adapter.
@@ -83,7 +84,7 @@ def harness(
     (default: the ancestral sampler, greedy, one step per generated token)."""
     from unmask.evaluation.harness import UnmaskLM, run_harness
 
-    lm = UnmaskLM(checkpoint, method=method, draws=draws, batch_size=batch_size, seed=seed, device=device, **sampling)
+    lm = UnmaskLM(checkpoint, method=method, draws=draws, batch_size=batch_size, seed=seed, device=device, compile=compile, **sampling)
     res = run_harness(lm, [t.strip() for t in tasks.split(",") if t.strip()], limit=limit, num_fewshot=num_fewshot, include_path=include_path, seed=seed)
     record = {"checkpoint": str(checkpoint), "tasks": res["tasks"], "settings": f"method={method} limit={limit} " + " ".join(f"{k}={v}" for k, v in sampling.items())}
     if save:

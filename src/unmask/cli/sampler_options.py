@@ -19,7 +19,7 @@ from unmask.errors import rule_bounds
 from unmask.sampling.options import OPTIONS as TABLE
 from unmask.sampling.options import Option
 
-# --compile of every command that decodes (sample, eval genppl, serve; the harness takes compile=True in its model_args)
+# --compile of every command that decodes (sample, eval genppl, eval harness, serve)
 COMPILE_HELP = ("Run the network through torch.compile at a few bucketed batch sizes and canvas lengths (CUDA graphs on a GPU): "
                 "the same tokens at temperature 0, faster steps; the first call of each shape is slow (compilation).")
 

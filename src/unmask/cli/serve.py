@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from unmask.cli.app import app
+from unmask.cli.sampler_options import COMPILE_HELP
 
 
 @app.command()
@@ -29,6 +30,7 @@ def serve(
     reward: Optional[list[str]] = typer.Option(None, help="A reward guided requests may name: NAME=SPEC, SPEC one of ar:RUN, "
                                                "regex:PATTERN, classifier:RUN:LABEL, python:MODULE:FUNCTION (repeat the flag)."),
     max_particles: int = typer.Option(8, min=1, help="Most particles (or candidates per step) a guided request may ask for."),
+    compile: bool = typer.Option(False, "--compile", help=COMPILE_HELP),
 ) -> None:
     """Serve a checkpoint over HTTP: /v1/completions, /v1/chat/completions, /v1/models, /health, and a page at /."""
     from unmask.errors import UnmaskError
@@ -44,10 +46,10 @@ def serve(
 
     limits = Limits(max_tokens, max_n, 8, max_steps, max_active, max_queue, timeout, max_body_bytes=max_body_bytes,
                     compile_seconds=compile_seconds, max_particles=max_particles)
-    engine = Engine(checkpoint, device, limits, name, configured_rewards(reward or [], device))
+    engine = Engine(checkpoint, device, limits, name, configured_rewards(reward or [], device), compile=compile)
     sock = bind(host, port)
     url = url_of(sock)
-    typer.echo(f"serving {engine.name!r} ({engine.config.train.objective}, {engine.device}) at {url}/ "
+    typer.echo(f"serving {engine.name!r} ({engine.config.train.objective}, {engine.device}{', compiled' if compile else ''}) at {url}/ "
                f"(OpenAI base URL {url}/v1; API docs at {url}/docs)")
     serve_forever(create_app(engine), sock)
 

@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from unmask.checkpoint import checkpoint_tokenizer, load_model
+from unmask.compiled import compile_for_decoding
 from unmask.data import Tokenizer
 from unmask.device import pick_device
 from unmask.errors import OptionError, UnmaskError, check_number, not_one_of
@@ -63,10 +64,12 @@ class UnmaskLM(LM):
         model=None,
         tokenizer: Tokenizer | None = None,
         train_config=None,
+        compile: bool = False,
         **sampling,
     ) -> None:
         """``sampling``: the sampler options (see :func:`unmask.generation.generate`) for
-        generate_until; ``cfg_scale`` also guides the scores."""
+        generate_until; ``cfg_scale`` also guides the scores. ``compile`` (model_args ``compile=True``):
+        every network call, scoring and generation, runs compiled at bucketed shapes (:mod:`unmask.compiled`)."""
         _require_lm_eval()
         super().__init__()
         if method not in ("chain-rule", "mc"):
@@ -81,6 +84,7 @@ class UnmaskLM(LM):
             self.tok = checkpoint_tokenizer(checkpoint)
         else:  # an in-memory model (tests): needs a tokenizer too
             self.model, self.model_config, self.tok = model, model.config, tokenizer
+        self.model = compile_for_decoding(self.model, compile)
         self.train_config = train_config or TrainConfig()
         self.method, self.draws, self.cfg_scale, self.batch_size = method, draws, cfg_scale, batch_size
         self.sampling = sampling

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from unmask.checkpoint import checkpoint_tokenizer, load_model
+from unmask.compiled import compile_for_decoding
 from unmask.constraints import Constraint
 from unmask.constraints.decode import constrain
 from unmask.device import pick_device
@@ -149,10 +150,13 @@ class Engine:
     """A loaded checkpoint served to many requests at once."""
 
     def __init__(self, checkpoint: str | Path, device: str = "auto", limits: Limits = Limits(), name: str | None = None,
-                 rewards: dict[str, Score] | None = None) -> None:
-        """``rewards``: the scores requests may name as their reward or energy (:mod:`unmask.steering`)."""
+                 rewards: dict[str, Score] | None = None, compile: bool = False) -> None:
+        """``rewards``: the scores requests may name as their reward or energy (:mod:`unmask.steering`);
+        ``compile``: the network runs compiled at bucketed shapes (:mod:`unmask.compiled`; its ``stats``
+        count the calls), each shape compiled when a forward first meets it."""
         self.device = pick_device(device)
-        self.model, self.config = load_model(checkpoint, self.device)
+        model, self.config = load_model(checkpoint, self.device)
+        self.model = compile_for_decoding(model, compile)
         self.tok = ReleasingTokenizer(checkpoint_tokenizer(checkpoint))
         self.limits = limits
         self.causal = self.config.model.causal
