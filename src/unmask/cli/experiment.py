@@ -85,7 +85,7 @@ def reverse_curse_ablation(
                                         "repeats5, paraphrases1, lr1e-3, lr4e-3, constant-lr, t-dce, context64."),
     ar_points: str = typer.Option("base,mixed", help="Comma-separated points that also train an AR model (the control)."),
     seeds: str = typer.Option("0", help="Comma-separated training seeds of every run."),
-    more_seeds: str = typer.Option("", help="Comma-separated POINT:SEED runs beyond --seeds, e.g. base:1 (with the point's AR control)."),
+    more_seeds: str = typer.Option("", help="Comma-separated POINT:SEED further MDM runs beyond --seeds, e.g. base:1."),
     steps: int = typer.Option(4000, min=1, help="Training steps of every run (the base configuration's)."),
     n_layer: int = typer.Option(2, min=1, help="The base configuration's layers."),
     n_embd: int = typer.Option(128, min=1, help="The base configuration's width."),

@@ -58,7 +58,7 @@ class Settings:
     slack: int = 4  # MASK positions after the answer when its length is not told
     elbo_draws: int = 16  # Monte Carlo draws of the any-order bound per answer
     overrides: tuple[tuple[str, str, Any], ...] = ()  # (point, field, value): e.g. more steps for one point
-    more_seeds: tuple[tuple[str, int], ...] = ()  # (point, seed): further runs of a point (and its AR control) with another seed
+    more_seeds: tuple[tuple[str, int], ...] = ()  # (point, seed): further MDM runs of a point with another seed
 
     def __post_init__(self) -> None:
         known = [p[0] for p in POINTS]
@@ -93,14 +93,15 @@ def data_key(settings: rc.Settings) -> str:
 
 
 def specs_for(grid: Settings, corpora: dict[str, tuple[Path, int]]) -> list[RunSpec]:
-    """The MDM run of every point and seed, and the AR run of every ``ar_points`` point; ``corpora``:
+    """The MDM run of every point and seed (``more_seeds`` included), and the AR run of every ``ar_points`` point and seed; ``corpora``:
     data key -> (data folder, vocabulary size)."""
     specs = []
     for point in grid.points:
         s = grid.settings(point)
         data, vocab = corpora[data_key(s)]
-        for seed in (*grid.seeds, *(seed for name, seed in grid.more_seeds if name == point and seed not in grid.seeds)):
-            for kind in ("mdm", "ar") if point in grid.ar_points else ("mdm",):
+        more = [seed for name, seed in grid.more_seeds if name == point and seed not in grid.seeds]
+        for seed in (*grid.seeds, *more):
+            for kind in ("mdm", "ar") if point in grid.ar_points and seed not in more else ("mdm",):
                 specs.append(RunSpec(f"{point}-{kind}-seed{seed}", s.model_config("reverse-curse", vocab, kind),
                                      s.train_config(kind, s.steps, seed, **s.training(kind)), str(data),
                                      {"point": point, "factor": factor_of(point), "kind": kind, "seed": seed, "slack": grid.slack,
