@@ -7,6 +7,7 @@ from scipy.stats import beta, chisquare, kstest
 from unmask.testing import OracleModel, chi_square_counts
 from unmask.sampling import ARConfig, AncestralConfig, FirstHittingConfig, ancestral, ar_sample, exponential_race, first_hitting
 from unmask.sampling.base import categorical
+from unmask.sampling.shapes import decode_shapes
 from unmask.schedule import Schedule
 
 
@@ -31,19 +32,24 @@ def test_ancestral_reproduces_the_distribution(oracle):
     assert pvalue(oracle, out.tokens) > 1e-3
 
 
-def test_few_step_ancestral_is_detectably_biased(oracle):
+@pytest.mark.parametrize("shapes", ["dynamic", "static"])
+def test_few_step_ancestral_is_detectably_biased(oracle, shapes):
     """With 2 steps several tokens unmask together from factorised marginals: the test must see it."""
     gen = torch.Generator().manual_seed(0)
     x = torch.full((8000, 4), oracle.config.mask_id)
-    out = ancestral(oracle, x, gen, AncestralConfig(steps=2))
+    with decode_shapes(shapes):
+        out = ancestral(oracle, x, gen, AncestralConfig(steps=2))
     assert pvalue(oracle, out.tokens) < 1e-6
 
 
-def test_ancestral_keeps_prompt_and_samples_the_conditional(oracle):
+@pytest.mark.parametrize("shapes", ["dynamic", "static"])
+def test_ancestral_keeps_prompt_and_samples_the_conditional(oracle, shapes):
+    """Also with static shapes (:mod:`unmask.sampling.shapes`): every row and position each call, the prompt kept by masks."""
     gen = torch.Generator().manual_seed(1)
     m = oracle.config.mask_id
     x = torch.tensor([[2, m, m, 0]] * 6000)
-    out = ancestral(oracle, x, gen, AncestralConfig(steps=128))
+    with decode_shapes(shapes):
+        out = ancestral(oracle, x, gen, AncestralConfig(steps=128))
     assert (out.tokens[:, 0] == 2).all() and (out.tokens[:, 3] == 0).all()
     # exact conditional over the two free positions given x1 = 2, x4 = 0
     consistent = (oracle.seqs[:, 0] == 2) & (oracle.seqs[:, 3] == 0)

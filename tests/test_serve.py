@@ -132,10 +132,13 @@ AR_REQUESTS = [
 ]
 
 
+@pytest.mark.parametrize("shapes", ["auto", "static"])
 @pytest.mark.parametrize("server,requests", [("mdm", REQUESTS), ("ar", AR_REQUESTS)])
-def test_concurrent_requests_equal_one_at_a_time(request, server, requests):
+def test_concurrent_requests_equal_one_at_a_time(request, monkeypatch, server, requests, shapes):
     """Batching changes which rows share a forward, never a result: every request decoded alongside
-    the others gives exactly the text it gives alone (fixed seeds)."""
+    the others gives exactly the text it gives alone (fixed seeds); also with static shapes, the
+    GPU's default (:mod:`unmask.sampling.shapes`), whose calls cover every row and position."""
+    monkeypatch.setattr("unmask.sampling.shapes.DEFAULT", shapes)
     url = request.getfixturevalue(server)
     name = model_id(url)
     alone = [[c["text"] for c in complete(url, **body)["choices"]] for body in requests]

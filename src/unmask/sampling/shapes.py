@@ -21,10 +21,13 @@ classifier guidance and reward-guided decoding.
 
     with decode_shapes("static"):   # or "dynamic"; "auto" (the default): static on CUDA
         ...
+
+The environment variable ``UNMASK_DECODE_SHAPES`` (auto, static or dynamic) sets the default of a process.
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -34,12 +37,13 @@ from unmask.errors import not_one_of
 
 SHAPES = ("auto", "static", "dynamic")
 POLL = 4  # static threshold decoding reads whether it is done every POLL steps
-_CHOICE: ContextVar[str] = ContextVar("unmask_decode_shapes", default="auto")
+DEFAULT = os.environ.get("UNMASK_DECODE_SHAPES", "auto")  # the process's choice, in every thread (a server's workers too)
+_CHOICE: ContextVar[str | None] = ContextVar("unmask_decode_shapes", default=None)
 
 
 @contextmanager
 def decode_shapes(kind: str):
-    """Decode with ``kind`` shapes inside the block (auto: static on CUDA, dynamic elsewhere)."""
+    """Decode with ``kind`` shapes inside the block, in this thread (auto: static on CUDA, dynamic elsewhere)."""
     if kind not in SHAPES:
         raise not_one_of("shapes", kind, SHAPES)
     token = _CHOICE.set(kind)
@@ -51,5 +55,7 @@ def decode_shapes(kind: str):
 
 def static_shapes(x: torch.Tensor) -> bool:
     """Whether a decode of canvas ``x`` runs with static shapes (the choice in force, auto: on CUDA)."""
-    kind = _CHOICE.get()
+    kind = _CHOICE.get() or DEFAULT
+    if kind not in SHAPES:
+        raise not_one_of("UNMASK_DECODE_SHAPES", kind, SHAPES)
     return x.is_cuda if kind == "auto" else kind == "static"

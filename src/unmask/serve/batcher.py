@@ -35,7 +35,7 @@ import torch
 
 from unmask.model import KVCache
 
-MERGEABLE = ("t", "key_mask", "positions", "logits_at", "kv_cache", "cache_index")
+MERGEABLE = ("t", "key_mask", "positions", "logits_at", "kv_cache", "cache_index", "check_span")
 
 
 class Cancelled(Exception):
@@ -91,6 +91,8 @@ def signature(tokens: torch.Tensor, kwargs: dict) -> tuple | None:
             if value.k[0].shape[0] != b:
                 return None
             parts.append((name, len(value.k), tuple(value.k[0].shape[1:]), value.k[0].dtype, value.length))
+        elif isinstance(value, bool):  # a flag: calls merge when they give the same
+            parts.append((name, value))
         else:
             return None
     return tuple(parts)
@@ -198,8 +200,8 @@ class Scheduler:
             parts.append((first.tokens[:1].expand(extra, -1), {name: _filler(name, value, extra) for name, value in first.kwargs.items()}))
         kwargs = {}
         for name, value in first.kwargs.items():
-            if value is None:
-                kwargs[name] = None
+            if value is None or isinstance(value, bool):
+                kwargs[name] = value
             elif isinstance(value, KVCache):
                 caches = [kw[name] for _, kw in parts]
                 kwargs[name] = KVCache([torch.cat(layer) for layer in zip(*(c.k for c in caches))],
@@ -223,9 +225,9 @@ class Scheduler:
 
 
 def _filler(name: str, value, rows: int):
-    """``rows`` copies of the first row of a keyword's value (logits_at: every position)."""
-    if value is None:
-        return None
+    """``rows`` copies of the first row of a keyword's value (logits_at: every position; a flag as it is)."""
+    if value is None or isinstance(value, bool):
+        return value
     if isinstance(value, KVCache):
         return KVCache([k[:1].expand(rows, *k.shape[1:]) for k in value.k], [v[:1].expand(rows, *v.shape[1:]) for v in value.v], value.length)
     if name == "logits_at":
