@@ -81,7 +81,7 @@ def reverse_curse(
 @experiment_app.command("reverse-curse-ablation")
 def reverse_curse_ablation(
     out: Path = typer.Option(Path("runs/experiments/reverse-curse-ablation"), help="Results folder (runs/, corpora/, results.json, results.md, ablation.png)."),
-    points: str = typer.Option("", help="Comma-separated points of the grid to run (default all): base, mixed, depth1, depth4, width64, width256, "
+    points: str = typer.Option("", help="Comma-separated points of the grid to run (default all): base, mixed, mixed-12k, depth1, depth4, width64, width256, "
                                         "repeats5, paraphrases1, lr1e-3, lr4e-3, constant-lr, t-dce, context64."),
     ar_points: str = typer.Option("base,mixed", help="Comma-separated points that also train an AR model (the control)."),
     seeds: str = typer.Option("0", help="Comma-separated training seeds of every run."),

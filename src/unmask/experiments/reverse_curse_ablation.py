@@ -31,6 +31,7 @@ BASE = rc.Settings(n_layer=2, context_len=32, steps=4000, text_chars=0, seeds=(0
 POINTS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("base", "base", {}),
     ("mixed", "text", {"text_chars": 200_000}),
+    ("mixed-12k", "text", {"text_chars": 200_000, "steps": 12_000}),
     ("depth1", "depth", {"n_layer": 1}),
     ("depth4", "depth", {"n_layer": 4}),
     ("width64", "width", {"n_embd": 64}),
