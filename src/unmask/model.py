@@ -65,6 +65,14 @@ class KVCache:
             mine[index] = theirs
 
 
+def at_positions(x: torch.Tensor, logits_at: torch.Tensor) -> torch.Tensor:
+    """The rows (N, ...) of x (B, L, ...) at ``logits_at``: a (B, L) bool mask (row-major order), or
+    a (B, Q) index of columns per row (N = B Q, nothing read from the device)."""
+    if logits_at.dtype == torch.bool:
+        return x[logits_at]
+    return x.gather(1, logits_at.view(*logits_at.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:])).flatten(0, 1)
+
+
 def rope_frequencies(config: ModelConfig, device=None) -> torch.Tensor:
     """(head_dim/2,) float32 rotary frequencies, with LLaMA-3.1 scaling when ``config.rope_scaling == "llama3"``.
 
@@ -236,8 +244,7 @@ class Transformer(nn.Module):
         cache_index: torch.Tensor | None = None,
         logits_at: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
-        soft_tokens: torch.Tensor | None = None,
-        check_span: bool = True,
+        soft_tokens: torch.Tensor | None = None, check_span: bool = True,
     ) -> torch.Tensor:
         """Logits for every position (or for the ``logits_at`` ones).
 
@@ -252,19 +259,17 @@ class Transformer(nn.Module):
             kv_cache: keys/values of other positions (see :class:`KVCache`); AR: appended to.
             cache_index: (B, L) the canvas slots of ``tokens`` in ``kv_cache`` (MDM decoding):
                 their keys/values are written there and every slot is attended to.
-            logits_at: (B, L) bool: apply the head only at these positions.
+            logits_at: (B, L) bool: apply the head only at these positions; or (B, Q) long: these columns of each row.
             attn_mask: (L, S) or (B, 1, L, S) bool, True where a query may attend to a key: replaces
                 the causal / block-causal mask of the config (e.g. the 2L block-diffusion training
                 mask, :mod:`unmask.block_diffusion`, or the annealed mask of AR -> MDM adaptation,
                 :mod:`unmask.adaptation`); ``key_mask`` still applies. Or a FlexAttention
                 ``BlockMask`` (then without key_mask and cache).
             soft_tokens: (B, L, vocab_size) weights: embed ``soft_tokens @ embed.weight[:vocab_size]``, not ``tokens`` (Duo).
-            check_span: False skips the check that the given ``positions`` span at most the context,
-                which reads them from the device: for a decoder that checked its canvas once
-                (:mod:`unmask.sampling.shapes`).
+            check_span: False: the caller checked that ``positions`` span at most the context (the check reads the device).
         Returns:
             (B, L, vocab_size) logits, or (N, vocab_size) for the N ``logits_at`` positions in
-            row-major order (in the autocast dtype when autocast is on); a classifier
+            row-major order (B Q of them for an index) (in the autocast dtype when autocast is on); a classifier
             (``config.labels``): (B, num_labels) label logits of each row.
         Raises:
             UnmaskError: for positions spanning more than ``config.context_len`` (an input, with
@@ -281,8 +286,7 @@ class Transformer(nn.Module):
         num_keys = kv_cache.k[0].shape[2] if cache_index is not None else start + l
         placed = positions if positions is not None else cache_index
         appending = kv_cache is not None and cache_index is None  # the AR cache: its slots and the new ones
-        if check_span or appending or placed is None:
-            self._check_context(start + l if appending or placed is None else placed)
+        self._check_context(start + l if appending or placed is None else placed if check_span else 0)
         if positions is None:
             positions = q_slot
         cos, sin = rotary_tables(positions, rope_frequencies(cfg, tokens.device))
@@ -303,7 +307,7 @@ class Transformer(nn.Module):
                 raise UnmaskError("a model with shift_logits (Dream layout) cannot decode with a KV cache; sample without a cache")
             x = torch.cat([x[:, :1], x[:, :-1]], dim=1)
         if logits_at is not None:
-            x = x[logits_at]
+            x = at_positions(x, logits_at)
         x = self.norm(x)
         logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight[: cfg.vocab_size])
         if cfg.mask_token_id >= 0:  # MASK inside the vocabulary is never a prediction

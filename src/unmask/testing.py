@@ -20,6 +20,7 @@ from torch import nn
 
 from unmask.config import ModelConfig
 from unmask.errors import UnmaskError
+from unmask.model import at_positions
 
 _NEG = -1e30  # log of zero probability, finite so that softmax never sees all -inf
 
@@ -118,7 +119,7 @@ class OracleModel(nn.Module):
                 agree = (tokens[:, None, 1 : i + 1] == self.seqs[None, :, :i]).all(dim=2)
                 marg[:, i] = self._marginals(agree)[:, i]
         logits = torch.where(marg > 0, marg.log(), torch.full_like(marg, _NEG)).float()
-        return logits if logits_at is None else logits[logits_at]
+        return logits if logits_at is None else at_positions(logits, logits_at)
 
 
 
@@ -166,7 +167,7 @@ class BlockOracle(OracleModel):
         else:
             logits = torch.where(marg > 0, marg.log(), torch.full_like(marg, _NEG))
         logits = logits.float()
-        return logits if logits_at is None else logits[logits_at]
+        return logits if logits_at is None else at_positions(logits, logits_at)
 
 
 def exact_nats_per_token(oracle: OracleModel) -> float:

@@ -48,7 +48,7 @@ def step(model, state: SamplerState, generator: torch.Generator, config: Ancestr
     unmask = can & (torch.rand(can.shape, generator=generator, dtype=dtype_of(config.precision), device=x.device) >= stay)
     time = torch.full((x.shape[0],), t, dtype=torch.float64)
     logits, called, cache = predict(model, state, unmask, cond, config.cfg_scale, time)
-    new = settle(state, fill(x, unmask, logits, generator, config), unmask, logits, generator, config, cond)
+    new = settle(state, fill(x, unmask, logits, generator, config, state.width), unmask, logits, generator, config, cond)
     return state.advance(new, called, cache, done=state.finished(new, config.steps))
 
 

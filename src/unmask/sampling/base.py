@@ -41,8 +41,9 @@ class SamplerState:
     may fill (None: every MASK); ``step`` steps done; ``nfe`` network calls so far, ``row_nfe`` (B,)
     per row; ``cache``: the KV cache of the canvas (None: no cache); ``done``: nothing left to do;
     ``mask_id``: the model's MASK token, read from its config once, at the start; ``static``: the
-    step runs with static shapes (:mod:`unmask.sampling.shapes`), and ``open_max`` is then the most
-    positions any row had to fill at the start, read once, from which a sampler decides its steps."""
+    step runs with static shapes (:mod:`unmask.sampling.shapes`), ``open_max`` is then the most
+    positions any row had to fill at the start, read once, from which a sampler decides its steps,
+    and ``width`` the positions per row at which each call's head and draws run (:func:`frame_index`)."""
 
     tokens: torch.Tensor
     eligible: torch.Tensor | None = None
@@ -54,6 +55,7 @@ class SamplerState:
     mask_id: int = -1
     static: bool = False
     open_max: int = 0
+    width: int = 0
 
     def advance(self, tokens: torch.Tensor, called: torch.Tensor, cache: CanvasCache | None, **changes) -> "SamplerState":
         """The state after a step that wrote ``tokens`` and called the network on the ``called`` (B,) rows
@@ -157,8 +159,8 @@ def predict(
 ) -> tuple[torch.Tensor, torch.Tensor, CanvasCache | None]:
     """float32 logits (N, V) at the N ``want`` (B, L) positions of ``state.tokens`` (row-major order),
     with padding masks, positions, guidance and the state's KV cache applied; with static shapes
-    (``state.static``, no cache, constraint or classifier) at all N = B L positions, which
-    :func:`fill` and :func:`scatter_rows` read as a (B, L) grid.
+    (``state.static``) at the N = B ``state.width`` positions of :func:`frame_index`, which
+    :func:`fill` and :func:`scatter_rows` place back with the same ``width``.
 
     One forward over the rows with a wanted position; returns (logits, called (B,) bool, cache after).
     ``t`` (B,): the chain time a time-conditioned network is given (ancestral, first-hitting); None,
@@ -170,6 +172,7 @@ def predict(
     t = None if cond.canvas_time else t
     called = want.any(dim=1)
     static = state.static
+    index = frame_index(want, state.width) if static else None
     if not static and not bool(called.any()):
         return torch.empty((0, model.config.vocab_size), device=x.device), called, state.cache
     rows = None if static else called.nonzero().squeeze(1)
@@ -187,8 +190,9 @@ def predict(
         t = None if t is None else torch.cat([t, t])
     time = network_time(model, tokens, t, key_mask)
     cache = state.cache
-    if static:  # every row, every position: (B L, V), no shape read from the device (the canvas's span was checked when it was made)
-        logits = model(tokens, t=time, key_mask=key_mask, positions=positions, check_span=False).flatten(0, 1)
+    if static:  # every row, ``width`` positions each: (B width, V), nothing read from the device (the canvas's span was checked when it was made)
+        logits = model(tokens, t=time, key_mask=key_mask, positions=positions, check_span=False,
+                       logits_at=torch.cat([index, index]) if guided else index)
     elif cache is None:
         logits = model(tokens, t=time, key_mask=key_mask, positions=positions, logits_at=wanted)
     else:
@@ -337,10 +341,20 @@ def model_probability(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tenso
     return (logits.gather(-1, tokens[..., None]).squeeze(-1) - logits.logsumexp(dim=-1)).exp()
 
 
-def scatter_rows(values: torch.Tensor, where: torch.Tensor, fill_value: float) -> torch.Tensor:
-    """(B, L) tensor holding ``values`` (N,) at the N True positions of ``where`` (row-major), ``fill_value`` elsewhere."""
-    if values.shape[0] == where.numel():  # a value at every position (static shapes, or every position wanted)
-        return torch.where(where, values.view(where.shape), fill_value)
+def frame_index(want: torch.Tensor, width: int) -> torch.Tensor:
+    """(B, width) the columns of each row's ``want`` (B, L) positions in ascending order, then other
+    columns up to ``width`` (static shapes: a fixed number per row, so nothing is read from the
+    device; ``width`` >= the most positions any row wants)."""
+    return want.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :width]
+
+
+def scatter_rows(values: torch.Tensor, where: torch.Tensor, fill_value: float, width: int = 0) -> torch.Tensor:
+    """(B, L) tensor holding ``values`` (N,) at the N True positions of ``where`` (row-major), ``fill_value`` elsewhere.
+    ``width`` > 0 (static shapes): ``values`` (B width,) at :func:`frame_index` (where, width)."""
+    if width:
+        placed = torch.full(where.shape, fill_value, dtype=values.dtype, device=values.device)
+        placed = placed.scatter(1, frame_index(where, width), values.view(where.shape[0], width))
+        return torch.where(where, placed, fill_value)
     out = torch.full(where.shape, fill_value, dtype=values.dtype, device=values.device)
     out[where] = values
     return out
@@ -363,13 +377,16 @@ def top_per_row(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor)
     return candidates & (ranks < k[:, None])
 
 
-def fill(tokens: torch.Tensor, where: torch.Tensor, logits: torch.Tensor, generator: torch.Generator, config: SamplerConfig) -> torch.Tensor:
+def fill(tokens: torch.Tensor, where: torch.Tensor, logits: torch.Tensor, generator: torch.Generator, config: SamplerConfig,
+         width: int = 0) -> torch.Tensor:
     """tokens (B, L) with a fresh draw at the N ``where`` positions from their logits (N, V) (one
-    categorical over V per chosen position, not B x L of them)."""
+    categorical over V per chosen position, not B x L of them); ``width`` > 0 (static shapes): the
+    logits are at :func:`frame_index` (where, width)."""
+    if width:
+        drawn = sample_from(logits, generator, config).view(where.shape[0], width)
+        return torch.where(where, tokens.scatter(1, frame_index(where, width), drawn), tokens)
     if logits.shape[0] == 0:
         return tokens
-    if logits.shape[0] == where.numel():  # logits at every position (static shapes, or every position wanted)
-        return torch.where(where, sample_from(logits, generator, config).view(where.shape), tokens)
     out = tokens.clone()
     out[where] = sample_from(logits, generator, config)
     return out
@@ -389,6 +406,7 @@ class Sampler:
     config: type
     start: Callable[..., SamplerState]
     step: Callable[..., SamplerState]
+    width: Callable[..., int] | None = None  # static shapes: (config, most positions a row fills) -> positions per row each call covers
 
     @torch.no_grad()
     def __call__(
@@ -405,7 +423,8 @@ class Sampler:
         config = self.config() if config is None else config
         state = self.start(model, x, config, eligible, cache)
         if static_shapes(x) and cache is None and (cond is None or cond.constraint is cond.classifier_guide is cond.steering is None):
-            state = replace(state, static=True, open_max=int(open_positions(x, state.mask_id, eligible).sum(dim=1).max()))
+            most = int(open_positions(x, state.mask_id, eligible).sum(dim=1).max())
+            state = replace(state, static=True, open_max=most, width=self.width(config, most) if self.width else most)
         while not state.done:
             state = self.step(model, state, generator, config, cond)
             if callback is not None:

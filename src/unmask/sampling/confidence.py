@@ -69,8 +69,8 @@ def step(model, state: SamplerState, generator: torch.Generator, config: Confide
     else:
         x0 = sample_from(logits, generator, config)
         scores = confidence_scores(logits, x0, config.score, generator)
-    commit = top_per_row(scatter_rows(scores, can, -torch.inf), can, k)
-    new = settle(state, torch.where(commit, scatter_rows(x0, can, mask_id), x), can, logits, generator, config, cond)
+    commit = top_per_row(scatter_rows(scores, can, -torch.inf, state.width), can, k)
+    new = settle(state, torch.where(commit, scatter_rows(x0, can, mask_id, state.width), x), can, logits, generator, config, cond)
     # static shapes: with the even allocation and more steps than positions a row fills one per step
     last = min(config.steps, state.open_max) if state.static and config.allocation == "even" else config.steps
     return state.advance(new, called, cache, done=state.finished(new, last))

@@ -36,9 +36,9 @@ def step(model, state: SamplerState, generator: torch.Generator, config: Thresho
     can = open_positions(x, mask_id, state.eligible)
     logits, called, cache = predict(model, state, can, cond, config.cfg_scale)
     x0, p = propose(logits, generator, config)
-    p = scatter_rows(p, can, -torch.inf)
+    p = scatter_rows(p, can, -torch.inf, state.width)
     commit = (can & (p >= config.tau)) | top_per_row(p, can, can.any(dim=1).long())
-    new = settle(state, torch.where(commit, scatter_rows(x0, can, mask_id), x), can, logits, generator, config, cond)
+    new = settle(state, torch.where(commit, scatter_rows(x0, can, mask_id, state.width), x), can, logits, generator, config, cond)
     # static shapes: every step commits at least one position of each unfinished row, so at most open_max steps
     return state.advance(new, called, cache, done=state.finished(new, state.open_max if state.static else x.shape[1] + 1, POLL))
 

@@ -191,7 +191,7 @@ class Scheduler:
         stats["max_requests_per_forward"] = max(stats["max_requests_per_forward"], len(group))
         first = group[0]
         length, rows = first.tokens.shape[1], sum(c.tokens.shape[0] for c in group)
-        wanted = rows * length if first.kwargs.get("logits_at") is None else sum(int(c.kwargs["logits_at"].sum()) for c in group)
+        wanted = sum(_outputs(c.tokens, c.kwargs) for c in group)
         # filler rows (copies of the first row, outputs discarded) so that every matrix product has
         # at least min_rows rows: below a few rows BLAS switches kernels, and a row's low bits with it
         extra = max(0, -(-(self.min_rows - rows * length) // length), -(-(self.min_rows - wanted) // length))
@@ -210,7 +210,7 @@ class Scheduler:
                 kwargs[name] = torch.cat([kw[name] for _, kw in parts])
         out = self.model(torch.cat([tokens for tokens, _ in parts]), **kwargs)
         # logits_at: (N, V) rows in row-major order, so each call's rows are consecutive
-        sizes = [int(kw["logits_at"].sum()) if kw.get("logits_at") is not None else tokens.shape[0] for tokens, kw in parts]
+        sizes = [_outputs(tokens, kw) if kw.get("logits_at") is not None else tokens.shape[0] for tokens, kw in parts]
         for call, part in zip(group, out.split(sizes)):
             call.result = part
         merged = kwargs.get("kv_cache")
@@ -222,6 +222,14 @@ class Scheduler:
                     mine.copy_(theirs[start : start + b])
                 cache.length = merged.length
                 start += b
+
+
+def _outputs(tokens: torch.Tensor, kwargs: dict) -> int:
+    """The positions a call's logits cover: its ``logits_at`` mask's True entries or index's entries, else every position."""
+    at = kwargs.get("logits_at")
+    if at is None:
+        return tokens.numel()
+    return int(at.sum()) if at.dtype == torch.bool else at.numel()
 
 
 def _filler(name: str, value, rows: int):
