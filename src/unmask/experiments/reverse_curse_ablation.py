@@ -17,6 +17,7 @@ count against chance.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -116,12 +117,13 @@ RANKINGS = (("top1", "left-to-right", "eos"), ("top1_r2l", "right-to-left", "eos
 
 
 def _ranked_first(scores: list[float], answers: list[list[list[int]]]) -> list[float]:
-    """Per question, 1.0 where the correct answer (the first candidate) scores above all its distractors."""
+    """Per question, 1.0 where no distractor scores above the correct answer (the first candidate): rank 1,
+    as :func:`unmask.experiments.reverse_curse.evaluate_run` counts it."""
     out, k = [], 0
     for cands in answers:
         block = scores[k : k + len(cands)]
         k += len(cands)
-        out.append(float(all(block[0] > s for s in block[1:])))
+        out.append(float(not any(s > block[0] for s in block[1:])))
     return out
 
 
@@ -145,8 +147,8 @@ def evaluate(run_dir: Path, facts, settings: rc.Settings, grid: Settings, device
         scores = score_answers(model, pairs, tok.eos_id, order, canvas, closing, draws=grid.elbo_draws, seed=settings.data_seed)
         per_question[metric] = _ranked_first(scores, answers)
         if metric == "top1":
-            firsts = [scores[sum(len(c) for c in answers[:i])] for i in range(len(answers))]
-            per_question["logp_per_token"] = [s / len(c[0]) for s, c in zip(firsts, answers)]
+            starts = [0, *itertools.accumulate(len(c) for c in answers)][:-1]  # each question's correct answer
+            per_question["logp_per_token"] = [scores[k] / len(c[0]) for k, c in zip(starts, answers)]
     lengths = [len(cands[0]) for cands in answers]
     per_question["em"] = [float(f == c[0]) for f, c in zip(complete(model, prompts, lengths, tok.eos_id), answers)]
     untold = complete_untold(model, prompts, lengths, tok.eos_id, tok.decode, grid.slack)
@@ -259,6 +261,7 @@ def run(out_dir: str | Path, grid: Settings = Settings(), device: str = "auto", 
             facts, source, data, tok = rc.facts_corpus(out / "corpora" / data_key(s), s, None)
             corpora[data_key(s)] = (data.resolve(), tok.vocab_size)
             rc.check_questions_fit(facts, s, tok)
+    rc.facts_mod.write_facts(out / "facts.jsonl", facts)
     records = run_grid(out, specs_for(grid, corpora), lambda spec, run_dir: evaluate(run_dir, facts, grid.settings(spec.meta["point"]), grid, device),
                        device=device, progress=progress, chunk=grid.base.chunk, desc="reverse-curse ablation", log_to=log_to)
     rows = summarise(records, grid)
