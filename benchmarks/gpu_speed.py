@@ -17,7 +17,7 @@ compute peak by the best of repeated square bf16 matmuls (``train_scale.peak_mat
   (``sampling.measure``), at batch 1 and 8, without a cache and with the dual cache;
 * with ``--compiled-decode``: the same decodes eager and compiled (``unmask.compiled``: torch.compile
   at bucketed shapes, CUDA graphs without a cache), the confidence sampler at each batch of the
-  overhead rows and AR decoding at batch 1: tokens/s of each and the compiled/eager ratio, after
+  overhead rows and AR decoding at the same batches: tokens/s of each and the compiled/eager ratio, after
   one untimed decode that compiles every shape;
 * training tokens/s and MFU of the MDM and the AR model, compiled, at the 85m and 350m presets,
   through the loop's own ``Trainer.step`` (``train_step_profile.build_trainer``), MFU with the
@@ -227,26 +227,29 @@ def overhead(mdm, shapes: Shapes, device: torch.device) -> list[dict]:
 
 def compiled_decode(mdm, ar, shapes: Shapes, device: torch.device) -> list[dict]:
     """Eager vs compiled decoding (:mod:`unmask.compiled`): the confidence sampler without a cache (length / 4 steps,
-    blocks of ``block``) at each batch of ``overhead_batches``, and AR decoding with its KV cache at batch 1; median
+    blocks of ``block``) and AR decoding with its KV cache, at each batch of ``overhead_batches``; median
     tokens/s over ``repeats`` decodes (one seed, so every decode meets the same shapes) after one untimed decode, which
-    compiles them; the compiled wrapper's counts of compiled and eager calls and of shapes."""
+    compiles them; the compiled wrapper's counts of this case's compiled and eager calls and of the shapes it added."""
     length = shapes.overhead_length
     cases = []
     for batch in shapes.overhead_batches:
         x, cond, start = make_canvas([[]] * batch, length, mdm.config.mask_id, 0, separator=0, device=device)
         decoding = decoding_for(mdm.config, length, {"sampler": "confidence", "steps": length // 4, "block_len": shapes.block})
         cases.append(("mdm confidence", mdm, decoding, x, cond, start, batch * length))
-    prompt = torch.zeros((1, 1), dtype=torch.long, device=device)
-    cases.append(("ar kv-cache", ar, decoding_for(ar.config, shapes.ar_tokens, {}), prompt, None, 0, shapes.ar_tokens))
-    rows = []
+    for batch in shapes.overhead_batches:
+        prompt = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        cases.append(("ar kv-cache", ar, decoding_for(ar.config, shapes.ar_tokens, {}), prompt, None, 0, batch * shapes.ar_tokens))
+    rows, wrappers = [], {id(mdm): CompiledModel(mdm), id(ar): CompiledModel(ar)}  # one per network: its graphs are kept
     for name, model, decoding, x, cond, start, tokens in cases:
-        row = {"decode": name, "batch": x.shape[0], "canvas": x.shape[1] + (tokens if start == 0 else 0), "tokens": tokens}
-        compiled = CompiledModel(model)
+        row = {"decode": name, "batch": x.shape[0], "canvas": x.shape[1] + (tokens // x.shape[0] if start == 0 else 0), "tokens": tokens}
+        compiled = wrappers[id(model)]
+        before = dict(compiled.stats)
         for path, network in (("eager", model), ("compiled", compiled)):
             wall = timed(lambda: decoding.run(network, x, torch.Generator(device=device).manual_seed(0), cond, start=start), device,
                          shapes.repeats)
             row[f"{path}_tokens_per_s"] = tokens / wall
-        rows.append(row | {"ratio": row["compiled_tokens_per_s"] / row["eager_tokens_per_s"], "calls": dict(compiled.stats)})
+        calls = {key: compiled.stats[key] - before[key] for key in before}  # this case's calls; shapes: the new ones it met
+        rows.append(row | {"ratio": row["compiled_tokens_per_s"] / row["eager_tokens_per_s"], "calls": calls})
         print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -353,7 +356,7 @@ def markdown(res: dict) -> str:
     lines += ["", "| sampler (confidence, blocks) | batch | canvas | NFE | tokens/s | outside the network |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['config']} | {r['batch']} | {r['canvas']} | {r['nfe']} | {r['tokens_per_s']:,.1f} | {100 * r['overhead']:.1f}% |"
               for r in res["caches"]["rows"] + res["sampler_overhead"]]
-    lines += ["", "| decode, eager vs compiled | batch | canvas | eager tokens/s | compiled tokens/s | ratio | shapes |",
+    lines += ["", "| decode, eager vs compiled | batch | canvas | eager tokens/s | compiled tokens/s | ratio | new shapes |",
               "|---|---|---|---|---|---|---|"] if res.get("compiled_decode") else []
     lines += [f"| {r['decode']} | {r['batch']} | {r['canvas']} | {r['eager_tokens_per_s']:,.1f} | {r['compiled_tokens_per_s']:,.1f} | "
               f"{r['ratio']:.2f} | {r['calls']['shapes']} |" for r in res.get("compiled_decode", [])]

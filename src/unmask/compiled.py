@@ -12,11 +12,10 @@ calls that feed a different number of slots per step). So every call is padded u
   copies of the first row, and their outputs are discarded;
 * the canvas length (or, with a cache, the number of fed slots) to the next power of two up to 8,
   then in quarter steps of the octave (10, 12, 14, 16, 20, ..., 64, 80, 96, 112, 128, 160, ...),
-  at most the model's context (the cache's slots). An added column
-  repeats the last real column's token and rotary position (the next slots' positions where the
-  caller gave none, as the network's default); without a cache, the key mask hides
-  it from every real query (False at its key; a causal model's mask hides it already, since it
-  lies after every real query). With a cache the repeated column writes the same keys/values into
+  at most the model's context (the cache's slots). An added column repeats the last real
+  column's token and rotary position (the next slots' positions where the caller gave none, as
+  the network's default); without a cache, the key mask hides it from every real query (False at
+  its key; a causal model's mask hides it already, since it lies after every real query). With a cache the repeated column writes the same keys/values into
   the same slot as the column it copies, so the cache ends up as without padding.
 
 What the padding changes is exact in real arithmetic: a masked key gets probability exp(-inf) = 0,
@@ -38,9 +37,8 @@ Three kinds of call:
   the eager model's errors).
 
 ``stats`` counts them: ``compiled`` calls (of which ``graphed`` ran as CUDA graphs), ``eager``
-calls, and ``shapes``, the distinct padded shapes compiled so far (each costs one compilation, tens
-of seconds on a CPU, seconds on a GPU, the first time it is met; :meth:`CompiledModel.warm_up`
-compiles a list of them ahead).
+calls, and ``shapes``, the distinct padded shapes met so far (each costs one compilation, of a few
+to tens of seconds, the first time it is met).
 """
 
 from __future__ import annotations
@@ -54,6 +52,7 @@ from unmask.model import KVCache
 # Distinct shapes one compiled function may specialise to: torch.compile's default limit (8) falls
 # back to eager silently past it, while the buckets of one serving process can number a few dozen.
 SHAPE_LIMIT = 64
+_LIMIT_NAME = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # before torch 2.6
 
 
 def bucket_batch(rows: int) -> int:
@@ -76,8 +75,9 @@ def bucket_length(length: int, limit: int) -> int:
 
 def _pad(x: torch.Tensor | None, rows: int, cols: int | None = None, fill=None) -> torch.Tensor | None:
     """``x`` (B, ...) with rows added up to ``rows`` (copies of row 0) and, for a (B, L) ``x``,
-    columns up to ``cols``: ``fill`` where given, else copies of the last column; contiguous (a
-    graph is specialised to its inputs' strides too, and a slice of a growing tensor changes them)."""
+    columns up to ``cols``: ``fill`` where given, else copies of the last column; with the strides
+    of a new tensor (a graph is specialised to its inputs' strides too, and a slice of a growing
+    tensor changes them even where it counts as contiguous: a (1, 1) slice of a (1, S) tensor)."""
     if x is None:
         return None
     if cols is not None and cols > x.shape[1]:
@@ -86,7 +86,7 @@ def _pad(x: torch.Tensor | None, rows: int, cols: int | None = None, fill=None) 
         x = torch.cat([x, added], dim=1)
     if rows > x.shape[0]:
         x = torch.cat([x, x[:1].expand(rows - x.shape[0], *x.shape[1:])])
-    return x.contiguous()
+    return x if x.stride() == torch.empty(x.shape, device="meta").stride() else x.clone(memory_format=torch.contiguous_format)
 
 
 class CompiledModel(nn.Module):
@@ -153,11 +153,11 @@ class CompiledModel(nn.Module):
         if key_mask is None and cols > length and not self.config.causal:
             key_mask = torch.ones_like(tokens, dtype=torch.bool)
         args = (_pad(tokens, rows, cols), _pad(t, rows), _pad(key_mask, rows, cols, False), _pad(positions, rows, cols))
-        self._met(("plain", rows, cols, t is not None, key_mask is not None, positions is not None))
+        new = self._met(("plain", rows, cols, t is not None, key_mask is not None, positions is not None, tokens.dtype))
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer read
             self.stats["graphed"] += 1
-        logits = self._run(self._plain, args)[:b, :length]
+        logits = self._run(self._plain, args, new)[:b, :length]
         return logits.clone() if self.cuda_graphs else logits  # a CUDA graph's output is overwritten by its next replay
 
     def _call_cached(self, tokens, t, key_mask, positions, kv_cache: KVCache, cache_index) -> torch.Tensor:
@@ -173,32 +173,28 @@ class CompiledModel(nn.Module):
         if positions is None:
             positions = cache_index
         cols = bucket_length(q, slots)
-        self._met(("cached", b, cols, slots, t is not None, key_mask is not None))
+        new = self._met(("cached", b, cols, slots, t is not None, key_mask is not None, kv_cache.k[0].dtype))
         args = (_pad(tokens, b, cols), _pad(t, b), _pad(key_mask, b), _pad(positions, b, cols), kv_cache.k, kv_cache.v,
                 _pad(cache_index, b, cols))
-        logits = self._run(self._cached, args)[:, :q]
+        logits = self._run(self._cached, args, new)[:, :q]
         if appending:
             kv_cache.length += q
         return logits
 
-    def _met(self, shape: tuple) -> None:
-        if shape not in self._shapes:
-            self._shapes.add(shape)
-            self.stats["shapes"] = len(self._shapes)
+    def _met(self, shape: tuple) -> bool:
+        """Record a padded shape; whether it is new (its first call compiles)."""
+        if shape in self._shapes:
+            return False
+        self._shapes.add(shape)
+        self.stats["shapes"] = len(self._shapes)
+        return True
 
-    def _run(self, fn, args) -> torch.Tensor:
-        with torch._dynamo.config.patch(recompile_limit=max(SHAPE_LIMIT, torch._dynamo.config.recompile_limit)):
+    def _run(self, fn, args, new: bool) -> torch.Tensor:
+        """``fn(*args)``; a new shape may be compiled past torch.compile's default limit of specialisations."""
+        if not new:
             return fn(*args)
-
-    def warm_up(self, batches: list[int], lengths: list[int]) -> None:
-        """Compile the uncached graph of every (batch, canvas length) pair ahead of the first request
-        (a fully masked canvas of each; on CUDA, the graph's capture too)."""
-        device = next(iter(self.model.parameters())).device
-        for b in batches:
-            for length in lengths:
-                tokens = torch.full((b, min(length, self.config.context_len)), self.config.mask_id, device=device)
-                t = torch.ones(b, device=device) if self.config.time_conditioning else None
-                self(tokens, t=t)
+        with torch._dynamo.config.patch(_LIMIT_NAME, max(SHAPE_LIMIT, getattr(torch._dynamo.config, _LIMIT_NAME))):
+            return fn(*args)
 
 
 def compile_for_decoding(model: nn.Module, compile: bool) -> nn.Module:
