@@ -104,7 +104,7 @@ def test_block_causal_model_prefix_and_dual_caches_are_exact_for_any_refresh(kin
 def test_a_cache_changes_a_bidirectional_models_tokens_without_refresh():
     # the caches are approximations: the test above is not vacuous
     model = tiny(seed=0)
-    x, cond, width = canvas(model, [[1, 2, 3]] * 4, 16)
+    x, cond, width = canvas(model, [[1, 2, 3]] * 8, 16)
     plain = decode(model, x, cond, "confidence", CacheConfig(), start=width)
     for kind in ("prefix", "dual", "delayed"):
         assert not torch.equal(plain.tokens, decode(model, x, cond, "confidence", CacheConfig(kind), start=width).tokens), kind

@@ -56,17 +56,19 @@ def decode(kind: str, run):
     return out, per_step, reads
 
 
-def spec_run(model, x, cond, name, seed=0, block_len=0):
+def spec_run(model, x, cond, name, seed=0, block_len=0, temperature=0.0, cache=None):
     sampler = "confidence" if name.startswith("confidence") else name
-    spec = SamplerSpec(sampler, CONFIGS[name], block_len=block_len)
+    spec = SamplerSpec(sampler, replace(CONFIGS[name], temperature=temperature), block_len=block_len, cache=cache)
     return lambda callback: spec.run(model, x, torch.Generator().manual_seed(seed), cond, callback, start=5)
 
 
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_static_steps_read_nothing_and_give_the_dynamic_tokens(mdm, canvas, name):
+def test_static_steps_read_nothing_and_give_the_dynamic_tokens(mdm, canvas, name, temperature):
+    """The same tokens at any temperature: both layouts read the same uniform at a position (grid_uniforms)."""
     x, cond = canvas
-    static, steps, _ = decode("static", spec_run(mdm, x, cond, name))
-    dynamic, dynamic_steps, _ = decode("dynamic", spec_run(mdm, x, cond, name))
+    static, steps, _ = decode("static", spec_run(mdm, x, cond, name, temperature=temperature))
+    dynamic, dynamic_steps, _ = decode("dynamic", spec_run(mdm, x, cond, name, temperature=temperature))
     assert torch.equal(static.tokens, dynamic.tokens)
     assert (static.tokens[:, 5:] != MASK).all()
     # before its first step a decode reads up to three times (the guidance check, whether anything is masked, the most
@@ -81,12 +83,28 @@ def test_static_steps_read_nothing_and_give_the_dynamic_tokens(mdm, canvas, name
 @pytest.mark.parametrize("name", ["confidence", "first-hitting"])
 def test_blocks_read_only_at_block_starts(mdm, canvas, name):
     x, cond = canvas
-    static, steps, _ = decode("static", spec_run(mdm, x, cond, name, block_len=4))
-    dynamic, _, _ = decode("dynamic", spec_run(mdm, x, cond, name, block_len=4))
+    static, steps, _ = decode("static", spec_run(mdm, x, cond, name, block_len=4, temperature=1.0))
+    dynamic, _, _ = decode("dynamic", spec_run(mdm, x, cond, name, block_len=4, temperature=1.0))
     assert torch.equal(static.tokens, dynamic.tokens)
     block_starts = [0, len(steps) // 2]  # two blocks, the same steps each
     assert all(n == 0 for i, n in enumerate(steps) if i not in block_starts)
     assert steps[0] <= 3 and steps[block_starts[1]] <= 2, steps  # the guidance check once, then two reads per block start
+
+
+@pytest.mark.parametrize("cache, refresh", [("prefix", 0), ("dual", 0), ("dual", 3)])
+@pytest.mark.parametrize("name", ["confidence", "first-hitting"])
+def test_prefix_and_dual_caches_read_nothing_and_give_the_dynamic_tokens(mdm, canvas, name, cache, refresh):
+    """Static shapes drive the prefix and dual caches with the block's columns and one call count on
+    the host: the same slots fed, the same tokens as the dynamic cache, no step reads the device."""
+    from unmask.sampling import CacheConfig
+
+    x, cond = canvas
+    run = spec_run(mdm, x, cond, name, block_len=4, temperature=1.0, cache=CacheConfig(cache, refresh))
+    static, steps, _ = decode("static", run)
+    dynamic, _, _ = decode("dynamic", run)
+    assert torch.equal(static.tokens, dynamic.tokens)
+    block_starts = [0, len(steps) // 2]
+    assert all(n == 0 for i, n in enumerate(steps) if i not in block_starts), steps
 
 
 def test_ar_decoding_reads_nothing_and_equals_the_growing_cache_at_any_temperature():

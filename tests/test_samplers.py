@@ -9,7 +9,7 @@ from scipy.stats import chisquare
 
 from unmask.config import ModelConfig
 from unmask.errors import OptionError
-from unmask.model import Transformer
+from unmask.model import Transformer, at_positions
 from unmask.testing import OracleModel, chi_square_counts
 from unmask.sampling import (
     AncestralConfig, ARConfig, ColumnBlocks, Conditioning, ConfidenceConfig, FirstHittingConfig, ThresholdConfig, ancestral,
@@ -42,7 +42,7 @@ class FixedLogits(torch.nn.Module):
     def forward(self, tokens, logits_at=None, **_):
         self.calls += 1
         out = self.logits[: tokens.shape[0]].expand(tokens.shape[0], -1, -1) if self.logits.shape[0] == 1 else self.logits[: tokens.shape[0]]
-        return out if logits_at is None else out[logits_at]
+        return out if logits_at is None else at_positions(out, logits_at)
 
 
 def masks(oracle, n):

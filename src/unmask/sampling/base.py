@@ -190,27 +190,13 @@ def predict(
         t = None if t is None else torch.cat([t, t])
     time = network_time(model, tokens, t, key_mask)
     cache = state.cache
-    if static:  # every row, ``width`` positions each: (B width, V), nothing read from the device (the canvas's span was checked when it was made)
+    if cache is not None:
+        logits, cache = _cached_forward(model, state, tokens, time, key_mask, positions, wanted, rows, index, guided)
+    elif static:  # every row, ``width`` positions each: (B width, V), nothing read from the device (the canvas's span was checked when it was made)
         logits = model(tokens, t=time, key_mask=key_mask, positions=positions, check_span=False,
                        logits_at=torch.cat([index, index]) if guided else index)
-    elif cache is None:
-        logits = model(tokens, t=time, key_mask=key_mask, positions=positions, logits_at=wanted)
     else:
-        length = x.shape[1]
-        region = pick(state.eligible) if state.eligible is not None else x[rows] == mask_id
-        fed, cache = cache.feed(rows, x[rows], region, mask_id)
-        index, real = fed_index(torch.cat([fed, fed]) if guided else fed)
-        at = index.clamp(max=length - 1)  # the scratch slot L reads any real slot; its outputs are discarded
-        visible = torch.ones_like(tokens, dtype=torch.bool) if key_mask is None else key_mask
-        visible = torch.cat([visible, torch.zeros_like(visible[:, :1])], dim=1)  # nobody attends to the scratch slot
-        kv_rows = torch.cat([rows, rows + x.shape[0]]) if guided else rows
-        kv = cache.kv if everyone else cache.kv.rows(kv_rows)
-        logits = model(
-            tokens.gather(1, at), t=time, key_mask=visible, positions=(at if positions is None else positions.gather(1, at)),
-            kv_cache=kv, cache_index=index, logits_at=wanted.gather(1, at) & real,
-        )
-        if not everyone:
-            cache.kv.put_rows(kv_rows, kv)
+        logits = model(tokens, t=time, key_mask=key_mask, positions=positions, logits_at=wanted)
     logits = logits.float()
     if guided:
         logits = combine(*logits.chunk(2), cfg_scale)
@@ -219,6 +205,32 @@ def predict(
     if cond.constraint is not None:
         logits = cond.constraint.restrict(x, want, logits)
     return logits, called, cache
+
+
+def _cached_forward(model, state: SamplerState, tokens, time, key_mask, positions, wanted, rows, index, guided: bool):
+    """:func:`predict`'s forward through the state's canvas cache: the fed slots of the called
+    ``rows`` (all with static shapes, whose logits are at the frame ``index``) -> (logits, cache after)."""
+    x, cache, length = state.tokens, state.cache, state.tokens.shape[1]
+    if state.static:  # a contiguous run of slots [first, last), the same in every row: nothing read from the device
+        fed, cache = cache.feed_static(length)
+        heads = (index - fed[:, :1]).clamp(0, fed.shape[1] - 1)  # the frame's columns among the fed slots
+        slots, real, kv_rows, kv = fed, None, None, cache.kv
+        logits_at = torch.cat([heads, heads]) if guided else heads
+        slots = torch.cat([slots, slots]) if guided else slots
+    else:
+        region = state.eligible[rows] if state.eligible is not None else x[rows] == state.mask_id
+        fed, cache = cache.feed(rows, x[rows], region, state.mask_id)
+        slots, real = fed_index(torch.cat([fed, fed]) if guided else fed)
+        kv_rows = torch.cat([rows, rows + x.shape[0]]) if guided else rows
+        kv = cache.kv if rows.numel() == x.shape[0] else cache.kv.rows(kv_rows)
+    at = slots.clamp(max=length - 1)  # the scratch slot L reads any real slot; its outputs are discarded
+    visible = torch.ones_like(tokens, dtype=torch.bool) if key_mask is None else key_mask
+    visible = torch.cat([visible, torch.zeros_like(visible[:, :1])], dim=1)  # nobody attends to the scratch slot
+    logits = model(tokens.gather(1, at), t=time, key_mask=visible, positions=(at if positions is None else positions.gather(1, at)),
+                   kv_cache=kv, cache_index=slots, logits_at=logits_at if real is None else wanted.gather(1, at) & real, check_span=not state.static)
+    if kv is not cache.kv:
+        cache.kv.put_rows(kv_rows, kv)
+    return logits, cache
 
 
 def settle(state: SamplerState, new: torch.Tensor, want: torch.Tensor, logits: torch.Tensor, generator: torch.Generator,
@@ -261,20 +273,24 @@ def exponential_race(log_weights: torch.Tensor, generator: torch.Generator, prec
     return (log_weights.to(dtype) - torch.log(e)).argmax(dim=-1)
 
 
-def categorical(log_weights: torch.Tensor, generator: torch.Generator, precision: Precision = "float64") -> tuple[torch.Tensor, torch.Tensor]:
+def categorical(log_weights: torch.Tensor, generator: torch.Generator, precision: Precision = "float64",
+                u: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A categorical draw over the last dim of log_weights (..., V), proportional to their exp,
     and the drawn outcome's normalised probability: (index (...,), probability (...,) float64).
 
     float64 (the default): inverse CDF, one uniform per row against the float64 cumulative sum
     of the weights: exact up to float64 rounding (outcomes below about 2^-53 of the total mass are
     never drawn), one exp and one cumsum per entry instead of V uniforms and two logs.
-    float32: the float32 exponential race of the ablation (:func:`exponential_race`).
+    float32: the float32 exponential race of the ablation (:func:`exponential_race`). ``u`` (...,)
+    float64: the uniforms to use (:func:`grid_uniforms`); None: drawn here.
     """
     weights = (log_weights.double() - log_weights.amax(dim=-1, keepdim=True).double()).exp()
     if precision == "float64":
         cdf = weights.cumsum(dim=-1)
         total = cdf[..., -1]
-        u = torch.rand((*cdf.shape[:-1], 1), generator=generator, dtype=torch.float64, device=cdf.device)
+        if u is None:
+            u = torch.rand(cdf.shape[:-1], generator=generator, dtype=torch.float64, device=cdf.device)
+        u = u[..., None]
         # u in [0, 1) times the total; searchsorted(right) never lands on a zero-weight outcome
         index = torch.searchsorted(cdf, u * total[..., None], right=True).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
     else:
@@ -315,23 +331,24 @@ def _untouched(config: SamplerConfig) -> bool:
     return config.temperature == 1 and not (config.top_k and config.top_k > 0) and config.top_p >= 1
 
 
-def sample_from(logits: torch.Tensor, generator: torch.Generator, config: SamplerConfig) -> torch.Tensor:
-    """One token per row of logits (..., V) under the config (temperature 0: argmax)."""
+def sample_from(logits: torch.Tensor, generator: torch.Generator, config: SamplerConfig, u: torch.Tensor | None = None) -> torch.Tensor:
+    """One token per row of logits (..., V) under the config (temperature 0: argmax); ``u``: the uniforms of :func:`categorical`."""
     if config.temperature == 0:
         return logits.argmax(dim=-1)
     if _untouched(config):
-        return categorical(logits, generator, config.precision)[0]
-    return categorical(token_log_probs(logits, config), generator, config.precision)[0]
+        return categorical(logits, generator, config.precision, u)[0]
+    return categorical(token_log_probs(logits, config), generator, config.precision, u)[0]
 
 
-def propose(logits: torch.Tensor, generator: torch.Generator, config: SamplerConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def propose(logits: torch.Tensor, generator: torch.Generator, config: SamplerConfig, u: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """A proposal x0 per row of logits (N, V) drawn under the config, and its probability
     p_theta(x0) (N,) float64 under the network's own distribution softmax(logits): no temperature,
     no top-k/top-p renormalisation (which would inflate it). What confidence and threshold decoding
-    compare. At temperature 1 without top-k/top-p, one pass over V gives both."""
+    compare. At temperature 1 without top-k/top-p, one pass over V gives both. ``u``: the uniforms of :func:`categorical`."""
     if config.temperature != 0 and _untouched(config):
-        return categorical(logits, generator, config.precision)
-    x0 = sample_from(logits, generator, config)
+        return categorical(logits, generator, config.precision, u)
+    x0 = sample_from(logits, generator, config, u)
     return x0, model_probability(logits, x0)
 
 
@@ -346,6 +363,15 @@ def frame_index(want: torch.Tensor, width: int) -> torch.Tensor:
     columns up to ``width`` (static shapes: a fixed number per row, so nothing is read from the
     device; ``width`` >= the most positions any row wants)."""
     return want.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :width]
+
+
+def grid_uniforms(where: torch.Tensor, generator: torch.Generator, width: int = 0) -> torch.Tensor:
+    """float64 uniforms (N,) for the N positions a step draws at, in the order of its logits: one
+    drawn for every position of the (B, L) canvas, read at the ``where`` positions (``width`` > 0:
+    at :func:`frame_index` (where, width), static shapes). Both layouts read the same uniform at a
+    position, so static and dynamic shapes draw the same tokens from the same generator."""
+    u = torch.rand(where.shape, generator=generator, dtype=torch.float64, device=where.device)
+    return u.gather(1, frame_index(where, width)).flatten() if width else u[where]
 
 
 def scatter_rows(values: torch.Tensor, where: torch.Tensor, fill_value: float, width: int = 0) -> torch.Tensor:
@@ -382,13 +408,14 @@ def fill(tokens: torch.Tensor, where: torch.Tensor, logits: torch.Tensor, genera
     """tokens (B, L) with a fresh draw at the N ``where`` positions from their logits (N, V) (one
     categorical over V per chosen position, not B x L of them); ``width`` > 0 (static shapes): the
     logits are at :func:`frame_index` (where, width)."""
+    u = None if config.temperature == 0 else grid_uniforms(where, generator, width)
     if width:
-        drawn = sample_from(logits, generator, config).view(where.shape[0], width)
+        drawn = sample_from(logits, generator, config, u).view(where.shape[0], width)
         return torch.where(where, tokens.scatter(1, frame_index(where, width), drawn), tokens)
     if logits.shape[0] == 0:
         return tokens
     out = tokens.clone()
-    out[where] = sample_from(logits, generator, config)
+    out[where] = sample_from(logits, generator, config, u)
     return out
 
 
@@ -407,6 +434,7 @@ class Sampler:
     start: Callable[..., SamplerState]
     step: Callable[..., SamplerState]
     width: Callable[..., int] | None = None  # static shapes: (config, most positions a row fills) -> positions per row each call covers
+    static: bool = True  # its step can run with static shapes
 
     @torch.no_grad()
     def __call__(
@@ -422,7 +450,7 @@ class Sampler:
         """Like calling it, but returns the final state (with its cache)."""
         config = self.config() if config is None else config
         state = self.start(model, x, config, eligible, cache)
-        if static_shapes(x) and cache is None and (cond is None or cond.constraint is cond.classifier_guide is cond.steering is None):
+        if self.static and static_shapes(x) and (cache is None or cache.static) and (cond is None or cond.constraint is cond.classifier_guide is cond.steering is None):
             most = int(open_positions(x, state.mask_id, eligible).sum(dim=1).max())
             state = replace(state, static=True, open_max=most, width=self.width(config, most) if self.width else most)
         while not state.done:

@@ -40,8 +40,10 @@ class BlockCache:
         kv = KVCache.empty(model.config, 2 * b if guided else b, width + 1, x.device, param.dtype)
         return cls(model.config.block_causal, kv, torch.zeros_like(x, dtype=torch.bool), torch.zeros_like(x))
 
-    def new_block(self) -> "BlockCache":
+    def new_block(self, columns: tuple[int, int] | None = None) -> "BlockCache":
         return self
+
+    static = False  # it feeds the blocks finished since the last call: how many is read from the device
 
     def rows(self, index: torch.Tensor) -> "BlockCache":
         b = self.valid.shape[0]

@@ -72,7 +72,7 @@ def decode_blocks(
         if window_cond is not None and window_cond.classifier_guide is not None and w1 - w0 < length:  # the classifier sees whole rows
             window_cond = replace(window_cond, classifier_guide=window_cond.classifier_guide.window(tokens[active], work_cond.key_mask, w0))
         state = sampler.run(model, tokens[active][:, w0:w1], generator, lay.config, window_cond, whole if callback else None, eligible,
-                            None if kv is None else kv.new_block())
+                            None if kv is None else kv.new_block((b0 - w0, b1 - w0)))
         part = tokens[active]
         part[:, w0:w1] = state.tokens
         tokens[active] = part

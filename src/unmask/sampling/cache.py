@@ -71,6 +71,9 @@ class CanvasCache:
 
     valid (B, L): slots whose keys/values may be reused; span (B, L): prefix/dual, the slots fed
     between refreshes; since (B,): calls since each row's last full refresh (-1: refresh due).
+    With static shapes (:mod:`unmask.sampling.shapes`; prefix and dual) every row is called at
+    every step, so the rows share one count, kept on the host (``calls``), and the block's columns
+    in the window (``columns``, from the block driver) give the span: :meth:`feed_static`.
     """
 
     config: CacheConfig
@@ -78,6 +81,8 @@ class CanvasCache:
     valid: torch.Tensor
     span: torch.Tensor
     since: torch.Tensor
+    columns: tuple[int, int] | None = None
+    calls: int = -1
 
     @classmethod
     def create(cls, model, x: torch.Tensor, config: CacheConfig, guided: bool) -> "CanvasCache":
@@ -87,9 +92,25 @@ class CanvasCache:
         none = torch.zeros_like(x, dtype=torch.bool)
         return cls(config, kv, none, none, torch.full((b,), -1, dtype=torch.long, device=x.device))
 
-    def new_block(self) -> "CanvasCache":
-        """A full refresh is due in every row (called at each block start)."""
-        return replace(self, since=torch.full_like(self.since, -1))
+    def new_block(self, columns: tuple[int, int] | None = None) -> "CanvasCache":
+        """A full refresh is due in every row (called at each block start); ``columns``: the block's
+        columns [c0, c1) in the window, which static shapes feed between refreshes."""
+        return replace(self, since=torch.full_like(self.since, -1), columns=columns, calls=-1)
+
+    @property
+    def static(self) -> bool:
+        """Whether :meth:`feed_static` can drive it: a prefix or dual cache that knows its block's columns."""
+        return self.columns is not None and self.config.kind in ("prefix", "dual")
+
+    def feed_static(self, width: int) -> tuple[torch.Tensor, "CanvasCache"]:
+        """(the slots (B, Q) that this call feeds, for all B rows; the cache after it), nothing read
+        from the device: every slot at a refresh (block start, then every ``refresh`` calls), else
+        the span (prefix: the block and everything right of it; dual: the block). ``width``: the
+        window's columns."""
+        due = self.calls < 0 or bool(self.config.refresh and self.calls >= self.config.refresh)
+        first, last = (0, width) if due else (self.columns[0], width if self.config.kind == "prefix" else self.columns[1])
+        slots = torch.arange(first, last, device=self.since.device).expand(self.since.shape[0], -1)
+        return slots, replace(self, calls=1 if due else self.calls + 1)
 
     def rows(self, index: torch.Tensor) -> "CanvasCache":
         """The cache of a subset of rows (rows that leave the working batch are dropped)."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from unmask.sampling.base import (
-    Conditioning, Sampler, SamplerConfig, SamplerState, model_probability, open_positions, predict, propose, sample_from,
+    Conditioning, Sampler, SamplerConfig, SamplerState, grid_uniforms, model_probability, open_positions, predict, propose, sample_from,
     scatter_rows, settle, start_state, top_per_row,
 )
 
@@ -32,10 +32,12 @@ class ConfidenceConfig(SamplerConfig):
     allocation: str = "even"  # or "schedule"
 
 
-def confidence_scores(logits: torch.Tensor, x0: torch.Tensor, score: str, generator: torch.Generator) -> torch.Tensor:
-    """Score (N,) of the proposals x0 (N,) under the network's distribution softmax(logits (N, V))."""
+def confidence_scores(logits: torch.Tensor, x0: torch.Tensor, score: str, generator: torch.Generator,
+                      u: torch.Tensor | None = None) -> torch.Tensor:
+    """Score (N,) of the proposals x0 (N,) under the network's distribution softmax(logits (N, V));
+    "random": ``u`` (N,), or uniforms drawn here."""
     if score == "random":
-        return torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64)
+        return torch.rand(x0.shape, generator=generator, device=x0.device, dtype=torch.float64) if u is None else u
     if score == "low_confidence":
         return model_probability(logits, x0)
     logp = logits.double().log_softmax(dim=-1)
@@ -64,11 +66,13 @@ def step(model, state: SamplerState, generator: torch.Generator, config: Confide
     can = open_positions(x, mask_id, state.eligible)
     k = tokens_per_step(can.sum(dim=1), state.step, config.steps, config.allocation)
     logits, called, cache = predict(model, state, can, cond, config.cfg_scale)
+    u = None if config.temperature == 0 else grid_uniforms(can, generator, state.width)  # the same draws in both layouts
     if config.score == "low_confidence":  # the draw and its probability in one pass
-        x0, scores = propose(logits, generator, config)
+        x0, scores = propose(logits, generator, config, u)
     else:
-        x0 = sample_from(logits, generator, config)
-        scores = confidence_scores(logits, x0, config.score, generator)
+        x0 = sample_from(logits, generator, config, u)
+        order = grid_uniforms(can, generator, state.width) if config.score == "random" else None
+        scores = confidence_scores(logits, x0, config.score, generator, order)
     commit = top_per_row(scatter_rows(scores, can, -torch.inf, state.width), can, k)
     new = settle(state, torch.where(commit, scatter_rows(x0, can, mask_id, state.width), x), can, logits, generator, config, cond)
     # static shapes: with the even allocation and more steps than positions a row fills one per step

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from unmask.sampling.base import (
-    Conditioning, Sampler, SamplerConfig, SamplerState, open_positions, predict, propose, scatter_rows, settle, start_state,
+    Conditioning, Sampler, SamplerConfig, SamplerState, grid_uniforms, open_positions, predict, propose, scatter_rows, settle, start_state,
     top_per_row,
 )
 from unmask.sampling.shapes import POLL
@@ -35,7 +35,7 @@ def step(model, state: SamplerState, generator: torch.Generator, config: Thresho
     x, mask_id = state.tokens, state.mask_id
     can = open_positions(x, mask_id, state.eligible)
     logits, called, cache = predict(model, state, can, cond, config.cfg_scale)
-    x0, p = propose(logits, generator, config)
+    x0, p = propose(logits, generator, config, None if config.temperature == 0 else grid_uniforms(can, generator, state.width))
     p = scatter_rows(p, can, -torch.inf, state.width)
     commit = (can & (p >= config.tau)) | top_per_row(p, can, can.any(dim=1).long())
     new = settle(state, torch.where(commit, scatter_rows(x0, can, mask_id, state.width), x), can, logits, generator, config, cond)
