@@ -10,6 +10,11 @@ vs the uncached sampler with the same policy, and the fastest MDM configuration 
 entropy are within tolerance of the AR model's vs AR with KV cache. Writes JSON + Markdown + a
 Pareto plot (gen-PPL vs tokens/s) to --out.
 
+``--shapes both`` runs every configuration with static and with dynamic shapes
+(:mod:`unmask.sampling.shapes`; default: auto, static on CUDA), reports the host reads per network
+call of each (:class:`unmask.host_reads.HostReads`, in an untimed run) and the static/dynamic
+tokens/s ratio: the two draw the same tokens, so the ratio is the price or gain of the layout alone.
+
 Checkpoints: ``benchmarks/train_sampling_pair.py`` trains the AR model at budget C and MDMs at C
 and at a multiple of C (an MDM needs more training compute to reach an AR model's quality).
 
@@ -33,7 +38,9 @@ import torch
 
 from unmask.checkpoint import load_model
 from unmask.evaluation.genppl import judge_nll, unigram_entropy
+from unmask.host_reads import HostReads
 from unmask.sampling import ARConfig, SamplerSpec, ar_sample, make_canvas
+from unmask.sampling.shapes import decode_shapes
 
 POLICIES = ("confidence", "threshold", "first-hitting")
 CACHES = ("none", "prefix", "dual", "delayed")
@@ -88,6 +95,16 @@ def mdm_configs(length: int, block: int, quick: bool) -> list[tuple[str, Sampler
             out.append((f"{policy} {cache}", spec))
     out.append(("threshold none T=0", SamplerSpec.from_options("threshold", block_len=block, tau=0.9)))  # its own default: greedy
     return out
+
+
+LAYOUTS = {"both": ["static", "dynamic"]}
+
+
+def host_reads_per_call(run_once) -> float:
+    """Host reads of device data per network call of one (untimed) run."""
+    with HostReads() as reads:
+        _, nfe = run_once(0)
+    return reads.count / max(nfe, 1)
 
 
 def sync(device: torch.device) -> None:
@@ -146,6 +163,8 @@ def main() -> None:
     parser.add_argument("--from-json", default="", help="only rewrite the Markdown and the plot from a sampling.json of an earlier run")
     parser.add_argument("--random-preset", default="", help="speed only: randomly initialised networks of this preset instead of "
                         "checkpoints (no gen-PPL or entropy)")
+    parser.add_argument("--shapes", default="auto", choices=["auto", "static", "dynamic", "both"],
+                        help="decode layout (auto: static on CUDA); both: every configuration in both, side by side")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args()
     if args.from_json:
@@ -192,12 +211,14 @@ def main() -> None:
 
             runs.append((label, mdm_once, mdm))
         wanted = [c.strip() for c in args.configs.split(",") if c.strip()]
-        for label, once, model in runs:
+        for (label, once, model), shapes in [(run, s) for run in runs for s in LAYOUTS.get(args.shapes, [args.shapes])]:
             if wanted and label not in wanted:
                 continue
-            row = measure(label, once, model, judge, eos, batch, length, repeats, device)
+            with decode_shapes(shapes):
+                row = measure(label + ("" if args.shapes != "both" else f" [{shapes}]"), once, model, judge, eos, batch, length, repeats, device)
+                row["host_reads_per_call"] = host_reads_per_call(once)
             rows.append(row)
-            print(f"batch {batch}  {label:24} NFE {row['nfe']:6d}  {row['tokens_per_s']:9.1f} tok/s  overhead {100 * row['overhead']:5.1f}%  "
+            print(f"batch {batch}  {row['config']:24} reads/call {row['host_reads_per_call']:5.2f}  NFE {row['nfe']:6d}  {row['tokens_per_s']:9.1f} tok/s  overhead {100 * row['overhead']:5.1f}%  "
                   f"gen-PPL {row['gen_ppl']:8.1f}  entropy {row['entropy']:.3f}  mem {row['peak_mem_mib']:.0f} MiB", flush=True)
     report(rows, machine, args, Path(args.out))
 
@@ -206,6 +227,11 @@ def summary(rows: list[dict], args) -> list[str]:
     lines = []
     for batch in sorted({r["batch"] for r in rows}):
         by = {r["config"]: r for r in rows if r["batch"] == batch}
+        for label, static in by.items():
+            dynamic = by.get(label.replace("[static]", "[dynamic]"))
+            if label.endswith("[static]") and dynamic:
+                lines.append(f"batch {batch}: {label[:-9]}: static/dynamic shapes {static['tokens_per_s'] / dynamic['tokens_per_s']:.2f}x "
+                             f"tokens/s, host reads per call {static['host_reads_per_call']:.2f} vs {dynamic['host_reads_per_call']:.2f}")
         for policy in POLICIES:
             base = by.get(f"{policy} none")
             for cache in CACHES[1:]:
@@ -248,9 +274,10 @@ def summary(rows: list[dict], args) -> list[str]:
 
 def report(rows: list[dict], machine: dict, args, out_dir: Path) -> None:
     lines = summary(rows, args)
-    table = ["| batch | configuration | NFE | tokens/s | overhead | gen-PPL | entropy | peak memory MiB |", "|---|---|---|---|---|---|---|---|"]
-    table += [f"| {r['batch']} | {r['config']} | {r['nfe']} | {r['tokens_per_s']:.1f} | {100 * r['overhead']:.1f}% | {r['gen_ppl']:.1f} | "
-              f"{r['entropy']:.3f} | {r['peak_mem_mib']:.0f} |" for r in rows]
+    table = ["| batch | configuration | NFE | tokens/s | overhead | host reads / call | gen-PPL | entropy | peak memory MiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    table += [f"| {r['batch']} | {r['config']} | {r['nfe']} | {r['tokens_per_s']:.1f} | {100 * r['overhead']:.1f}% | "
+              f"{r.get('host_reads_per_call', float('nan')):.2f} | {r['gen_ppl']:.1f} | {r['entropy']:.3f} | {r['peak_mem_mib']:.0f} |" for r in rows]
     settings = (f"{machine['device']}, {machine['dtype']}, {machine['threads']} threads; generation length {args.length}, "
                 f"semi-AR blocks of {args.block}, median of {1 if args.quick else args.repeats} repeats; MDM {machine['mdm']} "
                 f"({machine['mdm_train_steps']} steps), AR {machine['ar']} ({machine['ar_train_steps']} steps)")
