@@ -311,7 +311,7 @@ class Transformer(nn.Module):
         x = self.norm(x)
         logits = self.head(x) if self.head is not None else F.linear(x, self.embed.weight[: cfg.vocab_size])
         if cfg.mask_token_id >= 0:  # MASK inside the vocabulary is never a prediction
-            logits = logits.index_fill(-1, torch.tensor([cfg.mask_token_id], device=logits.device), NEVER_LOGIT)
+            logits = logits.index_fill(-1, torch.full((1,), cfg.mask_token_id, device=logits.device), NEVER_LOGIT)  # no copy from the host
         return logits
 
     def _classify(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
