@@ -107,6 +107,27 @@ def test_prefix_and_dual_caches_read_nothing_and_give_the_dynamic_tokens(mdm, ca
     assert all(n == 0 for i, n in enumerate(steps) if i not in block_starts), steps
 
 
+@pytest.mark.parametrize("cfg_scale", [0.0, 1.0])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_uniform_state_decoding_reads_nothing_and_gives_the_dynamic_tokens(canvas, temperature, cfg_scale):
+    from unmask.sampling.uniform import UniformConfig
+
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=30, context_len=24, n_layer=2, n_head=2, n_embd=32, noise="uniform",
+                                    time_conditioning=True)).eval()
+    x, cond = canvas
+    spec = SamplerSpec("uniform", UniformConfig(steps=6, temperature=temperature, cfg_scale=cfg_scale))
+
+    def run(callback):
+        return spec.run(model, x, torch.Generator().manual_seed(0), cond, callback, start=5)
+
+    static, steps, _ = decode("static", run)
+    dynamic, dynamic_steps, _ = decode("dynamic", run)
+    assert torch.equal(static.tokens, dynamic.tokens) and (static.tokens[:, 5:] != MASK).all()
+    assert steps[0] <= 4 and steps[1:] == [0] * 5, steps
+    assert min(dynamic_steps[1:]) > 0
+
+
 def test_ar_decoding_reads_nothing_and_equals_the_growing_cache_at_any_temperature():
     torch.manual_seed(0)
     model = Transformer(ModelConfig(vocab_size=30, context_len=24, n_layer=2, n_head=2, n_embd=32, causal=True)).eval()

@@ -18,7 +18,7 @@ from torch import nn
 from unmask.cli import main
 from unmask.config import ModelConfig
 from unmask.errors import OptionError
-from unmask.model import Transformer
+from unmask.model import Transformer, at_positions
 from unmask.sampling import Conditioning, SamplerSpec, UniformConfig, make_canvas, uniform
 from unmask.sampling.decoding import decoding_for
 from unmask.sampling.uniform import clean_logits, draw_posterior
@@ -80,7 +80,7 @@ class UniformOracle(nn.Module):
             logits = table[(tokens * powers).sum(dim=1)].log().float()
         else:
             logits = self.posterior(tokens, t).log().float()
-        return logits if logits_at is None else logits[logits_at]
+        return logits if logits_at is None else at_positions(logits, logits_at)
 
 
 def joint_pvalue(samples: torch.Tensor, joint: torch.Tensor) -> float:

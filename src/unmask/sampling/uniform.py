@@ -54,7 +54,8 @@ from unmask.errors import OptionError, UnmaskError
 from unmask.guidance import combine
 from unmask.sampling.ar import positions_from
 from unmask.sampling.base import (
-    Conditioning, Sampler, SamplerConfig, SamplerState, categorical, dtype_of, open_positions, start_state, token_log_probs,
+    Conditioning, Sampler, SamplerConfig, SamplerState, categorical, dtype_of, frame_index, open_positions, start_state,
+    token_log_probs,
 )
 from unmask.schedule import Schedule
 
@@ -88,21 +89,25 @@ def posterior_parts(x_at_zt: torch.Tensor, alpha_t: float, alpha_s: float, vocab
 
 
 def draw_posterior(log_x: torch.Tensor, z_t: torch.Tensor, alpha_t: float, alpha_s: float, generator: torch.Generator,
-                   precision: str = "float64") -> torch.Tensor:
+                   precision: str = "float64", static: bool = False) -> torch.Tensor:
     """z_s (N,) drawn from q(z_s | z_t, x) per row, for alpha_s > 0: ``log_x`` (N, K) the log of x (a
     one-hot clean token, or x_theta), ``z_t`` (N,) the tokens at time t. One uniform per row picks
-    the part (in ``precision``), then only the rows taking a token from x draw a categorical."""
-    dtype = dtype_of(precision)
+    the part (in ``precision``), then only the rows taking a token from x draw a categorical (every
+    row with ``static`` shapes, :mod:`unmask.sampling.shapes`, the others' draws unused). Every row's
+    uniforms are drawn either way, so both give the same z_s."""
+    dtype, device = dtype_of(precision), log_x.device
     rows, vocab = log_x.shape
     x_at = log_x.gather(1, z_t[:, None]).squeeze(1).double().exp()
     keep, fresh, noise = (part.to(dtype) for part in posterior_parts(x_at, alpha_t, alpha_s, vocab))
-    u = torch.rand(rows, generator=generator, dtype=dtype, device=log_x.device) * (keep + fresh + noise)
+    u = torch.rand(rows, generator=generator, dtype=dtype, device=device) * (keep + fresh + noise)
+    pick = torch.rand(rows, generator=generator, dtype=torch.float64, device=device)  # the categorical's uniform of each row
+    noisy = torch.randint(vocab, (rows,), generator=generator, device=device)
     stays = u < keep
     from_x = ~stays & (u < keep + fresh)
-    uniform = ~stays & ~from_x
-    z_s = z_t.clone()
-    z_s[from_x] = categorical(log_x[from_x], generator, precision)[0]
-    z_s[uniform] = torch.randint(vocab, (int(uniform.sum()),), generator=generator, device=log_x.device)
+    if static:
+        return torch.where(stays, z_t, torch.where(from_x, categorical(log_x, generator, precision, pick)[0], noisy))
+    z_s = torch.where(stays, z_t, noisy)
+    z_s[from_x] = categorical(log_x[from_x], generator, precision, pick[from_x])[0]
     return z_s
 
 
@@ -148,24 +153,26 @@ def check_conditioning(cond: Conditioning | None, cfg_scale: float) -> None:
 
 
 def clean_logits(model, tokens: torch.Tensor, free: torch.Tensor, t: float, cond: Conditioning | None,
-                 cfg_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 cfg_scale: float, index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 logits (N, K) of x_theta at the N ``free`` (B, L) positions of ``tokens`` (row-major),
     the network at time t, guided when ``cfg_scale`` > 0 (the unconditional half: the prompt hidden);
-    and the rows called (B,) (those with a free position)."""
+    and the rows called (B,) (those with a free position). ``index`` (B, W): static shapes, every
+    row called, the logits at these columns of each row (:func:`unmask.sampling.base.frame_index`)."""
     cond = cond or Conditioning()
     called = free.any(dim=1)
-    rows = called.nonzero().squeeze(1)
-    everyone = rows.numel() == tokens.shape[0]
+    rows = None if index is not None else called.nonzero().squeeze(1)
+    everyone = index is not None or rows.numel() == tokens.shape[0]
     pick = (lambda v: v) if everyone else (lambda v: None if v is None else v[rows])  # noqa: E731
     x, key_mask, positions, want = pick(tokens), pick(cond.key_mask), pick(cond.positions), pick(free)
     time = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)
+    want, checked = (want, True) if index is None else (index, False)  # static shapes: the canvas's span was checked when it was made
     if not cfg_scale:
-        return model(x, t=time, key_mask=key_mask, positions=positions, logits_at=want).float(), called
+        return model(x, t=time, key_mask=key_mask, positions=positions, logits_at=want, check_span=checked).float(), called
     seen = torch.ones_like(want) if key_mask is None else key_mask
     hidden = seen & ~pick(cond.prompt_mask)
     own = positions if positions is not None else torch.arange(x.shape[1], device=x.device).expand_as(x)
     logits = model(torch.cat([x, x]), t=torch.cat([time, time]), key_mask=torch.cat([seen, hidden]),
-                   positions=torch.cat([own, positions_from(hidden)]), logits_at=torch.cat([want, want])).float()
+                   positions=torch.cat([own, positions_from(hidden)]), logits_at=torch.cat([want, want]), check_span=checked).float()
     return combine(*logits.chunk(2), cfg_scale), called
 
 
@@ -178,22 +185,29 @@ def start(model, x: torch.Tensor, config: UniformConfig, eligible=None, cache=No
 
 def step(model, state: UniformState, generator: torch.Generator, config: UniformConfig, cond: Conditioning | None = None) -> UniformState:
     """From t = 1 - step/steps to s = t - 1/steps; the first step first draws z_1 uniformly."""
-    check_conditioning(cond, config.cfg_scale)
     n, k, free = config.steps, state.step, state.free
+    if k == 0:  # once, before the first call (it reads whether there is a prompt)
+        check_conditioning(cond, config.cfg_scale)
     t, s = (n - k) / n, (n - k - 1) / n
     vocab = model.config.vocab_size
-    x = state.tokens.clone()
+    x = state.tokens
     if k == 0:  # z_1 ~ Uniform over the K real tokens at the generated positions
-        x[free] = torch.randint(vocab, (int(free.sum()),), generator=generator, device=x.device)
-    logits, called = clean_logits(model, x, free, t, cond, config.cfg_scale)
+        x = torch.where(free, torch.randint(vocab, free.shape, generator=generator, device=x.device), x)
+    index = frame_index(free, state.width) if state.static else None  # static shapes: a fixed width per row
+    logits, called = clean_logits(model, x, free, t, cond, config.cfg_scale, index)
+    z_t = x[free] if index is None else x.gather(1, index).flatten()
     if config.greedy_tail and k + 1 == n:
         z_s = logits.argmax(dim=-1)
     else:
         schedule = Schedule(config.schedule)
-        alpha_t, alpha_s = (schedule.alpha(torch.tensor(v, dtype=torch.float64)).item() for v in (t, s))
-        z_s = draw_posterior(token_log_probs(logits, config), x[free], alpha_t, alpha_s, generator, config.precision)
-    x[free] = z_s
+        alpha_t, alpha_s = schedule.alpha(t), schedule.alpha(s)  # host arithmetic
+        z_s = draw_posterior(token_log_probs(logits, config), z_t, alpha_t, alpha_s, generator, config.precision, state.static)
+    if index is None:
+        x = x.clone()
+        x[free] = z_s
+    else:
+        x = torch.where(free, x.scatter(1, index, z_s.view(index.shape)), x)
     return state.advance(x, called, None, done=k + 1 == n)
 
 
-uniform = Sampler("uniform", UniformConfig, start, step, static=False)  # it reads its free positions from the device every step
+uniform = Sampler("uniform", UniformConfig, start, step)
