@@ -59,7 +59,7 @@ def decode(kind: str, run):
 def spec_run(model, x, cond, name, seed=0, block_len=0, temperature=0.0, cache=None):
     sampler = "confidence" if name.startswith("confidence") else name
     spec = SamplerSpec(sampler, replace(CONFIGS[name], temperature=temperature), block_len=block_len, cache=cache)
-    return lambda callback: spec.run(model, x, torch.Generator().manual_seed(seed), cond, callback, start=5)
+    return lambda callback: spec.run(model, x, torch.Generator(x.device).manual_seed(seed), cond, callback, start=5)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
@@ -78,6 +78,15 @@ def test_static_steps_read_nothing_and_give_the_dynamic_tokens(mdm, canvas, name
     for number, reads in enumerate(steps[1:], start=2):
         assert reads <= (1 if name == "threshold" and number % POLL == 0 else 0)
     assert min(dynamic_steps) > 0  # the counter sees the reads of the dynamic path: it is not blind
+
+
+def test_learned_absolute_positions_read_nothing(canvas):
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig(vocab_size=30, context_len=24, n_layer=2, n_head=2, n_embd=32, positions="absolute")).eval()
+    x, cond = canvas
+    static, steps, _ = decode("static", spec_run(model, x, cond, "confidence", temperature=1.0))
+    dynamic, _, _ = decode("dynamic", spec_run(model, x, cond, "confidence", temperature=1.0))
+    assert torch.equal(static.tokens, dynamic.tokens) and steps[1:] == [0] * (len(steps) - 1)
 
 
 @pytest.mark.parametrize("name", ["confidence", "first-hitting"])

@@ -292,7 +292,7 @@ class Transformer(nn.Module):
         cos, sin = rotary_tables(positions, rope_frequencies(cfg, tokens.device))
         x = self._embed(tokens, t, soft_tokens)
         if self.pos_embed is not None:  # absolute positions: added to the input, and no rotation (angle 0)
-            x = x + self._absolute(positions)
+            x = x + self._absolute(positions, check_span)
             cos, sin = torch.ones_like(cos), torch.zeros_like(sin)
         attn_mask, is_causal = self._attention_mask(attn_mask, key_mask, q_slot, num_keys, start, kv_cache, cache_index)
         for i, block in enumerate(self.blocks):
@@ -341,9 +341,9 @@ class Transformer(nn.Module):
             )
         return x + self.time_embed(t)[:, None, :].to(x.dtype)
 
-    def _absolute(self, positions: torch.Tensor) -> torch.Tensor:
-        """The learned embeddings (B, L, D) of ``positions`` (B, L), which must lie in [0, context_len)."""
-        if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.config.context_len):
+    def _absolute(self, positions: torch.Tensor, check: bool = True) -> torch.Tensor:
+        """The learned embeddings (B, L, D) of ``positions`` (B, L), which must lie in [0, context_len) (``check``: read them to see)."""
+        if check and positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= self.config.context_len):
             raise UnmaskError(
                 f"positions {int(positions.min())}..{int(positions.max())} lie outside the learned absolute positions "
                 f"0..{self.config.context_len - 1} (ModelConfig.positions='absolute'); feed positions within the context"
