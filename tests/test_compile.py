@@ -110,6 +110,20 @@ def test_cached_decode_equals_the_eager_one(mdm):
     assert compiled.stats["eager"] == before["eager"] and graphs() - made == compiled.stats["shapes"] - before["shapes"] == 1
 
 
+def test_static_shapes_put_their_column_index_into_the_graph(mdm):
+    """Decoding with static shapes (the GPU layout, :mod:`unmask.sampling.shapes`) passes a column
+    index per row, which the graph takes in (the head at those columns only): the eager tokens,
+    uncached at temperature 1 and with the dual cache, and no call runs eager."""
+    from unmask.sampling.shapes import decode_shapes
+
+    model, compiled, cfg = mdm
+    before = dict(compiled.stats)
+    for options in ({"sampler": "confidence", "temperature": 1.0}, {"sampler": "confidence", "temperature": 1.0, "block_len": LENGTH, "cache": "dual"}):
+        with decode_shapes("static"):
+            assert torch.equal(_decode(compiled, cfg, seed=3, **options), _decode(model, cfg, seed=3, **options)), options
+    assert compiled.stats["compiled"] - before["compiled"] == 2 * LENGTH and compiled.stats["eager"] == before["eager"]
+
+
 def test_ar_decode_equals_the_eager_one():
     """The AR sampler with its KV cache, its appends made writes at slots: one graph for every call
     (the one-token prompt's and each new token's), whatever the cache's length."""

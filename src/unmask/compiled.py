@@ -19,9 +19,11 @@ calls that feed a different number of slots per step). So every call is padded u
   the same slot as the column it copies, so the cache ends up as without padding.
 
 What the padding changes is exact in real arithmetic: a masked key gets probability exp(-inf) = 0,
-and every other position's computation is row- and position-wise. The logits of every position are
-computed inside the graph and the ``logits_at`` ones are selected outside it (a boolean selection
-has a data-dependent shape, which would break the graph).
+and every other position's computation is row- and position-wise. A ``logits_at`` column index
+(B, W), what decoding with static shapes passes (:mod:`unmask.sampling.shapes`), goes into the
+graph, so the head runs at those W columns of each row only; with a boolean ``logits_at`` (the
+dynamic layout) the logits of every position are computed inside the graph and the wanted ones are
+selected outside it (a boolean selection has a data-dependent shape, which would break the graph).
 
 Three kinds of call:
 
@@ -108,12 +110,12 @@ class CompiledModel(nn.Module):
         self._shapes: set[tuple] = set()
         self.stats = {"compiled": 0, "graphed": 0, "eager": 0, "shapes": 0}
 
-    def _uncached(self, tokens, t, key_mask, positions):
-        return self.model(tokens, t=t, key_mask=key_mask, positions=positions, check_span=False)
+    def _uncached(self, tokens, t, key_mask, positions, index):
+        return self.model(tokens, t=t, key_mask=key_mask, positions=positions, logits_at=index, check_span=False)
 
-    def _with_cache(self, tokens, t, key_mask, positions, keys, values, cache_index):
+    def _with_cache(self, tokens, t, key_mask, positions, keys, values, cache_index, index):
         return self.model(tokens, t=t, key_mask=key_mask, positions=positions, kv_cache=KVCache(keys, values), cache_index=cache_index,
-                          check_span=False)
+                          logits_at=index, check_span=False)
 
     def forward(self, tokens: torch.Tensor, *, t=None, key_mask=None, positions=None, kv_cache: KVCache | None = None,
                 cache_index=None, logits_at=None, attn_mask=None, soft_tokens=None, check_span: bool = True) -> torch.Tensor:
@@ -122,12 +124,15 @@ class CompiledModel(nn.Module):
             self.stats["eager"] += 1
             return self.model(tokens, t=t, key_mask=key_mask, positions=positions, kv_cache=kv_cache, cache_index=cache_index,
                               logits_at=logits_at, attn_mask=attn_mask, soft_tokens=soft_tokens, check_span=check_span)
+        index = logits_at if logits_at is not None and logits_at.dtype != torch.bool else None  # columns: inside the graph
         with torch.no_grad():
             if kv_cache is None:
-                logits = self._call_uncached(tokens, t, key_mask, positions)
+                logits = self._call_uncached(tokens, t, key_mask, positions, index)
             else:
-                logits = self._call_cached(tokens, t, key_mask, positions, kv_cache, cache_index)
+                logits = self._call_cached(tokens, t, key_mask, positions, kv_cache, cache_index, index)
         self.stats["compiled"] += 1
+        if index is not None:
+            return logits.flatten(0, 1)
         return logits if logits_at is None else logits[logits_at]
 
     def _eager(self, tokens, positions, kv_cache, cache_index, attn_mask, soft_tokens, check_span: bool) -> bool:
@@ -146,22 +151,24 @@ class CompiledModel(nn.Module):
         placed = positions if positions is not None else cache_index
         return check_span and placed is not None and int(placed.max() - placed.min()) + 1 > context
 
-    def _call_uncached(self, tokens, t, key_mask, positions) -> torch.Tensor:
-        """(B, L, V) logits of a call without a cache, through the bucket's graph."""
+    def _call_uncached(self, tokens, t, key_mask, positions, index=None) -> torch.Tensor:
+        """(B, L, V) logits of a call without a cache (B, W, V at the columns ``index`` (B, W)), through the bucket's graph."""
         b, length = tokens.shape
         rows, cols = bucket_batch(b), bucket_length(length, self.config.context_len)
         if key_mask is None and cols > length and not self.config.causal:
             key_mask = torch.ones_like(tokens, dtype=torch.bool)
-        args = (_pad(tokens, rows, cols), _pad(t, rows), _pad(key_mask, rows, cols, False), _pad(positions, rows, cols))
-        new = self._met(("plain", rows, cols, t is not None, key_mask is not None, positions is not None, tokens.dtype))
+        args = (_pad(tokens, rows, cols), _pad(t, rows), _pad(key_mask, rows, cols, False), _pad(positions, rows, cols), _pad(index, rows))
+        new = self._met(("plain", rows, cols, _width(index), t is not None, key_mask is not None, positions is not None, tokens.dtype))
         if self.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs are no longer read
             self.stats["graphed"] += 1
-        logits = self._run(self._plain, args, new)[:b, :length]
+        logits = self._run(self._plain, args, new)
+        logits = logits.view(rows, -1, logits.shape[-1])[:b] if index is not None else logits[:b, :length]
         return logits.clone() if self.cuda_graphs else logits  # a CUDA graph's output is overwritten by its next replay
 
-    def _call_cached(self, tokens, t, key_mask, positions, kv_cache: KVCache, cache_index) -> torch.Tensor:
-        """(R, Q) logits of a call with a KV cache, the fed columns padded to a bucket (the batch is the cache's)."""
+    def _call_cached(self, tokens, t, key_mask, positions, kv_cache: KVCache, cache_index, index=None) -> torch.Tensor:
+        """(R, Q, V) logits of a call with a KV cache (R, W, V at the fed columns ``index`` (R, W)), the fed
+        columns padded to a bucket (the batch is the cache's)."""
         b, q = tokens.shape
         slots = kv_cache.k[0].shape[2]
         appending = cache_index is None
@@ -173,10 +180,11 @@ class CompiledModel(nn.Module):
         if positions is None:
             positions = cache_index
         cols = bucket_length(q, slots)
-        new = self._met(("cached", b, cols, slots, t is not None, key_mask is not None, kv_cache.k[0].dtype))
+        new = self._met(("cached", b, cols, slots, _width(index), t is not None, key_mask is not None, kv_cache.k[0].dtype))
         args = (_pad(tokens, b, cols), _pad(t, b), _pad(key_mask, b), _pad(positions, b, cols), kv_cache.k, kv_cache.v,
-                _pad(cache_index, b, cols))
-        logits = self._run(self._cached, args, new)[:, :q]
+                _pad(cache_index, b, cols), _pad(index, b))
+        logits = self._run(self._cached, args, new)
+        logits = logits.view(b, -1, logits.shape[-1]) if index is not None else logits[:, :q]
         if appending:
             kv_cache.length += q
         return logits
@@ -195,6 +203,11 @@ class CompiledModel(nn.Module):
             return fn(*args)
         with torch._dynamo.config.patch(_LIMIT_NAME, max(SHAPE_LIMIT, getattr(torch._dynamo.config, _LIMIT_NAME))):
             return fn(*args)
+
+
+def _width(index: torch.Tensor | None) -> int | None:
+    """The columns per row of a ``logits_at`` index (a graph is specialised to it), None without one."""
+    return None if index is None else index.shape[1]
 
 
 def compile_for_decoding(model: nn.Module, compile: bool) -> nn.Module:
