@@ -15,6 +15,9 @@ compute peak by the best of repeated square bf16 matmuls (``train_scale.peak_mat
   batch 16 on a canvas of 1024: tokens/s and the caches' speed-ups;
 * the sampler's overhead, the share of wall time spent outside the network's forward
   (``sampling.measure``), at batch 1 and 8, without a cache and with the dual cache;
+* static vs dynamic shapes (``unmask.sampling.shapes``) on the same decodes, which give the same
+  tokens: the confidence sampler without a cache and with the dual cache, and AR decoding, at the
+  overhead rows' batches: tokens/s of each layout and its host reads per network call;
 * with ``--compiled-decode``: the same decodes eager and compiled (``unmask.compiled``: torch.compile
   at bucketed shapes, CUDA graphs without a cache), the confidence sampler at each batch of the
   overhead rows and AR decoding at the same batches: tokens/s of each and the compiled/eager ratio, after
@@ -50,7 +53,9 @@ from train_scale import cpu_isa, flops_per_token, peak_matmul
 from train_step_profile import PhaseClock, build_trainer, timed_steps
 
 from unmask.compiled import CompiledModel
+from unmask.host_reads import HostReads
 from unmask.sampling import decoding_for, make_canvas
+from unmask.sampling.shapes import decode_shapes
 
 # memory bandwidth of known cards, bytes/s (vendors' data sheets)
 KNOWN_BANDWIDTH = (("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12), ("H200", 4.8e12), ("GH200", 4.0e12),
@@ -225,6 +230,34 @@ def overhead(mdm, shapes: Shapes, device: torch.device) -> list[dict]:
     return rows
 
 
+def layouts(mdm, ar, shapes: Shapes, device: torch.device) -> list[dict]:
+    """Static vs dynamic shapes (:mod:`unmask.sampling.shapes`; static is a GPU's default) on the same decodes, which
+    give the same tokens: the confidence sampler without a cache and with the dual cache (length / 4 steps, blocks
+    of ``block``) and AR decoding, at each batch of ``overhead_batches``; median tokens/s of each layout and its
+    host reads per network call (:class:`unmask.host_reads.HostReads`, in one more, untimed decode)."""
+    length, rows = shapes.overhead_length, []
+    for batch in shapes.overhead_batches:
+        x, cond, start = make_canvas([[]] * batch, length, mdm.config.mask_id, 0, separator=0, device=device)
+        cases = [(f"confidence {cache}", mdm, decoding_for(mdm.config, length, {"sampler": "confidence", "steps": length // 4,
+                  "block_len": shapes.block, "cache": cache}), x, cond, start, batch * length) for cache in ("none", "dual")]
+        prompt = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        cases.append(("ar kv-cache", ar, decoding_for(ar.config, shapes.ar_tokens, {}), prompt, None, 0, batch * shapes.ar_tokens))
+        for name, model, decoding, canvas, c, first, tokens in cases:
+            def run(model=model, decoding=decoding, canvas=canvas, c=c, first=first):
+                return decoding.run(model, canvas, torch.Generator(device=device).manual_seed(0), c, start=first)
+
+            row = {"decode": name, "batch": batch}
+            for layout in ("static", "dynamic"):
+                with decode_shapes(layout):
+                    row[f"{layout}_tokens_per_s"] = tokens / timed(run, device, shapes.repeats)
+                    with HostReads() as reads:
+                        calls = run().nfe
+                row[f"{layout}_reads_per_call"] = reads.count / max(calls, 1)
+            rows.append(row | {"ratio": row["static_tokens_per_s"] / row["dynamic_tokens_per_s"]})
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def compiled_decode(mdm, ar, shapes: Shapes, device: torch.device) -> list[dict]:
     """Eager vs compiled decoding (:mod:`unmask.compiled`): the confidence sampler without a cache (length / 4 steps,
     blocks of ``block``) and AR decoding with its KV cache, at each batch of ``overhead_batches``; median
@@ -356,6 +389,10 @@ def markdown(res: dict) -> str:
     lines += ["", "| sampler (confidence, blocks) | batch | canvas | NFE | tokens/s | outside the network |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['config']} | {r['batch']} | {r['canvas']} | {r['nfe']} | {r['tokens_per_s']:,.1f} | {100 * r['overhead']:.1f}% |"
               for r in res["caches"]["rows"] + res["sampler_overhead"]]
+    lines += ["", "| decode, static vs dynamic shapes | batch | static tokens/s | dynamic tokens/s | ratio | host reads per call, static | "
+              "dynamic |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['decode']} | {r['batch']} | {r['static_tokens_per_s']:,.1f} | {r['dynamic_tokens_per_s']:,.1f} | {r['ratio']:.2f} | "
+              f"{r['static_reads_per_call']:.2f} | {r['dynamic_reads_per_call']:.2f} |" for r in res.get("layouts", [])]
     lines += ["", "| decode, eager vs compiled | batch | canvas | eager tokens/s | compiled tokens/s | ratio | new shapes |",
               "|---|---|---|---|---|---|---|"] if res.get("compiled_decode") else []
     lines += [f"| {r['decode']} | {r['batch']} | {r['canvas']} | {r['eager_tokens_per_s']:,.1f} | {r['compiled_tokens_per_s']:,.1f} | "
@@ -404,6 +441,7 @@ def main() -> None:
         res["caches"] = caches(mdm, shapes, device)
         res["sampler_overhead"] = overhead(mdm, shapes, device)
         print(json.dumps({"caches": res["caches"]["speedup"], "overhead": [r["overhead"] for r in res["sampler_overhead"]]}), flush=True)
+        res["layouts"] = layouts(mdm, ar, shapes, device)
         if args.compiled_decode:
             res["compiled_decode"] = compiled_decode(mdm, ar, shapes, device)
     del mdm, ar

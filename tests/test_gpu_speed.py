@@ -36,6 +36,11 @@ def test_the_smoke_run_writes_every_figure(tmp_path):
     assert all(r["canvas"] == res["shapes"]["cache_canvas"] and r["batch"] == res["shapes"]["cache_batch"] for r in res["caches"]["rows"])
     assert {r["batch"] for r in res["sampler_overhead"]} == set(res["shapes"]["overhead_batches"])
     assert all(0 <= r["overhead"] < 1 and r["nfe"] > 0 for r in res["caches"]["rows"] + res["sampler_overhead"])
+    layouts = {(r["decode"], r["batch"]): r for r in res["layouts"]}
+    assert set(layouts) == {(d, b) for d in ("confidence none", "confidence dual", "ar kv-cache") for b in res["shapes"]["overhead_batches"]}
+    for r in layouts.values():  # no step reads the device with static shapes; only a block's start does
+        assert r["static_reads_per_call"] < 1 <= r["dynamic_reads_per_call"], r
+        assert math.isclose(r["ratio"], r["static_tokens_per_s"] / r["dynamic_tokens_per_s"])
     train = {(r["preset"], r["objective"]): r for r in res["training"]}
     presets = res["shapes"]["train_presets"]
     assert set(train) == {(p, o) for p in presets for o in ("mdm", "ar")} | {(presets[0], "mdm-host-noise")}
