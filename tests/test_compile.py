@@ -140,6 +140,21 @@ def test_ar_decode_equals_the_eager_one():
     assert compile_for_decoding(model, False) is model
 
 
+def test_the_server_warms_up_the_default_requests_shapes(mdm_run):
+    """`unmask serve --compile` compiles the default request's shapes before serving: a request of the
+    default shape then meets no new one, and decodes as the eager server does."""
+    from unmask.serve.batcher import Ticket
+    from unmask.serve.engine import Engine, Limits, Params
+
+    limits = Limits(max_tokens=LENGTH)
+    engine, eager = Engine(mdm_run, "cpu", limits, compile=True), Engine(mdm_run, "cpu", limits)
+    assert engine.warm_up() > 0 and engine.model.stats["shapes"] >= 1
+    shapes = engine.model.stats["shapes"]
+    request = Params([""], max_tokens=LENGTH, seed=5)
+    texts = [[c.text for c in e.run(e.prepare(request), Ticket())[0]] for e in (engine, eager)]
+    assert texts[0] == texts[1] and engine.model.stats["shapes"] == shapes
+
+
 def test_classifier_is_refused():
     model = Transformer(ModelConfig(vocab_size=11, context_len=8, n_layer=1, n_head=2, n_embd=16, labels=("a", "b")))
     with pytest.raises(OptionError, match="classifier") as exc:

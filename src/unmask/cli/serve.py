@@ -47,6 +47,8 @@ def serve(
     limits = Limits(max_tokens, max_n, 8, max_steps, max_active, max_queue, timeout, max_body_bytes=max_body_bytes,
                     compile_seconds=compile_seconds, max_particles=max_particles)
     engine = Engine(checkpoint, device, limits, name, configured_rewards(reward or [], device), compile=compile)
+    if compile:  # the default request's shapes compiled before the first request meets them
+        typer.echo(f"compiled the default request's shapes in {engine.warm_up():.1f} s", err=True)
     sock = bind(host, port)
     url = url_of(sock)
     typer.echo(f"serving {engine.name!r} ({engine.config.train.objective}, {engine.device}{', compiled' if compile else ''}) at {url}/ "

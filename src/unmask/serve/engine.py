@@ -167,6 +167,15 @@ class Engine:
         self.rewards = dict(rewards or {})
         self.pieces = [self.tok.decode([i]) for i in range(self.tok.vocab_size)]
 
+    def warm_up(self, batches: tuple[int, ...] = (1,)) -> float:
+        """Decode the default request (no prompt, the default ``max_tokens`` and sampler) once per
+        batch size of ``batches``, through the scheduler as a request is, so that a compiled network
+        (``compile``) compiles those shapes before the first request meets them; the seconds it took."""
+        started = time.perf_counter()
+        for rows in batches:
+            self.run(self.prepare(Params([""], max_tokens=min(Params.max_tokens, self.limits.max_tokens), n=rows, seed=0)), Ticket())
+        return time.perf_counter() - started
+
     # ---- checks and canvases -------------------------------------------------------------
     def prepare(self, p: Params) -> Job:
         """Check a request against the limits and the model and build its canvas; raises RequestError."""
