@@ -211,7 +211,7 @@ def markdown(grid: Settings, rows: list[dict], source: str) -> str:
     lines = ["# Reverse curse: ablation grid", "",
              f"Facts: {source}. Base: {grid.base.described()}, packed, the facts alone ({grid.base.paraphrases} paraphrases x "
              f"{grid.base.repeats}), {grid.base.loss}, lr floor x{grid.base.min_lr_ratio:g}; each point changes one factor. "
-             f"Seeds {list(grid.seeds)}. Chance top-1 = {chance:.3f} ({grid.base.distractors} distractors).", "",
+             f"Seeds {list(grid.seeds)}" + "".join(f"; {point} also seed {seed}" for point, seed in grid.more_seeds) + f". Chance top-1 = {chance:.3f} ({grid.base.distractors} distractors).", "",
              "EM: greedy exact match, the answer's length told (the canvas holds its tokens) / not told "
              f"({grid.slack} more positions; the text before the first EOS or full stop). Top-1 of the reverse direction: "
              "l2r = exact left-to-right chain rule on [EOS ; prompt ; answer]; r2l = right to left; any = the MDM's any-order bound "
