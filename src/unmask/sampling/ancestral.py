@@ -52,4 +52,4 @@ def step(model, state: SamplerState, generator: torch.Generator, config: Ancestr
     return state.advance(new, called, cache, done=state.finished(new, config.steps))
 
 
-ancestral = Sampler("ancestral", AncestralConfig, start, step)
+ancestral = Sampler("ancestral", AncestralConfig, start, step, static=True)

@@ -433,8 +433,8 @@ class Sampler:
     config: type
     start: Callable[..., SamplerState]
     step: Callable[..., SamplerState]
+    static: bool = False  # its step can run with static shapes (:mod:`unmask.sampling.shapes`; docs/extending.md)
     width: Callable[..., int] | None = None  # static shapes: (config, most positions a row fills) -> positions per row each call covers
-    static: bool = True  # its step can run with static shapes
 
     @torch.no_grad()
     def __call__(

@@ -80,4 +80,4 @@ def step(model, state: SamplerState, generator: torch.Generator, config: Confide
     return state.advance(new, called, cache, done=state.finished(new, last))
 
 
-confidence = Sampler("confidence", ConfidenceConfig, start, step)
+confidence = Sampler("confidence", ConfidenceConfig, start, step, static=True)

@@ -63,4 +63,4 @@ def step(model, state: FirstHittingState, generator: torch.Generator, config: Fi
     return state.advance(new, called, cache, done=state.finished(new, last), t=t)
 
 
-first_hitting = Sampler("first-hitting", FirstHittingConfig, start, step, width=lambda config, most: min(config.k, most))
+first_hitting = Sampler("first-hitting", FirstHittingConfig, start, step, static=True, width=lambda config, most: min(config.k, most))

@@ -43,4 +43,4 @@ def step(model, state: SamplerState, generator: torch.Generator, config: Thresho
     return state.advance(new, called, cache, done=state.finished(new, state.open_max if state.static else x.shape[1] + 1, POLL))
 
 
-threshold = Sampler("threshold", ThresholdConfig, start, step)
+threshold = Sampler("threshold", ThresholdConfig, start, step, static=True)

@@ -210,4 +210,4 @@ def step(model, state: UniformState, generator: torch.Generator, config: Uniform
     return state.advance(x, called, None, done=k + 1 == n)
 
 
-uniform = Sampler("uniform", UniformConfig, start, step)
+uniform = Sampler("uniform", UniformConfig, start, step, static=True)
