@@ -47,8 +47,9 @@ def step(model, state: SamplerState, generator: torch.Generator, config: Ancestr
     stay = stay_probability(Schedule(config.schedule), t, s)
     unmask = can & (torch.rand(can.shape, generator=generator, dtype=dtype_of(config.precision), device=x.device) >= stay)
     time = torch.full((x.shape[0],), t, dtype=torch.float64, device=x.device)  # made on the device: no copy from the host
-    logits, called, cache = predict(model, state, unmask, cond, config.cfg_scale, time)
-    new = settle(state, fill(x, unmask, logits, generator, config, state.width), unmask, logits, generator, config, cond)
+    frame = state.frame(unmask)
+    logits, called, cache = predict(model, state, unmask, cond, config.cfg_scale, time, frame)
+    new = settle(state, fill(x, unmask, logits, generator, config, frame), unmask, logits, generator, config, cond)
     return state.advance(new, called, cache, done=state.finished(new, config.steps))
 
 

@@ -75,6 +75,12 @@ class SamplerState:
             return False
         return not bool(open_positions(new, self.mask_id, self.eligible).any())
 
+    def frame(self, want: torch.Tensor) -> torch.Tensor | None:
+        """With static shapes, the (B, width) columns of a step's ``want`` (B, L) positions
+        (:func:`frame_index`), made once per step and handed to :func:`predict`, :func:`fill`,
+        :func:`scatter_rows` and :func:`grid_uniforms`; None with dynamic shapes."""
+        return frame_index(want, self.width) if self.static else None
+
 
 StepCallback = Callable[[SamplerState], None]
 
@@ -155,12 +161,13 @@ def start_state(model, x: torch.Tensor, eligible: torch.Tensor | None = None, ca
 
 
 def predict(
-    model, state: SamplerState, want: torch.Tensor, cond: Conditioning | None, cfg_scale: float, t: torch.Tensor | None = None
+    model, state: SamplerState, want: torch.Tensor, cond: Conditioning | None, cfg_scale: float, t: torch.Tensor | None = None,
+    frame: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, CanvasCache | None]:
     """float32 logits (N, V) at the N ``want`` (B, L) positions of ``state.tokens`` (row-major order),
     with padding masks, positions, guidance and the state's KV cache applied; with static shapes
-    (``state.static``) at the N = B ``state.width`` positions of :func:`frame_index`, which
-    :func:`fill` and :func:`scatter_rows` place back with the same ``width``.
+    (``state.static``) at the N = B ``state.width`` columns of ``frame`` (``state.frame(want)``, made
+    here when not given), which :func:`fill` and :func:`scatter_rows` place back given the same frame.
 
     One forward over the rows with a wanted position; returns (logits, called (B,) bool, cache after).
     ``t`` (B,): the chain time a time-conditioned network is given (ancestral, first-hitting); None,
@@ -172,7 +179,7 @@ def predict(
     t = None if cond.canvas_time else t
     called = want.any(dim=1)
     static = state.static
-    index = frame_index(want, state.width) if static else None
+    index = (frame if frame is not None else state.frame(want)) if static else None
     if not static and not bool(called.any()):
         return torch.empty((0, model.config.vocab_size), device=x.device), called, state.cache
     rows = None if static else called.nonzero().squeeze(1)
@@ -365,21 +372,21 @@ def frame_index(want: torch.Tensor, width: int) -> torch.Tensor:
     return want.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :width]
 
 
-def grid_uniforms(where: torch.Tensor, generator: torch.Generator, width: int = 0) -> torch.Tensor:
+def grid_uniforms(where: torch.Tensor, generator: torch.Generator, frame: torch.Tensor | None = None) -> torch.Tensor:
     """float64 uniforms (N,) for the N positions a step draws at, in the order of its logits: one
-    drawn for every position of the (B, L) canvas, read at the ``where`` positions (``width`` > 0:
-    at :func:`frame_index` (where, width), static shapes). Both layouts read the same uniform at a
+    drawn for every position of the (B, L) canvas, read at the ``where`` positions (static shapes:
+    at the columns ``frame``, :meth:`SamplerState.frame`). Both layouts read the same uniform at a
     position, so static and dynamic shapes draw the same tokens from the same generator."""
     u = torch.rand(where.shape, generator=generator, dtype=torch.float64, device=where.device)
-    return u.gather(1, frame_index(where, width)).flatten() if width else u[where]
+    return u[where] if frame is None else u.gather(1, frame).flatten()
 
 
-def scatter_rows(values: torch.Tensor, where: torch.Tensor, fill_value: float, width: int = 0) -> torch.Tensor:
+def scatter_rows(values: torch.Tensor, where: torch.Tensor, fill_value: float, frame: torch.Tensor | None = None) -> torch.Tensor:
     """(B, L) tensor holding ``values`` (N,) at the N True positions of ``where`` (row-major), ``fill_value`` elsewhere.
-    ``width`` > 0 (static shapes): ``values`` (B width,) at :func:`frame_index` (where, width)."""
-    if width:
+    ``frame`` (B, W) (static shapes): ``values`` (B W,) at those columns of each row."""
+    if frame is not None:
         placed = torch.full(where.shape, fill_value, dtype=values.dtype, device=values.device)
-        placed = placed.scatter(1, frame_index(where, width), values.view(where.shape[0], width))
+        placed = placed.scatter(1, frame, values.view(frame.shape))
         return torch.where(where, placed, fill_value)
     out = torch.full(where.shape, fill_value, dtype=values.dtype, device=values.device)
     out[where] = values
@@ -404,14 +411,14 @@ def top_per_row(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor)
 
 
 def fill(tokens: torch.Tensor, where: torch.Tensor, logits: torch.Tensor, generator: torch.Generator, config: SamplerConfig,
-         width: int = 0) -> torch.Tensor:
+         frame: torch.Tensor | None = None) -> torch.Tensor:
     """tokens (B, L) with a fresh draw at the N ``where`` positions from their logits (N, V) (one
-    categorical over V per chosen position, not B x L of them); ``width`` > 0 (static shapes): the
-    logits are at :func:`frame_index` (where, width)."""
-    u = None if config.temperature == 0 else grid_uniforms(where, generator, width)
-    if width:
-        drawn = sample_from(logits, generator, config, u).view(where.shape[0], width)
-        return torch.where(where, tokens.scatter(1, frame_index(where, width), drawn), tokens)
+    categorical over V per chosen position, not B x L of them); ``frame`` (B, W) (static shapes):
+    the logits are at those columns of each row."""
+    u = None if config.temperature == 0 else grid_uniforms(where, generator, frame)
+    if frame is not None:
+        drawn = sample_from(logits, generator, config, u).view(frame.shape)
+        return torch.where(where, tokens.scatter(1, frame, drawn), tokens)
     if logits.shape[0] == 0:
         return tokens
     out = tokens.clone()

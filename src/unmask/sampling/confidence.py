@@ -65,16 +65,17 @@ def step(model, state: SamplerState, generator: torch.Generator, config: Confide
     x, mask_id = state.tokens, state.mask_id
     can = open_positions(x, mask_id, state.eligible)
     k = tokens_per_step(can.sum(dim=1), state.step, config.steps, config.allocation)
-    logits, called, cache = predict(model, state, can, cond, config.cfg_scale)
-    u = None if config.temperature == 0 else grid_uniforms(can, generator, state.width)  # the same draws in both layouts
+    frame = state.frame(can)
+    logits, called, cache = predict(model, state, can, cond, config.cfg_scale, frame=frame)
+    u = None if config.temperature == 0 else grid_uniforms(can, generator, frame)  # the same draws in both layouts
     if config.score == "low_confidence":  # the draw and its probability in one pass
         x0, scores = propose(logits, generator, config, u)
     else:
         x0 = sample_from(logits, generator, config, u)
-        order = grid_uniforms(can, generator, state.width) if config.score == "random" else None
+        order = grid_uniforms(can, generator, frame) if config.score == "random" else None
         scores = confidence_scores(logits, x0, config.score, generator, order)
-    commit = top_per_row(scatter_rows(scores, can, -torch.inf, state.width), can, k)
-    new = settle(state, torch.where(commit, scatter_rows(x0, can, mask_id, state.width), x), can, logits, generator, config, cond)
+    commit = top_per_row(scatter_rows(scores, can, -torch.inf, frame), can, k)
+    new = settle(state, torch.where(commit, scatter_rows(x0, can, mask_id, frame), x), can, logits, generator, config, cond)
     # static shapes: with the even allocation and more steps than positions a row fills one per step
     last = min(config.steps, state.open_max) if state.static and config.allocation == "even" else config.steps
     return state.advance(new, called, cache, done=state.finished(new, last))

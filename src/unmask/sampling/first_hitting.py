@@ -57,8 +57,9 @@ def step(model, state: FirstHittingState, generator: torch.Generator, config: Fi
     first, last = event_mask_probs(schedule.mask_prob(state.t), n, config.k, generator)
     call, t = (torch.where(n > 0, schedule.time_for_mask_prob(m), state.t) for m in (first, last))
     pick = random_subset(can, torch.full_like(n, config.k), generator)
-    logits, called, cache = predict(model, state, pick, cond, config.cfg_scale, call.float())
-    new = settle(state, fill(x, pick, logits, generator, config, state.width), pick, logits, generator, config, cond)
+    frame = state.frame(pick)
+    logits, called, cache = predict(model, state, pick, cond, config.cfg_scale, call.float(), frame)
+    new = settle(state, fill(x, pick, logits, generator, config, frame), pick, logits, generator, config, cond)
     last = -(-state.open_max // config.k) if state.static else x.shape[1] + 1  # static: k events per call in every unfinished row
     return state.advance(new, called, cache, done=state.finished(new, last), t=t)
 

@@ -34,11 +34,12 @@ def start(model, x: torch.Tensor, config: ThresholdConfig, eligible=None, cache=
 def step(model, state: SamplerState, generator: torch.Generator, config: ThresholdConfig, cond: Conditioning | None = None) -> SamplerState:
     x, mask_id = state.tokens, state.mask_id
     can = open_positions(x, mask_id, state.eligible)
-    logits, called, cache = predict(model, state, can, cond, config.cfg_scale)
-    x0, p = propose(logits, generator, config, None if config.temperature == 0 else grid_uniforms(can, generator, state.width))
-    p = scatter_rows(p, can, -torch.inf, state.width)
+    frame = state.frame(can)
+    logits, called, cache = predict(model, state, can, cond, config.cfg_scale, frame=frame)
+    x0, p = propose(logits, generator, config, None if config.temperature == 0 else grid_uniforms(can, generator, frame))
+    p = scatter_rows(p, can, -torch.inf, frame)
     commit = (can & (p >= config.tau)) | top_per_row(p, can, can.any(dim=1).long())
-    new = settle(state, torch.where(commit, scatter_rows(x0, can, mask_id, state.width), x), can, logits, generator, config, cond)
+    new = settle(state, torch.where(commit, scatter_rows(x0, can, mask_id, frame), x), can, logits, generator, config, cond)
     # static shapes: every step commits at least one position of each unfinished row, so at most open_max steps
     return state.advance(new, called, cache, done=state.finished(new, state.open_max if state.static else x.shape[1] + 1, POLL))
 

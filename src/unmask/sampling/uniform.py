@@ -54,7 +54,7 @@ from unmask.errors import OptionError, UnmaskError
 from unmask.guidance import combine
 from unmask.sampling.ar import positions_from
 from unmask.sampling.base import (
-    Conditioning, Sampler, SamplerConfig, SamplerState, categorical, dtype_of, frame_index, open_positions, start_state,
+    Conditioning, Sampler, SamplerConfig, SamplerState, categorical, dtype_of, open_positions, start_state,
     token_log_probs,
 )
 from unmask.schedule import Schedule
@@ -193,7 +193,7 @@ def step(model, state: UniformState, generator: torch.Generator, config: Uniform
     x = state.tokens
     if k == 0:  # z_1 ~ Uniform over the K real tokens at the generated positions
         x = torch.where(free, torch.randint(vocab, free.shape, generator=generator, device=x.device), x)
-    index = frame_index(free, state.width) if state.static else None  # static shapes: a fixed width per row
+    index = state.frame(free)  # static shapes: a fixed width per row
     logits, called = clean_logits(model, x, free, t, cond, config.cfg_scale, index)
     z_t = x[free] if index is None else x.gather(1, index).flatten()
     if config.greedy_tail and k + 1 == n:
