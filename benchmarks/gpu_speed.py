@@ -230,50 +230,50 @@ def overhead(mdm, shapes: Shapes, device: torch.device) -> list[dict]:
     return rows
 
 
-def layouts(mdm, ar, shapes: Shapes, device: torch.device) -> list[dict]:
-    """Static vs dynamic shapes (:mod:`unmask.sampling.shapes`; static is a GPU's default) on the same decodes, which
-    give the same tokens: the confidence sampler without a cache and with the dual cache (length / 4 steps, blocks
-    of ``block``) and AR decoding, at each batch of ``overhead_batches``; median tokens/s of each layout and its
-    host reads per network call (:class:`unmask.host_reads.HostReads`, in one more, untimed decode)."""
-    length, rows = shapes.overhead_length, []
+def decodes(mdm, ar, shapes: Shapes, device: torch.device, caches: tuple[str, ...]) -> list[tuple]:
+    """The decodes the layout and compiled rows time, at each batch of ``overhead_batches``: the confidence sampler
+    (length / 4 steps, blocks of ``block``) once per cache of ``caches``, then AR decoding with its KV cache:
+    (name, network, decoding, canvas, conditioning, start, generated tokens)."""
+    length, cases = shapes.overhead_length, []
+    for cache in caches:
+        for batch in shapes.overhead_batches:
+            x, cond, start = make_canvas([[]] * batch, length, mdm.config.mask_id, 0, separator=0, device=device)
+            decoding = decoding_for(mdm.config, length, {"sampler": "confidence", "steps": length // 4, "block_len": shapes.block,
+                                                         "cache": cache})
+            cases.append((f"confidence {cache}", mdm, decoding, x, cond, start, batch * length))
     for batch in shapes.overhead_batches:
-        x, cond, start = make_canvas([[]] * batch, length, mdm.config.mask_id, 0, separator=0, device=device)
-        cases = [(f"confidence {cache}", mdm, decoding_for(mdm.config, length, {"sampler": "confidence", "steps": length // 4,
-                  "block_len": shapes.block, "cache": cache}), x, cond, start, batch * length) for cache in ("none", "dual")]
         prompt = torch.zeros((batch, 1), dtype=torch.long, device=device)
         cases.append(("ar kv-cache", ar, decoding_for(ar.config, shapes.ar_tokens, {}), prompt, None, 0, batch * shapes.ar_tokens))
-        for name, model, decoding, canvas, c, first, tokens in cases:
-            def run(model=model, decoding=decoding, canvas=canvas, c=c, first=first):
-                return decoding.run(model, canvas, torch.Generator(device=device).manual_seed(0), c, start=first)
+    return cases
 
-            row = {"decode": name, "batch": batch}
-            for layout in ("static", "dynamic"):
-                with decode_shapes(layout):
-                    row[f"{layout}_tokens_per_s"] = tokens / timed(run, device, shapes.repeats)
-                    with HostReads() as reads:
-                        calls = run().nfe
-                row[f"{layout}_reads_per_call"] = reads.count / max(calls, 1)
-            rows.append(row | {"ratio": row["static_tokens_per_s"] / row["dynamic_tokens_per_s"]})
-            print(json.dumps(rows[-1]), flush=True)
+
+def layouts(mdm, ar, shapes: Shapes, device: torch.device) -> list[dict]:
+    """Static vs dynamic shapes (:mod:`unmask.sampling.shapes`; static is a GPU's default) on the same decodes, which
+    give the same tokens: :func:`decodes` without a cache and with the dual cache; median tokens/s of each layout and
+    its host reads per network call (:class:`unmask.host_reads.HostReads`, in one more, untimed decode)."""
+    rows = []
+    for name, model, decoding, x, cond, start, tokens in decodes(mdm, ar, shapes, device, ("none", "dual")):
+        def run(model=model, decoding=decoding, x=x, cond=cond, start=start):
+            return decoding.run(model, x, torch.Generator(device=device).manual_seed(0), cond, start=start)
+
+        row = {"decode": name, "batch": x.shape[0]}
+        for layout in ("static", "dynamic"):
+            with decode_shapes(layout):
+                row[f"{layout}_tokens_per_s"] = tokens / timed(run, device, shapes.repeats)
+                with HostReads() as reads:
+                    calls = run().nfe
+            row[f"{layout}_reads_per_call"] = reads.count / max(calls, 1)
+        rows.append(row | {"ratio": row["static_tokens_per_s"] / row["dynamic_tokens_per_s"]})
+        print(json.dumps(rows[-1]), flush=True)
     return rows
 
 
 def compiled_decode(mdm, ar, shapes: Shapes, device: torch.device) -> list[dict]:
-    """Eager vs compiled decoding (:mod:`unmask.compiled`): the confidence sampler without a cache (length / 4 steps,
-    blocks of ``block``) and AR decoding with its KV cache, at each batch of ``overhead_batches``; median
-    tokens/s over ``repeats`` decodes (one seed, so every decode meets the same shapes) after one untimed decode, which
+    """Eager vs compiled decoding (:mod:`unmask.compiled`): :func:`decodes` without a cache; median tokens/s over
+    ``repeats`` decodes (one seed, so every decode meets the same shapes) after one untimed decode, which
     compiles them; the compiled wrapper's counts of this case's compiled and eager calls and of the shapes it added."""
-    length = shapes.overhead_length
-    cases = []
-    for batch in shapes.overhead_batches:
-        x, cond, start = make_canvas([[]] * batch, length, mdm.config.mask_id, 0, separator=0, device=device)
-        decoding = decoding_for(mdm.config, length, {"sampler": "confidence", "steps": length // 4, "block_len": shapes.block})
-        cases.append(("mdm confidence", mdm, decoding, x, cond, start, batch * length))
-    for batch in shapes.overhead_batches:
-        prompt = torch.zeros((batch, 1), dtype=torch.long, device=device)
-        cases.append(("ar kv-cache", ar, decoding_for(ar.config, shapes.ar_tokens, {}), prompt, None, 0, batch * shapes.ar_tokens))
     rows, wrappers = [], {id(mdm): CompiledModel(mdm), id(ar): CompiledModel(ar)}  # one per network: its graphs are kept
-    for name, model, decoding, x, cond, start, tokens in cases:
+    for name, model, decoding, x, cond, start, tokens in decodes(mdm, ar, shapes, device, ("none",)):
         row = {"decode": name, "batch": x.shape[0], "canvas": x.shape[1] + (tokens // x.shape[0] if start == 0 else 0), "tokens": tokens}
         compiled = wrappers[id(model)]
         before = dict(compiled.stats)
